@@ -1,0 +1,179 @@
+"""Command-line interface.
+
+    python -m lcmla generate --face a.jpg --prompt "a pencil drawing of a face" --preset tiny --seed 7 --out outdir
+    python -m lcmla generate --settings-from outdir/lcmla-7.png --face a.jpg --out again
+    python -m lcmla presets
+    python -m lcmla show outdir/lcmla-7.png
+
+User mistakes (bad settings, unreadable photos, no face, missing weights) print one clear message
+and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+from .errors import LcmlaError
+from .presets import DEFAULT_PRESET, PRESETS
+from .settings import GenerationSettings
+
+EXIT_USER_ERROR = 2
+
+# flag -> dotted setting name; every flag defaults to None so that only flags given override
+_FLAG_SETTINGS = {
+    "prompt": "prompt",
+    "negative_prompt": "negative_prompt",
+    "steps": "guidance.steps",
+    "guidance_scale": "guidance.guidance_scale",
+    "width": "output.width",
+    "height": "output.height",
+    "num_images": "output.num_images",
+    "seed": "output.seed",
+    "ip_adapter_scale": "identity.ip_adapter_scale",
+    "lora_scale": "identity.lora_scale",
+    "face_index": "identity.face_index",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other user mistake
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m lcmla", description="Identity-preserving few-step SDXL generation.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    gen = sub.add_parser("generate", help="generate images of the face in one or more photos")
+    gen.add_argument("--face", action="append", required=True, metavar="PHOTO", help="reference photo (repeat for several)")
+    gen.add_argument("--prompt", help='what to make, e.g. "a pencil drawing of a face"')
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--preset", default=None, choices=sorted(PRESETS), help=f"backbone (default {DEFAULT_PRESET})")
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--num-images", type=int)
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--guidance-scale", type=float)
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--ip-adapter-scale", type=float, help="identity strength λ (default 0.8)")
+    gen.add_argument("--lora-scale", type=float, help="FaceID LoRA scale (default 1.0)")
+    gen.add_argument("--face-index", type=int, help="which face when a photo holds several (0 = largest)")
+    gen.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="any setting by dotted name, value as JSON, e.g. --set attention.mode=am2 --set 'guidance.dcg_a=[1,2,2,1]'")
+    gen.add_argument("--settings-from", metavar="PNG", help="start from the settings embedded in a PNG made by lcmla")
+    gen.add_argument("--out", default="outputs", help="output folder (default ./outputs)")
+    gen.add_argument("--weights-dir", help="folder with model repos as <org>/<name> (or env LCMLA_WEIGHTS)")
+    gen.add_argument("--face-models", help="insightface model pack folder (default buffalo_l in ~/.insightface)")
+    gen.add_argument("--download", action="store_true", help="download missing weights from the Hugging Face Hub")
+    gen.add_argument("--device", help="cpu, cuda, cuda:1, … (default: cuda when present)")
+    gen.add_argument("--dtype", help="float32, float16 or bfloat16 (default: float16 on CUDA)")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sub.add_parser("presets", help="list the presets")
+    show = sub.add_parser("show", help="print the settings embedded in a PNG made by lcmla")
+    show.add_argument("png")
+    return parser
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # bare strings: --set attention.mode=am2
+
+
+def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
+    """Start from defaults (or a PNG), then apply the flags that were given."""
+    if args.settings_from:
+        from .pngmeta import settings_from_png
+
+        base = settings_from_png(args.settings_from)
+    else:
+        if not args.prompt:
+            raise LcmlaError("--prompt is required (or --settings-from PNG)")
+        base = GenerationSettings(prompt=args.prompt)
+    changes: dict[str, Any] = {}
+    for flag, dotted in _FLAG_SETTINGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            changes[dotted] = value
+    if args.preset is not None:
+        changes["preset"] = args.preset
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise LcmlaError(f"--set {item!r} must look like KEY=VALUE, e.g. --set identity.lora_scale=0.6")
+        changes[key.strip()] = _parse_value(value)
+    return base.replace_dotted(changes) if changes else base
+
+
+def _generate(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)  # validate before loading anything heavy
+    from .engine import Engine
+
+    engine = Engine.load(
+        settings.preset,
+        device=args.device,
+        dtype=args.dtype,
+        weights_dir=args.weights_dir,
+        allow_download=args.download,
+        face_models=args.face_models,
+    )
+    if engine.preset.random_weights:
+        print("note: the tiny preset uses random weights; its images are patterns, not photos.", file=sys.stderr)
+    bar = None
+    callback = None
+    if not args.quiet:
+        from tqdm.auto import tqdm
+
+        from .engine import resolve_settings
+
+        resolved = resolve_settings(settings, engine.preset)
+        bar = tqdm(total=resolved.guidance.steps * resolved.output.num_images, desc="denoising", unit="step")
+
+        def callback(info) -> None:  # noqa: ANN001
+            bar.update(1)
+
+    try:
+        result = engine.generate(settings, args.face, callback=callback)
+    finally:
+        if bar is not None:
+            bar.close()
+    for path in result.save(args.out):
+        print(path)
+    t = result.timings
+    print(f"done in {t['total']:.2f}s (faces {t['faces']:.2f}s, denoise {t['denoise']:.2f}s, decode {t['decode']:.2f}s)",
+          file=sys.stderr)
+    return 0
+
+
+def _presets() -> int:
+    for p in PRESETS.values():
+        print(f"{p.name:22s} {p.title} — {p.steps} steps, {p.width}x{p.height}, guidance {p.guidance_scale}")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from .pngmeta import settings_from_png
+
+    print(json.dumps(settings_from_png(args.png).to_dict(), indent=2))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "presets":
+            return _presets()
+        return _show(args)
+    except LcmlaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,33 @@
+"""User-facing errors.
+
+Every mistake a user can make (a bad setting, a broken image, a missing weight file) raises one of
+these with a message that names the problem and the fix. The CLI prints the message on one line and
+exits non-zero; the app shows it as a toast. Both are ``ValueError`` subclasses so that callers who
+only know the standard library can still catch them.
+"""
+
+from __future__ import annotations
+
+
+class LcmlaError(ValueError):
+    """Base class: a problem the user can fix, with a message that says how."""
+
+
+class SettingsError(LcmlaError):
+    """A generation setting is missing, of the wrong type or out of range."""
+
+
+class ImageError(LcmlaError):
+    """An input image cannot be read, or holds no usable face."""
+
+
+class NoFaceError(ImageError):
+    """No face was found in an input image (or the face is too small)."""
+
+
+class MissingWeightsError(LcmlaError):
+    """Model files needed by a preset are not on this machine."""
+
+    def __init__(self, message: str, missing: list[str] | None = None):
+        super().__init__(message)
+        self.missing = list(missing or [])

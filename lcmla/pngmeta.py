@@ -1,0 +1,81 @@
+"""PNG files that remember how they were made.
+
+Each image is written with PNG text chunks:
+    lcmla:settings   the full settings JSON that reproduces this image (its own seed, one image)
+    lcmla:version    the lcmla package version
+    lcmla:preset     the preset name
+    parameters       a one-paragraph human-readable summary (what other tools show)
+``settings_from_png`` reads them back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import ImageError, SettingsError
+from .settings import GenerationSettings
+
+KEY_SETTINGS = "lcmla:settings"
+KEY_VERSION = "lcmla:version"
+KEY_PRESET = "lcmla:preset"
+KEY_SUMMARY = "parameters"
+
+
+def summary(settings: GenerationSettings) -> str:
+    """A short human-readable line for image viewers."""
+    g, i, o = settings.guidance, settings.identity, settings.output
+    parts = [
+        settings.prompt,
+        f"Negative prompt: {settings.negative_prompt}" if settings.negative_prompt else "",
+        f"Preset: {settings.preset}, Steps: {g.steps}, CFG: {g.guidance_scale}, Seed: {o.seed}, "
+        f"Size: {o.width}x{o.height}, IP-Adapter scale: {i.ip_adapter_scale}, FaceID LoRA: {i.lora_scale}",
+    ]
+    return "\n".join(p for p in parts if p)
+
+
+def save_png(image, path: str | Path, settings: GenerationSettings, *, random_weights: bool = False) -> Path:
+    """Save ``image`` (PIL) as PNG with ``settings`` embedded."""
+    from PIL import PngImagePlugin
+
+    from . import __version__
+
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt(KEY_SETTINGS, settings.to_json())
+    info.add_text(KEY_VERSION, __version__)
+    info.add_text(KEY_PRESET, settings.preset)
+    text = summary(settings)
+    if random_weights:
+        text += "\n(made by the tiny preset: random weights, not a real model)"
+    info.add_itxt(KEY_SUMMARY, text)
+    path = Path(path)
+    image.save(path, format="PNG", pnginfo=info)
+    return path
+
+
+def read_png_text(path_or_image) -> dict[str, str]:
+    """All text chunks of a PNG (path, bytes or PIL image)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if hasattr(path_or_image, "text") or hasattr(path_or_image, "info"):
+        img = path_or_image
+        return dict(getattr(img, "text", None) or img.info)
+    try:
+        with Image.open(path_or_image) as img:
+            img.load()
+            return {k: v for k, v in (getattr(img, "text", None) or img.info).items() if isinstance(v, str)}
+    except FileNotFoundError:
+        raise ImageError(f"settings file {str(path_or_image)!r} does not exist") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ImageError(f"{str(path_or_image)!r} is not a PNG image lcmla can read ({exc})") from None
+
+
+def settings_from_png(path_or_image) -> GenerationSettings:
+    """The settings that reproduce a PNG made by lcmla (raises ``SettingsError`` for other PNGs)."""
+    text = read_png_text(path_or_image)
+    if KEY_SETTINGS not in text:
+        name = path_or_image if isinstance(path_or_image, (str, Path)) else "this image"
+        raise SettingsError(
+            f"{str(name)!r} holds no lcmla settings (it was not saved by lcmla, or its metadata was stripped); "
+            "use a PNG downloaded from lcmla as it was written"
+        )
+    return GenerationSettings.from_json(text[KEY_SETTINGS])

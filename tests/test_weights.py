@@ -1,0 +1,63 @@
+from pathlib import Path
+
+import pytest
+
+from lcmla import MissingWeightsError, PRESETS
+from lcmla.presets import FACEID_REPO, FACEID_WEIGHTS
+from lcmla.weights import resolve_files, resolve_preset
+
+
+def _touch(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+
+
+def test_missing_files_are_all_listed_with_fetch_commands(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    wdir = tmp_path / "weights"
+    _touch(wdir / FACEID_REPO / FACEID_WEIGHTS)  # one of the two FaceID files is present
+    with pytest.raises(MissingWeightsError) as info:
+        resolve_preset(PRESETS["hyper-sdxl-4step"], variant="fp16", weights_dir=wdir)
+    msg = str(info.value)
+    assert "ip-adapter-faceid-plusv2_sdxl_lora.safetensors" in msg
+    assert f"{FACEID_REPO}/{FACEID_WEIGHTS}" not in info.value.missing
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in msg
+    assert "Hyper-SDXL-4steps-lora.safetensors" in msg
+    assert f"hf download {FACEID_REPO} ip-adapter-faceid-plusv2_sdxl_lora.safetensors --local-dir {wdir / FACEID_REPO}" in msg
+    assert len(info.value.missing) > 10
+
+
+def test_local_folder_resolves(tmp_path):
+    required = {"faceid": (FACEID_REPO, (FACEID_WEIGHTS, "sub/x.json"))}
+    for name in required["faceid"][1]:
+        _touch(tmp_path / FACEID_REPO / name)
+    assert resolve_files(required, weights_dir=tmp_path) == {"faceid": tmp_path / FACEID_REPO}
+
+
+def test_hf_cache_resolves_without_network(tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    repo_dir = cache / "models--h94--IP-Adapter-FaceID"
+    snap = repo_dir / "snapshots" / "abc123"
+    for name in (FACEID_WEIGHTS, "sub/x.json"):
+        _touch(snap / name)
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text("abc123")
+    got = resolve_files({"faceid": (FACEID_REPO, (FACEID_WEIGHTS, "sub/x.json"))})
+    assert got == {"faceid": snap}
+
+
+def test_offline_never_downloads(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    import huggingface_hub
+
+    def boom(*a, **k):  # pragma: no cover - must not be called
+        raise AssertionError("download attempted while HF_HUB_OFFLINE=1")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", boom)
+    with pytest.raises(MissingWeightsError, match="unset HF_HUB_OFFLINE"):
+        resolve_files({"faceid": (FACEID_REPO, (FACEID_WEIGHTS,))}, allow_download=True)

@@ -1,0 +1,1 @@
+"""Training with the LCM-Lookahead identity loss (arrives with the training issue)."""
