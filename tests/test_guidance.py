@@ -1,0 +1,98 @@
+"""DCG, rescale and schedules against hand computations on small tensors (FastFace Eq. 5, 6, 16–18)."""
+
+import math
+
+import pytest
+import torch
+
+from lcmla.guidance import (
+    classic_cfg,
+    classic_cfg_branches,
+    dcg_branches,
+    decoupled_cfg,
+    rescale_guidance,
+    schedule,
+    stretch,
+)
+
+
+@pytest.fixture
+def preds():
+    # one "pixel" per sample keeps the arithmetic checkable by eye: shape (2, 1, 1, 1)
+    mk = lambda a, b: torch.tensor([a, b], dtype=torch.float64).reshape(2, 1, 1, 1)
+    return {"uncond": mk(1.0, 0.0), "text": mk(2.0, 1.0), "id": mk(4.0, -1.0), "full": mk(7.0, 3.0)}
+
+
+def test_dcg_id_first_by_hand(preds):
+    # ε∅ + a(ε_i − ε∅) + b(ε_ti − ε_i), a=1.5, b=3: sample 0: 1 + 1.5·3 + 3·3 = 14.5; sample 1: 0 + 1.5·(−1) + 3·4 = 10.5
+    out = decoupled_cfg(preds, 1.5, 3.0, "id-first")
+    assert out.flatten().tolist() == [14.5, 10.5]
+
+
+def test_dcg_text_first_by_hand(preds):
+    # ε∅ + a(ε_t − ε∅) + b(ε_ti − ε_t): 1 + 2·1 + 0.5·5 = 5.5; 0 + 2·1 + 0.5·2 = 3
+    assert decoupled_cfg(preds, 2.0, 0.5, "text-first").flatten().tolist() == [5.5, 3.0]
+
+
+def test_dcg_independent_by_hand(preds):
+    # ε∅ + a(ε_t − ε∅) + b(ε_i − ε∅): 1 + 2·1 + 3·3 = 12; 0 + 2·1 + 3·(−1) = −1
+    assert decoupled_cfg(preds, 2.0, 3.0, "independent").flatten().tolist() == [12.0, -1.0]
+
+
+def test_dcg_per_sample_scales(preds):
+    a = torch.tensor([1.5, 1.0])
+    b = torch.tensor([3.0, 1.0])
+    out = decoupled_cfg(preds, a, b).flatten().tolist()
+    assert out == [14.5, 3.0]  # sample 1 at a=b=1 is exactly ε_ti
+
+
+@pytest.mark.parametrize("variant", ["id-first", "text-first"])
+def test_dcg_at_one_is_full_and_needs_one_branch(preds, variant):
+    assert torch.equal(decoupled_cfg(preds, 1.0, 1.0, variant), preds["full"])
+    assert dcg_branches(1.0, 1.0, variant) == ("full",)
+    assert len(dcg_branches(1.5, 3.0, variant)) == 3
+
+
+def test_dcg_branch_sets():
+    assert dcg_branches(1.5, 3.0, "id-first") == ("uncond", "id", "full")
+    assert dcg_branches(1.5, 3.0, "text-first") == ("uncond", "text", "full")
+    assert dcg_branches(1.0, 1.0, "independent") == ("uncond", "text", "id")
+    with pytest.raises(ValueError, match="variant"):
+        decoupled_cfg({"uncond": torch.zeros(1)}, 1, 1, "both")
+
+
+def test_rescale_by_hand():
+    pred = torch.tensor([[[[0.0, 4.0]]]])  # σ (unbiased) = 2.828…
+    r1 = torch.tensor([[[[0.0, 2.0]]]])  # σ = 1.414…
+    r2 = torch.tensor([[[[0.0, 6.0]]]])  # σ = 4.242…
+    phi = 0.75
+    f = phi * ((math.sqrt(2) + 3 * math.sqrt(2)) / 2) / (2 * math.sqrt(2)) + (1 - phi)  # = 0.75·1 + 0.25 = 1
+    out = rescale_guidance(pred, [r1, r2], phi)
+    assert torch.allclose(out, f * pred)
+    out2 = rescale_guidance(pred, [r1], 0.5)  # f = 0.5·(√2 / 2√2) + 0.5 = 0.75
+    assert torch.allclose(out2, 0.75 * pred)
+    assert torch.equal(rescale_guidance(pred, [r1], 0.0), pred)
+
+
+def test_rescale_is_per_sample():
+    pred = torch.stack([torch.full((1, 2, 2), 1.0) + torch.arange(4.0).reshape(1, 2, 2), torch.arange(4.0).reshape(1, 2, 2) * 10])
+    ref = torch.stack([torch.arange(4.0).reshape(1, 2, 2), torch.arange(4.0).reshape(1, 2, 2)])
+    out = rescale_guidance(pred, [ref], 1.0)
+    assert torch.allclose(out[0], pred[0])  # same σ → factor 1
+    assert torch.allclose(out[1], pred[1] / 10)
+
+
+def test_classic_cfg(preds):
+    assert torch.equal(classic_cfg(preds, 1.0), preds["full"]) and classic_cfg_branches(1.0) == ("full",)
+    assert classic_cfg(preds, 2.0).flatten().tolist() == [13.0, 6.0]
+
+
+def test_schedules():
+    assert stretch([1, 1.5, 1.5, 1], 4) == [1, 1.5, 1.5, 1]
+    assert stretch([1, 1.5, 1.5, 1], 8) == [1, 1, 1.5, 1.5, 1.5, 1.5, 1, 1]
+    assert stretch([1, 1.5, 1.5, 1], 2) == [1, 1]
+    assert stretch([7.5, 5, 5, 5], 1) == [7.5]
+    assert schedule("constant", [2.0], 3) == [2.0, 2.0, 2.0]
+    assert schedule("linear", [1.0, 3.0], 3) == [1.0, 2.0, 3.0]
+    cos = schedule("cosine", [1.0, 3.0], 3)
+    assert cos[0] == 1.0 and cos[-1] == 3.0 and abs(cos[1] - 2.0) < 1e-12
