@@ -1,0 +1,332 @@
+"""Build the pipeline of a preset from local files: the one loading path for every preset.
+
+Real presets and the offline ``tiny`` preset go through exactly the same calls
+(``StableDiffusionXLPipeline.from_pretrained``, ``load_ip_adapter``, ``load_lora_weights``...);
+only the folders differ. Nothing is downloaded: every call passes ``local_files_only=True`` and
+``paths`` must already point at complete local folders (``lcmla.weights`` resolves them, and
+``lcmla.tiny.tiny_paths`` for the tiny preset).
+
+Safety: the FaceID checkpoint is a pickle (``.bin``). It is read here with
+``torch.load(..., weights_only=True)`` (tensors and plain containers only; anything else is refused
+before any code from the file can run) and handed to ``load_ip_adapter`` as a state dict.
+(diffusers 0.42's own ``.bin`` reader also passes ``weights_only=True``; reading it here keeps that
+guarantee independent of the diffusers version and lets us drop the in-file LoRA, see below.)
+
+The FaceID LoRA: h94's ``ip-adapter-faceid-plusv2_sdxl.bin`` carries the FaceID LoRA inside its
+``ip_adapter`` dict (``{id}.to_q_lora.down.weight`` ...), and diffusers' ``load_ip_adapter`` turns
+those keys into a peft adapter "faceid_0" fixed at weight 1.0. The same LoRA ships separately as
+``ip-adapter-faceid-plusv2_sdxl_lora.safetensors``, which we load as the named, scalable adapter
+"faceid" (``lora_scale``). Loading both would apply the LoRA twice, so the in-file LoRA keys are
+dropped before ``load_ip_adapter``; only ``to_k_ip`` / ``to_v_ip`` and the image projection remain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import MissingWeightsError
+from .presets import FACEID_LORA, FACEID_WEIGHTS, Preset
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from diffusers import AutoencoderTiny, StableDiffusionXLPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+__all__ = [
+    "Components",
+    "FACEID_ADAPTER",
+    "LCM_ADAPTER",
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "load_components",
+    "load_faceid_state_dict",
+    "load_image_encoder",
+    "make_clip_processor",
+]
+
+FACEID_ADAPTER = "faceid"
+LCM_ADAPTER = "lcm"
+FUSED_ADAPTER = "fused"
+DEFAULT_LCM_LORA_FILE = "pytorch_lora_weights.safetensors"
+
+# OpenAI CLIP's normalisation (the laion ViT-H/14 uses the same statistics).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_SIZE = 224
+
+
+@dataclass
+class Components:
+    """Everything a generation needs, loaded, on one device, in eval mode, without gradients."""
+
+    pipe: "StableDiffusionXLPipeline"  # IP-Adapter loaded; FaceID LoRA as adapter "faceid" (+ "lcm")
+    image_encoder: "CLIPVisionModelWithProjection"
+    clip_processor: "CLIPImageProcessor"  # 224 px, CLIP mean/std, built in code
+    taesd: "AutoencoderTiny | None"
+    adapters: tuple[str, ...]  # the peft adapters on the UNet, in load order
+
+
+def make_clip_processor() -> "CLIPImageProcessor":
+    """CLIP's image preprocessing (resize shortest edge to 224, center crop, CLIP mean/std)."""
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": CLIP_SIZE},
+        resample=3,  # bicubic
+        do_center_crop=True,
+        crop_size={"height": CLIP_SIZE, "width": CLIP_SIZE},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+        do_convert_rgb=True,
+    )
+
+
+# Messages diffusers / peft emit on every load of this exact setup, all expected and harmless:
+# the FaceID and LCM LoRAs have no text-encoder keys; the CLIP image encoder is deliberately kept
+# out of the pipeline (FaceID-Plus gets its CLIP features from us, not from ``ip_adapter_image``);
+# a second peft adapter on the same UNet is what we want; load_ip_adapter's own ``unet.to(dtype)``
+# reports an empty list of float32-only modules.
+_BENIGN_LOG_PREFIXES = (
+    "No LoRA keys associated to CLIPTextModel",
+    "image_encoder is not loaded since `image_encoder_folder=None`",
+    "There are modules in UNet2DConditionModel that should be kept in float32: [].",
+)
+_BENIGN_LOGGERS = (
+    "diffusers.loaders.lora_base",
+    "diffusers.loaders.peft",
+    "diffusers.loaders.ip_adapter",
+    "diffusers.models.modeling_utils",
+)
+
+
+class _DropBenign(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(_BENIGN_LOG_PREFIXES)
+
+
+@contextlib.contextmanager
+def _quiet_known_messages() -> Iterator[None]:
+    """Silence only the known-benign load messages above; every other warning still shows."""
+    flt = _DropBenign()
+    loggers = [logging.getLogger(name) for name in _BENIGN_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(flt)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(flt)
+
+
+def _require(paths: dict[str, Path], role: str, files: tuple[str, ...]) -> Path:
+    """The folder of ``role``, checking that ``files`` are in it (a clear error otherwise)."""
+    if role not in paths:
+        raise MissingWeightsError(f"no local folder given for the {role!r} weights", missing=[role])
+    folder = Path(paths[role])
+    missing = [str(folder / f) for f in files if not (folder / f).is_file()]
+    if missing:
+        raise MissingWeightsError(
+            f"{len(missing)} model file(s) for {role!r} are missing, e.g. {missing[0]}; "
+            "download the preset's weights first",
+            missing=missing,
+        )
+    return folder
+
+
+def load_faceid_state_dict(path: str | Path, *, keep_lora: bool = False) -> dict[str, dict[str, Any]]:
+    """Read a FaceID ``.bin`` safely (``weights_only=True``) and check its layout.
+
+    Returns ``{"image_proj": {...}, "ip_adapter": {...}}`` as ``load_ip_adapter`` accepts it. The
+    in-file LoRA keys (``*_lora.*``) are dropped unless ``keep_lora`` (see the module docstring).
+    Raises ``MissingWeightsError`` for a file that is not a plain tensor checkpoint of that layout.
+    """
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise MissingWeightsError(
+            f"{path} is not a plain tensor checkpoint (refused by the safe loader: "
+            f"{type(exc).__name__}); delete it and download it again",
+            missing=[str(path)],
+        ) from exc
+    ok = (
+        isinstance(state, dict)
+        and isinstance(state.get("image_proj"), dict)
+        and isinstance(state.get("ip_adapter"), dict)
+        and all(
+            isinstance(v, torch.Tensor)
+            for part in ("image_proj", "ip_adapter")
+            for v in state[part].values()
+        )
+    )
+    if not ok:
+        raise MissingWeightsError(
+            f"{path} does not hold an IP-Adapter checkpoint ({{'image_proj', 'ip_adapter'}} of tensors); "
+            "delete it and download it again",
+            missing=[str(path)],
+        )
+    ip_adapter = state["ip_adapter"]
+    if not keep_lora:
+        ip_adapter = {k: v for k, v in ip_adapter.items() if "_lora." not in k}
+    return {"image_proj": dict(state["image_proj"]), "ip_adapter": ip_adapter}
+
+
+def load_image_encoder(folder: str | Path, dtype: "torch.dtype | None" = None) -> "CLIPVisionModelWithProjection":
+    """The CLIP vision tower with its projection, from a full CLIPModel repo or a vision-only one.
+
+    laion's CLIP repos (``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``) hold a whole ``CLIPModel``
+    whose config keeps the shared ``projection_dim`` at the top level only; the nested
+    ``vision_config`` has the default 512, so ``CLIPVisionModelWithProjection.from_pretrained``
+    builds a 512-wide ``visual_projection`` and stops on a size mismatch (transformers #25622).
+    Here the vision config is read by transformers itself, the top-level ``projection_dim`` is
+    applied, and only the vision tensors (``vision_model.*``, ``visual_projection.*``) are read from
+    ``model.safetensors`` (the text tower is never loaded) into a model built on the meta device,
+    strictly: a missing or mis-shaped tensor is an error.
+    """
+    import json
+
+    import torch
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    folder = Path(folder)
+    raw = json.loads((folder / "config.json").read_text())
+    config = CLIPVisionConfig.from_pretrained(str(folder), local_files_only=True)
+    if "vision_config" in raw and raw.get("projection_dim"):  # a whole CLIPModel (laion's layout)
+        config.projection_dim = int(raw["projection_dim"])
+    with init_empty_weights():
+        model = CLIPVisionModelWithProjection(config)
+    wanted = set(model.state_dict())
+    with safe_open(str(folder / "model.safetensors"), framework="pt", device="cpu") as f:
+        state = {k: f.get_tensor(k) for k in f.keys() if k in wanted}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(dtype=torch.float32 if dtype is None else dtype).eval()
+
+
+def _load_replacement_unet(base: Path, unet_file: Path, dtype: "torch.dtype") -> Any:
+    """A UNet built from the base folder's config with weights from a single safetensors file."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    config = UNet2DConditionModel.load_config(base / "unet", local_files_only=True)
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(config)
+    state = load_file(str(unet_file))
+    unet.load_state_dict(state, strict=True, assign=True)
+    return unet.to(dtype=dtype)
+
+
+def load_components(
+    preset: Preset,
+    paths: dict[str, Path],
+    *,
+    device: str = "cpu",
+    dtype: "torch.dtype | None" = None,
+    variant: str | None = None,
+    lcm_lora: bool | None = None,
+) -> Components:
+    """Load the preset's pipeline, adapters and encoders from the local folders in ``paths``.
+
+    ``paths`` maps the roles of ``preset.required_files(variant)`` ("base", "faceid",
+    "image_encoder", and "unet", "fused_lora", "lcm_lora" when the preset has them) and optionally
+    "taesd" to local repo folders. ``lcm_lora``: None loads the LCM-LoRA as adapter "lcm" when the
+    preset has one; True loads it from ``paths["lcm_lora"]`` for any preset (the LCM-Lookahead
+    preview); False never loads it. All adapters end active at weight 1.0.
+    """
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
+    with _quiet_known_messages():
+        return _load(preset, paths, device=device, dtype=dtype, variant=variant, lcm_lora=lcm_lora)
+
+
+def _load(
+    preset: Preset,
+    paths: dict[str, Path],
+    *,
+    device: str,
+    dtype: "torch.dtype",
+    variant: str | None,
+    lcm_lora: bool | None,
+) -> Components:
+    """The body of :func:`load_components` (see there)."""
+    import diffusers
+    from diffusers import AutoencoderTiny, StableDiffusionXLPipeline
+
+    from .presets import CLIP_VISION_FILES, TAESD_FILES
+
+    required = preset.required_files(variant)
+    base = _require(paths, "base", required["base"][1])
+    faceid = _require(paths, "faceid", required["faceid"][1])
+    image_encoder_dir = _require(paths, "image_encoder", CLIP_VISION_FILES)
+
+    extra: dict[str, Any] = {}
+    if "unet" in required:
+        unet_dir = _require(paths, "unet", required["unet"][1])
+        extra["unet"] = _load_replacement_unet(base, unet_dir / required["unet"][1][0], dtype)
+    pipe = StableDiffusionXLPipeline.from_pretrained(
+        str(base), dtype=dtype, variant=variant, local_files_only=True, **extra
+    )
+    scheduler_cls = getattr(diffusers, preset.scheduler)
+    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **preset.scheduler_options())
+
+    if preset.fuse_lora:
+        _repo, fused_file, fused_scale = preset.fuse_lora
+        fused_dir = _require(paths, "fused_lora", (fused_file,))
+        pipe.load_lora_weights(str(fused_dir), weight_name=fused_file, adapter_name=FUSED_ADAPTER)
+        pipe.fuse_lora(adapter_names=[FUSED_ADAPTER], lora_scale=float(fused_scale))
+        pipe.unload_lora_weights()  # the fused weights stay in the base layers
+
+    state = load_faceid_state_dict(faceid / FACEID_WEIGHTS)
+    pipe.load_ip_adapter(state, subfolder="", weight_name=FACEID_WEIGHTS, image_encoder_folder=None)
+    pipe.load_lora_weights(str(faceid), weight_name=FACEID_LORA, adapter_name=FACEID_ADAPTER)
+    adapters = [FACEID_ADAPTER]
+
+    want_lcm = bool(preset.lcm_lora) if lcm_lora is None else lcm_lora
+    if want_lcm:
+        lcm_file = preset.lcm_lora[1] if preset.lcm_lora else DEFAULT_LCM_LORA_FILE
+        lcm_dir = _require(paths, "lcm_lora", (lcm_file,))
+        pipe.load_lora_weights(str(lcm_dir), weight_name=lcm_file, adapter_name=LCM_ADAPTER)
+        adapters.append(LCM_ADAPTER)
+    pipe.set_adapters(adapters, [1.0] * len(adapters))
+
+    image_encoder = load_image_encoder(image_encoder_dir, dtype)
+    taesd = None
+    if "taesd" in paths:
+        taesd_dir = _require(paths, "taesd", TAESD_FILES)
+        taesd = AutoencoderTiny.from_pretrained(str(taesd_dir), dtype=dtype, local_files_only=True)
+
+    pipe.to(device)
+    modules = [pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, image_encoder, taesd]
+    for module in modules:
+        if module is not None:
+            module.to(device)
+            module.eval()
+            module.requires_grad_(False)
+
+    unet_adapters = tuple(getattr(pipe.unet, "peft_config", {}).keys())
+    return Components(
+        pipe=pipe,
+        image_encoder=image_encoder,
+        clip_processor=make_clip_processor(),
+        taesd=taesd,
+        adapters=unet_adapters,
+    )
