@@ -28,7 +28,17 @@ import torch
 
 from .errors import LcmlaError
 from .faces import FaceAnalyzer, FaceIdentity
-from .guidance import classic_cfg, classic_cfg_branches
+from .attention.context import AMPlan, AttentionContext, MapStore
+from .guidance import (
+    classic_cfg,
+    classic_cfg_branches,
+    dcg_branches,
+    dcg_conditional_branches,
+    decoupled_cfg,
+    dcg_is_plain,
+    rescale_guidance,
+    schedule,
+)
 from .presets import Preset, get_preset
 from .settings import GenerationSettings
 
@@ -62,6 +72,8 @@ class Result:
     identity: FaceIdentity | None = None
     preset: str = ""
     random_weights: bool = False
+    attention_maps: list[MapStore] = field(default_factory=list)  # one per image, when capture was asked
+    branch_calls: list[tuple[str, ...]] = field(default_factory=list)  # branches run at each step of image 0
     extras: dict[str, Any] = field(default_factory=dict)
 
     def image_settings(self, index: int) -> GenerationSettings:
@@ -111,6 +123,10 @@ class Engine:
         self.dtype = dtype
         self._lock = threading.RLock()
         self._id_proj = self.pipe.unet.encoder_hid_proj.image_projection_layers[0]
+        # lcmla's processors take over the loaded IP-Adapter weights once; knobs then travel per call
+        from .attention.processors import install_processors
+
+        install_processors(self.pipe.unet)
 
     # ---- loading ----------------------------------------------------------------------------
 
@@ -225,7 +241,6 @@ class Engine:
     def _apply_module_state(self, settings: GenerationSettings) -> None:
         """Set every per-call value diffusers keeps on modules; each request states all of them."""
         ident = settings.identity
-        self.pipe.set_ip_adapter_scale(ident.ip_adapter_scale)
         names = list(self.components.adapters)
         scales = [ident.lora_scale if n == "faceid" else settings.lookahead.lcm_lora_scale for n in names]
         if names:
@@ -256,12 +271,16 @@ class Engine:
             text = self._text_conditions(settings)
             ident = self._identity_conditions(identity)
             timings["conditions"] = time.perf_counter() - t0
-            images, seeds = [], []
+            images, seeds, maps, calls = [], [], [], []
             timings["denoise"] = timings["decode"] = 0.0
             for i in range(settings.output.num_images):
                 seed = settings.output.seed + i
                 t1 = time.perf_counter()
-                latents = self._denoise(settings, text, ident, seed, i, callback)
+                latents, store, image_calls = self._denoise(settings, text, ident, seed, i, callback)
+                if store is not None:
+                    maps.append(store)
+                if i == 0:
+                    calls = image_calls
                 t2 = time.perf_counter()
                 images.append(self._decode(latents))
                 timings["denoise"] += t2 - t1
@@ -277,6 +296,8 @@ class Engine:
             identity=identity,
             preset=self.preset.name,
             random_weights=self.preset.random_weights,
+            attention_maps=maps,
+            branch_calls=calls,
         )
 
     def _scheduler(self, steps: int):
@@ -285,31 +306,66 @@ class Engine:
         sched.set_timesteps(steps, device=self.device)
         return sched
 
-    def _denoise(self, settings, text, ident, seed: int, image_index: int, callback: StepCallback | None) -> torch.Tensor:
+    def _guidance_plan(self, settings: GenerationSettings, num_steps: int) -> list[tuple[tuple[str, ...], float, float]]:
+        """Per step: (branches to run, a, b). Classic CFG uses a = guidance scale, b unused."""
+        g = settings.guidance
+        if not g.dcg:
+            return [(classic_cfg_branches(g.guidance_scale), g.guidance_scale, 1.0)] * num_steps
+        a_s = schedule(g.dcg_schedule, g.dcg_a, num_steps)
+        b_s = schedule(g.dcg_schedule, g.dcg_b, num_steps)
+        return [(dcg_branches(a, b, g.dcg_variant), a, b) for a, b in zip(a_s, b_s)]
+
+    @staticmethod
+    def _combine(settings: GenerationSettings, preds: dict[str, torch.Tensor], a: float, b: float) -> torch.Tensor:
+        """One guided noise prediction from the branch predictions of a step."""
+        g = settings.guidance
+        if not g.dcg:
+            return classic_cfg(preds, a)
+        if dcg_is_plain(a, b, g.dcg_variant):
+            return preds["full"]
+        eps = decoupled_cfg(preds, a, b, g.dcg_variant)
+        if g.rescale_phi > 0:
+            eps = rescale_guidance(eps, [preds[k] for k in dcg_conditional_branches(g.dcg_variant)], g.rescale_phi)
+        return eps
+
+    def _denoise(self, settings, text, ident, seed: int, image_index: int, callback: StepCallback | None):
         g = settings.guidance
         width, height = settings.output.width, settings.output.height
         pipe = self.pipe
         sched = self._scheduler(g.steps)
         generator = torch.Generator("cpu").manual_seed(seed)
-        shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-        latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
-        latents = latents * sched.init_noise_sigma
+        lh, lw = height // pipe.vae_scale_factor, width // pipe.vae_scale_factor
+        latents = torch.randn((1, pipe.unet.config.in_channels, lh, lw), generator=generator, dtype=torch.float32)
+        latents = latents.to(self.device, self.dtype) * sched.init_noise_sigma
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=self.dtype, device=self.device)
-        branches = classic_cfg_branches(g.guidance_scale)
-        batch = self._branch_batch(branches, text, ident, time_ids)
-        self._id_proj.clip_embeds = batch["clip_embeds"]
         timesteps = sched.timesteps
+        plan = self._guidance_plan(settings, len(timesteps))
+        batches: dict[tuple[str, ...], dict[str, Any]] = {}
+        ctx = AttentionContext(
+            ip_scale=settings.identity.ip_adapter_scale,
+            am=AMPlan.from_settings(settings.attention, len(timesteps)),
+            capture=MapStore((lh, lw)) if settings.attention.capture_maps else None,
+        )
+        calls = []
         for k, t in enumerate(timesteps):
+            branches, a, b = plan[k]
+            if branches not in batches:
+                batches[branches] = self._branch_batch(branches, text, ident, time_ids)
+            batch = batches[branches]
+            self._id_proj.clip_embeds = batch["clip_embeds"]
+            ctx.step = k
+            ctx.capture_index = branches.index("full") if "full" in branches else len(branches) - 1
             model_in = sched.scale_model_input(latents, t).expand(len(branches), -1, -1, -1)
             eps = pipe.unet(
                 model_in,
                 t,
                 encoder_hidden_states=batch["encoder_hidden_states"],
                 added_cond_kwargs=batch["added_cond_kwargs"],
+                cross_attention_kwargs={"lcmla": ctx},
                 return_dict=False,
-            )[0]  # (n_branches, 4, h, w)
-            preds = dict(zip(branches, eps.chunk(len(branches))))
-            noise_pred = classic_cfg(preds, g.guidance_scale)
+            )[0]  # (n_branches, 4, h, w): all branches in ONE UNet call
+            calls.append(branches)
+            noise_pred = self._combine(settings, dict(zip(branches, eps.chunk(len(branches)))), a, b)
             out = sched.step(noise_pred, t, latents, generator=generator, return_dict=True)
             latents = out.prev_sample
             if callback is not None:
@@ -317,7 +373,7 @@ class Engine:
                 if x0 is None:
                     x0 = getattr(out, "denoised", latents)
                 callback(StepInfo(image_index, k, len(timesteps), int(t), latents, x0))
-        return latents
+        return latents, ctx.capture, calls
 
     def _decode(self, latents: torch.Tensor):
         vae = self.pipe.vae

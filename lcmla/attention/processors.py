@@ -1,0 +1,200 @@
+"""Attention processors installed once on the UNet; every knob arrives per call.
+
+``IdentityAttnProcessor`` replaces diffusers' ``IPAdapterAttnProcessor2_0`` on the cross-attention
+layers (attn2) and takes over its loaded ``to_k_ip``/``to_v_ip`` weights:
+
+    z = Attn(Q, K, V) + λ · Ã V′          (FastFace Eq. 3 and Eq. 7)
+
+where Ã is the identity-branch attention A = softmax(Q K′ᵀ/√d), transformed by AM1/AM2 only in the
+targeted blocks, steps and tokens. Everywhere else both terms use the fused
+``scaled_dot_product_attention``. ``SelfAttnProcessor`` is the plain self-attention (attn1) that
+accepts the same per-call context, so the context can be passed to the whole UNet without
+diffusers dropping it with a warning.
+
+The context travels as ``cross_attention_kwargs={"lcmla": AttentionContext}``; with no context the
+processors behave exactly like diffusers' stock ones at λ = 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .context import AttentionContext, block_kind
+from .transforms import adain_blend, scale_power, scheduled_softmask
+
+
+def _heads(x: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
+    """(B, N, heads·d) → (B, heads, N, d)."""
+    return x.view(batch, -1, heads, x.shape[-1] // heads).transpose(1, 2)
+
+
+def _merge(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B, heads, N, d) → (B, N, heads·d)."""
+    return x.transpose(1, 2).reshape(batch, -1, x.shape[1] * x.shape[-1])
+
+
+class _Base(nn.Module):
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name  # the module path, e.g. "down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor"
+        self.block = block_kind(name)
+
+    @staticmethod
+    def _prepare(attn, hidden_states, temb):
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        shape = None
+        if hidden_states.ndim == 4:
+            shape = hidden_states.shape
+            b, c, h, w = shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        return hidden_states, shape
+
+    @staticmethod
+    def _finish(attn, hidden_states, residual, shape):
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if shape is not None:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(shape)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+class SelfAttnProcessor(_Base):
+    """Self-attention (attn1) with the fused kernel; accepts the per-call context."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 lcmla: AttentionContext | None = None):
+        residual = hidden_states
+        hidden_states, shape = self._prepare(attn, hidden_states, temb)
+        batch = hidden_states.shape[0]
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, hidden_states.shape[1], batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        query = _heads(attn.to_q(hidden_states), batch, attn.heads)
+        key = _heads(attn.to_k(hidden_states), batch, attn.heads)
+        value = _heads(attn.to_v(hidden_states), batch, attn.heads)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        out = _merge(out, batch).to(query.dtype)
+        return self._finish(attn, out, residual, shape)
+
+
+class IdentityAttnProcessor(_Base):
+    """Decoupled cross-attention of IP-Adapter with FastFace AM and map capture, per call."""
+
+    def __init__(self, name: str, to_k_ip: nn.ModuleList, to_v_ip: nn.ModuleList):
+        super().__init__(name)
+        self.to_k_ip = to_k_ip  # the very modules diffusers loaded: no copy, no reload
+        self.to_v_ip = to_v_ip
+
+    @classmethod
+    def take_over(cls, name: str, stock) -> "IdentityAttnProcessor":
+        """Build from a loaded ``IPAdapterAttnProcessor2_0`` (one IP-Adapter)."""
+        if len(stock.to_k_ip) != 1:
+            raise ValueError(f"{name}: lcmla supports exactly one IP-Adapter (found {len(stock.to_k_ip)})")
+        return cls(name, stock.to_k_ip, stock.to_v_ip)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 lcmla: AttentionContext | None = None):
+        residual = hidden_states
+        text_states, ip_states = encoder_hidden_states  # (B, 77, D), [(B, 1, T, D)]
+        hidden_states, shape = self._prepare(attn, hidden_states, temb)
+        batch = hidden_states.shape[0]
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, text_states.shape[1], batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        query = attn.to_q(hidden_states)
+        if attn.norm_cross:
+            text_states = attn.norm_encoder_hidden_states(text_states)
+        key = _heads(attn.to_k(text_states), batch, attn.heads)
+        value = _heads(attn.to_v(text_states), batch, attn.heads)
+        query = _heads(query, batch, attn.heads)  # (B, heads, Q, d)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        out = _merge(out, batch).to(query.dtype)  # (B, Q, C)
+
+        scale = 1.0 if lcmla is None else lcmla.ip_scale
+        if scale != 0:
+            ip = ip_states[0]
+            ip_key = _heads(self.to_k_ip[0](ip), batch, attn.heads)  # (B, heads, T, d)
+            ip_value = _heads(self.to_v_ip[0](ip), batch, attn.heads)
+            out = out + scale * self._identity_branch(attn, query, ip_key, ip_value, batch, lcmla)
+        return self._finish(attn, out, residual, shape)
+
+    def _identity_branch(self, attn, query, ip_key, ip_value, batch, ctx: AttentionContext | None) -> torch.Tensor:
+        """Ã V′ for the identity tokens: fused when nothing is asked, explicit probabilities otherwise."""
+        active = ctx is not None and ctx.am.active(self.block, ctx.step)
+        capture = ctx is not None and ctx.capture is not None
+        if not active:
+            ip_out = F.scaled_dot_product_attention(query, ip_key, ip_value, attn_mask=None, dropout_p=0.0, is_causal=False)
+            if capture:  # the maps are computed on the side; the output above is untouched
+                probs = self._probs(attn, query, ip_key)
+                i = ctx.capture_index
+                ctx.capture.record(self.name, ctx.step, probs[i], probs[i])
+            return _merge(ip_out, batch).to(query.dtype)
+
+        probs = self._probs(attn, query, ip_key)  # (B, heads, Q, T)
+        new = self._transform(probs, ctx)
+        ip_out = _merge(torch.matmul(new, ip_value), batch)  # (B, Q, C)
+        if ctx.am.mode == "am2":  # AdaIN on the output too, against the untransformed output
+            ref = _merge(torch.matmul(probs, ip_value), batch)
+            ip_out = adain_blend(ip_out, ref, ctx.am.adain_weight, dim=-1)
+        if capture:
+            i = ctx.capture_index
+            ctx.capture.record(self.name, ctx.step, probs[i], new[i])
+        return ip_out.to(query.dtype)
+
+    @staticmethod
+    def _probs(attn, query: torch.Tensor, ip_key: torch.Tensor) -> torch.Tensor:
+        """A = softmax(Q K′ᵀ / √d) over the identity tokens: (B, heads, Q, T)."""
+        scores = torch.matmul(query, ip_key.transpose(-1, -2)) * attn.scale
+        return scores.softmax(dim=-1)
+
+    def _transform(self, probs: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """Ã on the chosen tokens; other tokens keep A (AM2's AdaIN then sees all tokens)."""
+        am, step = ctx.am, ctx.step
+        if am.mode == "am1":
+            s = am.am1_scale_up if self.block == "up" else am.am1_scale_down
+            new = scale_power(probs, s, am.am1_power, am.cap)
+        else:
+            k = min(step, len(am.am2_sharpness) - 1)
+            new = scheduled_softmask(probs, am.am2_sharpness[k], am.am2_quantile, am.am2_scale[k], am.cap,
+                                     invert_first_token=True)
+        n_tok = probs.shape[-1]
+        chosen = [t for t in am.tokens if t < n_tok]
+        if len(chosen) < n_tok:
+            mask = torch.zeros(n_tok, dtype=torch.bool, device=probs.device)
+            mask[chosen] = True
+            new = torch.where(mask, new, probs)
+        if am.mode == "am2":
+            new = adain_blend(new, probs, am.adain_weight, dim=-1)
+        return new
+
+
+_UNET_BLOCKS = ("down_blocks", "mid_block", "up_blocks")
+
+
+def install_processors(unet) -> dict[str, nn.Module]:
+    """Replace the UNet's processors with lcmla's, once, at load time. Returns the new map."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+    procs: dict[str, nn.Module] = {}
+    for name, proc in unet.attn_processors.items():
+        if isinstance(proc, IPAdapterAttnProcessor2_0):
+            procs[name] = IdentityAttnProcessor.take_over(name, proc)
+        elif isinstance(proc, (IdentityAttnProcessor, SelfAttnProcessor)) or not name.startswith(_UNET_BLOCKS):
+            procs[name] = proc  # ours already, or outside the denoiser (e.g. the FaceID resampler)
+        elif name.endswith("attn1.processor"):
+            procs[name] = SelfAttnProcessor(name)
+        else:
+            raise ValueError(f"{name}: unexpected attention processor {type(proc).__name__}; load the IP-Adapter first")
+    unet.set_attn_processor(procs)
+    return procs

@@ -1,0 +1,110 @@
+"""The command line: generation, --settings-from, and one-line errors for user mistakes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lcmla.cli import main, settings_from_args, build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, tmp_cache) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LCMLA_CACHE": str(tmp_cache), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "lcmla", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_generate_and_reproduce(tiny_cache, face_path, tmp_path):
+    out = tmp_path / "out"
+    r = _run(["generate", "--face", str(face_path), "--prompt", "a pencil drawing of a face", "--preset", "tiny",
+              "--seed", "7", "--num-images", "2", "--set", "identity.lora_scale=0.5", "--out", str(out)], tiny_cache)
+    assert r.returncode == 0, r.stderr
+    files = sorted(out.glob("*.png"))
+    assert [f.name for f in files] == ["lcmla-7.png", "lcmla-8.png"]
+    assert "random weights" in r.stderr and "denoising" in r.stderr  # banner + progress bar
+    again = tmp_path / "again"
+    r2 = _run(["generate", "--settings-from", str(files[1]), "--face", str(face_path), "--out", str(again),
+               "--quiet"], tiny_cache)
+    assert r2.returncode == 0, r2.stderr
+    from PIL import Image
+
+    a = np.asarray(Image.open(files[1]).convert("RGB"))
+    b = np.asarray(Image.open(again / "lcmla-8.png").convert("RGB"))
+    assert np.array_equal(a, b)
+    shown = _run(["show", str(files[1])], tiny_cache)
+    assert '"lora_scale": 0.5' in shown.stdout and '"seed": 8' in shown.stdout
+
+
+def test_cli_user_error_is_one_line_without_traceback(tiny_cache, tmp_path):
+    junk = tmp_path / "junk.jpg"
+    junk.write_text("hello")
+    r = _run(["generate", "--face", str(junk), "--prompt", "a face", "--quiet", "--out", str(tmp_path)], tiny_cache)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and "junk.jpg" in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+BAD_FLAGS = [
+    (["--steps", "0"], "guidance.steps"),
+    (["--width", "100"], "output.width"),
+    (["--ip-adapter-scale", "nan"], "identity.ip_adapter_scale"),
+    (["--set", "attention.mode=am9"], "attention.mode"),
+    (["--set", "nonsense"], "KEY=VALUE"),
+    (["--set", "guidance.bogus=1"], "unknown setting"),
+    (["--num-images", "0"], "output.num_images"),
+]
+
+
+@pytest.mark.parametrize("flags,needle", BAD_FLAGS, ids=[n for _, n in BAD_FLAGS])
+def test_cli_invalid_settings_exit_2_before_loading(flags, needle, face_path, capsys, monkeypatch):
+    import lcmla.engine
+
+    monkeypatch.setattr(lcmla.engine.Engine, "load", classmethod(lambda *a, **k: pytest.fail("loaded a model")))
+    code = main(["generate", "--face", str(face_path), "--prompt", "a face", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and "Traceback" not in err
+
+
+def test_cli_argparse_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "--prompt", "x"])  # --face missing
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "--face", "a.jpg", "--prompt", "x", "--preset", "nope"])
+    assert info.value.code == 2
+
+
+def test_cli_settings_precedence(face_path, tmp_path):
+    args = build_parser().parse_args(["generate", "--face", "a.jpg", "--prompt", "p", "--seed", "4",
+                                      "--set", "guidance.dcg_a=[1, 2]", "--set", "guidance.dcg_schedule=linear",
+                                      "--set", "guidance.dcg_b=[1,3]"])
+    s = settings_from_args(args)
+    assert s.output.seed == 4 and s.guidance.dcg_a == (1.0, 2.0) and s.guidance.dcg_schedule == "linear"
+
+
+def test_cli_presets_lists_all(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    for name in ("tiny", "hyper-sdxl-4step", "sdxl-lightning-4step", "sdxl-lcm-lora", "sdxl-turbo", "sdxl-base"):
+        assert name in out
+
+
+def test_missing_real_weights_message(monkeypatch, tmp_path, face_path, capsys):
+    """A real preset on a machine without weights: one message, every file, the fetch commands."""
+    from faceutils import write_tiny_buffalo
+
+    packs = write_tiny_buffalo(tmp_path / "buffalo")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    code = main(["generate", "--face", str(face_path), "--prompt", "a face", "--preset", "sdxl-lightning-4step",
+                 "--face-models", str(packs), "--weights-dir", str(tmp_path / "w"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "sdxl_lightning_4step_unet.safetensors" in err and "hf download ByteDance/SDXL-Lightning" in err
+    assert "ip-adapter-faceid-plusv2_sdxl.bin" in err and "Traceback" not in err

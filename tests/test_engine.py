@@ -1,0 +1,195 @@
+"""End-to-end engine behaviour on the tiny preset (real loading path, random weights)."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from lcmla import GenerationSettings, ImageError, NoFaceError, SettingsError, settings_from_png
+
+
+def _px(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def _settings(**kw) -> GenerationSettings:
+    return GenerationSettings(prompt="a pencil drawing of a face").replace(**kw)
+
+
+@pytest.fixture(scope="module")
+def other_face(tmp_path_factory, face_path):
+    """A second identity: the reference photo mirrored and re-coloured."""
+    from PIL import Image, ImageOps
+
+    img = Image.open(face_path).convert("RGB")
+    other = ImageOps.mirror(ImageOps.posterize(img, 3)).rotate(3)
+    path = tmp_path_factory.mktemp("faces") / "other.png"
+    other.save(path)
+    return path
+
+
+def test_generate_basics(engine, face_path):
+    steps = []
+    result = engine.generate(_settings(), [face_path], callback=steps.append)
+    assert len(result.images) == 1 and result.images[0].size == (256, 256)
+    assert result.settings.guidance.steps == 4 and result.settings.output.width == 256
+    assert result.seeds == [0]
+    assert [s.step for s in steps] == [0, 1, 2, 3]
+    assert steps[0].latents.shape == steps[0].x0.shape == (1, 4, 32, 32)
+    assert {"faces", "conditions", "denoise", "decode", "total"} <= set(result.timings)
+    assert len(result.face_boxes) == 1 and result.random_weights
+    assert _px(result.images[0]).std() > 1.0  # not a blank image
+
+
+def test_same_seed_same_pixels_and_seeds_advance(engine, face_path):
+    a = engine.generate(_settings(output__seed=3, output__num_images=2), [face_path])
+    b = engine.generate(_settings(output__seed=3, output__num_images=2), [face_path])
+    assert a.seeds == [3, 4]
+    for x, y in zip(a.images, b.images):
+        assert np.array_equal(_px(x), _px(y))
+    assert not np.array_equal(_px(a.images[0]), _px(a.images[1]))
+    # image 1 alone, from its own seed, is the same picture
+    c = engine.generate(a.image_settings(1), [face_path])
+    assert np.array_equal(_px(c.images[0]), _px(a.images[1]))
+
+
+def test_identity_changes_the_image(engine, face_path, other_face):
+    a = engine.generate(_settings(), [face_path])
+    b = engine.generate(_settings(), [other_face])
+    assert np.abs(_px(a.images[0]) - _px(b.images[0])).mean() > 0.5
+
+
+def test_knobs_change_the_image_without_reloading(engine, face_path):
+    unet_id = id(engine.pipe.unet)
+    base = _px(engine.generate(_settings(), [face_path]).images[0])
+    for change in ({"identity__ip_adapter_scale": 0.0}, {"identity__lora_scale": 0.0}, {"identity__shortcut": False}):
+        img = _px(engine.generate(_settings(**change), [face_path]).images[0])
+        assert np.abs(img - base).mean() > 0.1, change
+    assert id(engine.pipe.unet) == unet_id
+    again = _px(engine.generate(_settings(), [face_path]).images[0])
+    assert np.array_equal(again, base)  # nothing leaked from the previous requests
+
+
+def _plain_pipeline(engine, *, ip_adapter: bool, lora: bool):
+    """The same tiny weights through stock diffusers, without the engine."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from lcmla.loading import load_faceid_state_dict
+    from lcmla.presets import FACEID_LORA, FACEID_WEIGHTS
+    from lcmla.tiny import ensure_tiny_weights, tiny_paths
+
+    paths = tiny_paths(ensure_tiny_weights())
+    pipe = StableDiffusionXLPipeline.from_pretrained(paths["base"], local_files_only=True)
+    pipe.scheduler = engine.pipe.scheduler.__class__.from_config(engine.pipe.scheduler.config)
+    if ip_adapter:
+        # the in-file copy of the FaceID LoRA is dropped, as the engine does (it loads the LoRA file)
+        state = load_faceid_state_dict(paths["faceid"] / FACEID_WEIGHTS)
+        pipe.load_ip_adapter(state, subfolder="", weight_name=FACEID_WEIGHTS, image_encoder_folder=None)
+    if lora:
+        pipe.load_lora_weights(str(paths["faceid"]), weight_name=FACEID_LORA, adapter_name="faceid")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _noise(seed: int) -> torch.Tensor:
+    return torch.randn((1, 4, 32, 32), generator=torch.Generator("cpu").manual_seed(seed))
+
+
+def test_zero_ip_scale_equals_pipeline_without_adapter(engine, face_path):
+    ours = engine.generate(_settings(identity__ip_adapter_scale=0.0, output__seed=5), [face_path]).images[0]
+    pipe = _plain_pipeline(engine, ip_adapter=False, lora=True)
+    ref = pipe(prompt="a pencil drawing of a face", num_inference_steps=4, guidance_scale=1.0,
+               width=256, height=256, latents=_noise(5)).images[0]
+    assert np.abs(_px(ours) - _px(ref)).max() <= 1
+
+
+def test_zero_lora_scale_equals_lora_disabled(engine, face_path):
+    identity = engine.analyze_faces([face_path])
+    ours = engine.generate(_settings(identity__lora_scale=0.0, output__seed=6), identity).images[0]
+    pipe = _plain_pipeline(engine, ip_adapter=True, lora=False)
+    c = engine.components
+    pixels = c.clip_processor(images=list(identity.crops), return_tensors="pt").pixel_values
+    clip = c.image_encoder(pixels, output_hidden_states=True).hidden_states[-2].mean(0, keepdim=True)[:, None]
+    proj = pipe.unet.encoder_hid_proj.image_projection_layers[0]
+    proj.clip_embeds, proj.shortcut = clip, True
+    pipe.set_ip_adapter_scale(0.8)
+    emb = torch.as_tensor(identity.embedding).reshape(1, 1, -1)
+    ref = pipe(prompt="a pencil drawing of a face", ip_adapter_image_embeds=[emb], num_inference_steps=4,
+               guidance_scale=1.0, width=256, height=256, latents=_noise(6)).images[0]
+    assert np.abs(_px(ours) - _px(ref)).max() <= 1
+
+
+def test_classic_cfg_runs_two_branches(engine, face_path):
+    a = engine.generate(_settings(guidance__guidance_scale=3.0, negative_prompt="blurry"), [face_path])
+    b = engine.generate(_settings(guidance__guidance_scale=1.0), [face_path])
+    assert np.abs(_px(a.images[0]) - _px(b.images[0])).mean() > 0.1
+
+
+def test_several_reference_photos(engine, face_path, other_face):
+    r = engine.generate(_settings(), [face_path, other_face])
+    assert len(r.face_boxes) == 2
+    emb = r.identity.embedding
+    assert abs(float(np.linalg.norm(emb)) - 1.0) < 1e-5
+
+
+def test_png_round_trip_reproduces_the_image(engine, face_path, tmp_path):
+    r = engine.generate(_settings(output__seed=11, output__num_images=2, identity__lora_scale=0.4), [face_path])
+    paths = r.save(tmp_path)
+    assert [p.name for p in paths] == ["lcmla-11.png", "lcmla-12.png"]
+    s = settings_from_png(paths[1])
+    assert s == r.image_settings(1) and s.output.seed == 12 and s.identity.lora_scale == 0.4
+    again = engine.generate(s, [face_path]).images[0]
+    from PIL import Image
+
+    assert np.array_equal(_px(again), _px(Image.open(paths[1]).convert("RGB")))
+
+
+def test_settings_from_foreign_png_is_a_clear_error(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(path)
+    with pytest.raises(SettingsError, match="holds no lcmla settings"):
+        settings_from_png(path)
+
+
+def test_bad_inputs_raise_clear_errors(engine, tmp_path):
+    from PIL import Image
+
+    grey = tmp_path / "grey.png"
+    Image.new("RGB", (256, 256), (128, 128, 128)).save(grey)
+    junk = tmp_path / "notes.jpg"
+    junk.write_text("not an image")
+    with pytest.raises(NoFaceError, match="grey.png"):
+        engine.generate(_settings(), [grey])
+    with pytest.raises(ImageError, match="notes.jpg"):
+        engine.generate(_settings(), [junk])
+    with pytest.raises(ImageError):
+        engine.generate(_settings(), [tmp_path / "missing.jpg"])
+    with pytest.raises(ImageError):
+        engine.generate(_settings(), [])
+    with pytest.raises(ValueError, match="GenerationSettings"):
+        engine.generate({"prompt": "x"}, [grey])
+
+
+def test_concurrent_requests_do_not_leak(engine, face_path):
+    s1 = _settings(identity__ip_adapter_scale=0.2, identity__lora_scale=0.3, output__seed=1)
+    s2 = _settings(identity__ip_adapter_scale=1.2, identity__lora_scale=1.0, output__seed=1, guidance__guidance_scale=2.0)
+    solo = {1: _px(engine.generate(s1, [face_path]).images[0]), 2: _px(engine.generate(s2, [face_path]).images[0])}
+    got: dict[int, list] = {1: [], 2: []}
+
+    def work(key, s):
+        for _ in range(2):
+            got[key].append(_px(engine.generate(s, [face_path]).images[0]))
+
+    threads = [threading.Thread(target=work, args=(1, s1)), threading.Thread(target=work, args=(2, s2))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for key in (1, 2):
+        for img in got[key]:
+            assert np.array_equal(img, solo[key])
