@@ -1,7 +1,8 @@
 """Engine overhead: ``Engine.generate`` vs a plain diffusers ``StableDiffusionXLPipeline`` call.
 
-Both sides use the identical loaded components (the engine's own pipeline object), the same
-identity, prompt, seed, steps and size; runs are interleaved (A, B, A, B, …) so machine noise hits
+Both sides load the identical weights through the same loader (the diffusers side keeps diffusers'
+stock attention processors; the engine installs its own), with the same identity, prompt, seed,
+steps and size; runs are interleaved (A, B, A, B, …) so machine noise hits
 both alike. The pipeline side does what a diffusers user does per request: CLIP-encode the face
 crop, set the FaceID-Plus projection's CLIP features, call the pipeline with
 ``ip_adapter_image_embeds``. Prints medians and the ratio engine / diffusers (goal ≤ 1.05).
@@ -23,6 +24,22 @@ from lcmla import Engine, GenerationSettings
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
+def _stock_components(engine, args):
+    """A second, stock diffusers copy of the engine's preset (same files, same loader)."""
+    from lcmla.loading import load_components
+
+    if engine.preset.random_weights:
+        from lcmla.tiny import ensure_tiny_weights, tiny_paths
+
+        paths, variant = tiny_paths(ensure_tiny_weights()), None
+    else:
+        from lcmla.weights import resolve_preset
+
+        variant = "fp16" if engine.dtype in (torch.float16, torch.bfloat16) else None
+        paths = resolve_preset(engine.preset, variant=variant)
+    return load_components(engine.preset, paths, device=str(engine.device), dtype=engine.dtype, variant=variant)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=20)
@@ -37,8 +54,8 @@ def main(argv=None) -> None:
     identity = engine.analyze_faces([args.face])
     settings = GenerationSettings(prompt="a pencil drawing of a face", preset=args.preset)
     p = engine.preset
-    pipe = engine.pipe
-    comps = engine.components
+    comps = _stock_components(engine, args)
+    pipe = comps.pipe
     proj = pipe.unet.encoder_hid_proj.image_projection_layers[0]
     device, dtype = engine.device, engine.dtype
 
@@ -65,6 +82,7 @@ def main(argv=None) -> None:
         ).images[0]
 
     pipe.set_progress_bar_config(disable=True)
+    pipe.set_ip_adapter_scale(settings.identity.ip_adapter_scale)  # engine default λ = 0.8; LoRA at 1.0 on both
     for _ in range(args.warmup):
         run_engine()
         run_diffusers()
