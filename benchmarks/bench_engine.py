@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from lcmla import Engine, GenerationSettings
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
+from lcmla import Engine, GenerationSettings  # noqa: E402
+
+ASSETS = ROOT / "assets"
 
 
 def _stock_components(engine, args):

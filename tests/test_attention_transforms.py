@@ -72,3 +72,12 @@ def test_adain_keeps_x_where_undefined():
     out = adain_blend(x, ref, 0.5, dim=-1)
     assert torch.equal(out[0], x[0])
     assert torch.isfinite(out).all()
+
+
+def test_quantile_matches_torch_quantile():
+    from lcmla.attention import quantile_over_queries
+
+    torch.manual_seed(3)
+    a = torch.rand(2, 3, 37, 4)
+    for p in (0.0, 0.3, 0.65, 1.0):
+        assert torch.allclose(quantile_over_queries(a, p), torch.quantile(a, p, dim=2, keepdim=True), atol=1e-7)
