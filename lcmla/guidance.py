@@ -139,3 +139,51 @@ def schedule(kind: str, values: Sequence[float], steps: int) -> list[float]:
             raise ValueError(f"unknown schedule {kind!r}; choose list, constant, linear or cosine")
         out.append(start + (end - start) * u)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# LCM-Lookahead: guidance with the KV path (supplement Eq. 1, SPEC §4)
+
+# what each branch is conditioned on: (text, identity, cached reference K/V)
+BRANCH_CONDITIONS = {
+    "uncond": (False, False, False),
+    "text": (True, False, False),
+    "id": (False, True, False),
+    "full": (True, True, False),
+}
+LOOKAHEAD_BRANCH_CONDITIONS = {
+    "uncond": (False, False, False),  # all conditions null, no KV
+    "nokv": (True, True, False),  # text + adapter, no KV
+    "full": (True, True, True),  # everything
+    "kv": (False, False, True),  # KV only; text and adapter null
+}
+
+
+def lookahead_cfg(preds: Mapping[str, torch.Tensor], s_nokv: float = 3.0, s_full: float = 2.0, s_kv: float = 2.0) -> torch.Tensor:
+    """LCM-Lookahead 3-way guidance (supplement Eq. 1):
+
+        ε = ε_u + s_nokv·(ε_nokv − ε_u) + s_full·(ε_full − ε_u) + s_kv·(ε_kv − ε_u)
+
+    computed as (1 − Σs)·ε_u + Σ s_b·ε_b, so a branch whose weight is 0 (including ε_u when the
+    scales sum to 1) need not be in ``preds``. preds: branch → (B, C, H, W).
+    """
+    weights = {"nokv": s_nokv, "full": s_full, "kv": s_kv}
+    weights["uncond"] = 1.0 - (s_nokv + s_full + s_kv)
+    out = None
+    for name, w in weights.items():
+        if w == 0:
+            continue
+        term = w * preds[name]
+        out = term if out is None else out + term
+    if out is None:  # every weight zero
+        return torch.zeros_like(next(iter(preds.values())))
+    return out
+
+
+def lookahead_branches(s_nokv: float, s_full: float, s_kv: float, lcm_scheduler: bool = False) -> tuple[str, ...]:
+    """The branches ``lookahead_cfg`` needs, no-KV branches first (they share one attention
+    call; the KV branches another). With the LCM scheduler only the full branch runs, as in the paper."""
+    if lcm_scheduler:
+        return ("full",)
+    weights = {"uncond": 1.0 - (s_nokv + s_full + s_kv), "nokv": s_nokv, "full": s_full, "kv": s_kv}
+    return tuple(name for name in ("uncond", "nokv", "full", "kv") if weights[name] != 0) or ("uncond",)

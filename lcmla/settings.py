@@ -316,6 +316,11 @@ class GenerationSettings(_Group):
                 object.__setattr__(self, name, _group_from_dict(cls, value, name))
             elif not isinstance(value, cls):
                 raise SettingsError(f"{name} must be a {cls.__name__} (got {type(value).__name__})")
+        if self.guidance.dcg and self.lookahead.kv:
+            raise SettingsError(
+                "guidance.dcg and lookahead.kv cannot both be on: DCG and the LCM-Lookahead KV guidance are two "
+                "different ways to combine branches; switch one of them off"
+            )
 
     # ---- convenience -----------------------------------------------------------------------
 

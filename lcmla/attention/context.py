@@ -106,6 +106,40 @@ def block_kind(name: str) -> str:
 
 
 @dataclass
+class KVCache:
+    """LCM-Lookahead's extended self-attention cache (SPEC §4), owned by the engine per call.
+
+    While ``recording``, every self-attention layer stores the keys and values it computes (the KV
+    encoder pass over the reference face); otherwise layers that find an entry append it:
+    K = [K_gen ; K_ref], V = [V_gen ; V_ref]. Entries are (1, N_ref, C), the tokens of all
+    reference photos laid side by side. ``drop_rate`` (training: 0.05) drops that fraction of the
+    cached tokens at random each time they are read; it is 0 at inference.
+    """
+
+    store: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    recording: bool = False
+    drop_rate: float = 0.0
+    generator: torch.Generator | None = None
+
+    def record(self, name: str, key: torch.Tensor, value: torch.Tensor) -> None:
+        """key/value: (n_ref, N, C) → stored as (1, n_ref·N, C)."""
+        c = key.shape[-1]
+        self.store[name] = (key.reshape(1, -1, c), value.reshape(1, -1, c))
+
+    def read(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        entry = self.store.get(name)
+        if entry is None or self.drop_rate <= 0:
+            return entry
+        k, v = entry
+        keep = torch.rand(k.shape[1], generator=self.generator, device="cpu") >= self.drop_rate
+        idx = keep.nonzero().flatten().to(k.device)
+        return k.index_select(1, idx), v.index_select(1, idx)
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+
+@dataclass
 class AttentionContext:
     """Everything the processors need for one UNet call of one request."""
 
@@ -114,4 +148,6 @@ class AttentionContext:
     step: int = 0
     capture: MapStore | None = None
     capture_index: int = 0  # which sample of the UNet batch to record (the full-condition branch)
+    kv: KVCache | None = None  # LCM-Lookahead reference keys/values
+    kv_from: int = 0  # batch samples [kv_from:] attend to the cached K/V; earlier ones do not
     extra: dict = field(default_factory=dict)  # room for later mechanisms (e.g. the KV cache)

@@ -66,7 +66,9 @@ class _Base(nn.Module):
 
 
 class SelfAttnProcessor(_Base):
-    """Self-attention (attn1) with the fused kernel; accepts the per-call context."""
+    """Self-attention (attn1) with the fused kernel, and LCM-Lookahead's extended self-attention:
+    with a KV cache in the context it records (encoder pass) or appends (denoiser pass) the
+    reference keys and values. An empty cache is plain self-attention, bit for bit."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  lcmla: AttentionContext | None = None):
@@ -76,16 +78,47 @@ class SelfAttnProcessor(_Base):
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, hidden_states.shape[1], batch)
             attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        key_flat = attn.to_k(hidden_states)  # (B, N, C)
+        value_flat = attn.to_v(hidden_states)
+        kv = None if lcmla is None else lcmla.kv
+        ref = None
+        if kv is not None:
+            if kv.recording:
+                kv.record(self.name, key_flat, value_flat)
+            elif lcmla.kv_from < batch:
+                ref = kv.read(self.name)
         query = _heads(attn.to_q(hidden_states), batch, attn.heads)
-        key = _heads(attn.to_k(hidden_states), batch, attn.heads)
-        value = _heads(attn.to_v(hidden_states), batch, attn.heads)
+        key = _heads(key_flat, batch, attn.heads)
+        value = _heads(value_flat, batch, attn.heads)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        if ref is None:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        else:
+            out = self._extended(attn, query, key, value, ref, lcmla.kv_from, attention_mask)
         out = _merge(out, batch).to(query.dtype)
         return self._finish(attn, out, residual, shape)
+
+    @staticmethod
+    def _extended(attn, query, key, value, ref, n0: int, attention_mask):
+        """Samples [:n0] attend to themselves; samples [n0:] to K = [K_gen ; K_ref], V = [V_gen ; V_ref]."""
+        if attention_mask is not None:
+            raise ValueError("extended self-attention does not support attention masks")
+        k_ref, v_ref = ref  # (1, N_ref, C)
+        n_kv = query.shape[0] - n0
+        k_ref = _heads(k_ref.to(key.dtype), 1, attn.heads)  # (1, heads, N_ref, d)
+        v_ref = _heads(v_ref.to(value.dtype), 1, attn.heads)
+        if attn.norm_k is not None:
+            k_ref = attn.norm_k(k_ref)
+        k_ext = torch.cat([key[n0:], k_ref.expand(n_kv, -1, -1, -1)], dim=2)
+        v_ext = torch.cat([value[n0:], v_ref.expand(n_kv, -1, -1, -1)], dim=2)
+        with_kv = F.scaled_dot_product_attention(query[n0:], k_ext, v_ext, dropout_p=0.0, is_causal=False)
+        if n0 == 0:
+            return with_kv
+        plain = F.scaled_dot_product_attention(query[:n0], key[:n0], value[:n0], dropout_p=0.0, is_causal=False)
+        return torch.cat([plain, with_kv])
 
 
 class IdentityAttnProcessor(_Base):

@@ -1,0 +1,270 @@
+"""LCM-Lookahead inference: extended self-attention, 3-way guidance, FreeU, LoRA scales, previews."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lcmla import GenerationSettings, SettingsError
+from lcmla.attention.context import AMPlan, AttentionContext, KVCache
+from lcmla.attention.processors import SelfAttnProcessor
+from lcmla.guidance import lookahead_branches, lookahead_cfg
+from lcmla.preview import ddpm_noise, ddpm_x0, lcm_x0
+from lcmla.settings import AttentionSettings
+
+
+def _px(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def _settings(**kw) -> GenerationSettings:
+    return GenerationSettings(prompt="a pencil drawing of a face").replace(**kw)
+
+
+# ---- extended self-attention -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def self_attn():
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    return Attention(query_dim=32, heads=2, dim_head=16).eval()
+
+
+def _ctx(kv=None, kv_from=0):
+    return AttentionContext(ip_scale=1.0, am=AMPlan.from_settings(AttentionSettings(), 1), kv=kv, kv_from=kv_from)
+
+
+def _call(attn, proc, x, ctx=None):
+    attn.set_processor(proc)
+    with torch.no_grad():
+        return attn(x, **({"lcmla": ctx} if ctx is not None else {}))
+
+
+def test_empty_cache_is_plain_self_attention(self_attn):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    x = torch.randn(3, 10, 32)
+    ref = _call(self_attn, AttnProcessor2_0(), x)
+    proc = SelfAttnProcessor("down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor")
+    assert torch.equal(_call(self_attn, proc, x), ref)
+    assert torch.equal(_call(self_attn, proc, x, _ctx(KVCache(), kv_from=0)), ref)
+
+
+def test_extended_attention_appends_reference_kv(self_attn):
+    name = "up_blocks.0.attentions.0.transformer_blocks.0.attn1.processor"
+    proc = SelfAttnProcessor(name)
+    ref_x = torch.randn(1, 6, 32)
+    cache = KVCache(recording=True)
+    _call(self_attn, proc, ref_x, _ctx(cache))
+    assert cache.store[name][0].shape == (1, 6, 32)
+    cache.recording = False
+    x = torch.randn(3, 10, 32)
+    out = _call(self_attn, proc, x, _ctx(cache, kv_from=1))
+    plain = _call(self_attn, proc, x, _ctx())
+    assert torch.equal(out[:1], plain[:1])  # samples before kv_from are untouched
+    # by hand: K = [K_gen ; K_ref], V = [V_gen ; V_ref] for the others
+    a = self_attn
+    with torch.no_grad():
+        q = a.to_q(x).view(3, -1, 2, 16).transpose(1, 2)
+        k = torch.cat([a.to_k(x), a.to_k(ref_x).expand(3, -1, -1)], 1).view(3, -1, 2, 16).transpose(1, 2)
+        v = torch.cat([a.to_v(x), a.to_v(ref_x).expand(3, -1, -1)], 1).view(3, -1, 2, 16).transpose(1, 2)
+        att = torch.softmax(q @ k.transpose(-1, -2) / 4.0, -1) @ v
+        hand = a.to_out[0](att.transpose(1, 2).reshape(3, -1, 32))
+    assert torch.allclose(out[1:], hand[1:], atol=1e-5)
+    assert not torch.allclose(out[1:], plain[1:], atol=1e-4)
+
+
+def test_kv_drop_is_training_only():
+    k = torch.randn(1, 1000, 8)
+    cache = KVCache()
+    cache.store["x"] = (k, k)
+    assert cache.read("x")[0].shape[1] == 1000  # inference: nothing dropped
+    cache.drop_rate, cache.generator = 0.05, torch.Generator().manual_seed(0)
+    kept = cache.read("x")[0].shape[1]
+    assert 900 < kept < 1000
+
+
+# ---- guidance and previews, by hand -------------------------------------------------------------
+
+
+def test_lookahead_cfg_by_hand():
+    mk = lambda v: torch.full((1, 1, 1, 1), float(v))
+    preds = {"uncond": mk(1), "nokv": mk(2), "full": mk(4), "kv": mk(7)}
+    # 1 + 3·1 + 2·3 + 2·6 = 22
+    assert lookahead_cfg(preds, 3.0, 2.0, 2.0).item() == 22.0
+    assert torch.equal(lookahead_cfg({"nokv": mk(2)}, 1.0, 0.0, 0.0), mk(2))  # ε_u and zero-scale branches unused
+    assert lookahead_branches(3, 2, 2) == ("uncond", "nokv", "full", "kv")
+    assert lookahead_branches(1, 0, 0) == ("nokv",)
+    assert lookahead_branches(3, 2, 0) == ("uncond", "nokv", "full")
+    assert lookahead_branches(3, 2, 2, lcm_scheduler=True) == ("full",)
+
+
+def test_lcm_x0_equals_lcm_scheduler_step():
+    from diffusers import LCMScheduler
+
+    sched = LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="trailing")
+    sched.set_timesteps(4)
+    torch.manual_seed(1)
+    for i, t in enumerate(sched.timesteps):
+        z, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+        sched._step_index = i
+        denoised = sched.step(eps, t, z, return_dict=True).denoised
+        assert torch.allclose(lcm_x0(z, eps, sched.alphas_cumprod, t), denoised, atol=1e-6)
+
+
+def test_ddpm_x0_inverts_forward_noising():
+    acp = torch.linspace(0.99, 0.01, 1000)
+    z0, eps = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    zt = ddpm_noise(z0, eps, acp, 500)
+    assert torch.allclose(ddpm_x0(zt, eps, acp, 500), z0, atol=1e-5)
+
+
+# ---- the engine ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def other_face(tmp_path_factory, face_path):
+    from PIL import Image, ImageOps
+
+    img = ImageOps.mirror(ImageOps.posterize(Image.open(face_path).convert("RGB"), 3)).rotate(3)
+    path = tmp_path_factory.mktemp("faces") / "other.png"
+    img.save(path)
+    return path
+
+
+def test_kv_path_batches_four_branches_plus_encoder(engine, face_path):
+    calls = []
+    hook = engine.pipe.unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    try:
+        r = engine.generate(_settings(lookahead__kv=True), [face_path])
+    finally:
+        hook.remove()
+    assert r.branch_calls == [("uncond", "nokv", "full", "kv")] * 4
+    assert calls == [1, 4] * 4  # encoder pass (one reference), then ONE denoiser call per step
+    r2 = engine.generate(_settings(lookahead__kv=True, lookahead__s_kv=0.0), [face_path])
+    assert r2.branch_calls[0] == ("uncond", "nokv", "full")
+
+
+def test_kv_one_nokv_equals_no_kv_prediction(engine, face_path):
+    """s_nokv = 1, others 0: exactly the plain (no-KV) full-condition generation."""
+    kv = engine.generate(_settings(lookahead__kv=True, lookahead__s_nokv=1.0, lookahead__s_full=0.0,
+                                   lookahead__s_kv=0.0), [face_path])
+    plain = engine.generate(_settings(), [face_path])
+    assert kv.branch_calls[0] == ("nokv",)
+    assert np.array_equal(_px(kv.images[0]), _px(plain.images[0]))
+
+
+def test_kv_reference_face_matters(engine, face_path, other_face):
+    a = engine.generate(_settings(lookahead__kv=True, identity__ip_adapter_scale=0.0), [face_path])
+    b = engine.generate(_settings(lookahead__kv=True, identity__ip_adapter_scale=0.0), [other_face])
+    plain = engine.generate(_settings(identity__ip_adapter_scale=0.0), [face_path])
+    assert not np.array_equal(_px(a.images[0]), _px(b.images[0]))
+    assert not np.array_equal(_px(a.images[0]), _px(plain.images[0]))
+
+
+def test_kv_path_holds_no_second_unet(engine, face_path):
+    before = sum(p.numel() for p in engine.pipe.unet.parameters())
+    modules = len(list(engine.pipe.unet.modules()))
+    engine.generate(_settings(lookahead__kv=True), [face_path])
+    assert sum(p.numel() for p in engine.pipe.unet.parameters()) == before
+    assert len(list(engine.pipe.unet.modules())) == modules
+
+
+def test_settings_reject_dcg_with_kv():
+    with pytest.raises(SettingsError, match="guidance.dcg and lookahead.kv"):
+        _settings(guidance__dcg=True, lookahead__kv=True)
+
+
+def test_freeu_per_request(engine, face_path):
+    base = _px(engine.generate(_settings(), [face_path]).images[0])
+    on = _px(engine.generate(_settings(freeu__enabled=True), [face_path]).images[0])
+    assert not np.array_equal(on, base)
+    assert np.array_equal(_px(engine.generate(_settings(freeu__enabled=False), [face_path]).images[0]), base)
+    other = _px(engine.generate(_settings(freeu__enabled=True, freeu__b1=1.4), [face_path]).images[0])
+    assert not np.array_equal(other, on)
+
+
+def test_consecutive_requests_with_different_kv_freeu_lora_equal_alone(engine, face_path):
+    cases = [
+        _settings(lookahead__kv=True, freeu__enabled=True, output__seed=3),
+        _settings(identity__lora_scale=0.2, output__seed=3),
+        _settings(lookahead__kv=True, lookahead__s_kv=4.0, identity__lora_scale=0.5, output__seed=3),
+        _settings(freeu__enabled=True, freeu__s2=0.5, output__seed=3),
+    ]
+    alone = [_px(engine.generate(s, [face_path]).images[0]) for s in cases]
+    for s, ref in zip(reversed(cases), reversed(alone)):
+        assert np.array_equal(_px(engine.generate(s, [face_path]).images[0]), ref)
+
+
+def test_lcm_lora_scale_zero_equals_adapter_disabled():
+    """At the UNet: the LCM-LoRA adapter at scale 0 is bit-identical to the UNet without it."""
+    from lcmla.loading import load_components
+    from lcmla.presets import PRESETS
+    from lcmla.tiny import tiny_paths
+
+    with_lcm = load_components(PRESETS["tiny"], tiny_paths(), lcm_lora=True).pipe
+    without = load_components(PRESETS["tiny"], tiny_paths(), lcm_lora=False).pipe
+    with_lcm.set_adapters(["faceid", "lcm"], [1.0, 0.0])
+    unet_a, unet_b = with_lcm.unet, without.unet
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 16, 16)
+    cond = dict(encoder_hidden_states=torch.randn(1, 77, 64),
+                added_cond_kwargs={"text_embeds": torch.randn(1, 32), "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]]),
+                                   "image_embeds": [torch.randn(1, 1, 512)]})
+    for u in (unet_a, unet_b):
+        proj = u.encoder_hid_proj.image_projection_layers[0]
+        proj.clip_embeds = torch.zeros(1, 1, 50, 32)
+    with torch.no_grad():
+        a = unet_a(x, 500, **cond).sample
+        b = unet_b(x, 500, **cond).sample
+        with_lcm.set_adapters(["faceid", "lcm"], [1.0, 1.0])
+        c = unet_a(x, 500, **cond).sample
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_previews_stream_both_previews(engine, face_path):
+    seen = []
+    res = engine.previews(_settings(), [face_path], callback=seen.append)
+    assert [f.step for f in res.frames] == [0, 1, 2, 3] and seen == res.frames
+    assert all(f.x0.size == (256, 256) and f.lcm.size == (256, 256) for f in res.frames)
+    assert not np.array_equal(_px(res.frames[0].x0), _px(res.frames[0].lcm))
+    plain = engine.generate(_settings(), [face_path])
+    assert np.array_equal(_px(res.image), _px(plain.images[0]))  # previews do not change the generation
+    some = engine.previews(_settings(lookahead__lcm_lora_scale=0.3), [face_path], steps=[1, 3])
+    assert [f.step for f in some.frames] == [1, 3]
+    assert not np.array_equal(_px(some.frames[0].lcm), _px(res.frames[1].lcm))  # the LCM scale matters
+    assert np.array_equal(_px(some.frames[0].x0), _px(res.frames[1].x0))
+
+
+def test_kv_encoder_lora_round_trip_and_encoder_only(engine, face_path, tmp_path):
+    from lcmla import Engine
+    from lcmla.kv_lora import add_kv_encoder_lora, kv_lora_state_dict, read_kv_lora_metadata, save_kv_encoder_lora
+    from lcmla.loading import load_components
+    from lcmla.presets import PRESETS
+    from lcmla.tiny import tiny_paths
+
+    unet = load_components(PRESETS["tiny"], tiny_paths()).pipe.unet
+    add_kv_encoder_lora(unet, rank=4)
+    torch.manual_seed(0)
+    for m in unet.modules():
+        if hasattr(m, "lora_B") and "kv_encoder" in m.lora_B:
+            torch.nn.init.normal_(m.lora_B["kv_encoder"].weight, std=0.5)
+    path = save_kv_encoder_lora(unet, tmp_path / "kv.safetensors", training={"steps": 1})
+    assert read_kv_lora_metadata(path)["rank"] == "4"
+    saved = kv_lora_state_dict(unet)
+    e2 = Engine.load("tiny", kv_encoder_lora=path)
+    loaded = kv_lora_state_dict(e2.pipe.unet)
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    s = _settings()
+    assert np.array_equal(_px(e2.generate(s, [face_path]).images[0]), _px(engine.generate(s, [face_path]).images[0]))
+    kv = s.replace(lookahead__kv=True)
+    assert not np.array_equal(_px(e2.generate(kv, [face_path]).images[0]), _px(engine.generate(kv, [face_path]).images[0]))
+    bogus = tmp_path / "other.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(bogus))
+    with pytest.raises(ValueError, match="not an lcmla KV-encoder LoRA"):
+        Engine.load("tiny", kv_encoder_lora=bogus)
