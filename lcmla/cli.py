@@ -17,6 +17,7 @@ import sys
 from typing import Any, Sequence
 
 from .errors import LcmlaError
+from .fastface import FASTFACE_PRESETS
 from .presets import DEFAULT_PRESET, PRESETS
 from .settings import GenerationSettings
 
@@ -61,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ip-adapter-scale", type=float, help="identity strength λ (default 0.8)")
     gen.add_argument("--lora-scale", type=float, help="FaceID LoRA scale (default 1.0)")
     gen.add_argument("--face-index", type=int, help="which face when a photo holds several (0 = largest)")
+    gen.add_argument("--fastface", choices=list(FASTFACE_PRESETS),
+                     help="apply one of the FastFace authors' configurations (before any --set)")
+    gen.add_argument("--kv", action="store_true", default=None, help="LCM-Lookahead KV path (extended self-attention)")
+    gen.add_argument("--kv-lora", help="a KV-encoder LoRA checkpoint (.safetensors written by lcmla training)")
     gen.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="any setting by dotted name, value as JSON, e.g. --set attention.mode=am2 --set 'guidance.dcg_a=[1,2,2,1]'")
     gen.add_argument("--settings-from", metavar="PNG", help="start from the settings embedded in a PNG made by lcmla")
@@ -102,6 +107,10 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
             changes[dotted] = value
     if args.preset is not None:
         changes["preset"] = args.preset
+    if args.kv:
+        changes["lookahead.kv"] = True
+    if args.fastface:
+        changes.update(FASTFACE_PRESETS[args.fastface])
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
@@ -121,6 +130,7 @@ def _generate(args: argparse.Namespace) -> int:
         weights_dir=args.weights_dir,
         allow_download=args.download,
         face_models=args.face_models,
+        kv_encoder_lora=args.kv_lora,
     )
     if engine.preset.random_weights:
         print("note: the tiny preset uses random weights; its images are patterns, not photos.", file=sys.stderr)

@@ -108,3 +108,12 @@ def test_missing_real_weights_message(monkeypatch, tmp_path, face_path, capsys):
     assert code == 2
     assert "sdxl_lightning_4step_unet.safetensors" in err and "hf download ByteDance/SDXL-Lightning" in err
     assert "ip-adapter-faceid-plusv2_sdxl.bin" in err and "Traceback" not in err
+
+
+def test_cli_fastface_and_kv_flags():
+    args = build_parser().parse_args(["generate", "--face", "a.jpg", "--prompt", "p", "--fastface", "am2+dcg",
+                                      "--set", "attention.adain_weight=0.5"])
+    s = settings_from_args(args)
+    assert s.attention.mode == "am2" and s.guidance.dcg and s.attention.adain_weight == 0.5
+    s2 = settings_from_args(build_parser().parse_args(["generate", "--face", "a.jpg", "--prompt", "p", "--kv"]))
+    assert s2.lookahead.kv and not s2.guidance.dcg
