@@ -269,6 +269,7 @@ def _load(
 ) -> Components:
     """The body of :func:`load_components` (see there)."""
     import diffusers
+    import torch
     from diffusers import AutoencoderTiny, StableDiffusionXLPipeline
 
     from .presets import CLIP_VISION_FILES, TAESD_FILES
@@ -321,6 +322,11 @@ def _load(
             module.to(device)
             module.eval()
             module.requires_grad_(False)
+
+    if dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
+        # SDXL's VAE overflows in float16 (NaN images): keep it in float32, as diffusers' pipeline
+        # does per call, but once, at load, instead of casting back and forth per request.
+        pipe.vae.to(torch.float32)
 
     unet_adapters = tuple(getattr(pipe.unet, "peft_config", {}).keys())
     return Components(
