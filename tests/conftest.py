@@ -32,3 +32,14 @@ def engine(tiny_cache):
 @pytest.fixture(scope="session")
 def face_path() -> Path:
     return FACE
+
+
+@pytest.fixture(scope="session")
+def other_face(tmp_path_factory, face_path):
+    """A second identity: the reference photo mirrored, posterised and slightly rotated."""
+    from PIL import Image, ImageOps
+
+    img = ImageOps.mirror(ImageOps.posterize(Image.open(face_path).convert("RGB"), 3)).rotate(3)
+    path = tmp_path_factory.mktemp("faces") / "other.png"
+    img.save(path)
+    return path

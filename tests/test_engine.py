@@ -7,28 +7,10 @@ import threading
 import numpy as np
 import pytest
 import torch
+from util import make_settings as _settings
+from util import px as _px
 
-from lcmla import GenerationSettings, ImageError, NoFaceError, SettingsError, settings_from_png
-
-
-def _px(image) -> np.ndarray:
-    return np.asarray(image, dtype=np.int16)
-
-
-def _settings(**kw) -> GenerationSettings:
-    return GenerationSettings(prompt="a pencil drawing of a face").replace(**kw)
-
-
-@pytest.fixture(scope="module")
-def other_face(tmp_path_factory, face_path):
-    """A second identity: the reference photo mirrored and re-coloured."""
-    from PIL import Image, ImageOps
-
-    img = Image.open(face_path).convert("RGB")
-    other = ImageOps.mirror(ImageOps.posterize(img, 3)).rotate(3)
-    path = tmp_path_factory.mktemp("faces") / "other.png"
-    other.save(path)
-    return path
+from lcmla import ImageError, NoFaceError, SettingsError, settings_from_png
 
 
 def test_generate_basics(engine, face_path):

@@ -5,20 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from util import make_settings as _settings
+from util import px as _px
 
-from lcmla import GenerationSettings
 from lcmla.attention.context import AMPlan, AttentionContext, MapStore
 from lcmla.attention.processors import IdentityAttnProcessor
 from lcmla.fastface import FASTFACE_PRESETS, apply_fastface_preset
 from lcmla.settings import AttentionSettings
-
-
-def _px(image) -> np.ndarray:
-    return np.asarray(image, dtype=np.int16)
-
-
-def _settings(**kw) -> GenerationSettings:
-    return GenerationSettings(prompt="a pencil drawing of a face").replace(**kw)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +25,10 @@ def identity(engine, face_path):
 @pytest.fixture(scope="module")
 def attn_case():
     """One cross-attention layer with IP-Adapter weights, its inputs, and diffusers' stock processor."""
-    from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
+    from diffusers.models.attention_processor import (
+        Attention,
+        IPAdapterAttnProcessor2_0,
+    )
 
     torch.manual_seed(0)
     attn = Attention(query_dim=64, cross_attention_dim=32, heads=2, dim_head=32).eval()

@@ -5,22 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from util import make_settings as _settings
+from util import px as _px
 
-from lcmla import GenerationSettings, SettingsError
+from lcmla import SettingsError
 from lcmla.attention.context import AMPlan, AttentionContext, KVCache
 from lcmla.attention.processors import SelfAttnProcessor
 from lcmla.guidance import lookahead_branches, lookahead_cfg
 from lcmla.preview import ddpm_noise, ddpm_x0, lcm_x0
 from lcmla.settings import AttentionSettings
-
-
-def _px(image) -> np.ndarray:
-    return np.asarray(image, dtype=np.int16)
-
-
-def _settings(**kw) -> GenerationSettings:
-    return GenerationSettings(prompt="a pencil drawing of a face").replace(**kw)
-
 
 # ---- extended self-attention -------------------------------------------------------------------
 
@@ -123,16 +116,6 @@ def test_ddpm_x0_inverts_forward_noising():
 
 
 # ---- the engine ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def other_face(tmp_path_factory, face_path):
-    from PIL import Image, ImageOps
-
-    img = ImageOps.mirror(ImageOps.posterize(Image.open(face_path).convert("RGB"), 3)).rotate(3)
-    path = tmp_path_factory.mktemp("faces") / "other.png"
-    img.save(path)
-    return path
 
 
 def test_kv_path_batches_four_branches_plus_encoder(engine, face_path):
@@ -241,7 +224,12 @@ def test_previews_stream_both_previews(engine, face_path):
 
 def test_kv_encoder_lora_round_trip_and_encoder_only(engine, face_path, tmp_path):
     from lcmla import Engine
-    from lcmla.kv_lora import add_kv_encoder_lora, kv_lora_state_dict, read_kv_lora_metadata, save_kv_encoder_lora
+    from lcmla.kv_lora import (
+        add_kv_encoder_lora,
+        kv_lora_state_dict,
+        read_kv_lora_metadata,
+        save_kv_encoder_lora,
+    )
     from lcmla.loading import load_components
     from lcmla.presets import PRESETS
     from lcmla.tiny import tiny_paths
