@@ -9,7 +9,8 @@ This module imports no torch: it works on the face analyzer's numpy embeddings, 
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 

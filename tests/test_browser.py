@@ -1,0 +1,187 @@
+"""The app in a real browser: headless Debian chromium driven by playwright (no `playwright install`).
+
+Screenshots of every tab go to artifacts/screenshots/ (gitignored). With LCMLA_README_SCREENSHOT=1
+the run also rewrites assets/screenshot.png, the picture in the README (done by hand, not by CI).
+Skips when chromium or playwright is missing; CI (.ci/run) installs chromium.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from apputils import ROOT, serve
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -r requirements.txt)")
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+pytestmark = [
+    pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed: apt-get install -y chromium (CI's .ci/run does this)"),
+    pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword is deprecated).*"),
+]
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SHOTS = ROOT / "artifacts" / "screenshots"
+README_SHOT = ROOT / "assets" / "screenshot.png"
+SLOW = 240_000  # ms: a generation on a busy 2-core machine
+
+
+@pytest.fixture(scope="module")
+def url(engine):
+    with serve(engine) as (_demo, address):
+        yield address
+
+
+@pytest.fixture(scope="module")
+def browser():
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, url):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(60_000)
+    page.goto(url)
+    page.wait_for_selector("#generate-btn")
+    yield page
+    page.close()
+
+
+def _shot(page, name: str) -> None:
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def _count(page, selector: str) -> int:
+    return page.locator(selector).count()
+
+
+def _wait_count(page, selector: str, n: int, timeout: int = SLOW) -> None:
+    page.wait_for_function(f"document.querySelectorAll({selector!r}).length >= {n}", timeout=timeout)
+
+
+def _wait_checked(page, elem_id: str, value: str) -> None:
+    """Wait until the radio/checkbox input of ``elem_id`` with ``value`` is rendered and checked."""
+    selector = f"{elem_id} input[value={value!r}]" if value != "on" else f"{elem_id} input[type=checkbox]"
+    page.wait_for_function(f"(document.querySelector({selector!r}) || {{}}).checked === true", timeout=30_000)
+
+
+def _error_toasts(page) -> str:
+    return "\n".join(page.locator("[data-testid='toast-body'].error").all_inner_texts())
+
+
+def _upload_face(page, path: Path) -> None:
+    """Replace the face photos with ``path`` (the file widget adds to what it holds)."""
+    clear = page.locator("#faces button[aria-label='Clear']")
+    if clear.count():
+        clear.first.click()
+        page.wait_for_function("document.querySelectorAll('#faces td.filename').length === 0")
+    page.locator("#faces input[type=file]").set_input_files(str(path))
+
+
+def _save_readme_screenshot(page) -> None:
+    """The top of the Generate tab after a run, shrunk to a palette PNG (< 500 KB) for the README."""
+    from PIL import Image
+
+    raw = SHOTS / "readme-raw.png"
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(raw), clip={"x": 0, "y": 0, "width": 1400, "height": 1000})
+    with Image.open(raw) as img:
+        small = img.convert("RGB").resize((1120, 800), Image.LANCZOS)
+        small.quantize(colors=128, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(README_SHOT, optimize=True)
+    assert README_SHOT.stat().st_size < 500_000
+
+
+def test_generate_then_every_tab(page, face_path):
+    assert "Random weights" in page.locator("#banner").inner_text()
+    assert "tiny" in page.locator("#preset-name textarea, #preset-name input").first.input_value()
+
+    # Generate: upload, the face box appears, generate, the image and its PNG download appear
+    _upload_face(page, face_path)
+    _wait_count(page, "#faces-found img", 1)
+    page.locator("#knob-prompt textarea").fill("a pencil drawing of a face")
+    page.click("#generate-btn")
+    _wait_count(page, "#gallery img", 1)
+    page.wait_for_selector("#downloads a, #downloads td", timeout=SLOW)
+    assert "1 image" in page.locator("#run-info").inner_text()
+    assert "lcmla-0" in page.locator("#downloads").inner_text()  # the PNG named by its seed
+    if os.environ.get("LCMLA_README_SCREENSHOT"):
+        _save_readme_screenshot(page)
+    _shot(page, "1-generate")
+
+    # one click loads an authors' configuration into the knobs
+    page.click("#preset-am2-dcg")
+    page.get_by_text("Decoupled classifier-free guidance — FastFace §3.2").click()
+    page.get_by_text("Attention manipulation — FastFace §3.3").click()
+    _wait_checked(page, "#knob-attention-mode", "am2")
+    _wait_checked(page, "#knob-guidance-dcg", "on")
+    _shot(page, "2-configuration-am2-dcg")
+    page.click("#preset-baseline")
+    _wait_checked(page, "#knob-attention-mode", "none")
+
+    # Lookahead previews: one x̂0 and one LCM frame per step, then the final image
+    page.get_by_role("tab", name="Lookahead previews").click()
+    page.click("#previews-btn")
+    page.wait_for_selector("#preview-final img", timeout=SLOW)
+    assert _count(page, "#strip-x0 img") >= 4 and _count(page, "#strip-lcm img") >= 4
+    assert "steps previewed" in page.locator("#preview-info").inner_text()
+    _shot(page, "3-lookahead-previews")
+
+    # Attention maps: capture, then a selector redraws from the stored maps
+    page.get_by_role("tab", name="Attention maps").click()
+    page.click("#attention-btn")
+    page.wait_for_selector("#map-after img", timeout=SLOW)
+    page.wait_for_selector("#map-before img")
+    assert "AM2" in page.locator("#map-info").inner_text()
+    before = page.locator("#map-after img").get_attribute("src")
+    page.locator("#map-token").get_by_text("2", exact=True).click()
+    page.wait_for_function(
+        f"(document.querySelector('#map-after img') || {{}}).src && document.querySelector('#map-after img').src !== {before!r}",
+        timeout=60_000)
+    _shot(page, "4-attention-maps")
+
+    # Compare: four labelled methods with identity similarity and time
+    page.get_by_role("tab", name="Compare").click()
+    page.click("#compare-btn")
+    page.wait_for_function("document.querySelector('#compare-info') && "
+                           "document.querySelector('#compare-info').innerText.includes('Seed')", timeout=SLOW)
+    _wait_count(page, "#compare-gallery img", 4)
+    table = page.locator("#compare-table").inner_text()
+    for label in ("Baseline", "FastFace AM1 + DCG", "FastFace AM2 + DCG", "LCM-Lookahead KV"):
+        assert label in table
+    assert "no face found" in table or "0." in table
+    _shot(page, "5-compare")
+    assert not _error_toasts(page)
+
+
+def test_bad_uploads_show_an_error_and_the_app_goes_on(page, face_path, tmp_path):
+    from PIL import Image
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not a photo\n")
+    _upload_face(page, text)
+    page.wait_for_selector("[data-testid='toast-body'].error")
+    assert "Invalid file type" in _error_toasts(page)
+    _shot(page, "6-error-text-file")
+
+    grey = tmp_path / "grey.png"
+    Image.new("RGB", (256, 256), (128, 128, 128)).save(grey)
+    _upload_face(page, grey)
+    page.wait_for_selector("#faces-found img")
+    page.click("#generate-btn")
+    page.wait_for_function(
+        "[...document.querySelectorAll(\"[data-testid='toast-body'].error\")].some(t => t.innerText.includes('no face found'))",
+        timeout=SLOW)
+    _shot(page, "7-error-no-face")
+    assert _count(page, "#gallery img") == 0
+
+    _upload_face(page, face_path)
+    page.wait_for_function("document.querySelectorAll('#faces td.filename').length === 1")
+    page.click("#generate-btn")
+    _wait_count(page, "#gallery img", 1)
+    assert page.locator("#faces td.filename").get_attribute("aria-label") == "face.png"
