@@ -1056,7 +1056,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}")
         return 2
     if engine.preset.random_weights:
-        print("NOTE: the tiny preset has random weights — its images are patterns, not photos.")
+        print("NOTE: the tiny preset has random weights — its images are patterns, not photos.", flush=True)
     demo = build_demo(engine, notice=notice)
     launch(demo, host=args.host, port=args.port, share=args.share)
     return 0

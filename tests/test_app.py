@@ -117,7 +117,7 @@ def test_python_app_py_serves_tiny_with_a_banner_when_weights_are_missing(tiny_c
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LCMLA_CACHE": str(tiny_cache), "LCMLA_PRESET": "hyper-sdxl-4step",
            "INSIGHTFACE_HOME": str(tmp_path / "no-insightface"), "HF_HOME": str(tmp_path / "hf"),
-           "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False"}
+           "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "app.py", "--weights-dir", str(tmp_path / "none")], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
