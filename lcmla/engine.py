@@ -130,6 +130,7 @@ class Engine:
         self.device = torch.device(device)
         self.dtype = dtype
         self._lock = threading.RLock()
+        self._lora_disabled = False  # peft's disable flag, tracked so it is always undone (under the lock)
         self._id_proj = self.pipe.unet.encoder_hid_proj.image_projection_layers[0]
         # lcmla's processors take over the loaded IP-Adapter weights once; knobs then travel per call
         from .attention.processors import install_processors
@@ -282,11 +283,19 @@ class Engine:
         return out
 
     def _set_adapters(self, scales: dict[str, float]) -> None:
-        """Every peft adapter at the given scale, the unnamed ones at 0 (bit-identical to disabled,
-        and unlike ``disable_lora`` it leaves no flag behind for the next request)."""
-        names = list(self.adapters)
-        if names:
-            self.pipe.set_adapters(names, [float(scales.get(n, 0.0)) for n in names])
+        """Activate exactly the adapters with a non-zero scale. Adapters left out are not computed
+        at all (an active adapter at scale 0 would still cost its two matmuls in every layer);
+        with none active, LoRA is disabled, and re-enabled by the next call that needs it."""
+        active = {n: float(v) for n, v in scales.items() if v != 0 and n in self.adapters}
+        if not active:
+            if not self._lora_disabled:
+                self.pipe.disable_lora()
+                self._lora_disabled = True
+            return
+        if self._lora_disabled:
+            self.pipe.enable_lora()
+            self._lora_disabled = False
+        self.pipe.set_adapters(list(active), list(active.values()))
 
     def _apply_module_state(self, settings: GenerationSettings) -> None:
         """Set every per-call value diffusers keeps on modules; each request states all of them."""
