@@ -82,7 +82,6 @@ class Result:
     random_weights: bool = False
     attention_maps: list[MapStore] = field(default_factory=list)  # one per image, when capture was asked
     branch_calls: list[tuple[str, ...]] = field(default_factory=list)  # branches run at each step of image 0
-    extras: dict[str, Any] = field(default_factory=dict)
 
     def image_settings(self, index: int) -> GenerationSettings:
         """Settings that reproduce image ``index`` alone (its own seed, one image)."""
