@@ -201,9 +201,7 @@ class Engine:
         """Reference photos (paths, bytes, PIL images, arrays) → identity; a FaceIdentity passes through."""
         if isinstance(faces, FaceIdentity):
             return faces
-        if isinstance(faces, (str, Path, bytes)) or hasattr(faces, "size") and not isinstance(faces, (list, tuple)):
-            faces = [faces]
-        return self.faces.identity(list(faces), face_index=face_index)
+        return self.faces.identity(_as_sources(faces), face_index=face_index)
 
     # ---- conditions ---------------------------------------------------------------------------
 
@@ -235,6 +233,11 @@ class Engine:
         null_clip = null_hidden[:, None]  # (1, 1, T, H)
         emb = torch.as_tensor(identity.embedding, dtype=self.dtype, device=self.device).reshape(1, 1, -1)
         return {"id": (emb, clip.to(self.dtype)), "null": (torch.zeros_like(emb), null_clip.to(self.dtype))}
+
+    def _time_ids(self, settings: GenerationSettings) -> torch.Tensor:
+        """SDXL's micro-conditioning (original size, crop top-left, target size): (1, 6)."""
+        h, w = settings.output.height, settings.output.width
+        return torch.tensor([[h, w, 0, 0, h, w]], dtype=self.dtype, device=self.device)
 
     def _branch_batch(
         self,
@@ -469,7 +472,7 @@ class Engine:
         noise = torch.randn((1, pipe.unet.config.in_channels, lh, lw), generator=generator, dtype=torch.float32)
         noise = noise.to(self.device, self.dtype)
         latents = noise * sched.init_noise_sigma
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=self.dtype, device=self.device)
+        time_ids = self._time_ids(settings)
         timesteps = sched.timesteps
         plan = self._guidance_plan(settings, len(timesteps))
         kv_mode = settings.lookahead.kv
@@ -516,10 +519,7 @@ class Engine:
         from .images import load_image
 
         size = (settings.output.width or self.preset.width, settings.output.height or self.preset.height)
-        if isinstance(faces, FaceIdentity) or isinstance(faces, (str, Path, bytes)) or not hasattr(faces, "__len__"):
-            sources = [faces] if not isinstance(faces, FaceIdentity) else []
-        else:
-            sources = list(faces)
+        sources = [] if isinstance(faces, FaceIdentity) else _as_sources(faces)
         if not sources:
             return [crop.resize(size, Image.BICUBIC) for crop in identity.crops]
         out = []
@@ -542,8 +542,7 @@ class Engine:
             do_classifier_free_guidance=False,
         )
         n = latents.shape[0]
-        h, w = settings.output.height, settings.output.width
-        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=self.dtype, device=self.device)
+        time_ids = self._time_ids(settings)
         return {
             "latents": latents.to(self.dtype),
             "batch": {
@@ -612,6 +611,13 @@ class Engine:
         taesd = self.components.taesd
         image = taesd.decode(latents.to(taesd.dtype), return_dict=False)[0]
         return self.pipe.image_processor.postprocess(image.float().clamp(-1, 1), output_type="pil")[0]
+
+
+def _as_sources(faces: Any) -> list:
+    """One reference photo (path, bytes, PIL image, array) or a sequence of them → a list."""
+    if isinstance(faces, (str, Path, bytes)) or hasattr(faces, "size") and not isinstance(faces, (list, tuple)):
+        return [faces]
+    return list(faces)
 
 
 def _optional_paths(preset: Preset, weights_dir) -> dict[str, Path]:

@@ -159,6 +159,11 @@ LOOKAHEAD_BRANCH_CONDITIONS = {
 }
 
 
+def lookahead_weights(s_nokv: float, s_full: float, s_kv: float) -> dict[str, float]:
+    """Supplement Eq. 1 regrouped per branch: ε = (1 − Σs)·ε_u + s_nokv·ε_nokv + s_full·ε_full + s_kv·ε_kv."""
+    return {"nokv": s_nokv, "full": s_full, "kv": s_kv, "uncond": 1.0 - (s_nokv + s_full + s_kv)}
+
+
 def lookahead_cfg(preds: Mapping[str, torch.Tensor], s_nokv: float = 3.0, s_full: float = 2.0, s_kv: float = 2.0) -> torch.Tensor:
     """LCM-Lookahead 3-way guidance (supplement Eq. 1):
 
@@ -167,10 +172,8 @@ def lookahead_cfg(preds: Mapping[str, torch.Tensor], s_nokv: float = 3.0, s_full
     computed as (1 − Σs)·ε_u + Σ s_b·ε_b, so a branch whose weight is 0 (including ε_u when the
     scales sum to 1) need not be in ``preds``. preds: branch → (B, C, H, W).
     """
-    weights = {"nokv": s_nokv, "full": s_full, "kv": s_kv}
-    weights["uncond"] = 1.0 - (s_nokv + s_full + s_kv)
     out = None
-    for name, w in weights.items():
+    for name, w in lookahead_weights(s_nokv, s_full, s_kv).items():
         if w == 0:
             continue
         term = w * preds[name]
@@ -185,5 +188,5 @@ def lookahead_branches(s_nokv: float, s_full: float, s_kv: float, lcm_scheduler:
     call; the KV branches another). With the LCM scheduler only the full branch runs, as in the paper."""
     if lcm_scheduler:
         return ("full",)
-    weights = {"uncond": 1.0 - (s_nokv + s_full + s_kv), "nokv": s_nokv, "full": s_full, "kv": s_kv}
+    weights = lookahead_weights(s_nokv, s_full, s_kv)
     return tuple(name for name in ("uncond", "nokv", "full", "kv") if weights[name] != 0) or ("uncond",)
