@@ -22,10 +22,11 @@ def test_minmax_norm_per_sample_and_token():
 
 
 def _softmask_by_hand(a, d, p, s, cap):
-    """Straight-line re-statement of SPEC §3 steps 1–6 for one token column (no token 0 here)."""
+    """Straight-line re-statement of SPEC §3 steps 2–5 for one token of one sample: ``a`` is
+    (heads, Q); the min–max spans heads and queries, the quantile is per head over queries."""
     lo, hi = a.min(), a.max()
     na = (a - lo) / (hi - lo)
-    q = torch.quantile(a, p)
+    q = torch.quantile(a, p, dim=-1, keepdim=True)  # (heads, 1)
     m = torch.sigmoid(d * (na - q))
     m = (m - m.min()) / (m.max() - m.min())
     return torch.clamp(s * m, max=cap)
@@ -33,19 +34,45 @@ def _softmask_by_hand(a, d, p, s, cap):
 
 def test_softmask_matches_hand_computation():
     torch.manual_seed(0)
-    a = torch.rand(1, 1, 16, 2)
+    a = torch.rand(1, 3, 16, 2)  # three heads: pooled-over-heads and per-head statistics differ
     out = scheduled_softmask(a, sharpness=5.0, quantile=0.65, scale=1.55, invert_first_token=False)
     for t in range(2):
-        assert torch.allclose(out[0, 0, :, t], _softmask_by_hand(a[0, 0, :, t], 5.0, 0.65, 1.55, 10.0), atol=1e-6)
+        assert torch.allclose(out[0, :, :, t], _softmask_by_hand(a[0, :, :, t], 5.0, 0.65, 1.55, 10.0), atol=1e-6)
+    # a per-head min–max would be a different transform: make sure the test can tell them apart
+    per_head = torch.stack([_softmask_by_hand(a[0, h:h + 1, :, 0], 5.0, 0.65, 1.55, 10.0)[0] for h in range(3)])
+    assert not torch.allclose(per_head, out[0, :, :, 0], atol=1e-3)
 
 
 def test_softmask_first_token_inversion():
     torch.manual_seed(1)
-    a = torch.rand(1, 1, 16, 2)
+    a = torch.rand(1, 2, 16, 2)
     out = scheduled_softmask(a, 7.5, 0.65, 1.0, invert_first_token=True)
-    inv = _softmask_by_hand(1 - a[0, 0, :, 0], 7.5, 0.65, 1.0, 10.0)
-    assert torch.allclose(out[0, 0, :, 0], inv.max() - inv, atol=1e-6)
-    assert torch.allclose(out[0, 0, :, 1], _softmask_by_hand(a[0, 0, :, 1], 7.5, 0.65, 1.0, 10.0), atol=1e-6)
+    inv = _softmask_by_hand(1 - a[0, :, :, 0], 7.5, 0.65, 1.0, 10.0)  # (heads, Q)
+    assert torch.allclose(out[0, :, :, 0], inv.amax(dim=-1, keepdim=True) - inv, atol=1e-6)
+    assert torch.allclose(out[0, :, :, 1], _softmask_by_hand(a[0, :, :, 1], 7.5, 0.65, 1.0, 10.0), atol=1e-6)
+
+
+def test_softmask_group_pools_over_the_branches_of_one_image():
+    """``group`` = n reproduces the authors' min–max over their whole batch (the n branches of one
+    image), and never reaches across images: two images of 3 branches each."""
+    torch.manual_seed(4)
+    a = torch.rand(6, 2, 16, 3)
+    out = scheduled_softmask(a, 5.0, 0.65, 1.55, invert_first_token=False, group=3)
+    for img in range(2):
+        branches = a[3 * img:3 * img + 3]  # (3, heads, Q, T)
+        for t in range(3):
+            col = branches[..., t]  # (3, heads, Q)
+            lo, hi = col.min(), col.max()  # pooled over branches, heads and queries
+            na = (col - lo) / (hi - lo)
+            q = torch.quantile(col, 0.65, dim=-1, keepdim=True)
+            m = torch.sigmoid(5.0 * (na - q))
+            m = (m - m.min()) / (m.max() - m.min())
+            assert torch.allclose(out[3 * img:3 * img + 3, :, :, t], torch.clamp(1.55 * m, max=10.0), atol=1e-6)
+    # image 1's result does not depend on image 0's branches
+    alone = scheduled_softmask(a[3:], 5.0, 0.65, 1.55, invert_first_token=False, group=3)
+    assert torch.equal(out[3:], alone)
+    # and differs from per-sample statistics
+    assert not torch.allclose(out, scheduled_softmask(a, 5.0, 0.65, 1.55, invert_first_token=False), atol=1e-3)
 
 
 def test_softmask_cap_and_batch_independence():
@@ -58,20 +85,36 @@ def test_softmask_cap_and_batch_independence():
 
 
 def test_adain_blend_by_hand():
-    x = torch.tensor([1.0, 3.0])  # μ 2, σ √2
-    ref = torch.tensor([10.0, 14.0])  # μ 12, σ 2√2
-    out = adain_blend(x, ref, 0.25, dim=0)
+    x = torch.tensor([1.0, 3.0], dtype=torch.float64)  # μ 2, σ √2 (unbiased)
+    ref = torch.tensor([10.0, 14.0], dtype=torch.float64)  # μ 12, σ 2√2
+    out = adain_blend(x, ref, 0.25, dim=0, eps=0.0)
     # AdaIN(x) = (x − 2)·2 + 12 = [10, 14]; blend = 0.25·x + 0.75·[10, 14]
-    assert torch.allclose(out, torch.tensor([7.75, 11.25]))
+    assert torch.allclose(out, torch.tensor([7.75, 11.25], dtype=torch.float64))
     assert torch.equal(adain_blend(x, ref, 1.0, dim=0), x)
+    # the authors' ε on σ_x: ratio σ_ref/(σ_x + 1e-6)
+    ratio = (2 * 2**0.5) / (2**0.5 + 1e-6)
+    with_eps = adain_blend(x, ref, 0.25, dim=0)
+    assert torch.allclose(with_eps, 0.25 * x + 0.75 * ((x - 2) * ratio + 12), atol=1e-12)
 
 
-def test_adain_keeps_x_where_undefined():
-    x = torch.tensor([[2.0, 2.0], [1.0, 3.0]])  # first row has σ = 0
+def test_adain_statistics_are_unbiased_and_per_row():
+    x = torch.tensor([[0.0, 1.0, 5.0], [2.0, 2.0, 8.0]], dtype=torch.float64)
+    ref = torch.tensor([[1.0, 1.0, 4.0], [0.0, 3.0, 3.0]], dtype=torch.float64)
+    out = adain_blend(x, ref, 0.7, dim=-1)
+    for r in range(2):
+        sx, mx = x[r].std(), x[r].mean()  # torch.std is unbiased
+        sr, mr = ref[r].std(), ref[r].mean()
+        want = 0.7 * x[r] + 0.3 * ((x[r] - mx) * sr / (sx + 1e-6) + mr)
+        assert torch.allclose(out[r], want, atol=1e-12)
+
+
+def test_adain_constant_rows_and_nan():
+    x = torch.tensor([[2.0, 2.0], [1.0, float("nan")]])  # σ = 0 in the first row; NaN in the second
     ref = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
     out = adain_blend(x, ref, 0.5, dim=-1)
-    assert torch.equal(out[0], x[0])
-    assert torch.isfinite(out).all()
+    # σ_x = 0: with the authors' ε the AdaIN term is μ_ref (finite), so the blend is defined
+    assert torch.allclose(out[0], 0.5 * x[0] + 0.5 * torch.tensor([0.5, 0.5]))
+    assert torch.equal(out[1, :1], x[1, :1]) and torch.isnan(out[1, 1])  # NaN blends keep x
 
 
 def test_quantile_matches_torch_quantile():
