@@ -33,7 +33,7 @@ import gradio as gr
 
 from lcmla import __version__
 from lcmla.errors import LcmlaError, MissingWeightsError, SettingsError
-from lcmla.fastface import FASTFACE_PRESETS
+from lcmla.fastface import FASTFACE_PRESETS, fastface_changes
 from lcmla.presets import PRESETS, Preset
 from lcmla.settings import (
     AM_MODES,
@@ -126,6 +126,7 @@ _PARSE: dict[str, Callable[[Any, Knob], Any]] = {
     "floats": _parse_floats,
     "steps": _parse_steps,
     "face_index": lambda v, k: None if v in (None, "") or _parse_int(v, k) == 0 else _parse_int(v, k),
+    "scope": lambda v, k: "image-branches" if v else "sample",
 }
 
 # setting value → widget value, per kind (identity where missing)
@@ -135,6 +136,7 @@ _SHOW: dict[str, Callable[[Any], Any]] = {
     "floats": _floats_text,
     "steps": lambda v: "" if v is None else ", ".join(str(s) for s in v),
     "face_index": lambda v: 0 if v is None else v,
+    "scope": lambda v: v == "image-branches",
 }
 
 
@@ -174,7 +176,7 @@ KNOBS: tuple[Knob, ...] = (
     Knob("prompt", "Prompt", "text", lines=2, placeholder="a pencil drawing of a face",
          info="What to draw. 'face' stands for the person in the photos."),
     Knob("negative_prompt", "Negative prompt", "text", placeholder="blurry, low quality",
-         info="The text of the unconditional branch ε(∅); empty = the empty prompt."),
+         info="The text of the unconditional branch ε(∅); empty = SDXL's zero text embedding (force_zeros_for_empty_prompt)."),
     Knob("output.seed", "Seed", "int", minimum=0, maximum=MAX_SEED, info="Image i uses seed + i."),
     Knob("output.num_images", "Images", "slider_int", 1, MAX_IMAGES, 1),
     Knob("output.width", "Width", "slider_int", 64, 2048, 8, info="Pixels; a multiple of 8."),
@@ -187,8 +189,8 @@ KNOBS: tuple[Knob, ...] = (
          info="Weight of the identity branch: z = Attn(Q, K, V) + λ·Attn(Q, K′, V′) (FastFace Eq. 3)."),
     Knob("identity.lora_scale", "FaceID LoRA scale", "slider", 0.0, 2.0, 0.05,
          info="Scale of FaceID-Plus-v2's companion LoRA (1.0 as released; 0.5–0.6 is popular)."),
-    Knob("lookahead.lcm_lora_scale", "LCM-LoRA scale", "slider", 0.0, 1.0, 0.05,
-         info="Scale of the LCM-LoRA adapter, for presets that carry one and for the LCM previews (LCM-Lookahead Eq. 3)."),
+    Knob("guidance.backbone_lora_scale", "Backbone LoRA scale", "slider", 0.0, 2.0, 0.05,
+         info="Scale of a backbone kept as a LoRA adapter (the LCM-LoRA of sdxl-lcm-lora); other presets ignore it."),
     Knob("identity.shortcut", "Shortcut (Plus-v2)", "bool",
          info="Add the CLIP face features to the identity tokens directly (FaceID-Plus-v2's shortcut)."),
     Knob("identity.shortcut_scale", "Shortcut scale", "slider", 0.0, 4.0, 0.05,
@@ -229,8 +231,13 @@ KNOBS: tuple[Knob, ...] = (
          info="Per step: Ã = min(s_k·norm(M), cap) (Eq. 10)."),
     Knob("attention.am2_quantile", "AM2 quantile q", "slider", 0.0, 1.0, 0.01,
          info="q = this quantile of A over the image positions."),
+    Knob("attention.am2_adain", "AM2 AdaIN", "bool",
+         info="AM2's AdaIN blend on the probabilities (over tokens) and on the branch output (per head)."),
     Knob("attention.adain_weight", "AdaIN weight w", "slider", 0.0, 1.0, 0.05,
-         info="x ← w·x + (1 − w)·AdaIN(x, ref), on the probabilities and on the branch output."),
+         info="x ← w·x + (1 − w)·((x − μ_x)·σ_ref/(σ_x + 1e-6) + μ_ref) (Eq. 10)."),
+    Knob("attention.am_norm_scope", "Authors-exact AM2 (pool over the image's branches)", "scope",
+         info="Off: AM2's min–max is taken per image and branch (batch-invariant). On: pooled over the three DCG "
+              "branches of the same image, which always run, as in the FastFace authors' code; reproduces their tables."),
     Knob("attention.cap", "Cap", "slider", 0.1, 100.0, 0.1, info="Upper clamp of the manipulated map Ã."),
     # -- LCM-Lookahead KV path (SPEC §4) -------------------------------------------------------------
     Knob("lookahead.kv", "KV path (extended self-attention)", "bool",
@@ -257,13 +264,16 @@ GENERATE_INPUTS: tuple[str, ...] = ("app.faces", *KNOB_NAMES, "app.randomize_see
 PREVIEW_INPUTS: tuple[str, ...] = (*GENERATE_INPUTS, "app.preview_lcm_scale", "app.preview_steps")
 ATTENTION_INPUTS: tuple[str, ...] = (*GENERATE_INPUTS, "app.capture_mode")
 #: Settings the UI sets itself rather than through a knob.
-NOT_KNOBS = frozenset({"preset", "attention.capture_maps"})
+# set elsewhere: the preset by the engine, map capture by the Attention tab, the previews' LCM-LoRA
+# scale by the Lookahead tab's own slider
+NOT_KNOBS = frozenset({"preset", "attention.capture_maps", "lookahead.lcm_lora_scale"})
 
 #: One-click configurations: the authors' FastFace presets and LCM-Lookahead's inference settings.
 #: Each one also states the KV/FreeU switches, so that one click always gives that method.
 LOOKAHEAD_KV: dict[str, Any] = {
     "guidance.dcg": False,
     "attention.mode": "none",
+    "attention.am_norm_scope": "sample",
     "lookahead.kv": True,
     "lookahead.s_nokv": 3.0,
     "lookahead.s_full": 2.0,
@@ -277,7 +287,8 @@ LOOKAHEAD_KV: dict[str, Any] = {
 }
 APP_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     **{
-        name: (label, {**FASTFACE_PRESETS[name], "lookahead.kv": False, "freeu.enabled": False})
+        name: (label, {**FASTFACE_PRESETS[name], "lookahead.kv": False, "freeu.enabled": False,
+                       "attention.am_norm_scope": "sample"})
         for name, label in (
             ("baseline", "Baseline"), ("am1", "AM1"), ("am2", "AM2"), ("dcg", "DCG"),
             ("am1+dcg", "AM1 + DCG"), ("am2+dcg", "AM2 + DCG"),
@@ -295,6 +306,15 @@ COMPARE_METHODS: tuple[tuple[str, str], ...] = (
 CAPTURE_MODES = ("as set in Generate", *AM_MODES)
 _PREVIEW_SCALE = Knob("app.preview_lcm_scale", "LCM-LoRA scale of the previews", "slider")
 _PREVIEW_STEPS = Knob("app.preview_steps", "Steps to preview", "steps", placeholder="every step")
+
+
+def app_preset_changes(key: str, backbone: str) -> dict[str, Any]:
+    """The dotted changes of one-click configuration ``key`` for the ``backbone`` preset (FastFace's
+    plain-guidance presets use the authors' per-backbone guidance scale)."""
+    changes = dict(APP_PRESETS[key][1])
+    if key in FASTFACE_PRESETS:
+        changes.update(fastface_changes(key, backbone))
+    return changes
 
 
 def preset_settings(preset: Preset) -> GenerationSettings:
@@ -500,7 +520,7 @@ def build_demo(engine: Any, *, notice: str | None = None) -> gr.Blocks:
             return gr.Number(precision=0, minimum=knob.minimum, maximum=knob.maximum, **common)
         if knob.kind in ("slider", "slider_int", "face_index"):
             return gr.Slider(knob.minimum, knob.maximum, step=knob.step, **common)
-        if knob.kind == "bool":
+        if knob.kind in ("bool", "scope"):
             return gr.Checkbox(**common)
         if knob.kind == "choice":
             return gr.Radio(list(knob.choices), **common)
@@ -565,7 +585,7 @@ def build_demo(engine: Any, *, notice: str | None = None) -> gr.Blocks:
                                 knob("identity.ip_adapter_scale")
                                 knob("identity.lora_scale")
                             with gr.Row():
-                                knob("lookahead.lcm_lora_scale")
+                                knob("guidance.backbone_lora_scale")
                                 knob("identity.face_index")
                             with gr.Row():
                                 knob("identity.shortcut")
@@ -593,8 +613,10 @@ def build_demo(engine: Any, *, notice: str | None = None) -> gr.Blocks:
                                 knob("attention.am2_scale")
                             with gr.Row():
                                 knob("attention.am2_quantile")
+                                knob("attention.am2_adain")
                                 knob("attention.adain_weight")
                                 knob("attention.cap")
+                            knob("attention.am_norm_scope")
                         with gr.Accordion("LCM-Lookahead KV path and FreeU", open=False):
                             knob("lookahead.kv")
                             with gr.Row():
@@ -781,7 +803,7 @@ def build_demo(engine: Any, *, notice: str | None = None) -> gr.Blocks:
                      concurrency_limit=4, show_progress="minimal")
 
         def apply_preset(key: str) -> dict:
-            changes = APP_PRESETS[key][1]
+            changes = app_preset_changes(key, preset.name)
             return {controls[name]: _KNOB[name].show(value) for name, value in changes.items() if name in controls}
 
         for key, button in preset_buttons.items():
@@ -938,7 +960,7 @@ def build_demo(engine: Any, *, notice: str | None = None) -> gr.Blocks:
                 identity = engine.analyze_faces(paths, base.identity.face_index)
                 for i, (key, label) in enumerate(COMPARE_METHODS):
                     progress((i, len(COMPARE_METHODS)), desc=label)
-                    settings = base.replace_dotted(APP_PRESETS[key][1])
+                    settings = base.replace_dotted(app_preset_changes(key, preset.name))
                     t0 = time.perf_counter()
                     result = engine.generate(settings, identity)
                     seconds = time.perf_counter() - t0

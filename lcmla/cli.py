@@ -17,7 +17,7 @@ import sys
 from typing import Any, Sequence
 
 from .errors import LcmlaError
-from .fastface import FASTFACE_PRESETS
+from .fastface import FASTFACE_PRESETS, fastface_changes
 from .presets import DEFAULT_PRESET, PRESETS
 from .settings import GenerationSettings
 
@@ -110,7 +110,7 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
     if args.kv:
         changes["lookahead.kv"] = True
     if args.fastface:
-        changes.update(FASTFACE_PRESETS[args.fastface])
+        changes.update(fastface_changes(args.fastface, args.preset or base.preset))
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
@@ -163,6 +163,8 @@ def _generate(args: argparse.Namespace) -> int:
 def _presets() -> int:
     for p in PRESETS.values():
         print(f"{p.name:22s} {p.title} — {p.steps} steps, {p.width}x{p.height}, guidance {p.guidance_scale}")
+        if p.notes:
+            print(f"{'':22s} {p.notes}")
     return 0
 
 

@@ -6,9 +6,11 @@
 
 Reading order of ``generate`` (numbered like diffusers' pipelines):
  1. resolve the settings against the preset (steps, size, guidance);
- 2. faces → identity (embedding + aligned crops);
- 3. text and identity conditions for every guidance branch the request needs;
- 4. per image: seeded noise, the denoising loop (one batched UNet call per step), decode.
+ 2. faces → identity (embedding + aligned crops); no faces: text only;
+ 3. text and identity conditions, in their conditioned and null forms (a ``ConditionSet``);
+ 4. per image: seeded noise, then the sampler loop (:func:`lcmla.sampling.sample`) over the
+    request's model function (:class:`lcmla.denoiser.GuidedDenoiser`: the guidance mode's branches
+    in one batched UNet call per step, the LCM-Lookahead KV-encoder pass before it), decode.
 
 Per-request knobs travel in arguments: λ, the AM plan, the step index, the captured maps and the
 KV cache ride in an ``AttentionContext`` passed through ``cross_attention_kwargs`` to processors
@@ -20,49 +22,28 @@ sees another's values and every request fully states its own.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .errors import LcmlaError
-from .faces import FaceAnalyzer, FaceIdentity
 from .attention.context import AMPlan, AttentionContext, KVCache, MapStore
-from .guidance import (
-    BRANCH_CONDITIONS,
-    LOOKAHEAD_BRANCH_CONDITIONS,
-    classic_cfg,
-    classic_cfg_branches,
-    dcg_branches,
-    dcg_conditional_branches,
-    decoupled_cfg,
-    dcg_is_plain,
-    lookahead_branches,
-    lookahead_cfg,
-    rescale_guidance,
-    schedule,
-)
-from .preview import PreviewFrame, PreviewResult, ddpm_noise, ddpm_x0, lcm_x0
+from .denoiser import ConditionSet, GuidedDenoiser, GuidedStep, UNetBatch
+from .errors import LcmlaError
+from .faces import EMBEDDING_DIM, FaceAnalyzer, FaceIdentity, onnx_providers
+from .guidance import BRANCH_CONDITIONS, DecoupledGuidance, Guidance, guidance_for
+from .images import as_photo_list
+from .lookahead import decode_tiny, encode_reference, frame_reference, lcm_preview_eps, reference_latents
+from .preview import PreviewFrame, PreviewResult, ddpm_x0, lcm_x0
 from .presets import Preset, get_preset
-from .settings import AttentionSettings, GenerationSettings
+from .sampling import StepInfo, sample
+from .settings import GenerationSettings
 
 __all__ = ["Engine", "Result", "StepInfo"]
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """What the step callback receives after each denoising step."""
-
-    image_index: int  # which image of the request (0-based)
-    step: int  # 0-based step index
-    num_steps: int
-    timestep: int
-    latents: torch.Tensor  # (1, 4, h, w) after the step
-    x0: torch.Tensor  # (1, 4, h, w) the scheduler's prediction of the clean latent
 
 
 StepCallback = Callable[[StepInfo], None]
@@ -82,6 +63,7 @@ class Result:
     random_weights: bool = False
     attention_maps: list[MapStore] = field(default_factory=list)  # one per image, when capture was asked
     branch_calls: list[tuple[str, ...]] = field(default_factory=list)  # branches run at each step of image 0
+    notes: list[str] = field(default_factory=list)  # what the request did that a user may not expect
 
     def image_settings(self, index: int) -> GenerationSettings:
         """Settings that reproduce image ``index`` alone (its own seed, one image)."""
@@ -116,6 +98,20 @@ def resolve_settings(settings: GenerationSettings, preset: Preset) -> Generation
     if o.height is None:
         changes["output.height"] = preset.height
     return settings.replace_dotted(changes) if changes else settings
+
+
+def request_notes(settings: GenerationSettings, guidance: Guidance, num_steps: int) -> list[str]:
+    """Plain-language notes on what a resolved request will do that its settings may not show."""
+    notes = []
+    if isinstance(guidance, DecoupledGuidance) and settings.guidance.dcg:
+        active = [k for k in range(num_steps) if guidance.a[k] != 1.0 or guidance.b[k] != 1.0]
+        if not active and guidance.variant != "independent":
+            notes.append(
+                f"DCG: the a/b schedule stretched to {num_steps} step(s) is a = {list(guidance.a)}, "
+                f"b = {list(guidance.b)}: a = b = 1 at every step, so no decoupled guidance is applied "
+                "(only the rescale); use more steps or a constant schedule"
+            )
+    return notes
 
 
 class Engine:
@@ -156,7 +152,10 @@ class Engine:
         Face cache; missing files raise ``MissingWeightsError`` listing each file and the command
         that fetches it. The ``tiny`` preset builds its random weights on this machine.
         The LCM-LoRA (previews) and TAESD are loaded when their files are present.
-        ``kv_encoder_lora``: a KV-encoder LoRA checkpoint (see ``lcmla.kv_lora``) for the KV path.
+        ``face_models``: an insightface pack folder (default: the preset's face backend, buffalo_l
+        for the real presets); on CUDA, insightface runs on onnxruntime's CUDA provider when the
+        installed onnxruntime has it. ``kv_encoder_lora``: a KV-encoder LoRA checkpoint
+        (see ``lcmla.kv_lora``) for the KV path.
         """
         from .loading import load_components
 
@@ -167,18 +166,20 @@ class Engine:
             read_kv_lora_metadata(kv_encoder_lora)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = _parse_dtype(dtype, device)
+        if face_models is not None or p.face_backend == "insightface":
+            # face models first: they are the cheapest to check and a common miss
+            faces = FaceAnalyzer.insightface(name=str(face_models or "buffalo_l"), providers=onnx_providers(device))
+        else:
+            faces = FaceAnalyzer.haar()
         if p.random_weights:
             from .tiny import ensure_tiny_weights, tiny_paths
 
             paths = tiny_paths(ensure_tiny_weights())
             variant = None
-            faces = FaceAnalyzer.haar() if face_models is None else FaceAnalyzer.insightface(name=str(face_models))
         else:
             from .weights import resolve_preset
 
             variant = "fp16" if dtype in (torch.float16, torch.bfloat16) else None
-            # Face models first: they are the cheapest to check and a common miss.
-            faces = FaceAnalyzer.insightface(name=str(face_models) if face_models else "buffalo_l")
             paths = resolve_preset(p, variant=variant, weights_dir=weights_dir, allow_download=allow_download)
             paths.update(_optional_paths(p, weights_dir))
         components = load_components(p, paths, device=device, dtype=dtype, variant=variant,
@@ -197,91 +198,63 @@ class Engine:
 
     # ---- faces --------------------------------------------------------------------------------
 
-    def analyze_faces(self, faces: Sequence[Any] | FaceIdentity, face_index: int | None = None) -> FaceIdentity:
-        """Reference photos (paths, bytes, PIL images, arrays) → identity; a FaceIdentity passes through."""
+    def analyze_faces(self, faces: Any, face_index: int | None = None) -> FaceIdentity:
+        """Reference photos (one, or a sequence of paths, bytes, files, PIL images, arrays) →
+        identity; a FaceIdentity passes through."""
         if isinstance(faces, FaceIdentity):
             return faces
-        return self.faces.identity(_as_sources(faces), face_index=face_index)
+        return self.faces.identity(as_photo_list(faces), face_index=face_index)
 
     # ---- conditions ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _text_conditions(self, settings: GenerationSettings) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """{"text": (embeds, pooled), "null": (embeds, pooled)}; (1, 77, D) and (1, D_pooled)."""
+    def _text_conditions(self, prompt: str, negative_prompt: str = "") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{"text": (embeds, pooled), "null": (embeds, pooled)}; (1, 77, D) and (1, D_pooled).
+        An empty negative prompt gives SDXL's zero embeddings (``force_zeros_for_empty_prompt``)."""
         prompt_embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
-            prompt=settings.prompt,
+            prompt=prompt,
             device=self.device,
             num_images_per_prompt=1,
             do_classifier_free_guidance=True,
-            negative_prompt=settings.negative_prompt or None,
+            negative_prompt=negative_prompt or None,
         )
         return {"text": (prompt_embeds, pooled), "null": (negative, negative_pooled)}
 
     @torch.no_grad()
-    def _identity_conditions(self, identity: FaceIdentity) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """{"id": (id_embeds, clip_embeds), "null": (zeros, clip of a black image)}.
+    def _identity_conditions(self, identity: FaceIdentity | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{"id": (id_embeds, clip_embeds), "null": (zeros, CLIP of an all-zero input)}.
 
         id_embeds: (1, 1, 512); clip_embeds: (1, 1, T, H), the CLIP vision encoder's penultimate
-        hidden states, averaged over the reference photos (FaceID-Plus-v2 reads them).
+        hidden states, averaged over the reference photos (FaceID-Plus-v2 reads them). Without an
+        identity (text only) both are the null identity.
         """
         c = self.components
+        size = c.clip_processor.crop_size["height"]
+        zeros = torch.zeros(1, 3, size, size, device=self.device, dtype=c.image_encoder.dtype)  # IP-Adapter's uncond
+        null_clip = c.image_encoder(zeros, output_hidden_states=True).hidden_states[-2][:, None]  # (1, 1, T, H)
+        null = (torch.zeros(1, 1, EMBEDDING_DIM, dtype=self.dtype, device=self.device), null_clip.to(self.dtype))
+        if identity is None:
+            return {"id": null, "null": null}
         pixels = c.clip_processor(images=list(identity.crops), return_tensors="pt").pixel_values
         pixels = pixels.to(self.device, dtype=c.image_encoder.dtype)  # (n, 3, 224, 224)
         hidden = c.image_encoder(pixels, output_hidden_states=True).hidden_states[-2]  # (n, T, H)
-        null_hidden = c.image_encoder(torch.zeros_like(pixels[:1]), output_hidden_states=True).hidden_states[-2]
         clip = hidden.mean(dim=0, keepdim=True)[:, None]  # (1, 1, T, H)
-        null_clip = null_hidden[:, None]  # (1, 1, T, H)
         emb = torch.as_tensor(identity.embedding, dtype=self.dtype, device=self.device).reshape(1, 1, -1)
-        return {"id": (emb, clip.to(self.dtype)), "null": (torch.zeros_like(emb), null_clip.to(self.dtype))}
+        return {"id": (emb, clip.to(self.dtype)), "null": null}
 
     def _time_ids(self, settings: GenerationSettings) -> torch.Tensor:
         """SDXL's micro-conditioning (original size, crop top-left, target size): (1, 6)."""
         h, w = settings.output.height, settings.output.width
         return torch.tensor([[h, w, 0, 0, h, w]], dtype=self.dtype, device=self.device)
 
-    def _branch_batch(
-        self,
-        branches: Sequence[str],
-        text: dict[str, tuple[torch.Tensor, torch.Tensor]],
-        ident: dict[str, tuple[torch.Tensor, torch.Tensor]],
-        time_ids: torch.Tensor,
-        kv_mode: bool = False,
-    ) -> dict[str, Any]:
-        """Concatenate the conditions of ``branches`` into one UNet batch (branch order kept).
-        In KV mode the KV branches come last; ``kv_from`` is the index of the first of them."""
-        table = LOOKAHEAD_BRANCH_CONDITIONS if kv_mode else BRANCH_CONDITIONS
-        parts = {"prompt": [], "pooled": [], "id": [], "clip": []}
-        kv_flags = []
-        for name in branches:
-            use_text, use_id, use_kv = table[name]
-            t_key = "text" if use_text else "null"
-            i_key = "id" if use_id else "null"
-            kv_flags.append(use_kv)
-            parts["prompt"].append(text[t_key][0])
-            parts["pooled"].append(text[t_key][1])
-            parts["id"].append(ident[i_key][0])
-            parts["clip"].append(ident[i_key][1])
-        n = len(branches)
-        return {
-            "encoder_hidden_states": torch.cat(parts["prompt"]),  # (n, 77, D)
-            "added_cond_kwargs": {
-                "text_embeds": torch.cat(parts["pooled"]),  # (n, D_pooled)
-                "time_ids": time_ids.repeat(n, 1),  # (n, 6)
-                "image_embeds": [torch.cat(parts["id"])],  # [(n, 1, 512)]
-            },
-            "clip_embeds": torch.cat(parts["clip"]),  # (n, 1, T, H)
-            "kv_from": kv_flags.index(True) if True in kv_flags else n,
-            "_full_index": list(branches).index("full") if "full" in branches else n - 1,
-        }
-
     # ---- per-request module state (under the lock) ---------------------------------------------
 
     def _denoiser_adapters(self, settings: GenerationSettings) -> dict[str, float]:
-        """Adapter → scale for denoising. The LCM-LoRA joins only when it is the preset's backbone;
-        a KV-encoder LoRA never does (it is active on the encoder pass alone)."""
+        """Adapter → scale for denoising. The LCM-LoRA joins only when it is the preset's backbone
+        (at ``guidance.backbone_lora_scale``); a KV-encoder LoRA never does (encoder pass only)."""
         out = {"faceid": settings.identity.lora_scale}
         if self.preset.lcm_lora and "lcm" in self.adapters:
-            out["lcm"] = settings.lookahead.lcm_lora_scale
+            out["lcm"] = settings.guidance.backbone_lora_scale
         return out
 
     def _set_adapters(self, scales: dict[str, float]) -> None:
@@ -299,6 +272,15 @@ class Engine:
             self._lora_disabled = False
         self.pipe.set_adapters(list(active), list(active.values()))
 
+    @contextlib.contextmanager
+    def _adapters(self, scales: dict[str, float], settings: GenerationSettings) -> Iterator[None]:
+        """Adapter scales for one pass, the denoiser's restored afterwards."""
+        self._set_adapters(scales)
+        try:
+            yield
+        finally:
+            self._set_adapters(self._denoiser_adapters(settings))
+
     def _apply_module_state(self, settings: GenerationSettings) -> None:
         """Set every per-call value diffusers keeps on modules; each request states all of them."""
         ident, fu = settings.identity, settings.freeu
@@ -315,17 +297,19 @@ class Engine:
     def generate(
         self,
         settings: GenerationSettings,
-        faces: Sequence[Any] | FaceIdentity,
+        faces: Any = None,
         *,
         callback: StepCallback | None = None,
     ) -> Result:
-        """Generate ``settings.output.num_images`` images of the identity in ``faces``."""
+        """Generate ``settings.output.num_images`` images of the identity in ``faces`` (one photo,
+        several, or a ``FaceIdentity``). ``faces=None`` generates from the text alone (no identity
+        conditioning: λ, DCG, AM and the KV path need a face and are refused)."""
         return self._run(settings, faces, callback=callback)
 
     def previews(
         self,
         settings: GenerationSettings,
-        faces: Sequence[Any] | FaceIdentity,
+        faces: Any,
         steps: Sequence[int] | None = None,
         callback: Callable[[PreviewFrame], None] | None = None,
     ) -> PreviewResult:
@@ -333,8 +317,9 @@ class Engine:
 
         At each chosen step index (None: every step): the DDPM x̂0 of the generation's own guided
         prediction, and the LCM one-step preview from the same UNet with the LCM-LoRA active at
-        ``settings.lookahead.lcm_lora_scale`` (one extra UNet call, full condition, no guidance);
-        both decoded with TAESD. ``callback`` receives each frame as soon as it is ready.
+        ``settings.lookahead.lcm_lora_scale`` (one extra UNet call, full condition, no guidance; on
+        the KV path it reads the step's reference K/V); both decoded with TAESD. ``callback``
+        receives each frame as soon as it is ready. The generation itself is unchanged.
         """
         if "lcm" not in self.adapters:
             raise LcmlaError(
@@ -346,51 +331,70 @@ class Engine:
         settings = settings.replace(output__num_images=1)
         frames: list[PreviewFrame] = []
         wanted = None if steps is None else set(int(k) for k in steps)
+        lcm_scaling = self._lcm_boundary()
+        spent = [0.0]
 
-        def on_eps(k, t, z_vp, noise_pred, batch, ctx, resolved):
-            if wanted is not None and k not in wanted:
+        def on_guided(step: GuidedStep, denoiser: GuidedDenoiser, resolved: GenerationSettings) -> None:
+            if wanted is not None and step.step not in wanted:
                 return
+            t0 = time.perf_counter()
             acp = self._alphas_cumprod()
-            x0 = ddpm_x0(z_vp, noise_pred, acp, t)
-            eps_lcm = self._lcm_prediction(resolved, z_vp, t, batch, ctx)
-            frame = PreviewFrame(k, int(t), self._decode_tiny(x0), self._decode_tiny(lcm_x0(z_vp, eps_lcm, acp, t)))
+            x0 = ddpm_x0(step.z_in, step.eps, acp, step.timestep)
+            row = denoiser.conditions.row(BRANCH_CONDITIONS["full"])
+            kv_row = denoiser.kv_rows.index("text") if denoiser.kv_rows else None
+            scales = {**self._denoiser_adapters(resolved), "lcm": resolved.lookahead.lcm_lora_scale}
+            with self._adapters(scales, resolved):
+                eps_lcm = lcm_preview_eps(self.pipe.unet, step.z_in, step.timestep, row, step.ctx, kv_row)
+            z_lcm = lcm_x0(step.z_in, eps_lcm, acp, step.timestep, *lcm_scaling)
+            frame = PreviewFrame(step.step, int(step.timestep), self._decode_tiny(x0), self._decode_tiny(z_lcm))
             frames.append(frame)
+            spent[0] += time.perf_counter() - t0
             if callback is not None:
                 callback(frame)
 
-        result = self._run(settings, faces, on_eps=on_eps)
-        return PreviewResult(frames=frames, image=result.images[0], settings=result.settings, timings=result.timings)
+        result = self._run(settings, faces, on_guided=on_guided)
+        timings = dict(result.timings, previews=spent[0])
+        return PreviewResult(frames=frames, image=result.images[0], settings=result.settings, timings=timings)
 
     # ---- the shared request path ---------------------------------------------------------------
 
-    def _run(self, settings, faces, callback: StepCallback | None = None, on_eps=None) -> Result:
+    def _check_request(self, settings: GenerationSettings, faces: Any) -> None:
         if not isinstance(settings, GenerationSettings):
             raise LcmlaError(f"settings must be a GenerationSettings (got {type(settings).__name__})")
+        if faces is None:
+            asked = [name for name, on in (("guidance.dcg", settings.guidance.dcg),
+                                           ("attention.mode", settings.attention.mode != "none"),
+                                           ("lookahead.kv", settings.lookahead.kv)) if on]
+            if asked:
+                raise LcmlaError(f"{', '.join(asked)} need(s) a face photo; give one or switch them off for text-only generation")
+
+    def _run(self, settings, faces, callback: StepCallback | None = None, on_guided=None) -> Result:
+        self._check_request(settings, faces)
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
         settings = resolve_settings(settings, self.preset)
-        identity = self.analyze_faces(faces, settings.identity.face_index)
-        references = None
-        if settings.lookahead.kv:
-            references = self._kv_reference_images(faces, identity, settings)
+        identity = None if faces is None else self.analyze_faces(faces, settings.identity.face_index)
+        references = self._kv_references(identity, settings) if settings.lookahead.kv else None
+        guidance = guidance_for(settings, settings.guidance.steps, lcm_scheduler=self._is_lcm())
         timings["faces"] = time.perf_counter() - t_start
         with self._lock, torch.no_grad():
             t0 = time.perf_counter()
             self._apply_module_state(settings)
-            text = self._text_conditions(settings)
-            ident = self._identity_conditions(identity)
-            kv_inputs = self._kv_inputs(settings, references, ident) if references is not None else None
+            conditions = ConditionSet(self._text_conditions(settings.prompt, settings.negative_prompt),
+                                      self._identity_conditions(identity), self._time_ids(settings))
+            kv_setup = self._kv_setup(settings, references) if references is not None else None
             timings["conditions"] = time.perf_counter() - t0
             images, seeds, maps, calls = [], [], [], []
             timings["denoise"] = timings["decode"] = 0.0
             for i in range(settings.output.num_images):
                 seed = settings.output.seed + i
                 t1 = time.perf_counter()
-                latents, store, image_calls = self._denoise(settings, text, ident, seed, i, callback, kv_inputs, on_eps)
-                if store is not None:
-                    maps.append(store)
+                latents, denoiser = self._denoise(settings, conditions, guidance, identity is not None, seed, i,
+                                                  callback, kv_setup, on_guided)
+                if denoiser.context.capture is not None:
+                    maps.append(denoiser.context.capture)
                 if i == 0:
-                    calls = image_calls
+                    calls = list(denoiser.calls)
                 t2 = time.perf_counter()
                 images.append(self._decode(latents))
                 timings["denoise"] += t2 - t1
@@ -402,12 +406,13 @@ class Engine:
             seeds=seeds,
             settings=settings,
             timings=timings,
-            face_boxes=list(identity.boxes),
+            face_boxes=list(identity.boxes) if identity is not None else [],
             identity=identity,
             preset=self.preset.name,
             random_weights=self.preset.random_weights,
             attention_maps=maps,
             branch_calls=calls,
+            notes=request_notes(settings, guidance, settings.guidance.steps),
         )
 
     def _scheduler(self, steps: int):
@@ -422,183 +427,79 @@ class Engine:
     def _is_lcm(self) -> bool:
         return type(self.pipe.scheduler).__name__ == "LCMScheduler"
 
-    def _guidance_plan(self, settings: GenerationSettings, num_steps: int) -> list[tuple[tuple[str, ...], float, float]]:
-        """Per step: (branches to run, a, b). Classic CFG uses a = guidance scale, b unused."""
-        g, lh = settings.guidance, settings.lookahead
-        if lh.kv:
-            branches = lookahead_branches(lh.s_nokv, lh.s_full, lh.s_kv, lcm_scheduler=self._is_lcm())
-            return [(branches, 0.0, 0.0)] * num_steps
-        if not g.dcg:
-            return [(classic_cfg_branches(g.guidance_scale), g.guidance_scale, 1.0)] * num_steps
-        a_s = schedule(g.dcg_schedule, g.dcg_a, num_steps)
-        b_s = schedule(g.dcg_schedule, g.dcg_b, num_steps)
-        return [(dcg_branches(a, b, g.dcg_variant), a, b) for a, b in zip(a_s, b_s)]
+    def _lcm_boundary(self) -> tuple[float, float]:
+        """(timestep_scaling, sigma_data) of the LCM boundary condition: the pipeline's LCM
+        scheduler's own, else those of an LCMScheduler built from the pipeline's noise schedule."""
+        from diffusers import LCMScheduler
 
-    def _combine(self, settings: GenerationSettings, preds: dict[str, torch.Tensor], a: float, b: float) -> torch.Tensor:
-        """One guided noise prediction from the branch predictions of a step."""
-        g, lh = settings.guidance, settings.lookahead
-        if lh.kv:
-            if self._is_lcm():
-                return preds["full"]
-            return lookahead_cfg(preds, lh.s_nokv, lh.s_full, lh.s_kv)
-        if not g.dcg:
-            return classic_cfg(preds, a)
-        if dcg_is_plain(a, b, g.dcg_variant):
-            return preds["full"]
-        eps = decoupled_cfg(preds, a, b, g.dcg_variant)
-        if g.rescale_phi > 0:
-            eps = rescale_guidance(eps, [preds[k] for k in dcg_conditional_branches(g.dcg_variant)], g.rescale_phi)
-        return eps
+        sched = self.pipe.scheduler if self._is_lcm() else LCMScheduler.from_config(self.pipe.scheduler.config)
+        return float(sched.config.timestep_scaling), float(getattr(sched, "sigma_data", 0.5))
 
-    def _unet(self, z, t, batch, ctx):
-        self._id_proj.clip_embeds = batch["clip_embeds"]
-        return self.pipe.unet(
-            z,
-            t,
-            encoder_hidden_states=batch["encoder_hidden_states"],
-            added_cond_kwargs=batch["added_cond_kwargs"],
-            cross_attention_kwargs={"lcmla": ctx},
-            return_dict=False,
-        )[0]
-
-    def _denoise(self, settings, text, ident, seed: int, image_index: int, callback: StepCallback | None,
-                 kv_inputs=None, on_eps=None):
-        g = settings.guidance
+    def _denoise(self, settings, conditions: ConditionSet, guidance: Guidance, has_identity: bool, seed: int,
+                 image_index: int, callback: StepCallback | None, kv_setup=None, on_guided=None):
+        """One image: seeded noise, the sampler loop over the request's model function."""
         width, height = settings.output.width, settings.output.height
         pipe = self.pipe
-        sched = self._scheduler(g.steps)
+        sched = self._scheduler(settings.guidance.steps)
+        num_steps = len(sched.timesteps)
         generator = torch.Generator("cpu").manual_seed(seed)
         lh, lw = height // pipe.vae_scale_factor, width // pipe.vae_scale_factor
         noise = torch.randn((1, pipe.unet.config.in_channels, lh, lw), generator=generator, dtype=torch.float32)
         noise = noise.to(self.device, self.dtype)
-        latents = noise * sched.init_noise_sigma
-        time_ids = self._time_ids(settings)
-        timesteps = sched.timesteps
-        plan = self._guidance_plan(settings, len(timesteps))
-        kv_mode = settings.lookahead.kv
-        batches: dict[tuple[str, ...], dict[str, Any]] = {}
-        ctx = AttentionContext(
-            ip_scale=settings.identity.ip_adapter_scale,
-            am=AMPlan.from_settings(settings.attention, len(timesteps)),
-            capture=MapStore((lh, lw)) if settings.attention.capture_maps else None,
-            kv=KVCache() if kv_mode else None,
+        context = AttentionContext(
+            ip_scale=settings.identity.ip_adapter_scale if has_identity else 0.0,
+            am=AMPlan.from_settings(settings.attention, num_steps),
+            capture=MapStore((lh, lw)) if settings.attention.capture_maps and has_identity else None,
         )
-        calls = []
-        for k, t in enumerate(timesteps):
-            branches, a, b = plan[k]
-            if branches not in batches:
-                batches[branches] = self._branch_batch(branches, text, ident, time_ids, kv_mode=kv_mode)
-            batch = batches[branches]
-            if kv_mode and batch["kv_from"] < len(branches):
-                self._encode_reference(kv_inputs, noise, t, ctx.kv, settings)
-            ctx.step = k
-            ctx.capture_index = branches.index("full") if "full" in branches else len(branches) - 1
-            ctx.kv_from = batch["kv_from"]
-            z_vp = sched.scale_model_input(latents, t)
-            eps = self._unet(z_vp.expand(len(branches), -1, -1, -1), t, batch, ctx)
-            calls.append(branches)  # (n_branches, 4, h, w) above: all branches in ONE UNet call
-            noise_pred = self._combine(settings, dict(zip(branches, eps.chunk(len(branches)))), a, b)
-            if on_eps is not None:
-                on_eps(k, t, z_vp, noise_pred, batch, ctx, settings)
-            out = sched.step(noise_pred, t, latents, generator=generator, return_dict=True)
-            latents = out.prev_sample
-            if callback is not None:
-                x0 = getattr(out, "pred_original_sample", None)
-                if x0 is None:
-                    x0 = getattr(out, "denoised", latents)
-                callback(StepInfo(image_index, k, len(timesteps), int(t), latents, x0))
-        return latents, ctx.capture, calls
+        denoiser = GuidedDenoiser(
+            unet=pipe.unet,
+            conditions=conditions,
+            guidance=guidance,
+            context=context,
+            pool_branches=settings.attention.am_norm_scope == "image-branches",
+        )
+        if kv_setup is not None:
+            denoiser.kv_encoder = lambda t: self._encode_reference(kv_setup, noise, t, settings)
+            denoiser.kv_rows = kv_setup["rows"]
+        if on_guided is not None:
+            denoiser.on_guided = lambda step: on_guided(step, denoiser, settings)
+        report = None
+        if callback is not None:
+            def report(k, t, latents, x0):
+                callback(StepInfo(image_index, k, num_steps, int(t), latents, x0))
+        latents = sample(denoiser, sched, noise * sched.init_noise_sigma, generator=generator, callback=report)
+        return latents, denoiser
 
-    # ---- LCM-Lookahead: KV encoder pass and previews ----------------------------------------------
+    # ---- LCM-Lookahead: the KV encoder's reference and pass ----------------------------------------
 
-    def _kv_reference_images(self, faces, identity: FaceIdentity, settings: GenerationSettings) -> list:
-        """The reference face images for the KV encoder, at the output size: a square crop around
-        each photo's chosen face (twice the box), or the aligned crops when only an identity is given."""
-        from PIL import Image
-
-        from .images import load_image
-
-        size = (settings.output.width or self.preset.width, settings.output.height or self.preset.height)
-        sources = [] if isinstance(faces, FaceIdentity) else _as_sources(faces)
-        if not sources:
-            return [crop.resize(size, Image.BICUBIC) for crop in identity.crops]
-        out = []
-        for src, box in zip(sources, identity.boxes):
-            img = load_image(src)
-            x1, y1, x2, y2 = box
-            cx, cy, half = (x1 + x2) / 2, (y1 + y2) / 2, max(x2 - x1, y2 - y1)
-            crop = img.crop((int(cx - half), int(cy - half), int(cx + half), int(cy + half)))
-            out.append(crop.resize(size, Image.BICUBIC))
-        return out
+    def _kv_references(self, identity: FaceIdentity, settings: GenerationSettings) -> list:
+        """The reference images for the KV encoder at the output size: each reference photo framed
+        around its chosen face, or the aligned crops when the identity carries no photos."""
+        size = (settings.output.width, settings.output.height)
+        if identity.images:
+            return [frame_reference(img, box, size, "face") for img, box in zip(identity.images, identity.boxes)]
+        return [frame_reference(crop, None, size, "photo") for crop in identity.crops]
 
     @torch.no_grad()
-    def _kv_inputs(self, settings: GenerationSettings, references: list, ident) -> dict[str, Any]:
-        """VAE latents of the reference images and the encoder's conditions ("a photo of a face")."""
-        vae = self.pipe.vae
-        pixels = self.pipe.image_processor.preprocess(references).to(self.device, vae.dtype)  # (n, 3, H, W)
-        latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
-        embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=settings.lookahead.kv_prompt, device=self.device, num_images_per_prompt=1,
-            do_classifier_free_guidance=False,
-        )
-        n = latents.shape[0]
+    def _kv_setup(self, settings: GenerationSettings, references: list) -> dict[str, Any]:
+        """The reference latents and the encoder's row conditions (the encoder prompt, null identity)."""
+        rows = self._text_conditions(settings.lookahead.kv_prompt)
+        null_id = self._identity_conditions(None)["null"]
         time_ids = self._time_ids(settings)
-        return {
-            "latents": latents.to(self.dtype),
-            "batch": {
-                "encoder_hidden_states": embeds.repeat(n, 1, 1),
-                "added_cond_kwargs": {
-                    "text_embeds": pooled.repeat(n, 1),
-                    "time_ids": time_ids.repeat(n, 1),
-                    "image_embeds": [ident["null"][0].repeat(n, 1, 1)],
-                },
-                "clip_embeds": ident["null"][1].repeat(n, 1, 1, 1),
-            },
-        }
+        text = UNetBatch(rows["text"][0], rows["text"][1], time_ids, *null_id)
+        return {"latents": reference_latents(self.pipe, references, self.dtype), "rows": ("text",), "batch": text}
 
-    def _encode_reference(self, kv_inputs, noise: torch.Tensor, t, cache: KVCache, settings: GenerationSettings) -> None:
-        """The KV encoder pass at timestep t: the reference latents noised to t with the
-        generation's own noise, through the same UNet (no second copy; the KV-encoder LoRA is
-        switched on for this pass only, when one is loaded) under the prompt "a photo of a face"
-        and the null identity, recording every self-attention layer's K and V into ``cache``."""
-        z_ref = ddpm_noise(kv_inputs["latents"], noise.expand_as(kv_inputs["latents"]), self._alphas_cumprod(), t)
-        enc_ctx = AttentionContext(ip_scale=0.0, am=AMPlan.from_settings(AttentionSettings(), 1), kv=cache)
-        cache.store.clear()
-        cache.recording = True
-        has_kv_lora = "kv_encoder" in self.adapters
-        if has_kv_lora:  # the denoiser's adapters plus the KV-encoder LoRA, for this pass only
-            self._set_adapters({**self._denoiser_adapters(settings), "kv_encoder": settings.lookahead.kv_lora_scale})
-        try:
-            self._unet(z_ref, t, kv_inputs["batch"], enc_ctx)
-        finally:
-            cache.recording = False
-            if has_kv_lora:
-                self._set_adapters(self._denoiser_adapters(settings))
+    def _encode_reference(self, kv_setup, noise: torch.Tensor, t, settings: GenerationSettings) -> KVCache:
+        """The KV encoder pass at t on the same UNet; the KV-encoder LoRA (when loaded) is switched
+        on for this pass only."""
+        scales = self._denoiser_adapters(settings)
+        if "kv_encoder" in self.adapters:
+            scales = {**scales, "kv_encoder": settings.lookahead.kv_lora_scale}
+        with self._adapters(scales, settings):
+            return encode_reference(self.pipe.unet, kv_setup["latents"], kv_setup["batch"], t, noise,
+                                    self._alphas_cumprod(), KVCache())
 
-    def _lcm_prediction(self, settings, z_vp, t, batch, ctx) -> torch.Tensor:
-        """ε from the same UNet with the LCM-LoRA at the chosen scale, full condition only
-        (with the reference K/V on the KV path). Captures nothing: the maps stay the denoiser's."""
-        one = self._single_branch(batch, batch["_full_index"])
-        lcm_ctx = dataclasses.replace(ctx, capture=None, capture_index=0, kv_from=0 if settings.lookahead.kv else 1)
-        scales = dict(self._denoiser_adapters(settings))
-        scales["lcm"] = settings.lookahead.lcm_lora_scale
-        self._set_adapters(scales)
-        try:
-            return self._unet(z_vp, t, one, lcm_ctx)
-        finally:
-            self._set_adapters(self._denoiser_adapters(settings))
-
-    @staticmethod
-    def _single_branch(batch: dict[str, Any], index: int) -> dict[str, Any]:
-        """The conditions of one sample of a branch batch."""
-        sl = slice(index, index + 1)
-        a = batch["added_cond_kwargs"]
-        return {
-            "encoder_hidden_states": batch["encoder_hidden_states"][sl],
-            "added_cond_kwargs": {"text_embeds": a["text_embeds"][sl], "time_ids": a["time_ids"][sl],
-                                  "image_embeds": [a["image_embeds"][0][sl]]},
-            "clip_embeds": batch["clip_embeds"][sl],
-        }
+    # ---- decoding ----------------------------------------------------------------------------------
 
     def _decode(self, latents: torch.Tensor):
         vae = self.pipe.vae
@@ -607,17 +508,7 @@ class Engine:
         return self.pipe.image_processor.postprocess(image.float(), output_type="pil")[0]
 
     def _decode_tiny(self, latents: torch.Tensor):
-        """TAESD decode for previews (latents as the UNet sees them; TAESD's scaling factor is 1)."""
-        taesd = self.components.taesd
-        image = taesd.decode(latents.to(taesd.dtype), return_dict=False)[0]
-        return self.pipe.image_processor.postprocess(image.float().clamp(-1, 1), output_type="pil")[0]
-
-
-def _as_sources(faces: Any) -> list:
-    """One reference photo (path, bytes, PIL image, array) or a sequence of them → a list."""
-    if isinstance(faces, (str, Path, bytes)) or hasattr(faces, "size") and not isinstance(faces, (list, tuple)):
-        return [faces]
-    return list(faces)
+        return decode_tiny(self.components.taesd, self.pipe.image_processor, latents)
 
 
 def _optional_paths(preset: Preset, weights_dir) -> dict[str, Path]:

@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .errors import ImageError, MissingWeightsError, NoFaceError
-from .images import ImageSource, describe_source, load_image
+from .images import ImageSource, as_photo_list, describe_source, load_image
 
 __all__ = [
     "CROP_SIZE",
@@ -134,6 +134,8 @@ class FaceIdentity:
         boxes: the chosen face's box in each photo.
         backend: ``"insightface"`` or ``"haar"``.
         is_recognizer: ``False`` for the Haar stand-in, whose embedding is not an identity.
+        images: the reference photos as loaded (upright RGB, at most ``MAX_SIDE``); ``boxes`` and
+            the faces' keypoints are in their pixels. Empty for an identity built by hand.
     """
 
     embedding: np.ndarray
@@ -142,6 +144,7 @@ class FaceIdentity:
     boxes: tuple[Box, ...]
     backend: str
     is_recognizer: bool
+    images: tuple[Image.Image, ...] = ()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,6 +270,29 @@ def _check_model_dir(folder: Path) -> None:
             f"{BUFFALO_HELP}",
             missing=[str(folder)],
         )
+
+
+def onnx_providers(device: str | None) -> list:
+    """onnxruntime execution providers for the engine's device: CUDA (that GPU) then CPU when the
+    engine runs on CUDA and onnxruntime was built with CUDA (``onnxruntime-gpu``), else CPU only."""
+    import onnxruntime
+
+    dev = str(device or "cpu")
+    if dev.startswith("cuda") and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        index = int(dev.split(":", 1)[1]) if ":" in dev else 0
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _session_providers(app: Any) -> tuple[str, ...]:
+    """The providers the loaded ONNX sessions actually run on (first = preferred)."""
+    names: list[str] = []
+    for model in getattr(app, "models", {}).values():
+        session = getattr(model, "session", None)
+        for name in session.get_providers() if session is not None else ():
+            if name not in names:
+                names.append(name)
+    return tuple(names)
 
 
 def _load_face_analysis(folder: Path, root: Path, providers: list, det_size: tuple[int, int]) -> Any:
@@ -425,6 +451,7 @@ class FaceAnalyzer:
         backend_note: one line describing the backend (for logs and the UI).
         model_dir: the insightface model folder (``None`` for Haar).
         tasks: the model tasks loaded, e.g. ``("detection", "recognition")``.
+        providers: the onnxruntime providers the models run on (insightface; empty for Haar).
     """
 
     def __init__(
@@ -437,6 +464,7 @@ class FaceAnalyzer:
         model_dir: Path | None = None,
         tasks: tuple[str, ...] = (),
         engine: Any = None,
+        providers: tuple[str, ...] = (),
     ):
         self._detect_rgb = detect_rgb
         self.backend = backend
@@ -445,6 +473,7 @@ class FaceAnalyzer:
         self.model_dir = model_dir
         self.tasks = tasks
         self.engine = engine  # the underlying FaceAnalysis / CascadeClassifier, for inspection
+        self.providers = providers  # onnxruntime providers the models run on (insightface), e.g. ("CPUExecutionProvider",)
 
     def __repr__(self) -> str:
         where = f", model_dir='{self.model_dir}'" if self.model_dir else ""
@@ -465,7 +494,8 @@ class FaceAnalyzer:
         Args:
             name: pack name under ``root/models/`` (e.g. ``"buffalo_l"``) or a folder path.
             root: insightface home; default ``$INSIGHTFACE_HOME`` or ``~/.insightface``.
-            providers: onnxruntime execution providers; default ``["CPUExecutionProvider"]``.
+            providers: onnxruntime execution providers; default ``["CPUExecutionProvider"]``
+                (:func:`onnx_providers` picks CUDA for an engine on a GPU).
             det_size: detector input size ``(width, height)``.
 
         Raises:
@@ -485,6 +515,7 @@ class FaceAnalyzer:
             model_dir=folder,
             tasks=tuple(sorted(app.models)),
             engine=app,
+            providers=_session_providers(app),
         )
 
     @classmethod
@@ -531,18 +562,18 @@ class FaceAnalyzer:
             ImageError: no photos, an unreadable photo, or ``face_index`` out of range.
             NoFaceError: a photo shows no face, or only a too small one.
         """
-        if isinstance(images, (str, bytes, bytearray, os.PathLike, Image.Image, np.ndarray)) or hasattr(images, "read"):
-            images = [images]  # type: ignore[list-item]  # one photo given on its own
-        elif not isinstance(images, Sequence):
-            images = list(images)
+        images = as_photo_list(images)
         if len(images) == 0:
             raise ImageError("no face photo was given; upload at least one clear photo of the face")
         indices = _per_photo_indices(face_index, len(images))
         chosen: list[DetectedFace] = []
+        loaded: list[Image.Image] = []
         for position, source in enumerate(images):
             name = describe_source(source, position)
-            faces = self._detect_loaded(load_image(source, name=name))
+            image = load_image(source, name=name)
+            faces = self._detect_loaded(image)
             chosen.append(choose_face(faces, name, indices[position], min_face_px))
+            loaded.append(image)
         return FaceIdentity(
             embedding=mean_embedding([face.embedding for face in chosen]),
             crops=tuple(face.crop for face in chosen),
@@ -550,6 +581,7 @@ class FaceAnalyzer:
             boxes=tuple(face.bbox for face in chosen),
             backend=self.backend,
             is_recognizer=self.is_recognizer,
+            images=tuple(loaded),
         )
 
     # -- UI ----------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ All predictions share one shape, (batch, C, H, W).
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Mapping, Sequence
 
 import torch
 
@@ -76,19 +77,6 @@ def dcg_conditional_branches(variant: str) -> tuple[str, str]:
     return {"id-first": ("id", "full"), "text-first": ("text", "full"), "independent": ("text", "id")}[variant]
 
 
-def dcg_is_plain(a: float, b: float, variant: str) -> bool:
-    """True when DCG reduces to the full-condition prediction (a = b = 1 for the telescoping
-    variants id-first and text-first; the independent variant never does)."""
-    return a == 1.0 and b == 1.0 and variant in ("id-first", "text-first")
-
-
-def dcg_branches(a: float, b: float, variant: str) -> tuple[str, ...]:
-    """The branches one DCG step needs; a plain step needs only "full" (one third of the compute)."""
-    if dcg_is_plain(a, b, variant):
-        return ("full",)
-    return ("uncond",) + dcg_conditional_branches(variant)
-
-
 def std_per_sample(x: torch.Tensor) -> torch.Tensor:
     """σ(x): standard deviation of each sample over (C, H, W). (B, C, H, W) → (B, 1, 1, 1)."""
     return x.std(dim=tuple(range(1, x.ndim)), keepdim=True)
@@ -112,7 +100,11 @@ def rescale_guidance(pred: torch.Tensor, refs: Sequence[torch.Tensor], phi: floa
 
 def stretch(values: Sequence[float], steps: int) -> list[float]:
     """Resample a per-step list to ``steps`` entries, keeping the first and last values at the
-    first and last step (nearest neighbour on the normalised step position)."""
+    first and last step (nearest neighbour on the normalised step position).
+
+    With fewer steps than values the interior is thinned: [1, 1.5, 1.5, 1] gives [1, 1.5, 1] at
+    3 steps, [1, 1] at 2 steps and [1] at 1 step, so a schedule that leaves its ends untouched does
+    nothing at all at 1–2 steps (the engine says so in ``Result.notes``)."""
     n = len(values)
     if n == steps:
         return [float(v) for v in values]
@@ -144,18 +136,29 @@ def schedule(kind: str, values: Sequence[float], steps: int) -> list[float]:
 # ---------------------------------------------------------------------------------------------
 # LCM-Lookahead: guidance with the KV path (supplement Eq. 1, SPEC §4)
 
-# what each branch is conditioned on: (text, identity, cached reference K/V)
+
+@dataclass(frozen=True)
+class Condition:
+    """What one guidance branch is conditioned on (SPEC notation ε(text, id), plus the KV path)."""
+
+    text: bool  # the prompt (else the negative/empty prompt)
+    identity: bool  # the identity embedding (else the null identity)
+    kv_row: str | None = None  # which KV-encoder row's reference K/V the branch attends to; None: none
+
+
 BRANCH_CONDITIONS = {
-    "uncond": (False, False, False),
-    "text": (True, False, False),
-    "id": (False, True, False),
-    "full": (True, True, False),
+    "uncond": Condition(False, False),
+    "text": Condition(True, False),
+    "id": Condition(False, True),
+    "full": Condition(True, True),
 }
+# LCM-Lookahead's four branches (supplement Eq. 1). The KV-encoder rows are "null" (null text) and
+# "text" (the encoder prompt, "a photo of a face").
 LOOKAHEAD_BRANCH_CONDITIONS = {
-    "uncond": (False, False, False),  # all conditions null, no KV
-    "nokv": (True, True, False),  # text + adapter, no KV
-    "full": (True, True, True),  # everything
-    "kv": (False, False, True),  # KV only; text and adapter null
+    "uncond": Condition(False, False),  # all conditions null, no KV
+    "nokv": Condition(True, True),  # text + adapter, no KV
+    "full": Condition(True, True, "text"),  # everything
+    "kv": Condition(False, False, "text"),  # KV only; text and adapter null
 }
 
 
@@ -183,10 +186,125 @@ def lookahead_cfg(preds: Mapping[str, torch.Tensor], s_nokv: float = 3.0, s_full
     return out
 
 
-def lookahead_branches(s_nokv: float, s_full: float, s_kv: float, lcm_scheduler: bool = False) -> tuple[str, ...]:
-    """The branches ``lookahead_cfg`` needs, no-KV branches first (they share one attention
-    call; the KV branches another). With the LCM scheduler only the full branch runs, as in the paper."""
-    if lcm_scheduler:
-        return ("full",)
-    weights = lookahead_weights(s_nokv, s_full, s_kv)
-    return tuple(name for name in ("uncond", "nokv", "full", "kv") if weights[name] != 0) or ("uncond",)
+# ---------------------------------------------------------------------------------------------
+# One guidance object per mode: which branches a step runs, and how they combine. The sampler
+# loop knows nothing about modes; the model function batches ``branches(step)`` into one UNet call
+# and hands the predictions to ``combine``.
+
+
+class Guidance:
+    """The interface of a guidance mode (k-diffusion's "wrap the model function", as an object).
+
+    ``branches(step)``: the branch names the step needs, in UNet batch order;
+    ``combine(preds, step)``: one guided ε from {branch: (B, C, H, W)};
+    ``display_branch(step)``: the branch whose attention maps are captured for display;
+    ``conditions``: branch name → :class:`Condition`.
+    """
+
+    conditions: ClassVar[Mapping[str, Condition]] = BRANCH_CONDITIONS
+
+    def branches(self, step: int) -> tuple[str, ...]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def combine(self, preds: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def display_branch(self, step: int) -> str:
+        """The full-condition branch where a step runs it; otherwise the identity-bearing branch."""
+        names = self.branches(step)
+        return "full" if "full" in names else next(n for n in names if self.conditions[n].identity)
+
+
+@dataclass(frozen=True)
+class ClassicGuidance(Guidance):
+    """Classifier-free guidance ε∅ + s·(ε_ti − ε∅); at s = 1 only the full branch runs."""
+
+    scale: float
+
+    def branches(self, step: int) -> tuple[str, ...]:
+        return classic_cfg_branches(self.scale)
+
+    def combine(self, preds, step):
+        return classic_cfg(preds, self.scale)
+
+
+@dataclass(frozen=True)
+class DecoupledGuidance(Guidance):
+    """FastFace DCG (Eq. 5/16–18) with per-step a, b and the rescale of Eq. 6 at every step.
+
+    Branches per step (SPEC §2): three (ε∅ and the variant's two conditional branches) where
+    a ≠ 1 or b ≠ 1. At a = b = 1 the telescoping variants reduce to ε_ti, but the rescale still
+    reads σ of both conditional branches: such a step runs those two (one, ε_ti, when φ = 0). The
+    independent variant never reduces. ``authors_batch`` runs the authors' three branches at every
+    step and combines with their literal formula (for reproducing their numbers exactly).
+    """
+
+    a: tuple[float, ...]  # one value per step
+    b: tuple[float, ...]
+    variant: str = "id-first"
+    phi: float = 0.75
+    authors_batch: bool = False
+
+    def __post_init__(self) -> None:
+        if self.variant not in _DCG_TERMS:
+            raise ValueError(f"unknown DCG variant {self.variant!r}; choose one of {', '.join(_DCG_TERMS)}")
+
+    def plain(self, step: int) -> bool:
+        """a = b = 1 in a telescoping variant: the combination is ε_ti itself."""
+        return (not self.authors_batch and self.a[step] == 1.0 and self.b[step] == 1.0
+                and self.variant in ("id-first", "text-first"))
+
+    def branches(self, step: int) -> tuple[str, ...]:
+        cond = dcg_conditional_branches(self.variant)
+        if not self.plain(step):
+            return ("uncond",) + cond
+        return cond if self.phi > 0 else ("full",)
+
+    def combine(self, preds, step):
+        if self.plain(step):
+            eps = preds["full"]  # ε∅ + (ε_i − ε∅) + (ε_ti − ε_i) = ε_ti exactly
+        else:
+            eps = decoupled_cfg(preds, self.a[step], self.b[step], self.variant)
+        if self.phi > 0:
+            eps = rescale_guidance(eps, [preds[k] for k in dcg_conditional_branches(self.variant)], self.phi)
+        return eps
+
+
+@dataclass(frozen=True)
+class LookaheadGuidance(Guidance):
+    """LCM-Lookahead's KV-path guidance (supplement Eq. 1); zero-weight branches are not run, and
+    under the LCM scheduler only the full branch runs, as in the paper."""
+
+    s_nokv: float = 3.0
+    s_full: float = 2.0
+    s_kv: float = 2.0
+    lcm_scheduler: bool = False
+    conditions: ClassVar[Mapping[str, Condition]] = LOOKAHEAD_BRANCH_CONDITIONS
+
+    def branches(self, step: int) -> tuple[str, ...]:
+        """No-KV branches first, KV branches last (each group shares one attention call)."""
+        if self.lcm_scheduler:
+            return ("full",)
+        weights = lookahead_weights(self.s_nokv, self.s_full, self.s_kv)
+        return tuple(n for n in ("uncond", "nokv", "full", "kv") if weights[n] != 0) or ("uncond",)
+
+    def combine(self, preds, step):
+        if self.lcm_scheduler:
+            return preds["full"]
+        return lookahead_cfg(preds, self.s_nokv, self.s_full, self.s_kv)
+
+
+def guidance_for(settings, num_steps: int, lcm_scheduler: bool = False) -> Guidance:
+    """The guidance object a request asks for (``settings``: a resolved GenerationSettings)."""
+    g, lh, att = settings.guidance, settings.lookahead, settings.attention
+    if lh.kv:
+        return LookaheadGuidance(lh.s_nokv, lh.s_full, lh.s_kv, lcm_scheduler=lcm_scheduler)
+    authors = att.am_norm_scope == "image-branches"
+    if g.dcg:
+        return DecoupledGuidance(tuple(schedule(g.dcg_schedule, g.dcg_a, num_steps)),
+                                 tuple(schedule(g.dcg_schedule, g.dcg_b, num_steps)),
+                                 g.dcg_variant, g.rescale_phi, authors_batch=authors)
+    if authors:  # the authors run classic CFG as DCG with a = b = s and no rescale, three branches
+        scale = (float(g.guidance_scale),) * num_steps
+        return DecoupledGuidance(scale, scale, "id-first", 0.0, authors_batch=True)
+    return ClassicGuidance(float(g.guidance_scale))

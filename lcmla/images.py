@@ -50,6 +50,21 @@ _FORMATS_HINT = "JPEG, PNG, WebP, …"
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
+def as_photo_list(photos: Any) -> list:
+    """One photo or several → a list of photos, by one rule for every caller.
+
+    A path, bytes-like object, open file (anything with ``read``), PIL image or numpy array is ONE
+    photo; any other iterable (list, tuple, generator…) is a collection of photos, materialised
+    once (a generator is consumed exactly once).
+    """
+    if isinstance(photos, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray)) or hasattr(photos, "read"):
+        return [photos]
+    try:
+        return list(photos)
+    except TypeError:
+        raise ImageError(f"expected a photo or a list of photos (got {type(photos).__name__})") from None
+
+
 def describe_source(source: Any, index: int | None = None) -> str:
     """Return a short human name for an image source, for use in messages.
 

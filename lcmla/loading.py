@@ -69,7 +69,6 @@ class Components:
     image_encoder: "CLIPVisionModelWithProjection"
     clip_processor: "CLIPImageProcessor"  # 224 px, CLIP mean/std, built in code
     taesd: "AutoencoderTiny | None"
-    adapters: tuple[str, ...]  # the peft adapters on the UNet, in load order
 
 
 def make_clip_processor() -> "CLIPImageProcessor":
@@ -328,11 +327,9 @@ def _load(
         # does per call, but once, at load, instead of casting back and forth per request.
         pipe.vae.to(torch.float32)
 
-    unet_adapters = tuple(getattr(pipe.unet, "peft_config", {}).keys())
     return Components(
         pipe=pipe,
         image_encoder=image_encoder,
         clip_processor=make_clip_processor(),
         taesd=taesd,
-        adapters=unet_adapters,
     )

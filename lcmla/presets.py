@@ -7,7 +7,7 @@ touches the disk; ``lcmla.weights`` resolves the files and ``lcmla.loading`` bui
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import SettingsError
 
@@ -60,14 +60,13 @@ class Preset:
     width: int
     height: int
     guidance_scale: float
-    face_backend: str = "insightface"  # insightface (buffalo_l) | haar (offline stand-in)
+    face_backend: str = "insightface"  # the default face backend: insightface (buffalo_l) | haar (offline stand-in)
     unet_repo: str | None = None  # a replacement UNet (SDXL-Lightning)
     unet_file: str | None = None
     fuse_lora: tuple[str, str, float] | None = None  # (repo, file, scale) fused once at load
     lcm_lora: tuple[str, str] | None = None  # kept as a named, scalable adapter
     random_weights: bool = False  # True only for the offline tiny preset
-    notes: str = ""
-    extra: tuple[tuple[str, object], ...] = field(default=())
+    notes: str = ""  # one line shown by `python -m lcmla presets` and the app
 
     def scheduler_options(self) -> dict[str, object]:
         return dict(self.scheduler_kwargs)

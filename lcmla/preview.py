@@ -12,9 +12,25 @@ from typing import Any
 import torch
 
 
+def alpha_at(alphas_cumprod: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+    """ᾱ at timestep t, () or (B,) float64. Integer t index ``alphas_cumprod``; a fractional t (the
+    interpolated timesteps of Euler-type schedulers) interpolates σ = √((1 − ᾱ)/ᾱ) linearly between
+    its neighbouring integer timesteps, as ``EulerDiscreteScheduler`` does, and returns 1/(1 + σ²)."""
+    acp = alphas_cumprod.detach().to("cpu", torch.float64)
+    t = torch.as_tensor(t, dtype=torch.float64).cpu()
+    if torch.equal(t, t.floor()):
+        return acp[t.long()]
+    lo = t.floor().clamp(0, acp.numel() - 1)
+    hi = (lo + 1).clamp(max=acp.numel() - 1)
+    w = t - lo
+    sigma = ((1 - acp) / acp).sqrt()
+    s = (1 - w) * sigma[lo.long()] + w * sigma[hi.long()]
+    return 1.0 / (1.0 + s * s)
+
+
 def _alpha(alphas_cumprod: torch.Tensor, t: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    a = alphas_cumprod.to(like.device)[torch.as_tensor(t, device=like.device).long()]
-    return a.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))  # (B or 1, 1, 1, 1)
+    a = alpha_at(alphas_cumprod, t).to(like.device, like.dtype)
+    return a.reshape(-1, *([1] * (like.ndim - 1)))  # (B or 1, 1, 1, 1)
 
 
 def ddpm_x0(latents: torch.Tensor, eps: torch.Tensor, alphas_cumprod: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
@@ -49,7 +65,9 @@ def lcm_x0(
 ) -> torch.Tensor:
     """LCM one-step preview (LCM-Lookahead Eq. 3): ẑ0 = c_skip·z_t + c_out·x̂0(ε).
 
-    Equals the ``denoised`` of diffusers' ``LCMScheduler.step`` for the same inputs.
+    Equals the ``denoised`` of diffusers' ``LCMScheduler.step`` for the same inputs when
+    ``timestep_scaling`` and ``sigma_data`` are that scheduler's (its ``config.timestep_scaling``,
+    default 10, and ``sigma_data`` 0.5; the engine reads them from the scheduler).
     """
     c_skip, c_out = lcm_boundary_scalings(t, timestep_scaling, sigma_data)
     shape = (-1, *([1] * (latents.ndim - 1)))

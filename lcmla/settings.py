@@ -25,6 +25,7 @@ DCG_VARIANTS = ("id-first", "text-first", "independent")
 SCHEDULE_KINDS = ("list", "constant", "linear", "cosine")
 AM_MODES = ("none", "am1", "am2")
 AM_TARGETS = ("down", "mid", "up")
+AM_NORM_SCOPES = ("sample", "image-branches")
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,6 +159,9 @@ class GuidanceSettings(_Group):
     dcg_a: tuple[float, ...] = (1.0, 1.5, 1.5, 1.0)
     dcg_b: tuple[float, ...] = (1.0, 3.0, 3.0, 1.0)
     rescale_phi: float = 0.75  # FastFace Eq. 6; 0 disables the rescale
+    # the scale of a backbone that is a LoRA kept as a named adapter (the LCM-LoRA of the
+    # sdxl-lcm-lora preset); presets whose backbone is fused or a full UNet ignore it
+    backbone_lora_scale: float = 1.0
 
     _prefix = "guidance."
 
@@ -177,6 +181,7 @@ class GuidanceSettings(_Group):
                 f"guidance.dcg_a and guidance.dcg_b must hold two values (start, end) for a {self.dcg_schedule} schedule"
             )
         _check_float(self, "rescale_phi", 0.0, 1.0)
+        _check_float(self, "backbone_lora_scale", 0.0, 2.0)
 
 
 @dataclass(frozen=True)
@@ -193,8 +198,14 @@ class AttentionSettings(_Group):
     am2_sharpness: tuple[float, ...] = (7.5, 5.0, 5.0, 5.0)
     am2_scale: tuple[float, ...] = (1.0, 1.55, 1.55, 1.55)
     am2_quantile: float = 0.65
+    am2_adain: bool = True  # AM2's AdaIN blend (Eq. 10) on the probabilities and the branch output
     adain_weight: float = 0.7
     cap: float = 10.0
+    # where AM2's min–max normalisation takes its statistics: "sample" (each image and guidance
+    # branch on its own; batch-invariant, the default) or "image-branches" (pooled over the
+    # guidance branches of the same image, with the authors' three DCG branches at every step:
+    # reproduces the FastFace authors' code exactly; SPEC §3)
+    am_norm_scope: str = "sample"
     capture_maps: bool = False  # record identity-attention maps for display
 
     _prefix = "attention."
@@ -215,7 +226,9 @@ class AttentionSettings(_Group):
         _check_float_list(self, "am2_sharpness", 0.0, 100.0)
         _check_float_list(self, "am2_scale", 0.0, 10.0)
         _check_float(self, "am2_quantile", 0.0, 1.0)
+        _check_bool(self, "am2_adain")
         _check_float(self, "adain_weight", 0.0, 1.0)
+        _check_choice(self, "am_norm_scope", AM_NORM_SCOPES)
         _check_float(self, "cap", 0.1, 1000.0)
         _check_bool(self, "capture_maps")
 
@@ -320,6 +333,11 @@ class GenerationSettings(_Group):
             raise SettingsError(
                 "guidance.dcg and lookahead.kv cannot both be on: DCG and the LCM-Lookahead KV guidance are two "
                 "different ways to combine branches; switch one of them off"
+            )
+        if self.attention.am_norm_scope == "image-branches" and self.lookahead.kv:
+            raise SettingsError(
+                "attention.am_norm_scope=image-branches reproduces the FastFace authors' three-branch batch and "
+                "cannot be combined with lookahead.kv; set attention.am_norm_scope=sample or switch lookahead.kv off"
             )
 
     # ---- convenience -----------------------------------------------------------------------

@@ -88,26 +88,44 @@ def test_zero_ip_scale_equals_pipeline_without_adapter(engine, face_path):
     assert np.abs(_px(ours) - _px(ref)).max() <= 1
 
 
-def test_zero_lora_scale_equals_lora_disabled(engine, face_path):
-    identity = engine.analyze_faces([face_path])
-    ours = engine.generate(_settings(identity__lora_scale=0.0, output__seed=6), identity).images[0]
-    pipe = _plain_pipeline(engine, ip_adapter=True, lora=False)
+def _stock_faceid_inputs(engine, pipe, identity, cfg: bool):
+    """FaceID-Plus-v2 inputs the stock diffusers way (its docs' recipe): the CLIP image encoder
+    registered on the pipeline, ``prepare_ip_adapter_image_embeds`` on the aligned crop, the
+    features set on the projection; the identity embedding (zeros for the negative) as image embeds."""
     c = engine.components
-    pixels = c.clip_processor(images=list(identity.crops), return_tensors="pt").pixel_values
-    clip = c.image_encoder(pixels, output_hidden_states=True).hidden_states[-2].mean(0, keepdim=True)[:, None]
+    pipe.register_modules(image_encoder=c.image_encoder, feature_extractor=c.clip_processor)
+    clip = pipe.prepare_ip_adapter_image_embeds([list(identity.crops)], None, torch.device("cpu"), 1, cfg)[0]
     proj = pipe.unet.encoder_hid_proj.image_projection_layers[0]
     proj.clip_embeds, proj.shortcut = clip, True
     pipe.set_ip_adapter_scale(0.8)
     emb = torch.as_tensor(identity.embedding).reshape(1, 1, -1)
-    ref = pipe(prompt="a pencil drawing of a face", ip_adapter_image_embeds=[emb], num_inference_steps=4,
+    return [torch.cat([torch.zeros_like(emb), emb])] if cfg else [emb]
+
+
+def test_zero_lora_scale_equals_lora_disabled(engine, face_path):
+    identity = engine.analyze_faces([face_path])
+    ours = engine.generate(_settings(identity__lora_scale=0.0, output__seed=6), identity).images[0]
+    pipe = _plain_pipeline(engine, ip_adapter=True, lora=False)
+    embeds = _stock_faceid_inputs(engine, pipe, identity, cfg=False)
+    ref = pipe(prompt="a pencil drawing of a face", ip_adapter_image_embeds=embeds, num_inference_steps=4,
                guidance_scale=1.0, width=256, height=256, latents=_noise(6)).images[0]
     assert np.abs(_px(ours) - _px(ref)).max() <= 1
 
 
-def test_classic_cfg_runs_two_branches(engine, face_path):
-    a = engine.generate(_settings(guidance__guidance_scale=3.0, negative_prompt="blurry"), [face_path])
-    b = engine.generate(_settings(guidance__guidance_scale=1.0), [face_path])
-    assert np.abs(_px(a.images[0]) - _px(b.images[0])).mean() > 0.1
+def test_classic_cfg_equals_stock_diffusers(engine, face_path):
+    """Classic CFG at s = 3 with a negative prompt: the engine's two batched branches equal stock
+    diffusers' CFG with the IP-Adapter's negative (zero identity, CLIP of an all-zero input)."""
+    identity = engine.analyze_faces([face_path])
+    ours = engine.generate(_settings(guidance__guidance_scale=3.0, negative_prompt="blurry", output__seed=8),
+                           identity)
+    assert ours.branch_calls == [("uncond", "full")] * 4
+    pipe = _plain_pipeline(engine, ip_adapter=True, lora=True)
+    embeds = _stock_faceid_inputs(engine, pipe, identity, cfg=True)
+    ref = pipe(prompt="a pencil drawing of a face", negative_prompt="blurry", ip_adapter_image_embeds=embeds,
+               num_inference_steps=4, guidance_scale=3.0, width=256, height=256, latents=_noise(8)).images[0]
+    assert np.abs(_px(ours.images[0]) - _px(ref)).max() <= 1
+    plain = engine.generate(_settings(guidance__guidance_scale=1.0, output__seed=8), identity)
+    assert np.abs(_px(ours.images[0]) - _px(plain.images[0])).mean() > 0.1
 
 
 def test_several_reference_photos(engine, face_path, other_face):
@@ -115,6 +133,11 @@ def test_several_reference_photos(engine, face_path, other_face):
     assert len(r.face_boxes) == 2
     emb = r.identity.embedding
     assert abs(float(np.linalg.norm(emb)) - 1.0) < 1e-5
+    # averaging is an average: the same photo twice is that photo once
+    once = engine.generate(_settings(), [face_path])
+    twice = engine.generate(_settings(), [face_path, face_path])
+    assert np.abs(_px(once.images[0]) - _px(twice.images[0])).max() <= 1
+    assert not np.array_equal(_px(once.images[0]), _px(r.images[0]))
 
 
 def test_png_round_trip_reproduces_the_image(engine, face_path, tmp_path):

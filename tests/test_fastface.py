@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -107,42 +109,168 @@ def test_capture_records_before_and_after(attn_case):
     assert torch.allclose(maps[0].sum(0), torch.ones(4, 4), atol=1e-5)
 
 
+def _am2_attn2_by_hand(attn, stock, hidden, enc, lam, d, qa, s, w, pooled, per_head=True):
+    """SPEC §3 steps 1–7 written out on one attn2 layer (float64): token 0 inverted, min–max over
+    (heads, queries) per sample — or over the whole batch (the authors' pooling) —, quantile of A,
+    sigmoid, scale and cap, token 0 turned back, AdaIN (unbiased σ, ε = 1e-6 on σ_x) on the
+    probabilities over tokens and on the branch output per head over head_dim."""
+    text, ip = enc
+    b, heads = hidden.shape[0], attn.heads
+    split = lambda x: x.view(b, -1, heads, x.shape[-1] // heads).transpose(1, 2)
+    q = split(attn.to_q(hidden))
+    text_out = torch.softmax(q @ split(attn.to_k(text)).transpose(-1, -2) * attn.scale, -1) @ split(attn.to_v(text))
+    k_ip, v_ip = split(stock.to_k_ip[0](ip[0][:, 0])), split(stock.to_v_ip[0](ip[0][:, 0]))
+    a0 = torch.softmax(q @ k_ip.transpose(-1, -2) * attn.scale, -1)  # (B, heads, Q, T)
+    x = a0.clone()
+    x[..., 0] = 1 - x[..., 0]
+    dims = (0, 1, 2) if pooled else (1, 2)
+    norm = lambda y: (y - y.amin(dims, keepdim=True)) / (y.amax(dims, keepdim=True) - y.amin(dims, keepdim=True))
+    qv = torch.quantile(x, qa, dim=-2, keepdim=True).clamp_min(1e-6)
+    m = torch.clamp(s * norm(torch.sigmoid(d * (norm(x) - qv))), max=10.0)
+    m[..., 0] = m[..., 0].amax(dim=-1, keepdim=True) - m[..., 0]
+    ada = lambda y, ref: w * y + (1 - w) * ((y - y.mean(-1, keepdim=True)) * (ref.std(-1, keepdim=True) / (y.std(-1, keepdim=True) + 1e-6)) + ref.mean(-1, keepdim=True))
+    a = ada(m, a0)
+    merge = lambda y: y.transpose(1, 2).reshape(b, -1, heads * y.shape[-1])
+    if per_head:
+        hs = merge(ada(a @ v_ip, a0 @ v_ip))  # statistics per head over head_dim
+    else:  # statistics over all heads·head_dim channels after the merge (a different transform)
+        hs = ada(merge(a @ v_ip), merge(a0 @ v_ip))
+    return attn.to_out[0](merge(text_out) + lam * hs)
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_am2_attn2_output_equals_spec_by_hand(pooled):
+    """The whole attn2 output under AM2, per-head output AdaIN included, against the equations
+    written out (4 heads, 3 samples = one image's DCG branches); ``pooled`` is the authors-exact
+    scope (min–max over the image's branches)."""
+    from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
+
+    torch.manual_seed(5)
+    attn = Attention(query_dim=64, cross_attention_dim=32, heads=4, dim_head=16).double().eval()
+    stock = IPAdapterAttnProcessor2_0(hidden_size=64, cross_attention_dim=32, num_tokens=(4,), scale=0.8).double()
+    torch.nn.init.normal_(stock.to_k_ip[0].weight)
+    torch.nn.init.normal_(stock.to_v_ip[0].weight)
+    hidden = torch.randn(3, 64, 64, dtype=torch.float64)  # 3 samples, 8x8 grid
+    enc = (torch.randn(3, 7, 32, dtype=torch.float64), [torch.randn(3, 1, 4, 32, dtype=torch.float64)])
+    ours = IdentityAttnProcessor.take_over("up_blocks.0.attentions.0.transformer_blocks.0.attn2.processor", stock)
+    s = AttentionSettings(mode="am2")
+    ctx = AttentionContext(ip_scale=0.8, am=AMPlan.from_settings(s, 4), step=1, am_group=3 if pooled else 1)
+    out = _run(attn, ours, hidden, enc, ctx)
+    with torch.no_grad():
+        hand = _am2_attn2_by_hand(attn, stock, hidden, enc, 0.8, 5.0, 0.65, 1.55, 0.7, pooled)
+    assert torch.allclose(out, hand, atol=1e-10, rtol=0)
+    with torch.no_grad():  # the test tells the axes and the scopes apart
+        merged = _am2_attn2_by_hand(attn, stock, hidden, enc, 0.8, 5.0, 0.65, 1.55, 0.7, pooled, per_head=False)
+        other_scope = _run(attn, ours, hidden, enc, dataclasses.replace(ctx, am_group=1 if pooled else 3))
+    assert not torch.allclose(out, merged, atol=1e-4)
+    assert not torch.allclose(out, other_scope, atol=1e-4)
+
+
+def test_am2_adain_switch(attn_case):
+    attn, stock, hidden, enc = attn_case
+    ours = IdentityAttnProcessor.take_over("down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor", stock)
+    on = _run(attn, ours, hidden, enc, _ctx("am2", step=1))
+    off = _run(attn, ours, hidden, enc, _ctx("am2", step=1, am2_adain=False))
+    assert not torch.allclose(on, off, atol=1e-4)
+
+
 # ---- the engine ---------------------------------------------------------------------------------
 
 
-def test_dcg_branches_are_batched_and_skipped(engine, identity):
-    r = engine.generate(_settings(guidance__dcg=True), identity)
-    assert r.branch_calls == [("full",), ("uncond", "id", "full"), ("uncond", "id", "full"), ("full",)]
-    tf = engine.generate(_settings(guidance__dcg=True, guidance__dcg_variant="text-first"), identity)
-    assert tf.branch_calls[1] == ("uncond", "text", "full")
-
-
-def test_dcg_at_one_equals_plain_and_runs_one_branch(engine, identity):
+def _count_unet_batches(engine, fn):
     calls = []
     hook = engine.pipe.unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
     try:
-        plain = engine.generate(_settings(), identity)
-        n_plain = list(calls)
-        calls.clear()
-        dcg = engine.generate(_settings(guidance__dcg=True, guidance__dcg_schedule="constant",
-                                        guidance__dcg_a=[1.0], guidance__dcg_b=[1.0]), identity)
+        result = fn()
     finally:
         hook.remove()
+    return result, calls
+
+
+def test_dcg_branch_plan_with_and_without_rescale(engine, identity):
+    """SPEC §2: a = b = 1 steps still need σ(ε_i) for the rescale when φ > 0: two branches, not one."""
+    r, calls = _count_unet_batches(engine, lambda: engine.generate(_settings(guidance__dcg=True), identity))
+    assert r.branch_calls == [("id", "full"), ("uncond", "id", "full"), ("uncond", "id", "full"), ("id", "full")]
+    assert calls == [2, 3, 3, 2]
+    r0, calls0 = _count_unet_batches(engine, lambda: engine.generate(
+        _settings(guidance__dcg=True, guidance__rescale_phi=0.0), identity))
+    assert r0.branch_calls == [("full",), ("uncond", "id", "full"), ("uncond", "id", "full"), ("full",)]
+    assert calls0 == [1, 3, 3, 1]
+    tf = engine.generate(_settings(guidance__dcg=True, guidance__dcg_variant="text-first"), identity)
+    assert tf.branch_calls == [("text", "full"), ("uncond", "text", "full"), ("uncond", "text", "full"), ("text", "full")]
+    ind = engine.generate(_settings(guidance__dcg=True, guidance__dcg_variant="independent"), identity)
+    assert ind.branch_calls == [("uncond", "text", "id")] * 4  # never reduces
+
+
+def test_dcg_at_one_without_rescale_equals_plain_in_one_branch(engine, identity):
+    plain, n_plain = _count_unet_batches(engine, lambda: engine.generate(_settings(), identity))
+    dcg, calls = _count_unet_batches(engine, lambda: engine.generate(_settings(
+        guidance__dcg=True, guidance__dcg_schedule="constant", guidance__dcg_a=[1.0], guidance__dcg_b=[1.0],
+        guidance__rescale_phi=0.0), identity))
     assert calls == n_plain == [1, 1, 1, 1]  # one UNet call per step, batch of one branch
     assert np.array_equal(_px(dcg.images[0]), _px(plain.images[0]))
     assert dcg.branch_calls == [("full",)] * 4
 
 
-def test_dcg_changes_the_image_in_one_call_per_step(engine, identity):
-    calls = []
-    hook = engine.pipe.unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+def test_engine_dcg_equals_decoupled_cfg_and_rescale_by_hand(engine, identity):
+    """Replay the engine's trajectory from its own branch predictions with the equations written
+    out (Eq. 5 and Eq. 6, rescale at every step including a = b = 1): every step's latents match."""
+    from lcmla.guidance import decoupled_cfg
+
+    outs, latents = [], []
+    hook = engine.pipe.unet.register_forward_hook(lambda m, args, out: outs.append(out[0].clone()))
     try:
-        r = engine.generate(_settings(guidance__dcg=True), identity)
+        r = engine.generate(_settings(guidance__dcg=True), identity, callback=lambda info: latents.append(info.latents))
     finally:
         hook.remove()
-    assert calls == [1, 3, 3, 1]
+    sched = engine._scheduler(4)
+    noise = torch.randn((1, 4, 32, 32), generator=torch.Generator("cpu").manual_seed(0))
+    z = noise * sched.init_noise_sigma
+    a, b, phi = [1.0, 1.5, 1.5, 1.0], [1.0, 3.0, 3.0, 1.0], 0.75
+    sd = lambda x: x.std(dim=(1, 2, 3), keepdim=True)
+    for k, t in enumerate(sched.timesteps):
+        preds = dict(zip(r.branch_calls[k], outs[k].chunk(len(r.branch_calls[k]))))
+        if a[k] == b[k] == 1.0:
+            eps = preds["full"]
+        else:
+            eps = decoupled_cfg(preds, a[k], b[k], "id-first")
+        f = phi * (sd(preds["id"]) + sd(preds["full"])) / (2 * sd(eps)) + (1 - phi)
+        if a[k] == 1.0:  # the a = b = 1 form of SPEC §2: f = 1 + (φ/2)(σ_i/σ_ti − 1)
+            assert torch.allclose(f, 1 + phi / 2 * (sd(preds["id"]) / sd(preds["full"]) - 1))
+            assert f.item() != 1.0  # the rescale acts at these steps too (tiny: σ_i ≈ σ_ti)
+        z = sched.step(f * eps, t, z).prev_sample
+        assert torch.allclose(z, latents[k], atol=1e-6), k
+
+
+def test_dcg_changes_the_image(engine, identity):
+    r = engine.generate(_settings(guidance__dcg=True), identity)
     base = engine.generate(_settings(), identity)
     assert not np.array_equal(_px(r.images[0]), _px(base.images[0]))
+
+
+def test_authors_exact_mode_runs_three_branches_and_pools_per_image(engine, identity):
+    exact = apply_fastface_preset(_settings(attention__am_norm_scope="image-branches"), "am2+dcg")
+    r, calls = _count_unet_batches(engine, lambda: engine.generate(exact.replace(output__num_images=2), identity))
+    assert r.branch_calls == [("uncond", "id", "full")] * 4 and calls == [3] * 8
+    # an image depends on its own branches only: image 2 of a request equals that seed alone
+    alone = engine.generate(exact.replace(output__seed=1), identity)
+    assert np.array_equal(_px(r.images[1]), _px(alone.images[0]))
+    # and pooling over the branches is a different transform from per-sample statistics
+    per_sample = engine.generate(exact.replace(attention__am_norm_scope="sample"), identity)
+    assert not np.array_equal(_px(r.images[0]), _px(per_sample.images[0]))
+    # without AM the switch only changes the branch set: classic CFG written as DCG a = b = s
+    base = engine.generate(_settings(guidance__guidance_scale=2.0), identity)
+    as_dcg = engine.generate(_settings(guidance__guidance_scale=2.0, attention__am_norm_scope="image-branches"), identity)
+    assert as_dcg.branch_calls == [("uncond", "id", "full")] * 4
+    assert np.abs(_px(as_dcg.images[0]) - _px(base.images[0])).max() <= 1
+
+
+def test_stretched_schedule_at_two_steps_is_noted(engine, identity):
+    r = engine.generate(_settings(guidance__dcg=True, guidance__steps=2), identity)
+    assert r.branch_calls == [("id", "full"), ("id", "full")]
+    assert any("no decoupled guidance" in n for n in r.notes)
+    three = engine.generate(_settings(guidance__dcg=True, guidance__steps=3), identity)
+    assert three.branch_calls[1] == ("uncond", "id", "full") and three.notes == []
 
 
 def test_capture_does_not_change_the_image(engine, identity):
@@ -189,3 +317,53 @@ def test_heatmap_overlay(engine, identity):
     assert img.mode == "RGB" and img.size[0] > 256 * 1.1
     arr = np.asarray(img)
     assert arr.std() > 5
+
+
+# ---- the named presets against the authors' released configs ------------------------------------
+
+# Transcribed from ControlGenAI/FastFace configs/ (the fields that decide the method) and
+# custom_dca.py's constants; "apply_adain" absent in a file means False (patch_pipe's default).
+RELEASED = {
+    "am1": dict(dcg=None, transforms=["pow", "scale"], adain=False),  # am_only/scalepow.json
+    "am2": dict(dcg=None, transforms=["adaptive_softmask", "scale"], adain=False),  # am_only/softmask_scheduled.json
+    "dcg": dict(dcg=dict(a=[1.0, 1.5, 1.5, 1.0], b=[1.0, 3.0, 3.0, 1.0], rescale=0.75), transforms=None),  # dcg2_style
+    "am1+dcg": dict(dcg=dict(a=[1.0, 1.5, 1.5, 1.0], b=[1.0, 3.0, 3.0, 1.0], rescale=0.75),
+                    transforms=["pow", "scale"], adain=False),  # fastface/am1_and_dcg.json
+    "am2+dcg": dict(dcg=dict(a=[1.0, 1.5, 1.5, 1.0], b=[1.0, 3.0, 3.0, 1.0], rescale=0.75),
+                    transforms=["adaptive_softmask", "scale"], adain=True),  # fastface/am2_and_dcg.json
+}
+RELEASED_AM = dict(targets=["down", "up"], tokens=[0, 1, 2, 3], pow=1.3, scale_down=1.55, scale_up=1.45,
+                   softmask_s=[7.5, 5.0, 5.0, 5.0], softmask_scale=[1.0, 1.55, 1.55, 1.55], qa=0.65, adain_w=0.7)
+RESET_GS = {"sdxl-lcm-lora": 1.5, "sdxl-base": 5.0, "hyper-sdxl-4step": 1.0, "sdxl-lightning-4step": 1.0}
+
+
+@pytest.mark.parametrize("name", list(RELEASED))
+def test_presets_equal_the_released_configs(name):
+    rel = RELEASED[name]
+    s = apply_fastface_preset(_settings(preset="hyper-sdxl-4step"), name)
+    g, a = s.guidance, s.attention
+    if rel["dcg"] is None:  # AM only: dcg_type 3 with a = b = the backbone's plain guidance, no rescale
+        assert not g.dcg and g.guidance_scale == 1.0
+    else:
+        assert g.dcg and g.dcg_variant == "id-first" and g.dcg_schedule == "list"
+        assert list(g.dcg_a) == rel["dcg"]["a"] and list(g.dcg_b) == rel["dcg"]["b"]
+        assert g.rescale_phi == rel["dcg"]["rescale"]
+    if rel["transforms"] is None:
+        assert a.mode == "none"
+        return
+    assert list(a.targets) == RELEASED_AM["targets"] and list(a.tokens) == RELEASED_AM["tokens"] and a.steps is None
+    if rel["transforms"][0] == "pow":
+        assert a.mode == "am1" and a.am1_power == RELEASED_AM["pow"]
+        assert (a.am1_scale_down, a.am1_scale_up) == (RELEASED_AM["scale_down"], RELEASED_AM["scale_up"])
+    else:
+        assert a.mode == "am2" and a.am2_adain == rel["adain"]
+        assert list(a.am2_sharpness) == RELEASED_AM["softmask_s"] and list(a.am2_scale) == RELEASED_AM["softmask_scale"]
+        assert a.am2_quantile == RELEASED_AM["qa"] and a.adain_weight == RELEASED_AM["adain_w"]
+    assert a.am_norm_scope == "sample"  # the documented difference; "image-branches" is the authors' pooling
+
+
+@pytest.mark.parametrize("backbone", list(RESET_GS))
+def test_plain_guidance_presets_use_the_authors_scale_per_backbone(backbone):
+    for name in ("baseline", "am1", "am2"):
+        assert apply_fastface_preset(_settings(preset=backbone), name).guidance.guidance_scale == RESET_GS[backbone]
+    assert apply_fastface_preset(_settings(preset=backbone, guidance__guidance_scale=7.0), "dcg").guidance.guidance_scale == 7.0

@@ -6,14 +6,18 @@ import pytest
 import torch
 
 from lcmla.guidance import (
+    ClassicGuidance,
+    DecoupledGuidance,
+    LookaheadGuidance,
     classic_cfg,
     classic_cfg_branches,
-    dcg_branches,
     decoupled_cfg,
+    guidance_for,
     rescale_guidance,
     schedule,
     stretch,
 )
+from lcmla.settings import GenerationSettings
 
 
 @pytest.fixture
@@ -46,29 +50,67 @@ def test_dcg_per_sample_scales(preds):
     assert out == [14.5, 3.0]  # sample 1 at a=b=1 is exactly ε_ti
 
 
-@pytest.mark.parametrize("variant", ["id-first", "text-first"])
-def test_dcg_at_one_is_full_and_needs_one_branch(preds, variant):
+def _dcg(a, b, variant="id-first", phi=0.75, authors=False):
+    return DecoupledGuidance((a,), (b,), variant, phi, authors_batch=authors)
+
+
+@pytest.mark.parametrize("variant,cond", [("id-first", "id"), ("text-first", "text")])
+def test_dcg_at_one_branch_plan_depends_on_phi(preds, variant, cond):
+    """SPEC §2: at a = b = 1 the combination is ε_ti, but the rescale still reads σ of both
+    conditional branches: two branches with φ > 0, one with φ = 0."""
     assert torch.equal(decoupled_cfg(preds, 1.0, 1.0, variant), preds["full"])
-    assert dcg_branches(1.0, 1.0, variant) == ("full",)
-    assert len(dcg_branches(1.5, 3.0, variant)) == 3
+    assert _dcg(1.0, 1.0, variant, phi=0.0).branches(0) == ("full",)
+    assert _dcg(1.0, 1.0, variant, phi=0.75).branches(0) == (cond, "full")
+    assert len(_dcg(1.5, 3.0, variant).branches(0)) == 3
+    assert torch.equal(_dcg(1.0, 1.0, variant, phi=0.0).combine(preds, 0), preds["full"])
+
+
+def test_dcg_at_one_rescales_by_the_sigma_ratio():
+    """f = 1 + (φ/2)·(σ(ε_i)/σ(ε_ti) − 1) at a = b = 1 (SPEC §2), from given σ's."""
+    eps_i = torch.tensor([0.0, 2.0 * 0.82]).reshape(1, 1, 1, 2)  # σ_i / σ_ti = 0.82
+    eps_ti = torch.tensor([0.0, 2.0]).reshape(1, 1, 1, 2)
+    out = _dcg(1.0, 1.0).combine({"id": eps_i, "full": eps_ti}, 0)
+    f = 1 + 0.75 / 2 * (0.82 - 1)  # 0.9325: 7 % off when skipped
+    assert torch.allclose(out, f * eps_ti)
 
 
 def test_dcg_branch_sets():
-    assert dcg_branches(1.5, 3.0, "id-first") == ("uncond", "id", "full")
-    assert dcg_branches(1.5, 3.0, "text-first") == ("uncond", "text", "full")
-    assert dcg_branches(1.0, 1.0, "independent") == ("uncond", "text", "id")
+    assert _dcg(1.5, 3.0, "id-first").branches(0) == ("uncond", "id", "full")
+    assert _dcg(1.5, 3.0, "text-first").branches(0) == ("uncond", "text", "full")
+    assert _dcg(1.0, 1.0, "independent").branches(0) == ("uncond", "text", "id")
+    assert _dcg(1.0, 1.0, authors=True).branches(0) == ("uncond", "id", "full")  # the authors' three
     with pytest.raises(ValueError, match="variant"):
         decoupled_cfg({"uncond": torch.zeros(1)}, 1, 1, "both")
+    with pytest.raises(ValueError, match="variant"):
+        _dcg(1.0, 1.0, "both")
+
+
+def test_display_branch_per_mode():
+    assert _dcg(1.5, 3.0).display_branch(0) == "full"
+    assert _dcg(1.5, 3.0, "independent").display_branch(0) == "id"  # no full branch: the identity one
+    assert ClassicGuidance(1.0).display_branch(0) == "full"
+    assert LookaheadGuidance().display_branch(0) == "full"
+
+
+def test_guidance_for_settings():
+    s = GenerationSettings().replace(guidance__steps=4, guidance__guidance_scale=2.0)
+    assert guidance_for(s, 4) == ClassicGuidance(2.0)
+    d = guidance_for(s.replace(guidance__dcg=True), 4)
+    assert d.a == (1.0, 1.5, 1.5, 1.0) and d.b == (1.0, 3.0, 3.0, 1.0) and not d.authors_batch
+    exact = guidance_for(s.replace(attention__am_norm_scope="image-branches"), 4)
+    assert exact == DecoupledGuidance((2.0,) * 4, (2.0,) * 4, "id-first", 0.0, authors_batch=True)
+    kv = guidance_for(s.replace(lookahead__kv=True), 4, lcm_scheduler=True)
+    assert isinstance(kv, LookaheadGuidance) and kv.branches(0) == ("full",)
 
 
 def test_rescale_by_hand():
     pred = torch.tensor([[[[0.0, 4.0]]]])  # σ (unbiased) = 2.828…
     r1 = torch.tensor([[[[0.0, 2.0]]]])  # σ = 1.414…
-    r2 = torch.tensor([[[[0.0, 6.0]]]])  # σ = 4.242…
+    r2 = torch.tensor([[[[0.0, 8.0]]]])  # σ = 5.656…
     phi = 0.75
-    f = phi * ((math.sqrt(2) + 3 * math.sqrt(2)) / 2) / (2 * math.sqrt(2)) + (1 - phi)  # = 0.75·1 + 0.25 = 1
+    f = phi * ((math.sqrt(2) + 4 * math.sqrt(2)) / 2) / (2 * math.sqrt(2)) + (1 - phi)  # 0.75·1.25 + 0.25 = 1.1875
     out = rescale_guidance(pred, [r1, r2], phi)
-    assert torch.allclose(out, f * pred)
+    assert f == pytest.approx(1.1875) and torch.allclose(out, f * pred)
     out2 = rescale_guidance(pred, [r1], 0.5)  # f = 0.5·(√2 / 2√2) + 0.5 = 0.75
     assert torch.allclose(out2, 0.75 * pred)
     assert torch.equal(rescale_guidance(pred, [r1], 0.0), pred)
@@ -90,7 +132,10 @@ def test_classic_cfg(preds):
 def test_schedules():
     assert stretch([1, 1.5, 1.5, 1], 4) == [1, 1.5, 1.5, 1]
     assert stretch([1, 1.5, 1.5, 1], 8) == [1, 1, 1.5, 1.5, 1.5, 1.5, 1, 1]
+    # fewer steps than values: the ends stay, the interior thins out (1–3 steps spelled out)
+    assert stretch([1, 1.5, 1.5, 1], 3) == [1, 1.5, 1]
     assert stretch([1, 1.5, 1.5, 1], 2) == [1, 1]
+    assert stretch([1, 1.5, 1.5, 1], 1) == [1]
     assert stretch([7.5, 5, 5, 5], 1) == [7.5]
     assert schedule("constant", [2.0], 3) == [2.0, 2.0, 2.0]
     assert schedule("linear", [1.0, 3.0], 3) == [1.0, 2.0, 3.0]

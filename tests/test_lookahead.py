@@ -11,7 +11,7 @@ from util import px as _px
 from lcmla import SettingsError
 from lcmla.attention.context import AMPlan, AttentionContext, KVCache
 from lcmla.attention.processors import SelfAttnProcessor
-from lcmla.guidance import lookahead_branches, lookahead_cfg
+from lcmla.guidance import LookaheadGuidance, lookahead_cfg
 from lcmla.preview import ddpm_noise, ddpm_x0, lcm_x0
 from lcmla.settings import AttentionSettings
 
@@ -26,8 +26,9 @@ def self_attn():
     return Attention(query_dim=32, heads=2, dim_head=16).eval()
 
 
-def _ctx(kv=None, kv_from=0):
-    return AttentionContext(ip_scale=1.0, am=AMPlan.from_settings(AttentionSettings(), 1), kv=kv, kv_from=kv_from)
+def _ctx(kv=None, kv_index=None, record=False):
+    return AttentionContext(ip_scale=1.0, am=AMPlan.from_settings(AttentionSettings(), 1), kv=kv,
+                            kv_index=kv_index, kv_record=record)
 
 
 def _call(attn, proc, x, ctx=None):
@@ -43,21 +44,20 @@ def test_empty_cache_is_plain_self_attention(self_attn):
     ref = _call(self_attn, AttnProcessor2_0(), x)
     proc = SelfAttnProcessor("down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor")
     assert torch.equal(_call(self_attn, proc, x), ref)
-    assert torch.equal(_call(self_attn, proc, x, _ctx(KVCache(), kv_from=0)), ref)
+    assert torch.equal(_call(self_attn, proc, x, _ctx(KVCache(), kv_index=(0, 0, 0))), ref)
 
 
 def test_extended_attention_appends_reference_kv(self_attn):
     name = "up_blocks.0.attentions.0.transformer_blocks.0.attn1.processor"
     proc = SelfAttnProcessor(name)
     ref_x = torch.randn(1, 6, 32)
-    cache = KVCache(recording=True)
-    _call(self_attn, proc, ref_x, _ctx(cache))
+    cache = KVCache()
+    _call(self_attn, proc, ref_x, _ctx(cache, record=True))
     assert cache.store[name][0].shape == (1, 6, 32)
-    cache.recording = False
     x = torch.randn(3, 10, 32)
-    out = _call(self_attn, proc, x, _ctx(cache, kv_from=1))
+    out = _call(self_attn, proc, x, _ctx(cache, kv_index=(-1, 0, 0)))
     plain = _call(self_attn, proc, x, _ctx())
-    assert torch.equal(out[:1], plain[:1])  # samples before kv_from are untouched
+    assert torch.equal(out[:1], plain[:1])  # samples without a KV row are untouched
     # by hand: K = [K_gen ; K_ref], V = [V_gen ; V_ref] for the others
     a = self_attn
     with torch.no_grad():
@@ -70,14 +70,36 @@ def test_extended_attention_appends_reference_kv(self_attn):
     assert not torch.allclose(out[1:], plain[1:], atol=1e-4)
 
 
-def test_kv_drop_is_training_only():
-    k = torch.randn(1, 1000, 8)
-    cache = KVCache()
-    cache.store["x"] = (k, k)
-    assert cache.read("x")[0].shape[1] == 1000  # inference: nothing dropped
-    cache.drop_rate, cache.generator = 0.05, torch.Generator().manual_seed(0)
-    kept = cache.read("x")[0].shape[1]
-    assert 900 < kept < 1000
+def test_kv_rows_route_each_sample_to_its_reference(self_attn):
+    """Two encoder rows; each denoiser sample attends to the row its kv_index names."""
+    name = "up_blocks.0.attentions.0.transformer_blocks.0.attn1.processor"
+    proc = SelfAttnProcessor(name)
+    refs = torch.randn(2, 6, 32)
+    cache = KVCache(rows=2)
+    _call(self_attn, proc, refs, _ctx(cache, record=True))
+    assert cache.store[name][0].shape == (2, 6, 32)
+    x = torch.randn(3, 10, 32)
+    out = _call(self_attn, proc, x, _ctx(cache, kv_index=(1, -1, 0)))
+    for i, row in ((0, 1), (2, 0)):
+        one = KVCache()
+        _call(self_attn, proc, refs[row:row + 1], _ctx(one, record=True))
+        alone = _call(self_attn, proc, x[i:i + 1], _ctx(one, kv_index=(0,)))
+        assert torch.allclose(out[i:i + 1], alone, atol=1e-6)
+    assert torch.equal(out[1:2], _call(self_attn, proc, x, _ctx())[1:2])  # bit for bit in the same batch
+
+
+def test_kv_drop_is_training_only_and_fixed_per_cache():
+    k = torch.randn(2, 1000, 8)
+    cache = KVCache(rows=2)
+    cache.record("x", k, k)
+    assert cache.read("x")[0].shape == (2, 1000, 8)  # inference: nothing dropped
+    cache = KVCache(rows=2, drop_rate=0.05, generator=torch.Generator().manual_seed(0))
+    cache.record("x", k, k)
+    kept = cache.read("x")[0]
+    assert 900 < kept.shape[1] < 1000 and kept.shape[0] == 2
+    again = cache.read("x")[0]
+    cache.record("x", k, k)  # a recomputation (gradient checkpointing) keeps the same tokens
+    assert torch.equal(cache.read("x")[0], kept) and torch.equal(again, kept)
 
 
 # ---- guidance and previews, by hand -------------------------------------------------------------
@@ -89,10 +111,10 @@ def test_lookahead_cfg_by_hand():
     # 1 + 3·1 + 2·3 + 2·6 = 22
     assert lookahead_cfg(preds, 3.0, 2.0, 2.0).item() == 22.0
     assert torch.equal(lookahead_cfg({"nokv": mk(2)}, 1.0, 0.0, 0.0), mk(2))  # ε_u and zero-scale branches unused
-    assert lookahead_branches(3, 2, 2) == ("uncond", "nokv", "full", "kv")
-    assert lookahead_branches(1, 0, 0) == ("nokv",)
-    assert lookahead_branches(3, 2, 0) == ("uncond", "nokv", "full")
-    assert lookahead_branches(3, 2, 2, lcm_scheduler=True) == ("full",)
+    assert LookaheadGuidance(3, 2, 2).branches(0) == ("uncond", "nokv", "full", "kv")
+    assert LookaheadGuidance(1, 0, 0).branches(0) == ("nokv",)
+    assert LookaheadGuidance(3, 2, 0).branches(0) == ("uncond", "nokv", "full")
+    assert LookaheadGuidance(3, 2, 2, lcm_scheduler=True).branches(0) == ("full",)
 
 
 def test_lcm_x0_equals_lcm_scheduler_step():

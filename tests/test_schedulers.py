@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from lcmla import GenerationSettings
 from lcmla.fastface import apply_fastface_preset
@@ -35,10 +36,47 @@ def test_mechanisms_on_scheduler(sched_engine, face_path, mode):
         s = s.replace(guidance__guidance_scale=2.5)
     else:
         s = apply_fastface_preset(s, mode)
-    a = sched_engine.generate(s, [face_path])
+    steps = []
+    a = sched_engine.generate(s, [face_path], callback=steps.append)
     b = sched_engine.generate(s, [face_path])
-    px = np.asarray(a.images[0])
-    assert a.images[0].size == (256, 256) and np.isfinite(px).all() and px.std() > 1
+    px = np.asarray(a.images[0]).astype(np.int16)
+    assert all(torch.isfinite(info.latents).all() and torch.isfinite(info.x0).all() for info in steps)
+    assert a.images[0].size == (256, 256) and px.std() > 1 and len(steps) == 4
     assert np.array_equal(px, np.asarray(b.images[0]))  # deterministic, ancestral noise included
     if mode == "kv" and type(sched_engine.pipe.scheduler).__name__ == "LCMScheduler":
         assert a.branch_calls[0] == ("full",)  # with LCM only the full branch, as in the paper
+
+
+@pytest.mark.parametrize("kv", [False, True])
+def test_previews_on_scheduler(sched_engine, face_path, kv):
+    """x̂0 and LCM previews on every scheduler family, the KV path included: finite, one frame per
+    step, the generation unchanged by previewing."""
+    s = GenerationSettings(prompt="a pencil drawing of a face", output={"seed": 4}, lookahead={"kv": kv})
+    res = sched_engine.previews(s, [face_path])
+    assert [f.step for f in res.frames] == [0, 1, 2, 3]
+    assert all(np.asarray(f.lcm).std() > 0 for f in res.frames)
+    plain = sched_engine.generate(s, [face_path])
+    assert np.array_equal(np.asarray(res.image), np.asarray(plain.images[0]))
+    assert res.timings["previews"] > 0
+
+
+def test_fractional_euler_timesteps_use_interpolated_alphas():
+    """Euler's "linspace" spacing gives fractional timesteps; x̂0 must use ᾱ(t) of the scheduler's
+    interpolated σ(t), not ᾱ at the truncated integer t."""
+    from diffusers import EulerDiscreteScheduler
+
+    from lcmla.preview import alpha_at, ddpm_noise, ddpm_x0
+
+    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                   timestep_spacing="linspace")
+    sched.set_timesteps(5)  # 999, 749.25, 499.5, …
+    t = sched.timesteps[1]
+    assert float(t) != int(t)
+    sigma = float(sched.sigmas[1])
+    assert float(alpha_at(sched.alphas_cumprod, t)) == pytest.approx(1 / (1 + sigma**2), rel=1e-6)
+    torch.manual_seed(0)
+    z0, eps = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    zt = ddpm_noise(z0, eps, sched.alphas_cumprod, t)
+    assert torch.allclose(ddpm_x0(zt, eps, sched.alphas_cumprod, t), z0, atol=1e-5)
+    truncated = float(sched.alphas_cumprod[int(t)])
+    assert abs(truncated - float(alpha_at(sched.alphas_cumprod, t))) > 1e-5

@@ -179,6 +179,54 @@ def test_faceid_bin_has_h94_key_layout(faceid_bin: dict[str, dict[str, Any]], co
     assert len(ip) == len(names) * 8 + len(names) // 2 * 2
 
 
+# Key names of the real files, written out: the h94 FaceID-Plus-v2 SDXL .bin numbers the UNet's
+# attention processors in diffusers' ``attn_processors`` order (down blocks, up blocks, then the mid
+# block; attn1 even, attn2 odd), and its kohya-layout LoRA names modules by their dotted path with
+# "_" (``lora_unet_<path>``). The tiny UNet has SDXL's block structure, so these positions exist in it.
+REAL_BIN_KEYS = {
+    # key id: the processor it belongs to
+    "0.to_q_lora.down.weight": "down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor",
+    "1.to_k_ip.weight": "down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor",
+    "1.to_v_ip.weight": "down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor",
+    "1.to_out_lora.up.weight": "down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor",
+    "33.to_k_ip.weight": "mid_block.attentions.0.transformer_blocks.1.attn2.processor",  # the last: mid block
+}
+REAL_KOHYA_KEYS = (
+    "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight",
+    "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight",
+    "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0.alpha",
+    "lora_unet_up_blocks_0_attentions_2_transformer_blocks_1_attn1_to_v.lora_down.weight",
+)
+REAL_LCM_KOHYA_KEYS = (
+    "lora_unet_down_blocks_0_downsamplers_0_conv.alpha",
+    "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight",
+    "lora_unet_up_blocks_0_resnets_0_conv_shortcut.lora_up.weight",
+    "lora_unet_mid_block_attentions_0_proj_in.lora_down.weight",
+    "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_ff_net_0_proj.lora_up.weight",
+)
+
+
+def test_real_key_names_and_their_modules(paths: dict[str, Path], faceid_bin: dict, comps: Components) -> None:
+    names = [n for n in comps.pipe.unet.attn_processors if not n.startswith("encoder_hid_proj")]
+    assert len(names) == 34 and names[0] == REAL_BIN_KEYS["0.to_q_lora.down.weight"]
+    for key, processor in REAL_BIN_KEYS.items():
+        assert key in faceid_bin["ip_adapter"], key
+        assert names[int(key.split(".")[0])] == processor, key
+    # diffusers puts "1.to_k_ip" on exactly that layer
+    proc = comps.pipe.unet.attn_processors[REAL_BIN_KEYS["1.to_k_ip.weight"]]
+    assert torch.equal(proc.to_k_ip[0].weight, faceid_bin["ip_adapter"]["1.to_k_ip.weight"])
+    lora = load_file(str(paths["faceid"] / FACEID_LORA))
+    lcm = load_file(str(paths["lcm_lora"] / tiny.LCM_LORA_FILE))
+    assert all(k in lora for k in REAL_KOHYA_KEYS)
+    assert all(k in lcm for k in REAL_LCM_KOHYA_KEYS)
+    # kohya's alpha: a 0-d tensor per module; the scale applied is alpha / rank (peft's scaling)
+    assert all(lcm[k].ndim == 0 for k in lcm if k.endswith(".alpha"))
+    key = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0"
+    alpha, down = lora[key + ".alpha"], lora[key + ".lora_down.weight"]
+    layer = comps.pipe.unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0")
+    assert alpha.ndim == 0 and layer.scaling["faceid"] == pytest.approx(float(alpha) / down.shape[0])
+
+
 def test_tokenizers_take_any_prompt(paths: dict[str, Path]) -> None:
     from transformers import CLIPTokenizer
 
@@ -222,7 +270,7 @@ def test_load_components_goes_through_diffusers(paths: dict[str, Path], faceid_b
     ]
 
     unet = comps.pipe.unet
-    assert comps.adapters == ("faceid", "lcm")
+    assert tuple(comps.pipe.unet.peft_config) == ("faceid", "lcm")
     assert set(unet.peft_config) == {"faceid", "lcm"}
     assert isinstance(unet.encoder_hid_proj.image_projection_layers[0], IPAdapterFaceIDPlusImageProjection)
     names = [n for n in unet.attn_processors if not n.startswith("encoder_hid_proj")]
@@ -363,11 +411,11 @@ def test_replacement_unet_and_fused_lora(paths: dict[str, Path], comps: Componen
     lightning = dataclasses.replace(TINY, unet_repo="x/lightning", unet_file="unet.safetensors")
     loaded = load_components(lightning, {**paths, "unet": tmp_path / "lightning"})
     assert torch.equal(loaded.pipe.unet.conv_out.weight, state["conv_out.weight"])
-    assert loaded.adapters == ("faceid",)
+    assert tuple(loaded.pipe.unet.peft_config) == ("faceid",)
 
     hyper = dataclasses.replace(TINY, fuse_lora=("x/hyper", tiny.LCM_LORA_FILE, 0.5))
     fused = load_components(hyper, {**paths, "fused_lora": paths["lcm_lora"]})
-    assert fused.adapters == ("faceid",)  # the fused LoRA left no adapter behind
+    assert tuple(fused.pipe.unet.peft_config) == ("faceid",)  # the fused LoRA left no adapter behind
     lcm = load_file(str(paths["lcm_lora"] / tiny.LCM_LORA_FILE))
     key = "lora_unet_mid_block_resnets_0_conv1"
     down, up = lcm[key + ".lora_down.weight"], lcm[key + ".lora_up.weight"]

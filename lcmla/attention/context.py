@@ -31,6 +31,7 @@ class AMPlan:
     am2_sharpness: tuple[float, ...]  # one per step
     am2_scale: tuple[float, ...]  # one per step
     am2_quantile: float
+    am2_adain: bool
     adain_weight: float
     cap: float
 
@@ -47,6 +48,7 @@ class AMPlan:
             am2_sharpness=tuple(stretch(s.am2_sharpness, num_steps)),
             am2_scale=tuple(stretch(s.am2_scale, num_steps)),
             am2_quantile=s.am2_quantile,
+            am2_adain=s.am2_adain,
             adain_weight=s.adain_weight,
             cap=s.cap,
         )
@@ -66,10 +68,7 @@ class MapStore:
 
     def record(self, block: str, step: int, before: torch.Tensor, after: torch.Tensor) -> None:
         """before/after: (heads, Q, T) probabilities of one sample; stored head-averaged on the grid."""
-        q = before.shape[-2]
-        h, w = self.latent_hw
-        factor = max(1, round((h * w / q) ** 0.5))
-        grid = (h // factor, w // factor)
+        grid = attention_grid(self.latent_hw, before.shape[-2])
         pair = torch.stack([before.mean(0), after.mean(0)])  # (2, Q, T)
         self.maps[(block, step)] = pair.permute(0, 2, 1).reshape(2, -1, *grid).float().cpu()
 
@@ -96,6 +95,18 @@ class MapStore:
         return torch.stack(resized).mean(0)
 
 
+def attention_grid(latent_hw: tuple[int, int], queries: int) -> tuple[int, int]:
+    """The (h, w) grid of an attention layer with ``queries`` positions in a UNet whose input
+    latent is ``latent_hw``. Each SDXL downsampler is a 3×3 convolution with stride 2 and padding 1,
+    which maps a side n to ⌈n/2⌉ (so 125 → 63 → 32), and the up path restores the same sizes."""
+    h, w = latent_hw
+    while h * w > queries and (h > 1 or w > 1):
+        h, w = (h + 1) // 2, (w + 1) // 2
+    if h * w != queries:
+        raise ValueError(f"no UNet level of a {latent_hw[0]}x{latent_hw[1]} latent has {queries} positions")
+    return h, w
+
+
 def block_kind(name: str) -> str:
     """'down_blocks.1.attentions.0…' → 'down'; mid_block → 'mid'; up_blocks → 'up'."""
     if name.startswith("down_blocks"):
@@ -107,33 +118,40 @@ def block_kind(name: str) -> str:
 
 @dataclass
 class KVCache:
-    """LCM-Lookahead's extended self-attention cache (SPEC §4), owned by the engine per call.
+    """LCM-Lookahead's extended self-attention cache (SPEC §4): one KV-encoder pass's keys and values.
 
-    While ``recording``, every self-attention layer stores the keys and values it computes (the KV
-    encoder pass over the reference face); otherwise layers that find an entry append it:
-    K = [K_gen ; K_ref], V = [V_gen ; V_ref]. Entries are (1, N_ref, C), the tokens of all
-    reference photos laid side by side. ``drop_rate`` (training: 0.05) drops that fraction of the
-    cached tokens at random each time they are read; it is 0 at inference.
+    The encoder pass runs ``rows`` conditioning rows (inference: the null-text row and the "a photo
+    of a face" row; training: one row per sample, its own reference) times ``photos`` reference
+    photos, row-major. Each self-attention layer records its K and V, stored per row as
+    (rows, photos·N, C): the tokens of all reference photos of a row side by side. Denoiser samples
+    then attend to K = [K_gen ; K_ref[row]], V = [V_gen ; V_ref[row]] (the row each sample reads is
+    in ``AttentionContext.kv_index``). ``drop_rate`` (training: 0.05) drops that fraction of the
+    reference tokens; the mask of a layer is drawn once per cache, so a pass (and its
+    gradient-checkpointing recomputation) always sees the same tokens. It is 0 at inference.
     """
 
-    store: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    recording: bool = False
+    rows: int = 1
     drop_rate: float = 0.0
     generator: torch.Generator | None = None
+    store: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def record(self, name: str, key: torch.Tensor, value: torch.Tensor) -> None:
-        """key/value: (n_ref, N, C) → stored as (1, n_ref·N, C)."""
+        """key/value: (rows·photos, N, C) → stored as (rows, photos·N', C), N' the kept tokens."""
         c = key.shape[-1]
-        self.store[name] = (key.reshape(1, -1, c), value.reshape(1, -1, c))
+        k, v = key.reshape(self.rows, -1, c), value.reshape(self.rows, -1, c)
+        if self.drop_rate > 0:
+            keep = self.masks.get(name)
+            if keep is None:
+                draw = torch.rand(k.shape[1], generator=self.generator, device="cpu")
+                keep = self.masks[name] = (draw >= self.drop_rate).nonzero().flatten()
+            idx = keep.to(k.device)
+            k, v = k.index_select(1, idx), v.index_select(1, idx)
+        self.store[name] = (k, v)
 
     def read(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        entry = self.store.get(name)
-        if entry is None or self.drop_rate <= 0:
-            return entry
-        k, v = entry
-        keep = torch.rand(k.shape[1], generator=self.generator, device="cpu") >= self.drop_rate
-        idx = keep.nonzero().flatten().to(k.device)
-        return k.index_select(1, idx), v.index_select(1, idx)
+        """(rows, N_ref, C) keys and values of layer ``name``, or None when it recorded nothing."""
+        return self.store.get(name)
 
     def __len__(self) -> int:
         return len(self.store)
@@ -141,13 +159,19 @@ class KVCache:
 
 @dataclass
 class AttentionContext:
-    """Everything the processors need for one UNet call of one request."""
+    """Everything the processors need for one UNet call of one request. The engine hands each call
+    its own copy (``dataclasses.replace``), so nothing a later call changes reaches an earlier one
+    (gradient checkpointing recomputes blocks with the context of their own pass)."""
 
     ip_scale: float  # λ, FastFace Eq. 3
     am: AMPlan
     step: int = 0
     capture: MapStore | None = None
-    capture_index: int = 0  # which sample of the UNet batch to record (the full-condition branch)
+    capture_index: int = 0  # which sample of the UNet batch to record (the display branch)
     kv: KVCache | None = None  # LCM-Lookahead reference keys/values
-    kv_from: int = 0  # batch samples [kv_from:] attend to the cached K/V; earlier ones do not
-    extra: dict = field(default_factory=dict)  # room for later mechanisms (e.g. the KV cache)
+    kv_record: bool = False  # this call is the KV-encoder pass: self-attention layers record into kv
+    # per batch sample: the KV-encoder row whose reference K/V it attends to, −1 for none
+    kv_index: tuple[int, ...] | None = None
+    # AM2's min–max pools over groups of this many consecutive samples (the guidance branches of
+    # one image) when attention.am_norm_scope is "image-branches"; 1 = per sample
+    am_group: int = 1

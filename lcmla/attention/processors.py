@@ -83,9 +83,9 @@ class SelfAttnProcessor(_Base):
         kv = None if lcmla is None else lcmla.kv
         ref = None
         if kv is not None:
-            if kv.recording:
+            if lcmla.kv_record:
                 kv.record(self.name, key_flat, value_flat)
-            elif lcmla.kv_from < batch:
+            elif lcmla.kv_index is not None:
                 ref = kv.read(self.name)
         query = _heads(attn.to_q(hidden_states), batch, attn.heads)
         key = _heads(key_flat, batch, attn.heads)
@@ -97,28 +97,36 @@ class SelfAttnProcessor(_Base):
         if ref is None:
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
         else:
-            out = self._extended(attn, query, key, value, ref, lcmla.kv_from, attention_mask)
+            out = self._extended(attn, query, key, value, ref, lcmla.kv_index, attention_mask)
         out = _merge(out, batch).to(query.dtype)
         return self._finish(attn, out, residual, shape)
 
     @staticmethod
-    def _extended(attn, query, key, value, ref, n0: int, attention_mask):
-        """Samples [:n0] attend to themselves; samples [n0:] to K = [K_gen ; K_ref], V = [V_gen ; V_ref]."""
+    def _extended(attn, query, key, value, ref, kv_index, attention_mask):
+        """Samples with kv_index −1 attend to themselves; sample i with row r = kv_index[i] attends
+        to K = [K_gen ; K_ref[r]], V = [V_gen ; V_ref[r]] (per head, scale 1/√d, no bias)."""
         if attention_mask is not None:
             raise ValueError("extended self-attention does not support attention masks")
-        k_ref, v_ref = ref  # (1, N_ref, C)
-        n_kv = query.shape[0] - n0
-        k_ref = _heads(k_ref.to(key.dtype), 1, attn.heads)  # (1, heads, N_ref, d)
-        v_ref = _heads(v_ref.to(value.dtype), 1, attn.heads)
+        k_rows, v_rows = ref  # (rows, N_ref, C)
+        rows = [r for r in kv_index if r >= 0]
+        with_kv = [i for i, r in enumerate(kv_index) if r >= 0]
+        plain = [i for i, r in enumerate(kv_index) if r < 0]
+        heads = attn.heads
+        k_ref = _heads(k_rows[rows].to(key.dtype), len(rows), heads)  # (n_kv, heads, N_ref, d)
+        v_ref = _heads(v_rows[rows].to(value.dtype), len(rows), heads)
         if attn.norm_k is not None:
             k_ref = attn.norm_k(k_ref)
-        k_ext = torch.cat([key[n0:], k_ref.expand(n_kv, -1, -1, -1)], dim=2)
-        v_ext = torch.cat([value[n0:], v_ref.expand(n_kv, -1, -1, -1)], dim=2)
-        with_kv = F.scaled_dot_product_attention(query[n0:], k_ext, v_ext, dropout_p=0.0, is_causal=False)
-        if n0 == 0:
-            return with_kv
-        plain = F.scaled_dot_product_attention(query[:n0], key[:n0], value[:n0], dropout_p=0.0, is_causal=False)
-        return torch.cat([plain, with_kv])
+        k_ext = torch.cat([key[with_kv], k_ref], dim=2)
+        v_ext = torch.cat([value[with_kv], v_ref], dim=2)
+        out_kv = F.scaled_dot_product_attention(query[with_kv], k_ext, v_ext, dropout_p=0.0, is_causal=False)
+        if not plain:
+            return out_kv
+        out_plain = F.scaled_dot_product_attention(query[plain], key[plain], value[plain], dropout_p=0.0, is_causal=False)
+        if plain == list(range(len(plain))):  # the usual layout: no-KV branches first
+            return torch.cat([out_plain, out_kv])
+        out = torch.empty_like(query)
+        out[plain], out[with_kv] = out_plain, out_kv
+        return out
 
 
 class IdentityAttnProcessor(_Base):
@@ -176,14 +184,16 @@ class IdentityAttnProcessor(_Base):
 
         probs = self._probs(attn, query, ip_key)  # (B, heads, Q, T)
         new = self._transform(probs, ctx)
-        ip_out = _merge(torch.matmul(new, ip_value), batch)  # (B, Q, C)
-        if ctx.am.mode == "am2":  # AdaIN on the output too, against the untransformed output
-            ref = _merge(torch.matmul(probs, ip_value), batch)
+        ip_out = torch.matmul(new, ip_value)  # (B, heads, Q, d)
+        if ctx.am.mode == "am2" and ctx.am.am2_adain:
+            # AdaIN on the output too, against the untransformed output A·V′, with statistics per
+            # head over head_dim, before the heads are merged (SPEC §3 step 7; the authors' axis)
+            ref = torch.matmul(probs, ip_value)
             ip_out = adain_blend(ip_out, ref, ctx.am.adain_weight, dim=-1)
         if capture:
             i = ctx.capture_index
             ctx.capture.record(self.name, ctx.step, probs[i], new[i])
-        return ip_out.to(query.dtype)
+        return _merge(ip_out, batch).to(query.dtype)
 
     @staticmethod
     def _probs(attn, query: torch.Tensor, ip_key: torch.Tensor) -> torch.Tensor:
@@ -200,15 +210,15 @@ class IdentityAttnProcessor(_Base):
         else:
             k = min(step, len(am.am2_sharpness) - 1)
             new = scheduled_softmask(probs, am.am2_sharpness[k], am.am2_quantile, am.am2_scale[k], am.cap,
-                                     invert_first_token=True)
+                                     invert_first_token=True, group=ctx.am_group)
         n_tok = probs.shape[-1]
         chosen = [t for t in am.tokens if t < n_tok]
         if len(chosen) < n_tok:
             mask = torch.zeros(n_tok, dtype=torch.bool, device=probs.device)
             mask[chosen] = True
             new = torch.where(mask, new, probs)
-        if am.mode == "am2":
-            new = adain_blend(new, probs, am.adain_weight, dim=-1)
+        if am.mode == "am2" and am.am2_adain:
+            new = adain_blend(new, probs, am.adain_weight, dim=-1)  # over the token axis
         return new
 
 

@@ -1,0 +1,158 @@
+"""The model function of a request: guidance branches batched into one UNet call per step.
+
+``GuidedDenoiser(z_in, t, step) -> ε`` is what the sampler loop (:mod:`lcmla.sampling`) calls. It
+asks the request's :class:`~lcmla.guidance.Guidance` which branches the step needs, stacks their
+conditions into ONE UNet batch (:class:`UNetBatch`), runs the LCM-Lookahead KV encoder first when a
+branch reads reference keys/values, carries a fresh per-call
+:class:`~lcmla.attention.context.AttentionContext` into the attention processors, and combines the
+branch predictions. The trainer calls :func:`unet_forward` with its own batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from .attention.context import AttentionContext
+from .guidance import Condition, Guidance
+
+__all__ = ["ConditionSet", "GuidedDenoiser", "GuidedStep", "UNetBatch", "unet_forward"]
+
+
+@dataclass(frozen=True)
+class UNetBatch:
+    """The conditions of one UNet batch, one row per sample (SDXL + FaceID-Plus)."""
+
+    prompt_embeds: torch.Tensor  # (n, 77, D) text encoder hidden states
+    text_embeds: torch.Tensor  # (n, D_pooled) pooled text embedding
+    time_ids: torch.Tensor  # (n, 6) SDXL micro-conditioning
+    id_embeds: torch.Tensor  # (n, 1, 512) identity embedding (zeros: the null identity)
+    clip_embeds: torch.Tensor  # (n, 1, T, H) CLIP hidden states of the aligned face crop(s)
+
+    def __len__(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    def take(self, index: Sequence[int]) -> "UNetBatch":
+        """The rows ``index`` (in that order)."""
+        idx = list(index)
+        return UNetBatch(*(getattr(self, f.name)[idx] for f in dataclasses.fields(self)))
+
+    def repeat(self, times: int) -> "UNetBatch":
+        """Every row repeated ``times`` times in place (row r → rows r·times … r·times + times − 1)."""
+        return UNetBatch(*(getattr(self, f.name).repeat_interleave(times, dim=0) for f in dataclasses.fields(self)))
+
+    @staticmethod
+    def cat(batches: Sequence["UNetBatch"]) -> "UNetBatch":
+        return UNetBatch(*(torch.cat([getattr(b, f.name) for b in batches]) for f in dataclasses.fields(UNetBatch)))
+
+
+@dataclass(frozen=True)
+class ConditionSet:
+    """The text and identity conditions of one request, each in its conditioned and null form.
+
+    text: {"text": (embeds (1, 77, D), pooled (1, P)), "null": (...)};
+    identity: {"id": (id_embeds (1, 1, 512), clip (1, 1, T, H)), "null": (...)};
+    time_ids: (1, 6).
+    """
+
+    text: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+    identity: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+    time_ids: torch.Tensor
+
+    def row(self, condition: Condition) -> UNetBatch:
+        """One row conditioned as ``condition`` says."""
+        prompt, pooled = self.text["text" if condition.text else "null"]
+        id_embeds, clip = self.identity["id" if condition.identity else "null"]
+        return UNetBatch(prompt, pooled, self.time_ids, id_embeds, clip)
+
+    def batch(self, branches: Sequence[str], conditions: Mapping[str, Condition]) -> UNetBatch:
+        """The rows of ``branches`` in order."""
+        return UNetBatch.cat([self.row(conditions[name]) for name in branches])
+
+
+def unet_forward(unet, z: torch.Tensor, t: torch.Tensor, batch: UNetBatch, ctx: AttentionContext | None) -> torch.Tensor:
+    """One UNet call: z (n, 4, h, w) at timestep t under ``batch``'s conditions → ε (n, 4, h, w).
+
+    FaceID-Plus reads its CLIP features from its projection module (diffusers' design); they are set
+    right before the call, which the engine's lock serialises.
+    """
+    proj = unet.encoder_hid_proj.image_projection_layers[0]
+    proj.clip_embeds = batch.clip_embeds
+    return unet(
+        z,
+        t,
+        encoder_hidden_states=batch.prompt_embeds,
+        added_cond_kwargs={"text_embeds": batch.text_embeds, "time_ids": batch.time_ids,
+                           "image_embeds": [batch.id_embeds]},
+        cross_attention_kwargs={"lcmla": ctx} if ctx is not None else None,
+        return_dict=False,
+    )[0]
+
+
+@dataclass(frozen=True)
+class GuidedStep:
+    """What ``on_guided`` receives after each step's UNet call (previews and tools hook here)."""
+
+    step: int
+    timestep: torch.Tensor
+    z_in: torch.Tensor  # (1, 4, h, w) the scaled model input of the step
+    eps: torch.Tensor  # (1, 4, h, w) the guided prediction handed to the scheduler
+    preds: Mapping[str, torch.Tensor]  # branch → (1, 4, h, w)
+    branches: tuple[str, ...]
+    ctx: AttentionContext  # the context of the step's UNet call (its KV cache included)
+
+
+@dataclass
+class GuidedDenoiser:
+    """The model function of one image of one request (see the module docstring).
+
+    ``kv_encoder(t) -> KVCache`` runs the LCM-Lookahead encoder pass at t (None without the KV
+    path); ``kv_rows`` names its rows in order. ``calls`` records each step's branches.
+    """
+
+    unet: Any
+    conditions: ConditionSet
+    guidance: Guidance
+    context: AttentionContext  # the request's knobs; a copy with the step's values goes to each call
+    kv_encoder: Callable[[torch.Tensor], Any] | None = None
+    kv_rows: tuple[str, ...] = ()
+    on_guided: Callable[[GuidedStep], None] | None = None
+    pool_branches: bool = False  # AM2 min–max pooled over this image's branches (authors-exact)
+    calls: list[tuple[str, ...]] = field(default_factory=list)
+    _batches: dict[tuple[str, ...], UNetBatch] = field(default_factory=dict, repr=False)
+
+    def batch(self, branches: tuple[str, ...]) -> UNetBatch:
+        if branches not in self._batches:
+            self._batches[branches] = self.conditions.batch(branches, self.guidance.conditions)
+        return self._batches[branches]
+
+    def kv_index(self, branches: Sequence[str]) -> tuple[int, ...]:
+        """Per branch: the KV-encoder row it attends to, or −1."""
+        rows = [self.guidance.conditions[name].kv_row for name in branches]
+        return tuple(-1 if r is None else self.kv_rows.index(r) for r in rows)
+
+    def __call__(self, z_in: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        branches = self.guidance.branches(step)
+        n = len(branches)
+        kv_index = self.kv_index(branches)
+        cache = None
+        if any(i >= 0 for i in kv_index):
+            cache = self.kv_encoder(t)
+        ctx = dataclasses.replace(
+            self.context,
+            step=step,
+            capture_index=branches.index(self.guidance.display_branch(step)),
+            kv=cache,
+            kv_index=kv_index if cache is not None else None,
+            am_group=n if self.pool_branches else 1,
+        )
+        eps_all = unet_forward(self.unet, z_in.expand(n, -1, -1, -1), t, self.batch(branches), ctx)
+        preds = dict(zip(branches, eps_all.chunk(n)))  # all branches came from ONE UNet call
+        eps = self.guidance.combine(preds, step)
+        self.calls.append(branches)
+        if self.on_guided is not None:
+            self.on_guided(GuidedStep(step, t, z_in, eps, preds, branches, ctx))
+        return eps

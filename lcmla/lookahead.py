@@ -1,0 +1,124 @@
+"""LCM-Lookahead on the denoiser's own UNet: the KV-encoder pass and the one-step previews.
+
+Used by inference (:class:`~lcmla.engine.Engine`) and by training (``training/``):
+
+- :func:`frame_reference` — the reference photo at the output size (the whole photo, or a crop
+  around the face), keeping the aspect ratio and padding with the photo's own border;
+- :func:`encode_reference` — the KV-encoder pass (SPEC §4): the reference latents noised to the
+  current t with the generation's own noise, run through the UNet under the encoder rows'
+  conditions with the null identity, every self-attention layer recording its K and V into a
+  :class:`~lcmla.attention.context.KVCache`;
+- :func:`lcm_preview_eps` and :func:`decode_tiny` — the LCM one-step preview's prediction and its
+  TAESD decode.
+
+Which adapters, LoRAs and FreeU are active during a pass is module state that the caller sets
+(the engine under its lock, the trainer per pass); these functions only run the passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .attention.context import AMPlan, AttentionContext, KVCache
+from .denoiser import UNetBatch, unet_forward
+from .preview import ddpm_noise
+from .settings import AttentionSettings
+
+__all__ = ["decode_tiny", "encode_reference", "frame_reference", "lcm_preview_eps", "reference_latents"]
+
+FRAMINGS = ("photo", "face")
+
+
+def _fit_box(cx: float, cy: float, half_w: float, half_h: float) -> tuple[int, int, int, int]:
+    return (round(cx - half_w), round(cy - half_h), round(cx + half_w), round(cy + half_h))
+
+
+def frame_reference(image: Image.Image, box: tuple[float, float, float, float] | None, size: tuple[int, int],
+                    framing: str = "photo") -> Image.Image:
+    """The KV encoder's reference image at the output ``size`` = (width, height).
+
+    "photo": the whole photo (the authors' released inference), scaled to fit and centred;
+    "face": a crop centred on the face ``box`` spanning twice its larger side, in the output's
+    aspect ratio. Either way the aspect ratio is kept and any area outside the photo is filled by
+    repeating the photo's own border pixels (edge padding), not black.
+    """
+    import numpy as np
+
+    if framing not in FRAMINGS:
+        raise ValueError(f"reference framing must be one of {', '.join(FRAMINGS)} (got {framing!r})")
+    out_w, out_h = size
+    aspect = out_w / out_h
+    w, h = image.size
+    if framing == "face" and box is not None:
+        x1, y1, x2, y2 = box
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        side = 2 * max(x2 - x1, y2 - y1)  # the crop's smaller side spans twice the face
+        half_w, half_h = (side * aspect / 2, side / 2) if aspect >= 1 else (side / 2, side / aspect / 2)
+    else:  # the whole photo, letter-boxed to the output aspect
+        cx, cy = w / 2, h / 2
+        half_w, half_h = (max(w, h * aspect) / 2, max(h, w / aspect) / 2)
+    left, top, right, bottom = _fit_box(cx, cy, half_w, half_h)
+    pad = (max(0, -top), max(0, bottom - h)), (max(0, -left), max(0, right - w)), (0, 0)
+    arr = np.asarray(image.convert("RGB"))
+    if any(p for pair in pad for p in pair):
+        arr = np.pad(arr, pad, mode="edge")
+        left, top, right, bottom = left + pad[1][0], top + pad[0][0], right + pad[1][0], bottom + pad[0][0]
+    crop = Image.fromarray(arr[top:bottom, left:right])
+    return crop.resize((out_w, out_h), Image.BICUBIC)
+
+
+@torch.no_grad()
+def reference_latents(pipe, images: list[Image.Image], dtype: torch.dtype) -> torch.Tensor:
+    """VAE latents of the reference images, (n, 4, h, w), scaled like the UNet's input.
+
+    The posterior mean, once (the authors draw a fresh posterior sample every step; the mean is the
+    deterministic choice SPEC §4 allows, and the VAE's posterior is narrow).
+    """
+    vae = pipe.vae
+    pixels = pipe.image_processor.preprocess(images).to(vae.device, vae.dtype)  # (n, 3, H, W)
+    latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+    return latents.to(dtype)
+
+
+def encode_reference(unet, latents: torch.Tensor, rows: UNetBatch, t: torch.Tensor, noise: torch.Tensor,
+                     alphas_cumprod: torch.Tensor, cache: KVCache) -> KVCache:
+    """The KV-encoder pass at timestep t (SPEC §4), recording into ``cache``.
+
+    latents: (P, 4, h, w) the P reference photos; rows: R encoder rows (conditions); the encoder
+    batch is R × P, row-major, every photo noised to t with the same ``noise`` (the generation's
+    initial noise, (1, 4, h, w)); the identity attention is off (λ = 0: the encoder's cross
+    attention sees text only). Returns ``cache`` holding (R, P·N, C) per layer.
+    """
+    r, p = len(rows), latents.shape[0]
+    z_ref = ddpm_noise(latents, noise.expand_as(latents), alphas_cumprod, t)  # (P, 4, h, w)
+    batch = rows.repeat(p) if p > 1 else rows
+    z = z_ref.repeat(r, 1, 1, 1)  # (R·P, 4, h, w): row-major, photos vary fastest
+    ctx = AttentionContext(ip_scale=0.0, am=_NO_AM, kv=cache, kv_record=True)
+    cache.rows = r
+    cache.store.clear()
+    unet_forward(unet, z, t, batch, ctx)
+    return cache
+
+
+_NO_AM = AMPlan.from_settings(AttentionSettings(), 1)
+
+
+def lcm_preview_eps(unet, z_in: torch.Tensor, t: torch.Tensor, row: UNetBatch, ctx: AttentionContext,
+                    kv_row: int | None = None) -> torch.Tensor:
+    """ε for the LCM one-step preview: one full-condition row, no guidance, nothing captured; on
+    the KV path it reads the step's reference K/V (``ctx.kv``) of encoder row ``kv_row``. The
+    caller activates the LCM-LoRA."""
+    kv_index = (kv_row,) if kv_row is not None and ctx.kv is not None else None
+    lcm_ctx = dataclasses.replace(ctx, capture=None, capture_index=0, kv_index=kv_index, am_group=1)
+    return unet_forward(unet, z_in, t, row, lcm_ctx)
+
+
+@torch.no_grad()
+def decode_tiny(taesd, image_processor, latents: torch.Tensor) -> Any:
+    """TAESD decode for previews (latents as the UNet sees them; TAESD's scaling factor is 1)."""
+    image = taesd.decode(latents.to(taesd.dtype), return_dict=False)[0]
+    return image_processor.postprocess(image.float().clamp(-1, 1), output_type="pil")[0]

@@ -1,0 +1,160 @@
+"""Edge cases found by reading the engine (FastFace exactness issue): each failed before its fix."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+from util import make_settings as _settings
+from util import px as _px
+
+from lcmla import LcmlaError
+from lcmla.attention.context import attention_grid
+
+
+def test_attention_grid_follows_the_unet_downsampling():
+    # a 3x3 stride-2 conv with padding 1 maps n to ceil(n / 2): 125 -> 63 -> 32
+    assert attention_grid((125, 100), 125 * 100) == (125, 100)
+    assert attention_grid((125, 100), 63 * 50) == (63, 50)
+    assert attention_grid((125, 100), 32 * 25) == (32, 25)
+    with pytest.raises(ValueError, match="no UNet level"):
+        attention_grid((125, 100), 1000)
+
+
+def test_capture_on_sizes_that_are_not_multiples_of_32(engine, face_path):
+    r = engine.generate(_settings(output__width=264, output__height=200, attention__mode="am2",
+                                  attention__capture_maps=True), [face_path])
+    store = r.attention_maps[0]
+    shapes = {tuple(m.shape[-2:]) for m in store.maps.values()}
+    assert shapes == {(13, 17), (7, 9)}  # latent 25x33 -> 13x17 -> 7x9 in the attention blocks
+    assert store.mean_over("all", 1, 0).shape == (13, 17)
+
+
+def test_preview_scale_is_not_the_backbone_lora_scale(engine, face_path):
+    """An LCM-LoRA backbone (sdxl-lcm-lora) reads guidance.backbone_lora_scale; the previews'
+    lookahead.lcm_lora_scale must not change its generation."""
+    from lcmla import Engine
+
+    preset = dataclasses.replace(engine.preset, lcm_lora=("latent-consistency/lcm-lora-sdxl", "x"))
+    lcm_engine = Engine(preset, engine.components, engine.faces, device="cpu", dtype=engine.dtype)
+    base = lcm_engine.generate(_settings(), [face_path])
+    other_preview_scale = lcm_engine.generate(_settings(lookahead__lcm_lora_scale=0.1), [face_path])
+    no_backbone = lcm_engine.generate(_settings(guidance__backbone_lora_scale=0.0), [face_path])
+    plain = engine.generate(_settings(), [face_path])  # the tiny preset has no LCM backbone
+    assert np.array_equal(_px(base.images[0]), _px(other_preview_scale.images[0]))
+    assert np.array_equal(_px(no_backbone.images[0]), _px(plain.images[0]))
+    assert not np.array_equal(_px(base.images[0]), _px(plain.images[0]))
+
+
+def test_lcm_boundary_is_read_from_the_scheduler(engine):
+    from diffusers import LCMScheduler
+
+    assert engine._lcm_boundary() == (10.0, 0.5)  # DDIM pipeline: an LCM scheduler's defaults
+    saved = engine.pipe.scheduler
+    try:
+        engine.pipe.scheduler = LCMScheduler.from_config(saved.config, timestep_scaling=4.0)
+        assert engine._lcm_boundary() == (4.0, 0.5)
+    finally:
+        engine.pipe.scheduler = saved
+
+
+@pytest.mark.parametrize("kind", ["bytes", "bytesio", "iterator", "pil", "array"])
+def test_every_photo_form_gives_the_same_identity_and_kv_reference(engine, face_path, kind):
+    data = face_path.read_bytes()
+    forms = {
+        "bytes": lambda: data,
+        "bytesio": lambda: io.BytesIO(data),
+        "iterator": lambda: iter([face_path]),
+        "pil": lambda: Image.open(face_path),
+        "array": lambda: np.asarray(Image.open(face_path).convert("RGB")),
+    }
+    s = _settings(lookahead__kv=True)
+    ref = engine.generate(s, [face_path])
+    got = engine.generate(s, forms[kind]())
+    assert got.face_boxes == ref.face_boxes
+    assert np.array_equal(_px(got.images[0]), _px(ref.images[0]))
+
+
+def test_a_generator_of_photos_is_consumed_once(engine, face_path, other_face):
+    def photos():
+        yield face_path
+        yield other_face
+
+    r = engine.generate(_settings(lookahead__kv=True), photos())
+    assert len(r.face_boxes) == 2
+    ref = engine.generate(_settings(lookahead__kv=True), [face_path, other_face])
+    assert np.array_equal(_px(r.images[0]), _px(ref.images[0]))
+
+
+def test_frame_reference_keeps_the_aspect_and_pads_with_the_border():
+    from lcmla.lookahead import frame_reference
+
+    # a 100x60 photo: left half red, right half blue; a face box in the middle
+    arr = np.zeros((60, 100, 3), np.uint8)
+    arr[:, :50] = (255, 0, 0)
+    arr[:, 50:] = (0, 0, 255)
+    photo = Image.fromarray(arr)
+    tall = frame_reference(photo, None, (40, 80), "photo")  # whole photo into a portrait frame
+    out = np.asarray(tall).astype(int)
+    assert tall.size == (40, 80)
+    # letter-boxed vertically: the top and bottom rows repeat the photo's edge rows, not black
+    assert out[0, 5, 0] > 200 and out[-1, -5, 2] > 200 and out.max(axis=2).min() > 200
+    # the photo itself is not stretched: its 100:60 aspect fills the width (40 px) over ~24 rows
+    mid = out[40]
+    assert mid[5, 0] > 200 and mid[-5, 2] > 200
+    face = frame_reference(photo, (40.0, 20.0, 60.0, 40.0), (80, 40), "face")  # landscape crop around the box
+    assert face.size == (80, 40)
+    f = np.asarray(face).astype(int)
+    assert f[:, :35, 0].min() > 200 and f[:, 45:, 2].min() > 200  # red left, blue right: centred, not squashed
+    with pytest.raises(ValueError, match="framing"):
+        frame_reference(photo, None, (40, 40), "head")
+
+
+def test_kv_path_with_two_reference_photos(engine, face_path, other_face):
+    """Several photos: the tokens of all of them are laid side by side in the cache (an extension of
+    the paper), and the second photo changes the picture."""
+    seen = []
+    hook = engine.pipe.unet.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    try:
+        two = engine.generate(_settings(lookahead__kv=True), [face_path, other_face])
+    finally:
+        hook.remove()
+    assert seen[0] == 2  # the encoder pass runs one row per photo
+    one = engine.generate(_settings(lookahead__kv=True), [face_path])
+    assert not np.array_equal(_px(two.images[0]), _px(one.images[0]))
+
+
+def test_text_only_generation(engine):
+    r = engine.generate(_settings(), None)
+    assert r.identity is None and r.face_boxes == [] and _px(r.images[0]).std() > 1
+    again = engine.generate(_settings(identity__ip_adapter_scale=1.7), None)  # λ has nothing to act on
+    assert np.array_equal(_px(r.images[0]), _px(again.images[0]))
+    with pytest.raises(LcmlaError, match="need.* a face photo"):
+        engine.generate(_settings(guidance__dcg=True), None)
+
+
+def test_onnx_providers_and_the_analyzer_reports_them(tmp_path):
+    from faceutils import write_tiny_buffalo
+
+    from lcmla.faces import FaceAnalyzer, onnx_providers
+
+    assert onnx_providers("cpu") == ["CPUExecutionProvider"]
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        assert onnx_providers("cuda:1") == ["CPUExecutionProvider"]
+    analyzer = FaceAnalyzer.insightface(name=str(write_tiny_buffalo(tmp_path / "pack")))
+    assert analyzer.providers == ("CPUExecutionProvider",)
+    assert FaceAnalyzer.haar().providers == ()
+
+
+def test_the_full_kv_prediction_reads_its_reference(engine, face_path):
+    """KV branches get a row index; the others none (bit-identical to no KV)."""
+    from lcmla.denoiser import GuidedDenoiser
+    from lcmla.guidance import LookaheadGuidance
+
+    d = GuidedDenoiser(unet=None, conditions=None, guidance=LookaheadGuidance(), context=None, kv_rows=("text",))
+    assert d.kv_index(("uncond", "nokv", "full", "kv")) == (-1, -1, 0, 0)
