@@ -33,15 +33,19 @@ import gradio as gr
 
 from lcmla import __version__
 from lcmla.errors import LcmlaError, MissingWeightsError, SettingsError
-from lcmla.fastface import FASTFACE_PRESETS, fastface_changes
+from lcmla.methods import METHOD_LABELS, METHODS, method_changes
 from lcmla.presets import PRESETS, Preset
 from lcmla.settings import (
     AM_MODES,
     AM_TARGETS,
     DCG_VARIANTS,
+    REFERENCE_FRAMINGS,
     SCHEDULE_KINDS,
+    SCHEDULERS,
     GenerationSettings,
 )
+
+PRESET_SCHEDULER = "the preset's"
 
 __all__ = [
     "APP_PRESETS", "COMPARE_METHODS", "GENERATE_INPUTS", "KNOBS", "KNOB_NAMES", "Knob", "build_demo",
@@ -127,6 +131,7 @@ _PARSE: dict[str, Callable[[Any, Knob], Any]] = {
     "steps": _parse_steps,
     "face_index": lambda v, k: None if v in (None, "") or _parse_int(v, k) == 0 else _parse_int(v, k),
     "scope": lambda v, k: "image-branches" if v else "sample",
+    "scheduler": lambda v, k: None if v in (None, "", PRESET_SCHEDULER) else v,
 }
 
 # setting value → widget value, per kind (identity where missing)
@@ -137,6 +142,7 @@ _SHOW: dict[str, Callable[[Any], Any]] = {
     "steps": lambda v: "" if v is None else ", ".join(str(s) for s in v),
     "face_index": lambda v: 0 if v is None else v,
     "scope": lambda v: v == "image-branches",
+    "scheduler": lambda v: PRESET_SCHEDULER if v is None else v,
 }
 
 
@@ -182,6 +188,9 @@ KNOBS: tuple[Knob, ...] = (
     Knob("output.width", "Width", "slider_int", 64, 2048, 8, info="Pixels; a multiple of 8."),
     Knob("output.height", "Height", "slider_int", 64, 2048, 8, info="Pixels; a multiple of 8."),
     Knob("guidance.steps", "Steps", "slider_int", 1, 50, 1, info="Denoising steps (the few-step presets use 4)."),
+    Knob("guidance.scheduler", "Sampler", "scheduler", choices=(PRESET_SCHEDULER, *SCHEDULERS),
+         info="The preset's own, or another diffusers scheduler over the same noise schedule "
+              "(DPM-Solver++ is LCM-Lookahead's released sampler)."),
     Knob("guidance.guidance_scale", "CFG scale w", "slider", 0.0, 20.0, 0.1,
          info="Classic guidance ε = ε∅ + w·(ε_ti − ε∅); 1 = no CFG (one UNet branch). Ignored when DCG is on."),
     # -- identity (FaceID-Plus-v2, SPEC §1) ----------------------------------------------------------
@@ -246,7 +255,10 @@ KNOBS: tuple[Knob, ...] = (
     Knob("lookahead.s_full", "s_full", "slider", 0.0, 30.0, 0.1, info="Weight of text + identity + KV."),
     Knob("lookahead.s_kv", "s_kv", "slider", 0.0, 30.0, 0.1, info="Weight of the KV-only branch."),
     Knob("lookahead.kv_prompt", "KV encoder prompt", "text", placeholder="a photo of a face",
-         info="The prompt of the KV encoder's pass over the reference."),
+         info="The prompt of the KV encoder's pass over the reference (its second row; the first is the null text)."),
+    Knob("lookahead.reference_framing", "KV reference", "choice", choices=REFERENCE_FRAMINGS,
+         info="photo: the whole reference photo fitted to the output size (the authors' release) · face: a crop of "
+              "twice the face box. Both keep the aspect ratio and pad with the photo's own border."),
     Knob("lookahead.kv_lora_scale", "KV encoder LoRA scale", "slider", 0.0, 2.0, 0.05),
     # -- FreeU ------------------------------------------------------------------------------------------
     Knob("freeu.enabled", "FreeU", "bool",
@@ -268,34 +280,8 @@ ATTENTION_INPUTS: tuple[str, ...] = (*GENERATE_INPUTS, "app.capture_mode")
 # scale by the Lookahead tab's own slider
 NOT_KNOBS = frozenset({"preset", "attention.capture_maps", "lookahead.lcm_lora_scale"})
 
-#: One-click configurations: the authors' FastFace presets and LCM-Lookahead's inference settings.
-#: Each one also states the KV/FreeU switches, so that one click always gives that method.
-LOOKAHEAD_KV: dict[str, Any] = {
-    "guidance.dcg": False,
-    "attention.mode": "none",
-    "attention.am_norm_scope": "sample",
-    "lookahead.kv": True,
-    "lookahead.s_nokv": 3.0,
-    "lookahead.s_full": 2.0,
-    "lookahead.s_kv": 2.0,
-    "lookahead.kv_prompt": "a photo of a face",
-    "freeu.enabled": True,
-    "freeu.b1": 1.1,
-    "freeu.b2": 1.1,
-    "freeu.s1": 0.9,
-    "freeu.s2": 0.2,
-}
-APP_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
-    **{
-        name: (label, {**FASTFACE_PRESETS[name], "lookahead.kv": False, "freeu.enabled": False,
-                       "attention.am_norm_scope": "sample"})
-        for name, label in (
-            ("baseline", "Baseline"), ("am1", "AM1"), ("am2", "AM2"), ("dcg", "DCG"),
-            ("am1+dcg", "AM1 + DCG"), ("am2+dcg", "AM2 + DCG"),
-        )
-    },
-    "lookahead-kv": ("LCM-Lookahead KV", LOOKAHEAD_KV),
-}
+#: One-click configurations: both papers' named methods (lcmla.methods), label → key.
+APP_PRESETS: dict[str, str] = {key: METHOD_LABELS[key] for key in METHODS}
 #: The Compare tab's methods (keys of APP_PRESETS) and their labels.
 COMPARE_METHODS: tuple[tuple[str, str], ...] = (
     ("baseline", "Baseline"),
@@ -306,15 +292,6 @@ COMPARE_METHODS: tuple[tuple[str, str], ...] = (
 CAPTURE_MODES = ("as set in Generate", *AM_MODES)
 _PREVIEW_SCALE = Knob("app.preview_lcm_scale", "LCM-LoRA scale of the previews", "slider")
 _PREVIEW_STEPS = Knob("app.preview_steps", "Steps to preview", "steps", placeholder="every step")
-
-
-def app_preset_changes(key: str, backbone: str) -> dict[str, Any]:
-    """The dotted changes of one-click configuration ``key`` for the ``backbone`` preset (FastFace's
-    plain-guidance presets use the authors' per-backbone guidance scale)."""
-    changes = dict(APP_PRESETS[key][1])
-    if key in FASTFACE_PRESETS:
-        changes.update(fastface_changes(key, backbone))
-    return changes
 
 
 def preset_settings(preset: Preset) -> GenerationSettings:
@@ -522,6 +499,8 @@ def build_demo(engine: Any, *, notice: str | None = None) -> gr.Blocks:
             return gr.Slider(knob.minimum, knob.maximum, step=knob.step, **common)
         if knob.kind in ("bool", "scope"):
             return gr.Checkbox(**common)
+        if knob.kind == "scheduler":
+            return gr.Dropdown(list(knob.choices), **common)
         if knob.kind == "choice":
             return gr.Radio(list(knob.choices), **common)
         if knob.kind in ("targets", "tokens"):
@@ -563,6 +542,7 @@ def build_demo(engine: Any, *, notice: str | None = None) -> gr.Blocks:
                         with gr.Row():
                             knob("output.num_images")
                             knob("guidance.steps")
+                            knob("guidance.scheduler")
                         with gr.Row():
                             knob("output.width")
                             knob("output.height")
@@ -578,7 +558,7 @@ def build_demo(engine: Any, *, notice: str | None = None) -> gr.Blocks:
                         for row in (keys[:4], keys[4:]):
                             with gr.Row(elem_classes="lcmla-presets"):
                                 for key in row:
-                                    preset_buttons[key] = gr.Button(APP_PRESETS[key][0], size="sm", variant="secondary",
+                                    preset_buttons[key] = gr.Button(APP_PRESETS[key], size="sm", variant="secondary",
                                                                     min_width=0, elem_id="preset-" + key.replace("+", "-"))
                         with gr.Accordion("Identity (FaceID-Plus-v2)", open=True):
                             with gr.Row():
@@ -626,6 +606,7 @@ def build_demo(engine: Any, *, notice: str | None = None) -> gr.Blocks:
                             with gr.Row():
                                 knob("lookahead.kv_prompt")
                                 knob("lookahead.kv_lora_scale")
+                            knob("lookahead.reference_framing")
                             knob("freeu.enabled")
                             with gr.Row():
                                 knob("freeu.b1")
@@ -803,7 +784,7 @@ def build_demo(engine: Any, *, notice: str | None = None) -> gr.Blocks:
                      concurrency_limit=4, show_progress="minimal")
 
         def apply_preset(key: str) -> dict:
-            changes = app_preset_changes(key, preset.name)
+            changes = method_changes(key, preset.name)
             return {controls[name]: _KNOB[name].show(value) for name, value in changes.items() if name in controls}
 
         for key, button in preset_buttons.items():
@@ -960,7 +941,7 @@ def build_demo(engine: Any, *, notice: str | None = None) -> gr.Blocks:
                 identity = engine.analyze_faces(paths, base.identity.face_index)
                 for i, (key, label) in enumerate(COMPARE_METHODS):
                     progress((i, len(COMPARE_METHODS)), desc=label)
-                    settings = base.replace_dotted(app_preset_changes(key, preset.name))
+                    settings = base.replace_dotted(method_changes(key, preset.name))
                     t0 = time.perf_counter()
                     result = engine.generate(settings, identity)
                     seconds = time.perf_counter() - t0

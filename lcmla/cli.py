@@ -17,7 +17,8 @@ import sys
 from typing import Any, Sequence
 
 from .errors import LcmlaError
-from .fastface import FASTFACE_PRESETS, fastface_changes
+from .fastface import FASTFACE_PRESETS
+from .methods import METHODS, method_changes
 from .presets import DEFAULT_PRESET, PRESETS
 from .settings import GenerationSettings
 
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--face-index", type=int, help="which face when a photo holds several (0 = largest)")
     gen.add_argument("--fastface", choices=list(FASTFACE_PRESETS),
                      help="apply one of the FastFace authors' configurations (before any --set)")
+    gen.add_argument("--method", choices=list(METHODS),
+                     help="apply a named method of either paper, e.g. lookahead-released (before any --set)")
     gen.add_argument("--kv", action="store_true", default=None, help="LCM-Lookahead KV path (extended self-attention)")
     gen.add_argument("--kv-lora", help="a KV-encoder LoRA checkpoint (.safetensors written by lcmla training)")
     gen.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -109,8 +112,9 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
         changes["preset"] = args.preset
     if args.kv:
         changes["lookahead.kv"] = True
-    if args.fastface:
-        changes.update(fastface_changes(args.fastface, args.preset or base.preset))
+    for name in (args.fastface, args.method):
+        if name:
+            changes.update(method_changes(name, args.preset or base.preset))
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from .attention.context import AttentionContext
-from .guidance import Condition, Guidance
+from .guidance import KV_ROWS, Condition, Guidance
 
 __all__ = ["ConditionSet", "GuidedDenoiser", "GuidedStep", "UNetBatch", "unet_forward"]
 
@@ -103,22 +103,23 @@ class GuidedStep:
     preds: Mapping[str, torch.Tensor]  # branch → (1, 4, h, w)
     branches: tuple[str, ...]
     ctx: AttentionContext  # the context of the step's UNet call (its KV cache included)
+    kv_rows: tuple[str, ...] = ()  # the KV-encoder rows in ctx.kv, in order
 
 
 @dataclass
 class GuidedDenoiser:
     """The model function of one image of one request (see the module docstring).
 
-    ``kv_encoder(t) -> KVCache`` runs the LCM-Lookahead encoder pass at t (None without the KV
-    path); ``kv_rows`` names its rows in order. ``calls`` records each step's branches.
+    ``kv_encoder(t, rows) -> KVCache`` runs the LCM-Lookahead encoder pass at t over the named
+    encoder rows (only those the step's branches read; None without the KV path). ``calls``
+    records each step's branches.
     """
 
     unet: Any
     conditions: ConditionSet
     guidance: Guidance
     context: AttentionContext  # the request's knobs; a copy with the step's values goes to each call
-    kv_encoder: Callable[[torch.Tensor], Any] | None = None
-    kv_rows: tuple[str, ...] = ()
+    kv_encoder: Callable[[torch.Tensor, tuple[str, ...]], Any] | None = None
     on_guided: Callable[[GuidedStep], None] | None = None
     pool_branches: bool = False  # AM2 min–max pooled over this image's branches (authors-exact)
     calls: list[tuple[str, ...]] = field(default_factory=list)
@@ -129,18 +130,21 @@ class GuidedDenoiser:
             self._batches[branches] = self.conditions.batch(branches, self.guidance.conditions)
         return self._batches[branches]
 
-    def kv_index(self, branches: Sequence[str]) -> tuple[int, ...]:
-        """Per branch: the KV-encoder row it attends to, or −1."""
-        rows = [self.guidance.conditions[name].kv_row for name in branches]
-        return tuple(-1 if r is None else self.kv_rows.index(r) for r in rows)
+    def kv_rows(self, branches: Sequence[str]) -> tuple[tuple[str, ...], tuple[int, ...]]:
+        """The encoder rows the branches read (in KV_ROWS order) and, per branch, the index of its
+        row among them, or −1."""
+        wanted = {self.guidance.conditions[name].kv_row for name in branches} - {None}
+        rows = tuple(r for r in KV_ROWS if r in wanted)
+        index = tuple(-1 if (r := self.guidance.conditions[name].kv_row) is None else rows.index(r) for name in branches)
+        return rows, index
 
     def __call__(self, z_in: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
         branches = self.guidance.branches(step)
         n = len(branches)
-        kv_index = self.kv_index(branches)
+        rows, kv_index = self.kv_rows(branches)
         cache = None
-        if any(i >= 0 for i in kv_index):
-            cache = self.kv_encoder(t)
+        if rows:
+            cache = self.kv_encoder(t, rows)
         ctx = dataclasses.replace(
             self.context,
             step=step,
@@ -154,5 +158,5 @@ class GuidedDenoiser:
         eps = self.guidance.combine(preds, step)
         self.calls.append(branches)
         if self.on_guided is not None:
-            self.on_guided(GuidedStep(step, t, z_in, eps, preds, branches, ctx))
+            self.on_guided(GuidedStep(step, t, z_in, eps, preds, branches, ctx, rows))
         return eps

@@ -341,7 +341,8 @@ class Engine:
             acp = self._alphas_cumprod()
             x0 = ddpm_x0(step.z_in, step.eps, acp, step.timestep)
             row = denoiser.conditions.row(BRANCH_CONDITIONS["full"])
-            kv_row = denoiser.kv_rows.index("text") if denoiser.kv_rows else None
+            # on the KV path the full condition reads the text row, when the step encoded it
+            kv_row = step.kv_rows.index("text") if "text" in step.kv_rows else None
             scales = {**self._denoiser_adapters(resolved), "lcm": resolved.lookahead.lcm_lora_scale}
             with self._adapters(scales, resolved):
                 eps_lcm = lcm_preview_eps(self.pipe.unet, step.z_in, step.timestep, row, step.ctx, kv_row)
@@ -375,7 +376,7 @@ class Engine:
         settings = resolve_settings(settings, self.preset)
         identity = None if faces is None else self.analyze_faces(faces, settings.identity.face_index)
         references = self._kv_references(identity, settings) if settings.lookahead.kv else None
-        guidance = guidance_for(settings, settings.guidance.steps, lcm_scheduler=self._is_lcm())
+        guidance = guidance_for(settings, settings.guidance.steps, lcm_scheduler=self._is_lcm(settings))
         timings["faces"] = time.perf_counter() - t_start
         with self._lock, torch.no_grad():
             t0 = time.perf_counter()
@@ -415,17 +416,26 @@ class Engine:
             notes=request_notes(settings, guidance, settings.guidance.steps),
         )
 
-    def _scheduler(self, steps: int):
-        """A fresh scheduler per image: schedulers keep step counters, so none is shared."""
-        sched = self.pipe.scheduler.__class__.from_config(self.pipe.scheduler.config)
-        sched.set_timesteps(steps, device=self.device)
+    def _scheduler_class(self, settings: GenerationSettings) -> type:
+        import diffusers
+
+        name = settings.guidance.scheduler
+        return type(self.pipe.scheduler) if name is None else getattr(diffusers, name)
+
+    def _scheduler(self, settings: GenerationSettings):
+        """A fresh scheduler per image (schedulers keep step counters, so none is shared): the
+        request's class (``guidance.scheduler``) or the preset's, over the preset's noise schedule
+        and timestep spacing. DPM-Solver is diffusers' default DPM-Solver++ (2nd order)."""
+        sched = self._scheduler_class(settings).from_config(self.pipe.scheduler.config)
+        sched.set_timesteps(settings.guidance.steps, device=self.device)
         return sched
 
     def _alphas_cumprod(self) -> torch.Tensor:
         return self.pipe.scheduler.alphas_cumprod
 
-    def _is_lcm(self) -> bool:
-        return type(self.pipe.scheduler).__name__ == "LCMScheduler"
+    def _is_lcm(self, settings: GenerationSettings | None = None) -> bool:
+        cls = type(self.pipe.scheduler) if settings is None else self._scheduler_class(settings)
+        return cls.__name__ == "LCMScheduler"
 
     def _lcm_boundary(self) -> tuple[float, float]:
         """(timestep_scaling, sigma_data) of the LCM boundary condition: the pipeline's LCM
@@ -440,7 +450,7 @@ class Engine:
         """One image: seeded noise, the sampler loop over the request's model function."""
         width, height = settings.output.width, settings.output.height
         pipe = self.pipe
-        sched = self._scheduler(settings.guidance.steps)
+        sched = self._scheduler(settings)
         num_steps = len(sched.timesteps)
         generator = torch.Generator("cpu").manual_seed(seed)
         lh, lw = height // pipe.vae_scale_factor, width // pipe.vae_scale_factor
@@ -459,8 +469,7 @@ class Engine:
             pool_branches=settings.attention.am_norm_scope == "image-branches",
         )
         if kv_setup is not None:
-            denoiser.kv_encoder = lambda t: self._encode_reference(kv_setup, noise, t, settings)
-            denoiser.kv_rows = kv_setup["rows"]
+            denoiser.kv_encoder = lambda t, rows: self._encode_reference(kv_setup, rows, noise, t, settings)
         if on_guided is not None:
             denoiser.on_guided = lambda step: on_guided(step, denoiser, settings)
         report = None
@@ -473,30 +482,49 @@ class Engine:
     # ---- LCM-Lookahead: the KV encoder's reference and pass ----------------------------------------
 
     def _kv_references(self, identity: FaceIdentity, settings: GenerationSettings) -> list:
-        """The reference images for the KV encoder at the output size: each reference photo framed
-        around its chosen face, or the aligned crops when the identity carries no photos."""
+        """The reference images for the KV encoder at the output size, one per reference photo,
+        framed as ``lookahead.reference_framing`` says (an identity without photos falls back to its
+        aligned crops, fitted whole)."""
         size = (settings.output.width, settings.output.height)
+        framing = settings.lookahead.reference_framing
         if identity.images:
-            return [frame_reference(img, box, size, "face") for img, box in zip(identity.images, identity.boxes)]
+            return [frame_reference(img, box, size, framing) for img, box in zip(identity.images, identity.boxes)]
         return [frame_reference(crop, None, size, "photo") for crop in identity.crops]
 
     @torch.no_grad()
     def _kv_setup(self, settings: GenerationSettings, references: list) -> dict[str, Any]:
-        """The reference latents and the encoder's row conditions (the encoder prompt, null identity)."""
-        rows = self._text_conditions(settings.lookahead.kv_prompt)
+        """The reference latents and the encoder rows' conditions: [null text, the encoder prompt],
+        both with the null identity (the encoder's cross attention sees text only)."""
+        text = self._text_conditions(settings.lookahead.kv_prompt)  # "null": SDXL's empty-prompt zeros
         null_id = self._identity_conditions(None)["null"]
         time_ids = self._time_ids(settings)
-        text = UNetBatch(rows["text"][0], rows["text"][1], time_ids, *null_id)
-        return {"latents": reference_latents(self.pipe, references, self.dtype), "rows": ("text",), "batch": text}
+        rows = {name: UNetBatch(text[key][0], text[key][1], time_ids, *null_id)
+                for name, key in (("null", "null"), ("text", "text"))}
+        return {"latents": reference_latents(self.pipe, references, self.dtype), "rows": rows}
 
-    def _encode_reference(self, kv_setup, noise: torch.Tensor, t, settings: GenerationSettings) -> KVCache:
-        """The KV encoder pass at t on the same UNet; the KV-encoder LoRA (when loaded) is switched
-        on for this pass only."""
-        scales = self._denoiser_adapters(settings)
-        if "kv_encoder" in self.adapters:
-            scales = {**scales, "kv_encoder": settings.lookahead.kv_lora_scale}
-        with self._adapters(scales, settings):
-            return encode_reference(self.pipe.unet, kv_setup["latents"], kv_setup["batch"], t, noise,
+    @contextlib.contextmanager
+    def _encoder_pass_state(self, settings: GenerationSettings) -> Iterator[None]:
+        """Module state of the KV-encoder pass, the denoiser's restored after it: the KV-encoder
+        LoRA alone (no FaceID or LCM LoRA, as in the authors' encoder) and no FreeU (it would change
+        the up blocks' reference K/V; the authors apply FreeU to the denoiser only)."""
+        scales = {"kv_encoder": settings.lookahead.kv_lora_scale} if "kv_encoder" in self.adapters else {}
+        freeu = settings.freeu.enabled
+        if freeu:
+            self.pipe.unet.disable_freeu()
+        try:
+            with self._adapters(scales, settings):
+                yield
+        finally:
+            if freeu:
+                fu = settings.freeu
+                self.pipe.unet.enable_freeu(s1=fu.s1, s2=fu.s2, b1=fu.b1, b2=fu.b2)
+
+    def _encode_reference(self, kv_setup, rows: tuple[str, ...], noise: torch.Tensor, t,
+                          settings: GenerationSettings) -> KVCache:
+        """The KV encoder pass at t over ``rows`` on the same UNet (see ``_encoder_pass_state``)."""
+        batch = UNetBatch.cat([kv_setup["rows"][r] for r in rows])
+        with self._encoder_pass_state(settings):
+            return encode_reference(self.pipe.unet, kv_setup["latents"], batch, t, noise,
                                     self._alphas_cumprod(), KVCache())
 
     # ---- decoding ----------------------------------------------------------------------------------

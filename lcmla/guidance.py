@@ -152,13 +152,15 @@ BRANCH_CONDITIONS = {
     "id": Condition(False, True),
     "full": Condition(True, True),
 }
-# LCM-Lookahead's four branches (supplement Eq. 1). The KV-encoder rows are "null" (null text) and
-# "text" (the encoder prompt, "a photo of a face").
+# LCM-Lookahead's four branches (supplement Eq. 1). The KV encoder runs two rows like a CFG batch,
+# "null" (null text) and "text" (the encoder prompt, "a photo of a face"); as in the authors'
+# released pipeline, ε_full reads the text row's K/V and ε_kv (text and adapter null) the null row's.
+KV_ROWS = ("null", "text")
 LOOKAHEAD_BRANCH_CONDITIONS = {
     "uncond": Condition(False, False),  # all conditions null, no KV
     "nokv": Condition(True, True),  # text + adapter, no KV
     "full": Condition(True, True, "text"),  # everything
-    "kv": Condition(False, False, "text"),  # KV only; text and adapter null
+    "kv": Condition(False, False, "null"),  # KV only; text and adapter null
 }
 
 

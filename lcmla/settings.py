@@ -26,6 +26,10 @@ SCHEDULE_KINDS = ("list", "constant", "linear", "cosine")
 AM_MODES = ("none", "am1", "am2")
 AM_TARGETS = ("down", "mid", "up")
 AM_NORM_SCOPES = ("sample", "image-branches")
+REFERENCE_FRAMINGS = ("photo", "face")
+#: diffusers scheduler classes a request may pick instead of its preset's (None: the preset's)
+SCHEDULERS = ("DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "LCMScheduler",
+              "DPMSolverMultistepScheduler")
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,6 +156,9 @@ class GuidanceSettings(_Group):
     """Sampling and guidance: steps, classic CFG and FastFace's decoupled CFG (SPEC §2)."""
 
     steps: int | None = None  # None: the preset's default
+    # a diffusers scheduler class (one of SCHEDULERS) built from the preset's noise schedule with
+    # its timestep spacing; None: the preset's own scheduler
+    scheduler: str | None = None
     guidance_scale: float | None = None  # classic CFG; None: the preset's default; 1 = no CFG
     dcg: bool = False  # decoupled classifier-free guidance instead of classic CFG
     dcg_variant: str = "id-first"
@@ -167,6 +174,8 @@ class GuidanceSettings(_Group):
 
     def __post_init__(self) -> None:
         _check_int(self, "steps", 1, 200, optional=True)
+        if self.scheduler is not None:
+            _check_choice(self, "scheduler", SCHEDULERS)
         if self.guidance_scale is not None:
             _check_float(self, "guidance_scale", 0.0, 30.0)
         _check_bool(self, "dcg")
@@ -242,8 +251,12 @@ class LookaheadSettings(_Group):
     s_full: float = 2.0
     s_kv: float = 2.0
     kv_prompt: str = "a photo of a face"
-    kv_lora_scale: float = 1.0
-    lcm_lora_scale: float = 1.0
+    # the KV encoder's reference image: "photo" = the whole reference photo fitted to the output size
+    # (the authors' released inference), "face" = a crop of twice the face box; both keep the aspect
+    # ratio and pad with the photo's own border
+    reference_framing: str = "photo"
+    kv_lora_scale: float = 1.0  # the KV-encoder LoRA (and the authors' KV-copy LoRA) scale
+    lcm_lora_scale: float = 1.0  # the LCM-LoRA scale of the one-step previews (LCM-Lookahead Eq. 3)
 
     _prefix = "lookahead."
 
@@ -253,6 +266,7 @@ class LookaheadSettings(_Group):
         _check_float(self, "s_full", 0.0, 30.0)
         _check_float(self, "s_kv", 0.0, 30.0)
         _check_str(self, "kv_prompt", 500)
+        _check_choice(self, "reference_framing", REFERENCE_FRAMINGS)
         _check_float(self, "kv_lora_scale", 0.0, 2.0)
         _check_float(self, "lcm_lora_scale", 0.0, 1.0)
 

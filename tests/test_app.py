@@ -16,6 +16,7 @@ from gradio_client.exceptions import AppError
 import app
 from lcmla import GenerationSettings, SettingsError, settings_from_png
 from lcmla.presets import get_preset
+from lcmla.methods import method_changes
 
 SIZE = 64  # the smallest size the settings allow: keeps the model calls cheap
 # gradio's queue calls a pandas option that pandas 3 deprecates; not ours to fix
@@ -47,11 +48,12 @@ def test_every_setting_has_exactly_one_knob():
 def test_settings_round_trip_through_the_widgets():
     tiny = get_preset("tiny")
     settings = GenerationSettings(prompt="an oil painting of a face", negative_prompt="blurry", preset="tiny").replace_dotted({
-        **app.APP_PRESETS["am2"][1],
+        **method_changes("am2", "tiny"),
         "guidance.dcg_a": [1, 2.5, 2, 1], "guidance.dcg_variant": "text-first", "attention.steps": [1, 2], "attention.tokens": [1, 3],
         "attention.targets": ["mid", "up"], "identity.face_index": 2, "lookahead.kv": True, "freeu.enabled": True,
         "freeu.s2": 0.3, "output.seed": 12345, "output.width": 128, "output.height": 96, "guidance.steps": 6,
-        "guidance.guidance_scale": 1.5,
+        "guidance.guidance_scale": 1.5, "guidance.scheduler": "DPMSolverMultistepScheduler",
+        "lookahead.reference_framing": "face",
     })
     ui = app.settings_to_ui(settings, tiny)
     assert ui["guidance.dcg_a"] == "1, 2.5, 2, 1" and ui["attention.steps"] == "1, 2" and ui["attention.tokens"] == ["1", "3"]

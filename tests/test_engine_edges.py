@@ -7,6 +7,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from util import make_settings as _settings
 from util import px as _px
@@ -122,9 +123,18 @@ def test_kv_path_with_two_reference_photos(engine, face_path, other_face):
         two = engine.generate(_settings(lookahead__kv=True), [face_path, other_face])
     finally:
         hook.remove()
-    assert seen[0] == 2  # the encoder pass runs one row per photo
+    assert seen[0] == 4  # the encoder pass: 2 rows (null, text) × 2 photos
     one = engine.generate(_settings(lookahead__kv=True), [face_path])
     assert not np.array_equal(_px(two.images[0]), _px(one.images[0]))
+    caches = []
+    for photos in ([face_path], [face_path, other_face]):
+        steps = []
+        engine._run(_settings(lookahead__kv=True), photos, on_guided=lambda st, d, r: steps.append(st))
+        caches.append(steps[0].ctx.kv)
+    name = next(iter(caches[0].store))
+    k1, k2 = caches[0].read(name)[0], caches[1].read(name)[0]
+    assert k2.shape[1] == 2 * k1.shape[1]  # the photos' tokens side by side in each row
+    assert torch.allclose(k2[:, : k1.shape[1]], k1, atol=1e-5)  # the first photo's tokens come first
 
 
 def test_text_only_generation(engine):
@@ -156,5 +166,6 @@ def test_the_full_kv_prediction_reads_its_reference(engine, face_path):
     from lcmla.denoiser import GuidedDenoiser
     from lcmla.guidance import LookaheadGuidance
 
-    d = GuidedDenoiser(unet=None, conditions=None, guidance=LookaheadGuidance(), context=None, kv_rows=("text",))
-    assert d.kv_index(("uncond", "nokv", "full", "kv")) == (-1, -1, 0, 0)
+    d = GuidedDenoiser(unet=None, conditions=None, guidance=LookaheadGuidance(), context=None)
+    assert d.kv_rows(("uncond", "nokv", "full", "kv")) == (("null", "text"), (-1, -1, 1, 0))
+    assert d.kv_rows(("uncond", "nokv", "full")) == (("text",), (-1, -1, 0))

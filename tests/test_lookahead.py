@@ -148,9 +148,15 @@ def test_kv_path_batches_four_branches_plus_encoder(engine, face_path):
     finally:
         hook.remove()
     assert r.branch_calls == [("uncond", "nokv", "full", "kv")] * 4
-    assert calls == [1, 4] * 4  # encoder pass (one reference), then ONE denoiser call per step
-    r2 = engine.generate(_settings(lookahead__kv=True, lookahead__s_kv=0.0), [face_path])
+    assert calls == [2, 4] * 4  # encoder pass (null + text rows), then ONE denoiser call per step
+    calls.clear()
+    hook = engine.pipe.unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    try:
+        r2 = engine.generate(_settings(lookahead__kv=True, lookahead__s_kv=0.0), [face_path])
+    finally:
+        hook.remove()
     assert r2.branch_calls[0] == ("uncond", "nokv", "full")
+    assert calls == [1, 3] * 4  # only the text row is encoded when no branch reads the null row
 
 
 def test_kv_one_nokv_equals_no_kv_prediction(engine, face_path):
@@ -278,3 +284,128 @@ def test_kv_encoder_lora_round_trip_and_encoder_only(engine, face_path, tmp_path
     save_file({"x": torch.zeros(1)}, str(bogus))
     with pytest.raises(ValueError, match="not an lcmla KV-encoder LoRA"):
         Engine.load("tiny", kv_encoder_lora=bogus)
+
+
+# ---- the KV path as released (two encoder rows, encoder pass state, framing) ---------------------
+
+
+def _capture_steps(engine, settings, faces):
+    steps = []
+    engine._run(settings, faces, on_guided=lambda step, denoiser, resolved: steps.append(step))
+    return steps
+
+
+def test_each_kv_branch_reads_the_row_spec_assigns(engine, face_path):
+    """ε_full attends to the "a photo of a face" row, ε_kv to the null-text row (SPEC §4, the
+    authors' released pipeline); ε_u and ε_nokv to none."""
+    from lcmla.guidance import LookaheadGuidance
+
+    s = _settings(lookahead__kv=True)
+    seen = []
+    original = SelfAttnProcessor._extended
+
+    def spy(attn, query, key, value, ref, kv_index, mask):
+        seen.append((tuple(kv_index), ref[0].shape[0]))
+        return original(attn, query, key, value, ref, kv_index, mask)
+
+    SelfAttnProcessor._extended = staticmethod(spy)
+    try:
+        steps = _capture_steps(engine, s, [face_path])
+    finally:
+        SelfAttnProcessor._extended = staticmethod(original)
+    assert steps[0].branches == ("uncond", "nokv", "full", "kv") and steps[0].kv_rows == ("null", "text")
+    assert set(seen) == {((-1, -1, 1, 0), 2)}  # every attn1 layer: full → row 1 (text), kv → row 0 (null)
+    # the rows hold what an encoder pass over that row alone records
+    first, resolved = steps[0], engine_resolve(engine, s)
+    setup = engine._kv_setup(resolved, engine._kv_references(engine.analyze_faces([face_path]), resolved))
+    noise = torch.randn((1, 4, 32, 32), generator=torch.Generator("cpu").manual_seed(0))
+    with torch.no_grad():
+        engine._apply_module_state(resolved)
+        alone = {r: engine._encode_reference(setup, (r,), noise, first.timestep, resolved) for r in ("null", "text")}
+    name = next(iter(first.ctx.kv.store))
+    both = first.ctx.kv.read(name)[0]
+    assert torch.allclose(both[0], alone["null"].read(name)[0][0], atol=1e-5)
+    assert torch.allclose(both[1], alone["text"].read(name)[0][0], atol=1e-5)
+    assert not torch.allclose(both[0], both[1], atol=1e-4)  # the rows differ: the prompt matters
+    assert LookaheadGuidance().conditions["kv"].kv_row == "null"
+
+
+def engine_resolve(engine, settings):
+    from lcmla.engine import resolve_settings
+
+    return resolve_settings(settings, engine.preset)
+
+
+def test_encoder_pass_has_no_freeu_and_no_denoiser_loras(engine, face_path):
+    """The reference K/V recorded while the denoiser runs FreeU and the FaceID LoRA equal those of
+    an encoder pass on a UNet that never had them."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from lcmla.attention.context import AttentionContext as Ctx
+    from lcmla.tiny import ensure_tiny_weights, tiny_paths
+
+    s = _settings(lookahead__kv=True, freeu__enabled=True, identity__lora_scale=1.0)
+    step = _capture_steps(engine, s, [face_path])[1]
+    # the same encoder pass on stock diffusers' UNet: no IP-Adapter, no LoRA, no FreeU
+    plain = StableDiffusionXLPipeline.from_pretrained(tiny_paths(ensure_tiny_weights())["base"], local_files_only=True)
+    unet = plain.unet
+    procs = {n: (SelfAttnProcessor(n) if n.endswith("attn1.processor") else p) for n, p in unet.attn_processors.items()}
+    unet.set_attn_processor(procs)
+    resolved = engine_resolve(engine, s)
+    setup = engine._kv_setup(resolved, engine._kv_references(engine.analyze_faces([face_path]), resolved))
+    noise = torch.randn((1, 4, 32, 32), generator=torch.Generator("cpu").manual_seed(0))
+    from lcmla.preview import ddpm_noise
+
+    z = ddpm_noise(setup["latents"], noise, engine._alphas_cumprod(), step.timestep).repeat(2, 1, 1, 1)
+    rows = [setup["rows"]["null"], setup["rows"]["text"]]
+    cache = KVCache(rows=2)
+    with torch.no_grad():
+        unet(z, step.timestep, encoder_hidden_states=torch.cat([r.prompt_embeds for r in rows]),
+             added_cond_kwargs={"text_embeds": torch.cat([r.text_embeds for r in rows]),
+                                "time_ids": torch.cat([r.time_ids for r in rows])},
+             cross_attention_kwargs={"lcmla": Ctx(ip_scale=0.0, am=AMPlan.from_settings(AttentionSettings(), 1),
+                                                  kv=cache, kv_record=True)})
+    ours = step.ctx.kv
+    assert ours.store.keys() == cache.store.keys()
+    for name in cache.store:
+        assert torch.allclose(ours.read(name)[0], cache.read(name)[0], atol=1e-5), name
+    # with FreeU on for the encoder too, the up blocks' K/V would differ (the test can tell)
+    unet.enable_freeu(s1=0.9, s2=0.2, b1=1.1, b2=1.1)
+    freeu_cache = KVCache(rows=2)
+    with torch.no_grad():
+        unet(z, step.timestep, encoder_hidden_states=torch.cat([r.prompt_embeds for r in rows]),
+             added_cond_kwargs={"text_embeds": torch.cat([r.text_embeds for r in rows]),
+                                "time_ids": torch.cat([r.time_ids for r in rows])},
+             cross_attention_kwargs={"lcmla": Ctx(ip_scale=0.0, am=AMPlan.from_settings(AttentionSettings(), 1),
+                                                  kv=freeu_cache, kv_record=True)})
+    up = [n for n in cache.store if n.startswith("up_blocks")]
+    assert any(not torch.allclose(freeu_cache.read(n)[0], cache.read(n)[0], atol=1e-5) for n in up)
+
+
+def test_reference_framing_on_a_non_square_output(engine, face_path):
+    s = _settings(lookahead__kv=True, output__width=320, output__height=192)
+    photo = engine.generate(s, [face_path])
+    face = engine.generate(s.replace(lookahead__reference_framing="face"), [face_path])
+    assert photo.settings.lookahead.reference_framing == "photo"  # the authors' default, recorded
+    assert face.settings.lookahead.reference_framing == "face"
+    assert photo.images[0].size == (320, 192)
+    assert not np.array_equal(_px(photo.images[0]), _px(face.images[0]))
+    refs = engine._kv_references(engine.analyze_faces([face_path]), engine_resolve(engine, s))
+    assert refs[0].size == (320, 192)
+
+
+def test_lookahead_as_released_configuration(engine, face_path):
+    from lcmla.methods import LOOKAHEAD_CONFIGS, method_changes
+
+    changes = method_changes("lookahead-released", "tiny")
+    assert changes == LOOKAHEAD_CONFIGS["lookahead-released"]
+    assert changes["guidance.scheduler"] == "DPMSolverMultistepScheduler" and changes["guidance.steps"] == 50
+    assert changes["identity.ip_adapter_scale"] == 1.0 and not changes["freeu.enabled"]
+    s = _settings().replace_dotted({**changes, "guidance.steps": 6})  # 6 steps keep the test fast
+    r = engine.generate(s, [face_path])
+    assert r.settings.guidance.scheduler == "DPMSolverMultistepScheduler"
+    assert r.branch_calls == [("uncond", "nokv", "full", "kv")] * 6
+    again = engine.generate(r.image_settings(0), [face_path])
+    assert np.array_equal(_px(r.images[0]), _px(again.images[0]))
+    ddim = engine.generate(s.replace(guidance__scheduler=None), [face_path])
+    assert not np.array_equal(_px(r.images[0]), _px(ddim.images[0]))
