@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="apply a named method of either paper, e.g. lookahead-released (before any --set)")
     gen.add_argument("--kv", action="store_true", default=None, help="LCM-Lookahead KV path (extended self-attention)")
     gen.add_argument("--kv-lora", help="a KV-encoder LoRA checkpoint (.safetensors written by lcmla training)")
+    gen.add_argument("--adapter", help="an IP-Adapter checkpoint instead of the preset's FaceID-Plus-v2 "
+                                       "(trained by lcmla, or IP-Adapter Plus-Face)")
     gen.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="any setting by dotted name, value as JSON, e.g. --set attention.mode=am2 --set 'guidance.dcg_a=[1,2,2,1]'")
     gen.add_argument("--settings-from", metavar="PNG", help="start from the settings embedded in a PNG made by lcmla")
@@ -79,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", help="cpu, cuda, cuda:1, … (default: cuda when present)")
     gen.add_argument("--dtype", help="float32, float16 or bfloat16 (default: float16 on CUDA)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    conv = sub.add_parser("convert-lookahead", help="convert the LCM-Lookahead authors' model_ckpt.pt into an "
+                          "IP-Adapter Plus-Face file and a KV-encoder LoRA that lcmla loads")
+    conv.add_argument("checkpoint", help="model_ckpt.pt saved by their train_encoder.py")
+    conv.add_argument("--out", required=True, help="output folder")
+    conv.add_argument("--unet-config", default="sdxl", choices=("sdxl", "tiny"),
+                      help="the UNet the checkpoint belongs to (sdxl; tiny for tests)")
 
     sub.add_parser("presets", help="list the presets")
     show = sub.add_parser("show", help="print the settings embedded in a PNG made by lcmla")
@@ -135,6 +144,7 @@ def _generate(args: argparse.Namespace) -> int:
         allow_download=args.download,
         face_models=args.face_models,
         kv_encoder_lora=args.kv_lora,
+        adapter=args.adapter,
     )
     if engine.preset.random_weights:
         print("note: the tiny preset uses random weights; its images are patterns, not photos.", file=sys.stderr)
@@ -164,6 +174,20 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import convert_lookahead_checkpoint
+
+    config = None
+    if args.unet_config == "tiny":
+        from .tiny import TINY_UNET as config
+    paths = convert_lookahead_checkpoint(args.checkpoint, args.out, unet_config=config)
+    for role, path in paths.items():
+        print(f"{role}: {path}")
+    print(f"use: python -m lcmla generate --preset sdxl-base --adapter {paths['adapter']} "
+          f"--kv-lora {paths['kv_lora']} --method lookahead-released ...", file=sys.stderr)
+    return 0
+
+
 def _presets() -> int:
     for p in PRESETS.values():
         print(f"{p.name:22s} {p.title} — {p.steps} steps, {p.width}x{p.height}, guidance {p.guidance_scale}")
@@ -186,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _generate(args)
         if args.command == "presets":
             return _presets()
+        if args.command == "convert-lookahead":
+            return _convert(args)
         return _show(args)
     except LcmlaError as exc:
         print(f"error: {exc}", file=sys.stderr)

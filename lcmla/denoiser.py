@@ -24,29 +24,42 @@ __all__ = ["ConditionSet", "GuidedDenoiser", "GuidedStep", "UNetBatch", "unet_fo
 
 @dataclass(frozen=True)
 class UNetBatch:
-    """The conditions of one UNet batch, one row per sample (SDXL + FaceID-Plus)."""
+    """The conditions of one UNet batch, one row per sample (SDXL + an IP-Adapter).
+
+    ``image_embeds`` is what the IP-Adapter's projection reads: the identity embedding (n, 1, 512)
+    for FaceID-Plus-v2 (zeros: the null identity), or CLIP hidden states (n, 1, T, H) for IP-Adapter
+    Plus. ``clip_embeds`` (n, 1, T, H): FaceID-Plus's CLIP features of the aligned face crop(s);
+    None for Plus.
+    """
 
     prompt_embeds: torch.Tensor  # (n, 77, D) text encoder hidden states
     text_embeds: torch.Tensor  # (n, D_pooled) pooled text embedding
     time_ids: torch.Tensor  # (n, 6) SDXL micro-conditioning
-    id_embeds: torch.Tensor  # (n, 1, 512) identity embedding (zeros: the null identity)
-    clip_embeds: torch.Tensor  # (n, 1, T, H) CLIP hidden states of the aligned face crop(s)
+    image_embeds: torch.Tensor
+    clip_embeds: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.prompt_embeds.shape[0]
 
+    def _map(self, fn) -> "UNetBatch":
+        return UNetBatch(*(None if (v := getattr(self, f.name)) is None else fn(v) for f in dataclasses.fields(self)))
+
     def take(self, index: Sequence[int]) -> "UNetBatch":
         """The rows ``index`` (in that order)."""
         idx = list(index)
-        return UNetBatch(*(getattr(self, f.name)[idx] for f in dataclasses.fields(self)))
+        return self._map(lambda v: v[idx])
 
     def repeat(self, times: int) -> "UNetBatch":
         """Every row repeated ``times`` times in place (row r → rows r·times … r·times + times − 1)."""
-        return UNetBatch(*(getattr(self, f.name).repeat_interleave(times, dim=0) for f in dataclasses.fields(self)))
+        return self._map(lambda v: v.repeat_interleave(times, dim=0))
 
     @staticmethod
     def cat(batches: Sequence["UNetBatch"]) -> "UNetBatch":
-        return UNetBatch(*(torch.cat([getattr(b, f.name) for b in batches]) for f in dataclasses.fields(UNetBatch)))
+        out = []
+        for f in dataclasses.fields(UNetBatch):
+            parts = [getattr(b, f.name) for b in batches]
+            out.append(None if parts[0] is None else torch.cat(parts))
+        return UNetBatch(*out)
 
 
 @dataclass(frozen=True)
@@ -54,7 +67,7 @@ class ConditionSet:
     """The text and identity conditions of one request, each in its conditioned and null form.
 
     text: {"text": (embeds (1, 77, D), pooled (1, P)), "null": (...)};
-    identity: {"id": (id_embeds (1, 1, 512), clip (1, 1, T, H)), "null": (...)};
+    identity: {"id": (image_embeds, clip_embeds or None), "null": (...)} (see ``UNetBatch``);
     time_ids: (1, 6).
     """
 
@@ -65,8 +78,8 @@ class ConditionSet:
     def row(self, condition: Condition) -> UNetBatch:
         """One row conditioned as ``condition`` says."""
         prompt, pooled = self.text["text" if condition.text else "null"]
-        id_embeds, clip = self.identity["id" if condition.identity else "null"]
-        return UNetBatch(prompt, pooled, self.time_ids, id_embeds, clip)
+        image_embeds, clip = self.identity["id" if condition.identity else "null"]
+        return UNetBatch(prompt, pooled, self.time_ids, image_embeds, clip)
 
     def batch(self, branches: Sequence[str], conditions: Mapping[str, Condition]) -> UNetBatch:
         """The rows of ``branches`` in order."""
@@ -79,14 +92,14 @@ def unet_forward(unet, z: torch.Tensor, t: torch.Tensor, batch: UNetBatch, ctx: 
     FaceID-Plus reads its CLIP features from its projection module (diffusers' design); they are set
     right before the call, which the engine's lock serialises.
     """
-    proj = unet.encoder_hid_proj.image_projection_layers[0]
-    proj.clip_embeds = batch.clip_embeds
+    if batch.clip_embeds is not None:
+        unet.encoder_hid_proj.image_projection_layers[0].clip_embeds = batch.clip_embeds
     return unet(
         z,
         t,
         encoder_hidden_states=batch.prompt_embeds,
         added_cond_kwargs={"text_embeds": batch.text_embeds, "time_ids": batch.time_ids,
-                           "image_embeds": [batch.id_embeds]},
+                           "image_embeds": [batch.image_embeds]},
         cross_attention_kwargs={"lcmla": ctx} if ctx is not None else None,
         return_dict=False,
     )[0]

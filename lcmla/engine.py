@@ -126,7 +126,7 @@ class Engine:
         self.dtype = dtype
         self._lock = threading.RLock()
         self._lora_disabled = False  # peft's disable flag, tracked so it is always undone (under the lock)
-        self._id_proj = self.pipe.unet.encoder_hid_proj.image_projection_layers[0]
+        self._id_proj = self.pipe.unet.encoder_hid_proj.image_projection_layers[0]  # FaceID-Plus: shortcut knobs
         # lcmla's processors take over the loaded IP-Adapter weights once; knobs then travel per call
         from .attention.processors import install_processors
 
@@ -145,6 +145,7 @@ class Engine:
         allow_download: bool = False,
         face_models: str | Path | None = None,
         kv_encoder_lora: str | Path | None = None,
+        adapter: str | Path | None = None,
     ) -> "Engine":
         """Load a preset. ``device`` defaults to CUDA when present; ``dtype`` to float16 on CUDA.
 
@@ -155,15 +156,24 @@ class Engine:
         ``face_models``: an insightface pack folder (default: the preset's face backend, buffalo_l
         for the real presets); on CUDA, insightface runs on onnxruntime's CUDA provider when the
         installed onnxruntime has it. ``kv_encoder_lora``: a KV-encoder LoRA checkpoint
-        (see ``lcmla.kv_lora``) for the KV path.
+        (see ``lcmla.kv_lora``) for the KV path. ``adapter``: an IP-Adapter checkpoint instead of the
+        preset's FaceID-Plus-v2 — a trained one (``training/``) or IP-Adapter Plus-Face (e.g.
+        converted from the LCM-Lookahead authors' checkpoint by ``lcmla.convert``).
         """
-        from .loading import load_components
+        from .loading import adapter_kind, load_adapter_state_dict, load_components
 
         p = get_preset(preset)
-        if kv_encoder_lora is not None:  # a bad file is reported before anything heavy loads
+        # bad files are reported before anything heavy loads
+        if kv_encoder_lora is not None:
             from .kv_lora import read_kv_lora_metadata
 
             read_kv_lora_metadata(kv_encoder_lora)
+        exclude: tuple[str, ...] = ()
+        if adapter is not None:
+            kind = adapter_kind(load_adapter_state_dict(adapter))
+            sibling_lora = Path(adapter).with_name(Path(adapter).stem + "_lora.safetensors").is_file()
+            if kind == "plus" or sibling_lora:
+                exclude = ("faceid",)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = _parse_dtype(dtype, device)
         if face_models is not None or p.face_backend == "insightface":
@@ -180,10 +190,11 @@ class Engine:
             from .weights import resolve_preset
 
             variant = "fp16" if dtype in (torch.float16, torch.bfloat16) else None
-            paths = resolve_preset(p, variant=variant, weights_dir=weights_dir, allow_download=allow_download)
+            paths = resolve_preset(p, variant=variant, weights_dir=weights_dir, allow_download=allow_download,
+                                   exclude=exclude)
             paths.update(_optional_paths(p, weights_dir))
         components = load_components(p, paths, device=device, dtype=dtype, variant=variant,
-                                     lcm_lora=bool(p.lcm_lora) or "lcm_lora" in paths)
+                                     lcm_lora=bool(p.lcm_lora) or "lcm_lora" in paths, adapter=adapter)
         engine = cls(p, components, faces, device=device, dtype=dtype)
         if kv_encoder_lora is not None:
             from .kv_lora import load_kv_encoder_lora
@@ -221,24 +232,43 @@ class Engine:
         return {"text": (prompt_embeds, pooled), "null": (negative, negative_pooled)}
 
     @torch.no_grad()
-    def _identity_conditions(self, identity: FaceIdentity | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """{"id": (id_embeds, clip_embeds), "null": (zeros, CLIP of an all-zero input)}.
-
-        id_embeds: (1, 1, 512); clip_embeds: (1, 1, T, H), the CLIP vision encoder's penultimate
-        hidden states, averaged over the reference photos (FaceID-Plus-v2 reads them). Without an
-        identity (text only) both are the null identity.
-        """
+    def _clip_hidden(self, images: list) -> torch.Tensor:
+        """CLIP vision encoder's penultimate hidden states of ``images`` (PIL) or, for None, of an
+        all-zero input (IP-Adapter's unconditional image): (n, T, H)."""
         c = self.components
-        size = c.clip_processor.crop_size["height"]
-        zeros = torch.zeros(1, 3, size, size, device=self.device, dtype=c.image_encoder.dtype)  # IP-Adapter's uncond
-        null_clip = c.image_encoder(zeros, output_hidden_states=True).hidden_states[-2][:, None]  # (1, 1, T, H)
-        null = (torch.zeros(1, 1, EMBEDDING_DIM, dtype=self.dtype, device=self.device), null_clip.to(self.dtype))
+        if images is None:
+            size = c.clip_processor.crop_size["height"]
+            pixels = torch.zeros(1, 3, size, size)
+        else:
+            pixels = c.clip_processor(images=list(images), return_tensors="pt").pixel_values
+        pixels = pixels.to(self.device, dtype=c.image_encoder.dtype)
+        return c.image_encoder(pixels, output_hidden_states=True).hidden_states[-2]
+
+    @torch.no_grad()
+    def _identity_conditions(self, identity: FaceIdentity | None, framing: str = "photo") -> dict[str, tuple]:
+        """{"id": (image_embeds, clip_embeds), "null": (...)} for the loaded identity adapter.
+
+        FaceID-Plus-v2: image_embeds = the identity embedding (1, 1, 512), clip_embeds = CLIP hidden
+        states of the aligned face crops averaged over the reference photos (1, 1, T, H); null =
+        zeros and CLIP of an all-zero input. IP-Adapter Plus (-Face): image_embeds = CLIP hidden
+        states (1, 1, T, H) of the reference photos framed as the KV reference is (``framing``;
+        LCM-Lookahead's authors feed the whole photo), averaged; null = CLIP of an all-zero input.
+        Without an identity (text only) both are the null identity.
+        """
+        null_clip = self._clip_hidden(None)[:, None].to(self.dtype)  # (1, 1, T, H)
+        if self.components.adapter_kind == "plus":
+            null = (null_clip, None)
+            if identity is None:
+                return {"id": null, "null": null}
+            size = (self.components.clip_processor.crop_size["width"], self.components.clip_processor.crop_size["height"])
+            images = ([frame_reference(img, box, size, framing) for img, box in zip(identity.images, identity.boxes)]
+                      if identity.images else list(identity.crops))
+            hidden = self._clip_hidden(images).mean(dim=0, keepdim=True)[:, None]  # (1, 1, T, H)
+            return {"id": (hidden.to(self.dtype), None), "null": null}
+        null = (torch.zeros(1, 1, EMBEDDING_DIM, dtype=self.dtype, device=self.device), null_clip)
         if identity is None:
             return {"id": null, "null": null}
-        pixels = c.clip_processor(images=list(identity.crops), return_tensors="pt").pixel_values
-        pixels = pixels.to(self.device, dtype=c.image_encoder.dtype)  # (n, 3, 224, 224)
-        hidden = c.image_encoder(pixels, output_hidden_states=True).hidden_states[-2]  # (n, T, H)
-        clip = hidden.mean(dim=0, keepdim=True)[:, None]  # (1, 1, T, H)
+        clip = self._clip_hidden(identity.crops).mean(dim=0, keepdim=True)[:, None]  # (1, 1, T, H)
         emb = torch.as_tensor(identity.embedding, dtype=self.dtype, device=self.device).reshape(1, 1, -1)
         return {"id": (emb, clip.to(self.dtype)), "null": null}
 
@@ -285,8 +315,9 @@ class Engine:
         """Set every per-call value diffusers keeps on modules; each request states all of them."""
         ident, fu = settings.identity, settings.freeu
         self._set_adapters(self._denoiser_adapters(settings))
-        self._id_proj.shortcut = ident.shortcut
-        self._id_proj.shortcut_scale = ident.shortcut_scale
+        if self.components.adapter_kind == "faceid-plus-v2":
+            self._id_proj.shortcut = ident.shortcut
+            self._id_proj.shortcut_scale = ident.shortcut_scale
         if fu.enabled:
             self.pipe.unet.enable_freeu(s1=fu.s1, s2=fu.s2, b1=fu.b1, b2=fu.b2)
         else:
@@ -382,7 +413,8 @@ class Engine:
             t0 = time.perf_counter()
             self._apply_module_state(settings)
             conditions = ConditionSet(self._text_conditions(settings.prompt, settings.negative_prompt),
-                                      self._identity_conditions(identity), self._time_ids(settings))
+                                      self._identity_conditions(identity, settings.lookahead.reference_framing),
+                                      self._time_ids(settings))
             kv_setup = self._kv_setup(settings, references) if references is not None else None
             timings["conditions"] = time.perf_counter() - t0
             images, seeds, maps, calls = [], [], [], []
@@ -496,7 +528,7 @@ class Engine:
         """The reference latents and the encoder rows' conditions: [null text, the encoder prompt],
         both with the null identity (the encoder's cross attention sees text only)."""
         text = self._text_conditions(settings.lookahead.kv_prompt)  # "null": SDXL's empty-prompt zeros
-        null_id = self._identity_conditions(None)["null"]
+        null_id = self._identity_conditions(None)["null"]  # unused by the encoder (λ = 0), but the UNet needs one
         time_ids = self._time_ids(settings)
         rows = {name: UNetBatch(text[key][0], text[key][1], time_ids, *null_id)
                 for name, key in (("null", "null"), ("text", "text"))}
@@ -524,8 +556,8 @@ class Engine:
         """The KV encoder pass at t over ``rows`` on the same UNet (see ``_encoder_pass_state``)."""
         batch = UNetBatch.cat([kv_setup["rows"][r] for r in rows])
         with self._encoder_pass_state(settings):
-            return encode_reference(self.pipe.unet, kv_setup["latents"], batch, t, noise,
-                                    self._alphas_cumprod(), KVCache())
+            return encode_reference(self.pipe.unet, kv_setup["latents"], batch, t, noise, self._alphas_cumprod(),
+                                    KVCache(), kv_copy_scale=settings.lookahead.kv_lora_scale)
 
     # ---- decoding ----------------------------------------------------------------------------------
 

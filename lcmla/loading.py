@@ -45,6 +45,9 @@ __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "load_components",
+    "ADAPTER_KINDS",
+    "adapter_kind",
+    "load_adapter_state_dict",
     "load_faceid_state_dict",
     "load_image_encoder",
     "make_clip_processor",
@@ -69,6 +72,7 @@ class Components:
     image_encoder: "CLIPVisionModelWithProjection"
     clip_processor: "CLIPImageProcessor"  # 224 px, CLIP mean/std, built in code
     taesd: "AutoencoderTiny | None"
+    adapter_kind: str = "faceid-plus-v2"  # one of ADAPTER_KINDS
 
 
 def make_clip_processor() -> "CLIPImageProcessor":
@@ -144,20 +148,52 @@ def _require(paths: dict[str, Path], role: str, files: tuple[str, ...]) -> Path:
     return folder
 
 
-def load_faceid_state_dict(path: str | Path, *, keep_lora: bool = False) -> dict[str, dict[str, Any]]:
-    """Read a FaceID ``.bin`` safely (``weights_only=True``) and check its layout.
+ADAPTER_KINDS = ("faceid-plus-v2", "plus")
 
-    Returns ``{"image_proj": {...}, "ip_adapter": {...}}`` as ``load_ip_adapter`` accepts it. The
-    in-file LoRA keys (``*_lora.*``) are dropped unless ``keep_lora`` (see the module docstring).
-    Raises ``MissingWeightsError`` for a file that is not a plain tensor checkpoint of that layout.
+
+def adapter_kind(state: dict[str, dict[str, Any]]) -> str:
+    """The identity adapter a checkpoint holds, from its ``image_proj`` keys: FaceID-Plus(-v2)
+    (an ID-embedding MLP plus a perceiver over CLIP features) or IP-Adapter Plus / Plus-Face
+    (a resampler with learned latents over CLIP features; LCM-Lookahead's adapter)."""
+    proj = state["image_proj"]
+    if "proj.0.weight" in proj and any(k.startswith("perceiver_resampler.") for k in proj):
+        return "faceid-plus-v2"
+    if "latents" in proj and "proj_in.weight" in proj:
+        return "plus"
+    raise MissingWeightsError(
+        "the IP-Adapter checkpoint is neither FaceID-Plus-v2 nor IP-Adapter Plus (image_proj keys "
+        f"{sorted(proj)[:4]}…); lcmla runs those two kinds", missing=[])
+
+
+def load_adapter_state_dict(path: str | Path, *, keep_lora: bool = False) -> dict[str, dict[str, Any]]:
+    """Read an IP-Adapter checkpoint safely and check its layout.
+
+    ``.bin``/``.pt``: read with ``torch.load(..., weights_only=True)`` (tensors and plain containers
+    only; anything else is refused before any code from the file runs); ``.safetensors``: keys
+    prefixed ``image_proj.`` / ``ip_adapter.`` (diffusers' convention). Returns
+    ``{"image_proj": {...}, "ip_adapter": {...}}`` as ``load_ip_adapter`` accepts it. FaceID
+    checkpoints carry their LoRA inside (``*_lora.*`` keys); it is dropped unless ``keep_lora``
+    (see the module docstring). Raises ``MissingWeightsError`` for a file of another layout.
     """
     import pickle
 
     import torch
 
     path = Path(path)
+    if not path.is_file():
+        raise MissingWeightsError(f"the IP-Adapter file {path} does not exist", missing=[str(path)])
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            flat = load_file(str(path))
+            state: Any = {"image_proj": {}, "ip_adapter": {}}
+            for key, value in flat.items():
+                part, _, rest = key.partition(".")
+                if part in state:
+                    state[part][rest] = value
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
         raise MissingWeightsError(
             f"{path} is not a plain tensor checkpoint (refused by the safe loader: "
@@ -168,6 +204,7 @@ def load_faceid_state_dict(path: str | Path, *, keep_lora: bool = False) -> dict
         isinstance(state, dict)
         and isinstance(state.get("image_proj"), dict)
         and isinstance(state.get("ip_adapter"), dict)
+        and bool(state["image_proj"]) and bool(state["ip_adapter"])
         and all(
             isinstance(v, torch.Tensor)
             for part in ("image_proj", "ip_adapter")
@@ -184,6 +221,14 @@ def load_faceid_state_dict(path: str | Path, *, keep_lora: bool = False) -> dict
     if not keep_lora:
         ip_adapter = {k: v for k, v in ip_adapter.items() if "_lora." not in k}
     return {"image_proj": dict(state["image_proj"]), "ip_adapter": ip_adapter}
+
+
+def load_faceid_state_dict(path: str | Path, *, keep_lora: bool = False) -> dict[str, dict[str, Any]]:
+    """A FaceID-Plus-v2 checkpoint (see :func:`load_adapter_state_dict`); another kind is an error."""
+    state = load_adapter_state_dict(path, keep_lora=keep_lora)
+    if adapter_kind(state) != "faceid-plus-v2":
+        raise MissingWeightsError(f"{path} is not a FaceID-Plus-v2 checkpoint", missing=[str(path)])
+    return state
 
 
 def load_image_encoder(folder: str | Path, dtype: "torch.dtype | None" = None) -> "CLIPVisionModelWithProjection":
@@ -241,8 +286,14 @@ def load_components(
     dtype: "torch.dtype | None" = None,
     variant: str | None = None,
     lcm_lora: bool | None = None,
+    adapter: str | Path | None = None,
 ) -> Components:
     """Load the preset's pipeline, adapters and encoders from the local folders in ``paths``.
+
+    ``adapter``: an IP-Adapter checkpoint to use instead of the preset's FaceID-Plus-v2 (a trained
+    one from ``training/``, or an IP-Adapter Plus-Face one such as ``lcmla.convert`` writes from the
+    LCM-Lookahead authors' checkpoint). A FaceID adapter keeps the FaceID LoRA: the sibling file
+    ``<stem>_lora.safetensors`` when present, else the preset's.
 
     ``paths`` maps the roles of ``preset.required_files(variant)`` ("base", "faceid",
     "image_encoder", and "unet", "fused_lora", "lcm_lora" when the preset has them) and optionally
@@ -254,7 +305,7 @@ def load_components(
 
     dtype = torch.float32 if dtype is None else dtype
     with _quiet_known_messages():
-        return _load(preset, paths, device=device, dtype=dtype, variant=variant, lcm_lora=lcm_lora)
+        return _load(preset, paths, device=device, dtype=dtype, variant=variant, lcm_lora=lcm_lora, adapter=adapter)
 
 
 def _load(
@@ -265,6 +316,7 @@ def _load(
     dtype: "torch.dtype",
     variant: str | None,
     lcm_lora: bool | None,
+    adapter: str | Path | None = None,
 ) -> Components:
     """The body of :func:`load_components` (see there)."""
     import diffusers
@@ -275,7 +327,17 @@ def _load(
 
     required = preset.required_files(variant)
     base = _require(paths, "base", required["base"][1])
-    faceid = _require(paths, "faceid", required["faceid"][1])
+    if adapter is None:
+        faceid = _require(paths, "faceid", required["faceid"][1])
+        state, adapter_file, lora_file = load_faceid_state_dict(faceid / FACEID_WEIGHTS), FACEID_WEIGHTS, faceid / FACEID_LORA
+    else:
+        adapter = Path(adapter)
+        state, adapter_file = load_adapter_state_dict(adapter), adapter.name
+        lora_file = None
+        if adapter_kind(state) == "faceid-plus-v2":
+            sibling = adapter.with_name(adapter.stem + "_lora.safetensors")
+            lora_file = sibling if sibling.is_file() else _require(paths, "faceid", (FACEID_LORA,)) / FACEID_LORA
+    kind = adapter_kind(state)
     image_encoder_dir = _require(paths, "image_encoder", CLIP_VISION_FILES)
 
     extra: dict[str, Any] = {}
@@ -295,10 +357,11 @@ def _load(
         pipe.fuse_lora(adapter_names=[FUSED_ADAPTER], lora_scale=float(fused_scale))
         pipe.unload_lora_weights()  # the fused weights stay in the base layers
 
-    state = load_faceid_state_dict(faceid / FACEID_WEIGHTS)
-    pipe.load_ip_adapter(state, subfolder="", weight_name=FACEID_WEIGHTS, image_encoder_folder=None)
-    pipe.load_lora_weights(str(faceid), weight_name=FACEID_LORA, adapter_name=FACEID_ADAPTER)
-    adapters = [FACEID_ADAPTER]
+    pipe.load_ip_adapter(state, subfolder="", weight_name=adapter_file, image_encoder_folder=None)
+    adapters = []
+    if lora_file is not None:
+        pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name=FACEID_ADAPTER)
+        adapters.append(FACEID_ADAPTER)
 
     want_lcm = bool(preset.lcm_lora) if lcm_lora is None else lcm_lora
     if want_lcm:
@@ -306,7 +369,8 @@ def _load(
         lcm_dir = _require(paths, "lcm_lora", (lcm_file,))
         pipe.load_lora_weights(str(lcm_dir), weight_name=lcm_file, adapter_name=LCM_ADAPTER)
         adapters.append(LCM_ADAPTER)
-    pipe.set_adapters(adapters, [1.0] * len(adapters))
+    if adapters:
+        pipe.set_adapters(adapters, [1.0] * len(adapters))
 
     image_encoder = load_image_encoder(image_encoder_dir, dtype)
     taesd = None
@@ -332,4 +396,5 @@ def _load(
         image_encoder=image_encoder,
         clip_processor=make_clip_processor(),
         taesd=taesd,
+        adapter_kind=kind,
     )

@@ -85,7 +85,7 @@ def reference_latents(pipe, images: list[Image.Image], dtype: torch.dtype) -> to
 
 
 def encode_reference(unet, latents: torch.Tensor, rows: UNetBatch, t: torch.Tensor, noise: torch.Tensor,
-                     alphas_cumprod: torch.Tensor, cache: KVCache) -> KVCache:
+                     alphas_cumprod: torch.Tensor, cache: KVCache, kv_copy_scale: float = 1.0) -> KVCache:
     """The KV-encoder pass at timestep t (SPEC §4), recording into ``cache``.
 
     latents: (P, 4, h, w) the P reference photos; rows: R encoder rows (conditions); the encoder
@@ -97,7 +97,7 @@ def encode_reference(unet, latents: torch.Tensor, rows: UNetBatch, t: torch.Tens
     z_ref = ddpm_noise(latents, noise.expand_as(latents), alphas_cumprod, t)  # (P, 4, h, w)
     batch = rows.repeat(p) if p > 1 else rows
     z = z_ref.repeat(r, 1, 1, 1)  # (R·P, 4, h, w): row-major, photos vary fastest
-    ctx = AttentionContext(ip_scale=0.0, am=_NO_AM, kv=cache, kv_record=True)
+    ctx = AttentionContext(ip_scale=0.0, am=_NO_AM, kv=cache, kv_record=True, kv_copy_scale=kv_copy_scale)
     cache.rows = r
     cache.store.clear()
     unet_forward(unet, z, t, batch, ctx)

@@ -123,9 +123,11 @@ def resolve_preset(
     weights_dir: str | Path | None = None,
     allow_download: bool = False,
     with_taesd: bool = False,
+    exclude: tuple[str, ...] = (),
 ) -> dict[str, Path]:
-    """The local folders of every repository a (non-tiny) preset needs."""
-    required = preset.required_files(variant)
+    """The local folders of every repository a (non-tiny) preset needs (less the roles in
+    ``exclude``, e.g. "faceid" when another identity adapter is given)."""
+    required = {role: spec for role, spec in preset.required_files(variant).items() if role not in exclude}
     if with_taesd:
         required["taesd"] = (TAESDXL_REPO, TAESD_FILES)
     return resolve_files(

@@ -223,7 +223,7 @@ def test_engine_dcg_equals_decoupled_cfg_and_rescale_by_hand(engine, identity):
         r = engine.generate(_settings(guidance__dcg=True), identity, callback=lambda info: latents.append(info.latents))
     finally:
         hook.remove()
-    sched = engine._scheduler(4)
+    sched = engine._scheduler(r.settings)
     noise = torch.randn((1, 4, 32, 32), generator=torch.Generator("cpu").manual_seed(0))
     z = noise * sched.init_noise_sigma
     a, b, phi = [1.0, 1.5, 1.5, 1.0], [1.0, 3.0, 3.0, 1.0], 0.75

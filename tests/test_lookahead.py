@@ -250,8 +250,11 @@ def test_previews_stream_both_previews(engine, face_path):
     assert np.array_equal(_px(some.frames[0].x0), _px(res.frames[1].x0))
 
 
-def test_kv_encoder_lora_round_trip_and_encoder_only(engine, face_path, tmp_path):
+@pytest.mark.parametrize("design", ["encoder", "kv-copy"])
+def test_kv_encoder_lora_round_trip_and_encoder_only(engine, face_path, tmp_path, design):
     from lcmla import Engine
+    from lcmla.attention.kv_copy import kv_copies
+    from lcmla.attention.processors import install_processors
     from lcmla.kv_lora import (
         add_kv_encoder_lora,
         kv_lora_state_dict,
@@ -263,14 +266,20 @@ def test_kv_encoder_lora_round_trip_and_encoder_only(engine, face_path, tmp_path
     from lcmla.tiny import tiny_paths
 
     unet = load_components(PRESETS["tiny"], tiny_paths()).pipe.unet
-    add_kv_encoder_lora(unet, rank=4)
+    install_processors(unet)
+    add_kv_encoder_lora(unet, rank=4, design=design)
     torch.manual_seed(0)
     for m in unet.modules():
-        if hasattr(m, "lora_B") and "kv_encoder" in m.lora_B:
+        if isinstance(getattr(m, "lora_B", None), torch.nn.ModuleDict) and "kv_encoder" in m.lora_B:
             torch.nn.init.normal_(m.lora_B["kv_encoder"].weight, std=0.5)
+    for copy in kv_copies(unet).values():
+        torch.nn.init.normal_(copy.to_k.lora_B.weight, std=0.5)
+        torch.nn.init.normal_(copy.to_v.lora_B.weight, std=0.5)
     path = save_kv_encoder_lora(unet, tmp_path / "kv.safetensors", training={"steps": 1})
-    assert read_kv_lora_metadata(path)["rank"] == "4"
+    meta = read_kv_lora_metadata(path)
+    assert meta["rank"] == "4" and meta["version"] == "2" and meta["reference_kv"] == design
     saved = kv_lora_state_dict(unet)
+    assert any(k.startswith("kv_copy.") for k in saved) == (design == "kv-copy")
     e2 = Engine.load("tiny", kv_encoder_lora=path)
     loaded = kv_lora_state_dict(e2.pipe.unet)
     assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
@@ -284,6 +293,33 @@ def test_kv_encoder_lora_round_trip_and_encoder_only(engine, face_path, tmp_path
     save_file({"x": torch.zeros(1)}, str(bogus))
     with pytest.raises(ValueError, match="not an lcmla KV-encoder LoRA"):
         Engine.load("tiny", kv_encoder_lora=bogus)
+
+
+def test_kv_copy_design_equals_the_encoders_own_kv_until_trained(engine, face_path):
+    """The authors' KV copy starts as a copy of attn1's to_k/to_v: with zero LoRA updates it records
+    exactly the layer's own K/V; a trained copy LoRA changes only the recorded reference."""
+    from lcmla.attention.kv_copy import add_kv_copy
+
+    s = _settings(lookahead__kv=True)
+    plain = engine.generate(s, [face_path])
+    copies = add_kv_copy(engine.pipe.unet, rank=4)
+    try:
+        same = engine.generate(s, [face_path])
+        assert np.array_equal(_px(same.images[0]), _px(plain.images[0]))
+        torch.manual_seed(1)
+        for copy in copies.values():
+            torch.nn.init.normal_(copy.to_k.lora_B.weight, std=0.5)
+        trained = engine.generate(s, [face_path])
+        assert not np.array_equal(_px(trained.images[0]), _px(plain.images[0]))
+        no_kv = _settings()
+        assert np.array_equal(_px(engine.generate(no_kv, [face_path]).images[0]),
+                              _px(engine.generate(no_kv, [face_path]).images[0]))
+        scaled = engine.generate(s.replace(lookahead__kv_lora_scale=0.0), [face_path])  # scale 0: the base copy
+        assert np.array_equal(_px(scaled.images[0]), _px(plain.images[0]))
+    finally:
+        for proc in engine.pipe.unet.attn_processors.values():
+            if hasattr(proc, "kv_copy"):
+                proc.kv_copy = None
 
 
 # ---- the KV path as released (two encoder rows, encoder pass state, framing) ---------------------

@@ -170,6 +170,7 @@ class AttentionContext:
     capture_index: int = 0  # which sample of the UNet batch to record (the display branch)
     kv: KVCache | None = None  # LCM-Lookahead reference keys/values
     kv_record: bool = False  # this call is the KV-encoder pass: self-attention layers record into kv
+    kv_copy_scale: float = 1.0  # scale of the KV-copy LoRA on the encoder pass (authors' design)
     # per batch sample: the KV-encoder row whose reference K/V it attends to, −1 for none
     kv_index: tuple[int, ...] | None = None
     # AM2's min–max pools over groups of this many consecutive samples (the guidance branches of

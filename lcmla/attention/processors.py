@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .context import AttentionContext, block_kind
+from .kv_copy import KVCopyLoRA, kv_copy_projection
 from .transforms import adain_blend, scale_power, scheduled_softmask
 
 
@@ -68,7 +69,15 @@ class _Base(nn.Module):
 class SelfAttnProcessor(_Base):
     """Self-attention (attn1) with the fused kernel, and LCM-Lookahead's extended self-attention:
     with a KV cache in the context it records (encoder pass) or appends (denoiser pass) the
-    reference keys and values. An empty cache is plain self-attention, bit for bit."""
+    reference keys and values. An empty cache is plain self-attention, bit for bit.
+
+    ``kv_copy`` (None unless a KV-encoder checkpoint of the authors' design is loaded, or the trainer
+    adds one): the LoRA of the authors' separate KV projection; when present, the encoder pass
+    records K_ref/V_ref from it instead of the layer's own K/V (see ``kv_copy.py``)."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.kv_copy: KVCopyLoRA | None = None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  lcmla: AttentionContext | None = None):
@@ -84,7 +93,10 @@ class SelfAttnProcessor(_Base):
         ref = None
         if kv is not None:
             if lcmla.kv_record:
-                kv.record(self.name, key_flat, value_flat)
+                if self.kv_copy is not None:
+                    kv.record(self.name, *kv_copy_projection(attn, self.kv_copy, hidden_states, lcmla.kv_copy_scale))
+                else:
+                    kv.record(self.name, key_flat, value_flat)
             elif lcmla.kv_index is not None:
                 ref = kv.read(self.name)
         query = _heads(attn.to_q(hidden_states), batch, attn.heads)
