@@ -454,9 +454,17 @@ def _header(engine: Any) -> str:
         "attention manipulation) and **LCM-Lookahead** (LCM previews, KV path). Upload a face photo, write a "
         "prompt, press Generate. Every knob of both papers is below.",
         f"**Model:** `{p.name}` — {p.title} · {p.steps} steps · {p.width}×{p.height} · face backend: "
-        f"{engine.faces.backend} · lcmla {__version__}",
+        f"{engine.faces.backend}{_providers(engine)} · lcmla {__version__}",
     ]
     return "\n\n".join(lines)
+
+
+def _providers(engine: Any) -> str:
+    """Where the face models run (insightface on onnxruntime): " on CUDA" / " on CPU", or nothing."""
+    providers = tuple(getattr(engine.faces, "providers", ()) or ())
+    if not providers:
+        return ""
+    return " on " + ("CUDA" if providers[0].startswith("CUDA") else providers[0].replace("ExecutionProvider", ""))
 
 
 def _banner(engine: Any, notice: str | None) -> str:

@@ -324,3 +324,14 @@ def test_compare_runs_every_method_with_the_same_seed(client, values):
     assert rows[0][3] == "1 1 1 1" and rows[3][3].split()[0] == "4"  # baseline: one branch; KV path: four
     assert "Seed 3" in info and "not a face recognizer" in info
     assert len(job.outputs()) >= 2  # each method shows up as soon as it is done
+
+
+def test_header_says_where_the_face_models_run():
+    from types import SimpleNamespace
+
+    def engine(providers):
+        return SimpleNamespace(faces=SimpleNamespace(providers=providers))
+
+    assert app._providers(engine(("CUDAExecutionProvider", "CPUExecutionProvider"))) == " on CUDA"
+    assert app._providers(engine(("CPUExecutionProvider",))) == " on CPU"
+    assert app._providers(engine(())) == ""  # the Haar stand-in runs in OpenCV
