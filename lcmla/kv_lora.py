@@ -10,7 +10,9 @@ reference. Two designs of the reference K/V exist:
   both give the same K/V; with trained weights they do not. The trainer trains this one.
 
 Checkpoint format ("lcmla KV-encoder LoRA", version 2) — one safetensors file:
-- the encoder LoRA in diffusers' peft layout, read by ``pipe.load_lora_weights`` as it is:
+- the encoder LoRA in diffusers' peft layout, read by ``pipe.load_lora_weights`` as it is (in the
+  "kv-copy" design the last transformer block is left out: nothing it computes reaches a recorded
+  K/V, and the authors leave it out too):
   ``unet.<module path>.lora_A.weight`` (rank × in) and ``unet.<module path>.lora_B.weight`` (out × rank),
   e.g. ``unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight``;
 - for the "kv-copy" design, the KV-copy LoRA of each attn1:
@@ -40,6 +42,24 @@ KV_COPY_PREFIX = "kv_copy."
 TARGET_MODULES = r".*(down_blocks|mid_block|up_blocks).*\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
 
 
+def last_transformer_block(unet) -> str:
+    """The path of the UNet's last transformer block in execution order (the last one of the up
+    path): in the "kv-copy" design nothing it computes reaches a recorded reference K/V."""
+    names = [n for n in unet.attn_processors if n.startswith("up_blocks") and n.endswith(".attn1.processor")]
+    return names[-1][: -len(".attn1.processor")]
+
+
+def encoder_lora_targets(unet, design: str) -> list[str]:
+    """The module names the encoder LoRA trains: q/k/v/out of every attn1/attn2 of the UNet's
+    blocks, less — in the "kv-copy" design — those of the last transformer block, which cannot
+    affect any recorded K/V (the authors leave that block out too)."""
+    import re
+
+    pattern = re.compile(TARGET_MODULES)
+    skip = last_transformer_block(unet) + "." if design == "kv-copy" else None
+    return [n for n, _ in unet.named_modules() if pattern.match(n) and not (skip and n.startswith(skip))]
+
+
 def add_kv_encoder_lora(unet, rank: int = 4, adapter_name: str = ADAPTER_NAME, design: str = "kv-copy",
                         kv_copy_rank: int | None = None):
     """Add a fresh KV-encoder LoRA adapter (peft) to ``unet`` — B starts at zero (no effect) — and,
@@ -50,7 +70,8 @@ def add_kv_encoder_lora(unet, rank: int = 4, adapter_name: str = ADAPTER_NAME, d
 
     if design not in DESIGNS:
         raise LcmlaError(f"KV-encoder design must be one of {', '.join(DESIGNS)} (got {design!r})")
-    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TARGET_MODULES)
+    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                        target_modules=encoder_lora_targets(unet, design))
     with warnings.catch_warnings():  # several adapters on one UNet is the point here
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         unet.add_adapter(config, adapter_name=adapter_name)

@@ -28,7 +28,8 @@ from .denoiser import UNetBatch, unet_forward
 from .preview import ddpm_noise
 from .settings import AttentionSettings
 
-__all__ = ["decode_tiny", "encode_reference", "frame_reference", "lcm_preview_eps", "reference_latents"]
+__all__ = ["decode_tiny", "encode_reference", "frame_reference", "lcm_preview_eps", "record_reference_kv",
+           "reference_latents"]
 
 FRAMINGS = ("photo", "face")
 
@@ -84,24 +85,31 @@ def reference_latents(pipe, images: list[Image.Image], dtype: torch.dtype) -> to
     return latents.to(dtype)
 
 
+def record_reference_kv(unet, z_t: torch.Tensor, batch: UNetBatch, t: torch.Tensor, cache: KVCache,
+                        kv_copy_scale: float = 1.0) -> KVCache:
+    """One KV-encoder pass (SPEC §4): the noised reference latents ``z_t`` (n, 4, h, w) under
+    ``batch``'s conditions (row for row) at timestep ``t`` (scalar or (n,)), identity attention off
+    (λ = 0: the encoder's cross attention sees text only); every self-attention layer records its
+    K/V (or, with a KV copy, the copy's projection at ``kv_copy_scale``) into ``cache``, whose
+    ``rows`` groups the n samples (n = rows × photos). Differentiable: training calls it with
+    gradients on, inference under no_grad."""
+    ctx = AttentionContext(ip_scale=0.0, am=_NO_AM, kv=cache, kv_record=True, kv_copy_scale=kv_copy_scale)
+    cache.store.clear()
+    unet_forward(unet, z_t, t, batch, ctx)
+    return cache
+
+
 def encode_reference(unet, latents: torch.Tensor, rows: UNetBatch, t: torch.Tensor, noise: torch.Tensor,
                      alphas_cumprod: torch.Tensor, cache: KVCache, kv_copy_scale: float = 1.0) -> KVCache:
-    """The KV-encoder pass at timestep t (SPEC §4), recording into ``cache``.
-
-    latents: (P, 4, h, w) the P reference photos; rows: R encoder rows (conditions); the encoder
-    batch is R × P, row-major, every photo noised to t with the same ``noise`` (the generation's
-    initial noise, (1, 4, h, w)); the identity attention is off (λ = 0: the encoder's cross
-    attention sees text only). Returns ``cache`` holding (R, P·N, C) per layer.
-    """
+    """The inference KV-encoder pass at timestep t: P reference photos ``latents`` (P, 4, h, w), each
+    noised to t with the same ``noise`` (the generation's initial noise, (1, 4, h, w)), under R
+    encoder rows ``rows``; the encoder batch is R × P, row-major. Returns ``cache`` holding
+    (R, P·N, C) per layer (the photos' tokens side by side in each row)."""
     r, p = len(rows), latents.shape[0]
     z_ref = ddpm_noise(latents, noise.expand_as(latents), alphas_cumprod, t)  # (P, 4, h, w)
     batch = rows.repeat(p) if p > 1 else rows
-    z = z_ref.repeat(r, 1, 1, 1)  # (R·P, 4, h, w): row-major, photos vary fastest
-    ctx = AttentionContext(ip_scale=0.0, am=_NO_AM, kv=cache, kv_record=True, kv_copy_scale=kv_copy_scale)
     cache.rows = r
-    cache.store.clear()
-    unet_forward(unet, z, t, batch, ctx)
-    return cache
+    return record_reference_kv(unet, z_ref.repeat(r, 1, 1, 1), batch, t, cache, kv_copy_scale)
 
 
 _NO_AM = AMPlan.from_settings(AttentionSettings(), 1)

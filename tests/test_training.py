@@ -1,0 +1,302 @@
+"""The training package on the tiny preset (CPU, minutes): samplers, identity loss, passes and
+gradients, per-sample KV, dropout, export."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from training.data import Collate, PairSample, batch_order
+from training.identity_loss import IdentityLoss, fixed_landmarks
+from training.objective import Objective, ObjectiveConfig
+from training.passes import PassSwitcher
+from training.sampling import drop_mask, sample_lora_scale, sample_timesteps, timestep_probabilities
+
+RES = 64  # training resolution of the tests: latent 8x8
+
+
+# ---- pure samplers ------------------------------------------------------------------------------
+
+
+def test_timestep_sampler_matches_its_distribution():
+    from scipy.stats import chisquare
+
+    probs = timestep_probabilities(1000, 0.5)
+    assert probs.sum().item() == pytest.approx(1.0) and probs[-1] > probs[0]  # favours noisy steps
+    assert probs[999] / probs[0] == pytest.approx((1 - 0.5 * math.cos(math.pi * 999 / 1000)) / 0.5)
+    draws = sample_timesteps(probs, 40000, torch.Generator().manual_seed(0))
+    observed = torch.bincount(draws // 50, minlength=20).double()
+    expected = probs.reshape(20, 50).sum(1) * 40000
+    assert chisquare(observed.numpy(), expected.numpy()).pvalue > 1e-3
+    capped = timestep_probabilities(1000, 0.2, t_max=500)
+    assert len(capped) == 500 and sample_timesteps(capped, 1000, torch.Generator().manual_seed(1)).max() < 500
+
+
+def test_lora_scale_sampler_matches_its_distribution():
+    from scipy.stats import kstest
+
+    g = torch.Generator().manual_seed(0)
+    draws = np.array([sample_lora_scale(g) for _ in range(4000)])
+    full = draws == 1.0
+    assert abs(full.mean() - 0.5) < 3 * math.sqrt(0.25 / 4000)
+    rest = draws[~full]
+    assert rest.min() >= 0.1 and kstest(rest, "uniform", args=(0.1, 0.9)).pvalue > 1e-3
+
+
+def test_drop_masks_and_batch_order():
+    g = torch.Generator().manual_seed(0)
+    assert drop_mask(5, 1.0, g).all() and not drop_mask(5, 0.0, g).any()
+    assert abs(drop_mask(20000, 0.1, g).float().mean().item() - 0.1) < 0.01
+    a = batch_order(10, 3, epoch=0, seed=1)
+    assert a == batch_order(10, 3, epoch=0, seed=1) and a != batch_order(10, 3, epoch=1, seed=1)
+    assert len(a) == 3 and len({i for b in a for i in b}) == 9
+    r0, r1 = batch_order(10, 2, 0, 1, rank=0, world=2), batch_order(10, 2, 0, 1, rank=1, world=2)
+    assert not {i for b in r0 for i in b} & {i for b in r1 for i in b}  # ranks draw disjoint shards
+
+
+# ---- a tiny recognizer and the identity loss --------------------------------------------------------
+
+
+class TinyRecognizer(torch.nn.Module):
+    """A fixed random conv net honouring the Recognizer interface (the real ones: test_dlib_recognizer)."""
+
+    name, input_size, embedding_dim, scheme = "tiny", 32, 16, "insightface5"
+
+    def __init__(self):
+        super().__init__()
+        from insightface.utils.face_align import arcface_dst
+
+        torch.manual_seed(3)
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2, 1), torch.nn.Tanh(), torch.nn.Conv2d(8, 16, 3, 2, 1),
+                                       torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(64, 16))
+        self.register_buffer("template", torch.tensor(arcface_dst, dtype=torch.float32) * (32 / 112))
+        self.requires_grad_(False)
+
+    def forward(self, crops):
+        return torch.nn.functional.normalize(self.net(crops * 2 - 1), dim=-1)
+
+
+def _canonical_landmarks(size=RES):
+    from insightface.utils.face_align import arcface_dst
+
+    return np.asarray(arcface_dst) * (size / 112)
+
+
+def test_alignment_matches_norm_crop_and_has_gradients(face_path):
+    from insightface.utils import face_align
+
+    from lcmla.faces import FaceAnalyzer
+    from lcmla.recognizers.base import similarity_transform, warp_affine
+
+    img = np.asarray(Image.open(face_path).convert("RGB"))
+    kps = FaceAnalyzer.haar().detect(img)[0].kps
+    ref = face_align.norm_crop(img, kps, 112).astype(np.float32)
+    x = torch.tensor(img).permute(2, 0, 1)[None].float().requires_grad_(True)
+    m = similarity_transform(torch.tensor(kps), torch.tensor(face_align.arcface_dst))
+    out = warp_affine(x, m, 112)
+    diff = np.abs(out[0].detach().permute(1, 2, 0).numpy() - ref)
+    assert diff.mean() < 0.5 and diff.max() < 2.0  # cv2's fixed-point bilinear vs exact bilinear
+    out.sum().backward()
+    assert x.grad.abs().sum() > 0
+
+
+def test_identity_loss_is_zero_for_identical_images(face_path, other_face):
+    loss_fn = IdentityLoss(TinyRecognizer(), fixed_landmarks(_canonical_landmarks()))
+    a = _pixels(Image.open(face_path))
+    b = _pixels(Image.open(other_face))
+    ref, found = loss_fn.reference(torch.cat([a, a]))
+    same, _ = loss_fn(torch.cat([a, a]).requires_grad_(True), ref, found)
+    assert same.item() == pytest.approx(0.0, abs=1e-6)
+    x = torch.cat([b, a]).requires_grad_(True)
+    diff, found2 = loss_fn(x, ref, found)
+    assert diff.item() > 1e-3 and found2.all()
+    diff.backward()
+    assert x.grad[0].abs().sum() > 0 and x.grad[1].abs().sum() < x.grad[0].abs().sum()
+
+
+def test_samples_without_a_face_contribute_zero_and_keep_the_graph(face_path):
+    loss_fn = IdentityLoss(TinyRecognizer(), lambda image: None)
+    a = _pixels(Image.open(face_path)).requires_grad_(True)
+    ref = torch.nn.functional.normalize(torch.randn(1, 16), dim=-1)
+    loss, found = loss_fn(a, ref)
+    assert loss.item() == 0.0 and not found.any() and loss.requires_grad
+    loss.backward()  # no error: the graph is kept
+
+
+def _pixels(img: Image.Image, size: int = RES) -> torch.Tensor:
+    arr = np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1)[None] / 127.5 - 1
+
+
+# ---- the objective on the tiny model ---------------------------------------------------------------
+
+
+def _pairs(face_path, other_face, n=2):
+    from lcmla.faces import FaceAnalyzer
+
+    haar = FaceAnalyzer.haar()
+    out = []
+    for i, path in enumerate([face_path, other_face][:n]):
+        photo = Image.open(path).convert("RGB")
+        face = haar.identity([photo])
+        target = ImageOps.posterize(photo, 4) if i % 2 == 0 else ImageOps.mirror(photo)
+        out.append(PairSample(photo, face.boxes[0], face.crops[0], face.embedding, target, "a pencil drawing of a face", f"k{i}"))
+    return out
+
+
+def _kit(parts=("proj", "ip-kv", "kv-lora"), checkpointing=False, **cfg):
+    from lcmla.attention.processors import install_processors
+    from lcmla.loading import load_components
+    from lcmla.presets import PRESETS
+    from lcmla.tiny import tiny_paths
+    from training.model import setup_trainables
+
+    comps = load_components(PRESETS["tiny"], tiny_paths(), lcm_lora=True)
+    pipe = comps.pipe
+    install_processors(pipe.unet)
+    pipe.unet.encoder_hid_proj.image_projection_layers[0].shortcut = True
+    torch.manual_seed(0)  # the new LoRAs' A matrices are random: every kit gets the same
+    trainables = setup_trainables(pipe, parts)
+    switcher = PassSwitcher(pipe, trainable=trainables.params())
+    if checkpointing:
+        pipe.unet.enable_gradient_checkpointing(gradient_checkpointing_func=switcher.checkpoint_function())
+    pipe.unet.train()
+    loss_fn = IdentityLoss(TinyRecognizer(), fixed_landmarks(_canonical_landmarks()))
+    objective = Objective(pipe, comps.image_encoder, comps.taesd, switcher, ObjectiveConfig(**cfg), loss_fn)
+    collate = Collate(RES, comps.clip_processor)
+    return comps, trainables, objective, collate
+
+
+def _batch(objective, collate, pairs):
+    batch = collate(pairs)
+    batch.reference_id, batch.reference_found = objective.identity_loss.reference(batch.reference)
+    return batch
+
+
+def _grads(trainables):
+    return {n: (None if p.grad is None else p.grad.detach().clone()) for n, p in trainables.named()}
+
+
+def test_gradients_with_checkpointing_equal_without(face_path, other_face):
+    pairs = _pairs(face_path, other_face)
+    results = []
+    for ckpt in (False, True):
+        comps, trainables, objective, collate = _kit(checkpointing=ckpt, lookahead_batch=2)
+        loss, logs = objective(_batch(objective, collate, pairs), torch.Generator().manual_seed(0))
+        loss.backward()
+        results.append((loss.detach(), _grads(trainables)))
+    (l0, g0), (l1, g1) = results
+    assert torch.equal(l0, l1)
+    assert g0.keys() == g1.keys()
+    for name in g0:
+        assert (g0[name] is None) == (g1[name] is None), name
+        if g0[name] is not None:
+            assert torch.allclose(g0[name], g1[name], atol=1e-7, rtol=1e-5), name
+
+
+def test_lookahead_loss_alone_reaches_every_trainable_part(face_path, other_face):
+    """With the diffusion term removed, the identity loss on the TAESD-decoded LCM preview sends a
+    gradient into every trainable tensor (LoRA B matrices made non-zero so A's gradient is too)."""
+    comps, trainables, objective, collate = _kit(parts=("proj", "ip-kv", "kv-lora", "faceid-lora"))
+    torch.manual_seed(0)
+    for name, p in trainables.named():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    objective.config = ObjectiveConfig(lambda_lookahead=1.0, lookahead_batch=2, diffusion_weight=0.0)
+    loss, logs = objective(_batch(objective, collate, _pairs(face_path, other_face)), torch.Generator().manual_seed(1))
+    assert "diffusion" not in logs and logs["lookahead"] > 0
+    loss.backward()
+    missing = [n for n, p in trainables.named() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing, missing[:5]
+
+
+def test_one_step_changes_exactly_the_trainable_parameters(face_path, other_face):
+    comps, trainables, objective, collate = _kit(lookahead_batch=1)
+    pipe = comps.pipe
+    modules = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder,
+               "text_encoder_2": pipe.text_encoder_2, "image_encoder": comps.image_encoder, "taesd": comps.taesd}
+    before = {f"{m}.{n}": p.detach().clone() for m, mod in modules.items() for n, p in mod.named_parameters()}
+    trainable_ids = {id(p) for p in trainables.params()}
+    opt = torch.optim.AdamW(trainables.groups(1e-3, 1e-3))
+    loss, _ = objective(_batch(objective, collate, _pairs(face_path, other_face)), torch.Generator().manual_seed(0))
+    loss.backward()
+    opt.step()
+    changed, frozen_changed = 0, []
+    for m, mod in modules.items():
+        for n, p in mod.named_parameters():
+            moved = not torch.equal(before[f"{m}.{n}"], p.detach())
+            if id(p) in trainable_ids:
+                changed += moved
+            elif moved:
+                frozen_changed.append(f"{m}.{n}")
+    assert not frozen_changed, frozen_changed[:5]
+    assert changed == len(trainable_ids)
+
+
+def test_each_sample_attends_to_its_own_reference(face_path, other_face):
+    comps, trainables, objective, collate = _kit()
+    pairs = _pairs(face_path, other_face)
+    swapped = [pairs[0], PairSample(pairs[0].reference, pairs[0].reference_box, pairs[1].reference_crop,
+                                    pairs[1].reference_embedding, pairs[1].target, pairs[1].prompt)]
+    outs = []
+    for ps in (pairs, swapped):  # only sample 1's KV reference differs (its own target etc. kept)
+        batch = collate(ps)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            cond, rows = objective.conditions(batch, g, dropout=False)
+            z = objective._latents(batch.reference, torch.Generator().manual_seed(5))
+            t = torch.tensor([500, 500])
+            noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(6))
+            z_t = torch.randn(z.shape, generator=torch.Generator().manual_seed(7))
+            cache = objective._kv(z * 0.5 + noise * 0.5, rows, t, torch.Generator().manual_seed(8))
+            outs.append(objective.predict(z_t, t, cond, cache, objective.denoiser_state()))
+    assert torch.equal(outs[0][0], outs[1][0])  # sample 0 is untouched by sample 1's reference
+    assert not torch.allclose(outs[0][1], outs[1][1], atol=1e-5)
+
+
+def test_dropout_one_gives_the_null_conditions(face_path, other_face, engine):
+    comps, trainables, objective, collate = _kit(text_drop=1.0, identity_drop=1.0)
+    batch = collate(_pairs(face_path, other_face))
+    cond, rows = objective.conditions(batch, torch.Generator().manual_seed(0))
+    assert not cond.prompt_embeds.any() and not cond.text_embeds.any() and not cond.image_embeds.any()
+    null = engine._identity_conditions(None)["null"]
+    assert torch.allclose(cond.clip_embeds, null[1].expand_as(cond.clip_embeds), atol=1e-6)
+    text = engine._text_conditions("a pencil drawing of a face")["null"]  # SDXL's empty prompt: zeros
+    assert torch.equal(cond.prompt_embeds[:1], text[0]) and torch.equal(cond.text_embeds[:1], text[1])
+    keep = ObjectiveConfig(text_drop=0.0, identity_drop=0.0)
+    objective.config = keep
+    cond2, _ = objective.conditions(batch, torch.Generator().manual_seed(0))
+    assert cond2.prompt_embeds.any() and cond2.image_embeds.any()
+
+
+def test_exported_adapter_round_trips_and_changes_the_engine(face_path, other_face, tmp_path, engine):
+    from lcmla import Engine, GenerationSettings
+    from lcmla.loading import load_faceid_state_dict
+    from lcmla.presets import FACEID_WEIGHTS
+    from lcmla.tiny import tiny_paths
+    from safetensors.torch import load_file
+    from training.model import export_weights
+
+    comps, trainables, objective, collate = _kit()
+    untouched = export_weights(comps.pipe, ("proj", "ip-kv"), tmp_path / "before")
+    orig = load_faceid_state_dict(tiny_paths()["faceid"] / FACEID_WEIGHTS)
+    saved = load_file(str(untouched["adapter"]))
+    for part in ("image_proj", "ip_adapter"):
+        for k, v in orig[part].items():
+            assert torch.equal(saved[f"{part}.{k}"], v.float()), k  # h94's layout, key for key
+    opt = torch.optim.AdamW(trainables.groups(5e-2, 5e-2))
+    for seed in range(2):
+        loss, _ = objective(_batch(objective, collate, _pairs(face_path, other_face)), torch.Generator().manual_seed(seed))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    files = export_weights(comps.pipe, ("proj", "ip-kv", "kv-lora"), tmp_path / "after")
+    trained = Engine.load("tiny", adapter=files["adapter"], kv_encoder_lora=files["kv_lora"])
+    s = GenerationSettings(prompt="a pencil drawing of a face").replace(lookahead__kv=True)
+    a = np.asarray(trained.generate(s, [face_path]).images[0], np.int16)
+    b = np.asarray(engine.generate(s, [face_path]).images[0], np.int16)
+    assert np.abs(a - b).mean() > 0.5

@@ -1,0 +1,116 @@
+"""Checkpoints: atomic, resumable, and holding only what was trained.
+
+A checkpoint ``<output>/checkpoint-<step>/`` holds
+- accelerate's state: optimizer, LR scheduler and the RNG states of every process;
+- ``trainable.safetensors``: every trainable tensor by name (exact resume);
+- ``train_state-<rank>.pt``: the step, the data cursor and each process's training generator;
+- the trained weights in the formats the engine loads (``training.model.export_weights``).
+It is written to ``checkpoint-<step>.tmp`` and renamed when complete, so a run killed during a
+save leaves the previous checkpoint intact; ``latest`` never picks a temporary folder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """Where a run is: the optimizer step and the position in the data order."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of this process already consumed in ``epoch``
+    nan_streak: int = 0
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first."""
+    out = []
+    root = Path(output_dir)
+    if root.is_dir():
+        for p in root.iterdir():
+            m = _NAME.match(p.name)
+            if m and p.is_dir():
+                out.append((int(m[1]), p))
+    return sorted(out)
+
+
+def resolve_resume(output_dir: str | Path, value: str | None) -> Path | None:
+    """``--resume-from-checkpoint``: "latest" (None when there is none yet: a fresh start), or a
+    checkpoint folder (a clear error when it is not one)."""
+    if not value:
+        return None
+    if value == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1][1] if found else None
+    path = Path(value)
+    if not path.is_dir() and (Path(output_dir) / value).is_dir():
+        path = Path(output_dir) / value
+    if not path.is_dir() or not (path / "trainable.safetensors").is_file():
+        raise ValueError(f"--resume-from-checkpoint {value!r} is not a complete checkpoint folder "
+                         f"(checkpoint-N with trainable.safetensors); use 'latest' or a path under {output_dir}")
+    return path
+
+
+def save_checkpoint(accelerator, output_dir: str | Path, state: TrainState, generator: torch.Generator,
+                    named_params: list[tuple[str, torch.nn.Parameter]], export, limit: int | None) -> Path:
+    """Write ``checkpoint-<step>`` atomically on every process (see the module docstring).
+
+    ``export(folder)`` writes the loadable weight files (main process). ``limit``: keep at most
+    that many checkpoints (the oldest go first, after the new one is complete).
+    """
+    from safetensors.torch import save_file
+
+    root = Path(output_dir)
+    final = root / f"checkpoint-{state.global_step}"
+    tmp = root / f"checkpoint-{state.global_step}.tmp"
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    torch.save({"state": asdict(state), "generator": generator.get_state()},
+               tmp / f"train_state-{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        save_file({n: p.detach().float().contiguous().cpu() for n, p in named_params}, str(tmp / "trainable.safetensors"))
+        export(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if limit:
+            for _, old in list_checkpoints(root)[:-limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, folder: Path, generator: torch.Generator,
+                    named_params: list[tuple[str, torch.nn.Parameter]]) -> TrainState:
+    """Restore a checkpoint written by :func:`save_checkpoint` (weights, optimizer, scheduler, RNG,
+    generator, data cursor)."""
+    from safetensors.torch import load_file
+
+    accelerator.load_state(str(folder))
+    tensors = load_file(str(folder / "trainable.safetensors"))
+    missing = [n for n, _ in named_params if n not in tensors]
+    if missing:
+        raise ValueError(f"checkpoint {folder} does not hold {missing[0]} (and {len(missing) - 1} more): it was "
+                         "written for other --train parts; resume with the same --train")
+    with torch.no_grad():
+        for name, p in named_params:
+            p.copy_(tensors[name].to(p.device, p.dtype))
+    saved = torch.load(folder / f"train_state-{accelerator.process_index}.pt", weights_only=True)
+    generator.set_state(saved["generator"])
+    return TrainState(**saved["state"])

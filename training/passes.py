@@ -1,0 +1,94 @@
+"""Module state per pass (which LoRAs at which scale, FreeU), kept right under gradient checkpointing.
+
+diffusers and peft keep LoRA scales and FreeU factors on modules. A training step runs several
+passes with different states (the KV-encoder pass: the KV-encoder LoRA alone, no FreeU; the
+denoiser pass: the FaceID LoRA; the lookahead pass: FaceID LoRA + LCM-LoRA at α), and gradient
+checkpointing recomputes blocks during backward, when the module state is the LAST pass's. Two
+fixes, both here:
+
+- :meth:`PassSwitcher.set` applies a :class:`PassState` and puts ``requires_grad`` back on the
+  trainable parameters (peft's ``set_adapters`` turns it off for adapters it deactivates, and a
+  trainable adapter switched off for one pass would stop receiving gradients);
+- :meth:`PassSwitcher.checkpoint_function` is a ``gradient_checkpointing_func`` for diffusers that
+  records the pass state at forward time and re-applies it while the block is recomputed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+
+
+@dataclass(frozen=True)
+class PassState:
+    """The module state of one pass: adapter → scale (adapters left out are off) and FreeU."""
+
+    adapters: tuple[tuple[str, float], ...] = ()
+    freeu: tuple[float, float, float, float] | None = None  # (s1, s2, b1, b2) or off
+
+    @classmethod
+    def of(cls, adapters: dict[str, float] | None = None, freeu=None) -> "PassState":
+        items = tuple(sorted((k, float(v)) for k, v in (adapters or {}).items() if v != 0))
+        return cls(items, None if freeu is None else tuple(float(x) for x in freeu))
+
+
+@dataclass
+class PassSwitcher:
+    """Applies pass states to a pipeline's UNet (see the module docstring)."""
+
+    pipe: Any
+    trainable: list[torch.nn.Parameter] = field(default_factory=list)
+    current: PassState | None = None
+    _lora_disabled: bool = False
+
+    def _adapter_names(self) -> tuple[str, ...]:
+        return tuple(getattr(self.pipe.unet, "peft_config", {}).keys())
+
+    def set(self, state: PassState) -> None:
+        if state == self.current:
+            return
+        names = self._adapter_names()
+        active = {n: s for n, s in state.adapters if n in names}
+        if not active:
+            if names and not self._lora_disabled:
+                self.pipe.disable_lora()
+                self._lora_disabled = True
+        else:
+            if self._lora_disabled:
+                self.pipe.enable_lora()
+                self._lora_disabled = False
+            self.pipe.set_adapters(list(active), list(active.values()))
+        unet = self.pipe.unet
+        if state.freeu is None:
+            unet.disable_freeu()
+        else:
+            s1, s2, b1, b2 = state.freeu
+            unet.enable_freeu(s1=s1, s2=s2, b1=b1, b2=b2)
+        for p in self.trainable:  # peft's set_adapters switches requires_grad off on inactive adapters
+            p.requires_grad_(True)
+        self.current = state
+
+    @contextlib.contextmanager
+    def applied(self, state: PassState) -> Iterator[None]:
+        """``state`` for the duration of the block, the previous state restored after."""
+        before = self.current
+        self.set(state)
+        try:
+            yield
+        finally:
+            if before is not None:
+                self.set(before)
+
+    def checkpoint_function(self) -> Callable:
+        """A ``gradient_checkpointing_func`` that recomputes each block under its own pass state."""
+        from torch.utils.checkpoint import checkpoint
+
+        def run(module, *args):
+            state = self.current
+            ctx = lambda: (contextlib.nullcontext(), self.applied(state))  # noqa: E731 - forward, recompute
+            return checkpoint(module.__call__, *args, use_reentrant=False, context_fn=ctx)
+
+        return run
