@@ -89,6 +89,34 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--unet-config", default="sdxl", choices=("sdxl", "tiny"),
                       help="the UNet the checkpoint belongs to (sdxl; tiny for tests)")
 
+    ev = sub.add_parser("evaluate", help="the papers' evaluation grid: methods × faces × prompts × seeds × λ, "
+                        "with ID / FFC / CLIP-T / face-style metrics, a summary and Pareto plots")
+    ev.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
+    ev.add_argument("--faces", nargs="+", required=True, metavar="PHOTO_OR_FOLDER",
+                    help="one identity per entry: a photo, or a folder of photos of the same person")
+    ev.add_argument("--methods", default="baseline,am1+dcg,am2+dcg,lookahead-kv",
+                    help=f"comma-separated, from {', '.join(METHODS)}; 'trained:NAME' runs NAME with --trained-* weights")
+    ev.add_argument("--seeds", default="0,1", help="comma-separated seeds")
+    ev.add_argument("--scales", default="0.1,0.35,0.5,0.65,0.8,0.95", help="identity scales λ, comma-separated")
+    ev.add_argument("--prompts", default="lookahead",
+                    help="lookahead (LCM-Lookahead's 18, default), realistic, style, fastface (both), or a file")
+    ev.add_argument("--max-prompts", type=int, default=None, help="first N prompts of each set")
+    ev.add_argument("--output-dir", required=True)
+    ev.add_argument("--id-networks", default="auto",
+                    help="identity recognizers: insightface, dlib, haar (stand-in), comma-separated; auto = "
+                         "the engine's face backend plus dlib")
+    ev.add_argument("--clip-model", default=None,
+                    help="a CLIPModel folder for CLIP-T / face-style (default: the preset's CLIP ViT-H/14); 'none' skips")
+    ev.add_argument("--aesthetic-weights", default=None, help="LAION aesthetic predictor .pth (needs a ViT-L/14 --clip-model)")
+    ev.add_argument("--trained-adapter", default=None, help="adapter file written by `python -m training train`")
+    ev.add_argument("--trained-kv-lora", default=None, help="KV-encoder LoRA written by the trainer")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting for every image, e.g. guidance.steps=4")
+    ev.add_argument("--weights-dir")
+    ev.add_argument("--face-models")
+    ev.add_argument("--device")
+    ev.add_argument("--dtype")
+    ev.add_argument("--quiet", action="store_true")
+
     sub.add_parser("presets", help="list the presets")
     show = sub.add_parser("show", help="print the settings embedded in a PNG made by lcmla")
     show.add_argument("png")
@@ -212,6 +240,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _presets()
         if args.command == "convert-lookahead":
             return _convert(args)
+        if args.command == "evaluate":
+            from .evaluation.cli import evaluate_command
+
+            return evaluate_command(args)
         return _show(args)
     except LcmlaError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -73,6 +73,7 @@ class Components:
     clip_processor: "CLIPImageProcessor"  # 224 px, CLIP mean/std, built in code
     taesd: "AutoencoderTiny | None"
     adapter_kind: str = "faceid-plus-v2"  # one of ADAPTER_KINDS
+    paths: dict = None  # role → the local folder it was loaded from (evaluation reads CLIP's text tower there)
 
 
 def make_clip_processor() -> "CLIPImageProcessor":
@@ -397,4 +398,5 @@ def _load(
         clip_processor=make_clip_processor(),
         taesd=taesd,
         adapter_kind=kind,
+        paths=dict(paths),
     )

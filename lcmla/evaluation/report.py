@@ -1,0 +1,180 @@
+"""The evaluation report: ``summary.csv``, Pareto plots (ID vs CLIP-T over the identity scales, one
+curve per method), an image grid per prompt set, and ``report.md`` tying them together."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+from PIL import Image, ImageDraw
+
+from .metrics import mean_ci
+
+ALL = "all"
+
+
+def _groups(rows: Sequence[dict]) -> dict[tuple[str, float, str], list[dict]]:
+    """(method, scale, prompt set) → rows; each row also counts in the set "all"."""
+    out: dict[tuple[str, float, str], list[dict]] = defaultdict(list)
+    for r in rows:
+        out[(r["method"], r["scale"], ALL)].append(r)
+        out[(r["method"], r["scale"], r["prompt_set"])].append(r)
+    return out
+
+
+def scorer_names(rows: Sequence[dict]) -> list[str]:
+    names: list[str] = []
+    for r in rows:
+        for name in r["metrics"].get("id", {}):
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def summarize(rows: Sequence[dict]) -> list[dict[str, Any]]:
+    """One record per (method, scale, prompt set): n images, and for every metric the mean and the
+    half-width of its 95 % confidence interval; the face-fail count (FFC) per recognizer."""
+    out = []
+    scorers = scorer_names(rows)
+    for (method, scale, pset), group in sorted(_groups(rows).items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != ALL, kv[0][2])):
+        rec: dict[str, Any] = {"method": method, "scale": scale, "prompt_set": pset, "n": len(group)}
+        for s in scorers:
+            m, ci, n = mean_ci([r["metrics"]["id"].get(s) for r in group])
+            rec[f"id_{s}"], rec[f"id_{s}_ci"], rec[f"ffc_{s}"] = m, ci, len(group) - n
+        for metric in ("clip_t", "face_style", "aesthetic"):
+            values = [r["metrics"].get(metric) for r in group]
+            if any(v is not None for v in values):
+                rec[metric], rec[f"{metric}_ci"], _ = mean_ci(values)
+        seconds = [r["seconds"] for r in group if r.get("seconds") is not None]
+        rec["seconds_per_image"] = sum(seconds) / len(seconds) if seconds else float("nan")
+        out.append(rec)
+    return out
+
+
+def write_summary(records: Sequence[dict], path: Path) -> Path:
+    fields: list[str] = []
+    for r in records:
+        fields += [k for k in r if k not in fields]
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in records:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    return path
+
+
+def pareto_points(records: Sequence[dict], scorer: str, prompt_set: str = ALL) -> dict[str, list[tuple[float, float, float]]]:
+    """method → [(scale, CLIP-T, ID)] sorted by scale: the points a Pareto plot draws."""
+    out: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+    for r in records:
+        if r["prompt_set"] == prompt_set and "clip_t" in r and not math.isnan(r.get(f"id_{scorer}", float("nan"))):
+            out[r["method"]].append((r["scale"], r["clip_t"], r[f"id_{scorer}"]))
+    return {m: sorted(v) for m, v in out.items()}
+
+
+def pareto_plot(records: Sequence[dict], scorer: str, path: Path, note: str = "", prompt_set: str = ALL) -> Path:
+    """ID (``scorer``) against CLIP-T, one curve per method over the identity scales λ; the plotted
+    points are also written beside the PNG as JSON."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = pareto_points(records, scorer, prompt_set)
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    for method, pts in points.items():
+        xs, ys = [p[1] for p in pts], [p[2] for p in pts]
+        ax.plot(xs, ys, marker="o", label=method)
+        for scale, x, y in pts:
+            ax.annotate(f"{scale:g}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    ax.set_xlabel("CLIP-T (text alignment, ×100)")
+    ax.set_ylabel(f"ID (cosine, {scorer})")
+    ax.set_title(f"ID vs CLIP-T over λ ({prompt_set} prompts){note}", fontsize=10)
+    ax.grid(alpha=0.3)
+    if points:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    path.with_suffix(".json").write_text(json.dumps({m: [list(p) for p in v] for m, v in points.items()}, indent=1))
+    return path
+
+
+def image_grid(rows: Sequence[dict], folder: Path, prompt_set: str, path: Path, scale: float | None = None,
+               cell: int = 192) -> Path | None:
+    """Rows = methods, columns = prompts, for the first identity and seed at the scale nearest 0.8."""
+    rows = [r for r in rows if r["prompt_set"] == prompt_set]
+    if not rows:
+        return None
+    scales = sorted({r["scale"] for r in rows})
+    scale = scale if scale is not None else min(scales, key=lambda s: abs(s - 0.8))
+    identity, seed = rows[0]["identity"], min(r["seed"] for r in rows)
+    pick = [r for r in rows if r["scale"] == scale and r["identity"] == identity and r["seed"] == seed]
+    methods = list(dict.fromkeys(r["method"] for r in pick))
+    prompts = list(dict.fromkeys(r["prompt"] for r in pick))
+    label_w, head = 150, 34
+    sheet = Image.new("RGB", (label_w + cell * len(prompts), head + cell * len(methods)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for j, p in enumerate(prompts):
+        draw.text((label_w + j * cell + 4, 4), p[:30], fill="black")
+        draw.text((label_w + j * cell + 4, 18), p[30:60], fill="black")
+    for i, m in enumerate(methods):
+        draw.text((4, head + i * cell + cell // 2), m, fill="black")
+        for j, p in enumerate(prompts):
+            hit = next((r for r in pick if r["method"] == m and r["prompt"] == p), None)
+            if hit is not None:
+                img = Image.open(folder / hit["image"]).convert("RGB").resize((cell, cell))
+                sheet.paste(img, (label_w + j * cell, head + i * cell))
+    sheet.save(path)
+    return path
+
+
+def write_report(folder: str | Path, rows: Sequence[dict] | None = None, config: dict | None = None) -> Path:
+    """summary.csv, pareto-<recognizer>.png (+ .json), grid-<set>.png and report.md in ``folder``."""
+    from .run import read_rows
+
+    folder = Path(folder)
+    rows = read_rows(folder / "results.jsonl") if rows is None else list(rows)
+    records = summarize(rows)
+    write_summary(records, folder / "summary.csv")
+    scorers = scorer_names(rows)
+    meaningless = (config or {}).get("random_weights", False)
+    note = " — random weights: meaningless numbers" if meaningless else ""
+    plots = [pareto_plot(records, s, folder / f"pareto-{s}.png", note) for s in scorers if any("clip_t" in r for r in records)]
+    grids = [g for g in (image_grid(rows, folder, ps, folder / f"grid-{ps}.png")
+                         for ps in dict.fromkeys(r["prompt_set"] for r in rows)) if g is not None]
+    seconds = [r["seconds"] for r in rows if r.get("seconds") is not None]
+    lines = ["# lcmla evaluation report", ""]
+    if meaningless:
+        lines += ["> **The tiny preset's weights are random**: these numbers exercise the harness and mean nothing "
+                  "about the methods.", ""]
+    if config:
+        lines += ["## Configuration", "", "```json", json.dumps(config, indent=2, default=str), "```", ""]
+    lines += [f"{len(rows)} images; generation {sum(seconds):.1f} s in all, "
+              f"{(sum(seconds) / len(seconds)) if seconds else float('nan'):.3f} s per image on this machine.", ""]
+    lines += ["## Summary (all prompts; mean ± 95 % CI)", ""]
+    head = ["method", "λ", "n"] + [f"ID {s}" for s in scorers] + [f"FFC {s}" for s in scorers] + ["CLIP-T", "face-style"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        if r["prompt_set"] != ALL:
+            continue
+        cells = [r["method"], f"{r['scale']:g}", str(r["n"])]
+        cells += [_pm(r[f"id_{s}"], r[f"id_{s}_ci"]) for s in scorers] + [str(r[f"ffc_{s}"]) for s in scorers]
+        cells += [_pm(r.get("clip_t"), r.get("clip_t_ci")), _pm(r.get("face_style"), r.get("face_style_ci"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Pareto fronts", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    lines += ["", "## Images", ""] + [f"![{g.stem}]({g.name})" for g in grids]
+    lines += ["", "Files: `results.jsonl` (one row per image: every setting and metric), `summary.csv`.", ""]
+    path = folder / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _pm(mean, ci) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "—"
+    return f"{mean:.3f}" if ci is None or math.isnan(ci) else f"{mean:.3f} ± {ci:.3f}"
