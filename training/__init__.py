@@ -1,1 +1,3 @@
-"""Training with the LCM-Lookahead identity loss (arrives with the training issue)."""
+"""lcmla's training package: LCM-Lookahead identity-loss training of the identity adapter and the
+KV-encoder LoRA (``python -m training train``), and consistent-identity data generation
+(``python -m training datagen``). Importing it loads no torch."""

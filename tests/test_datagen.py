@@ -1,0 +1,225 @@
+"""Consistent-identity data: deterministic identities, filtering, shards, kill -9 resume, two
+processes, the reader, the authors' importer and inspect (fake renderer, offline Haar analyzer)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.datagen.identities import draw_identity, image_seed, plan_images, select_templates, templates
+from training.datagen.shards import read_manifest, sha256_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+import datagen_fake  # noqa: E402
+
+FAKE = Path(__file__).parent / "datagen_fake.py"
+
+
+def test_identities_and_seeds_are_deterministic():
+    a, b = draw_identity(0, 3), draw_identity(0, 3)
+    assert a == b and a.description.startswith(("a ", "an "))
+    assert draw_identity(0, 4).description != a.description or draw_identity(1, 3).description != a.description
+    assert len({draw_identity(5, i).description for i in range(20)}) > 15
+    assert draw_identity(0, 1, names=["Ada Lovelace", "Alan Turing"]).description == "Alan Turing"
+    s = image_seed(0, 3, "oil-painting", 1)
+    assert s == image_seed(0, 3, "oil-painting", 1) and 0 <= s < 2**63
+    assert len({image_seed(0, i, t, k) for i in range(3) for t in ("photo", "comic") for k in range(3)}) == 18
+    plain, styl = select_templates(["comic", "watercolor"])
+    plan = plan_images(a, plain, styl, 7, seed=0)
+    assert sum(not t.stylized for t, _, _ in plan) == 4 and len(plan) == 7
+    assert {t.slug for t, _, _ in plan if t.stylized} == {"comic", "watercolor"}
+    with pytest.raises(ValueError, match="unknown style"):
+        select_templates(["nope"])
+
+
+def test_compressed_prompts():
+    t = next(t for t in templates() if t.slug == "forest")
+    assert t.prompt("an old Slavic woman") == "a photo of an old Slavic woman in a forest"
+    assert t.compressed() == "a photo of a face in a forest"
+
+
+def _run_inline(out, identities=4, per_shard=2):
+    from training.datagen.generate import generate
+
+    cfg, haar = datagen_fake.config(identities, per_shard)
+    return generate(cfg, out, datagen_fake.fake_render(), haar.detect, log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    totals = _run_inline(out)
+    return out, totals
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in sorted(folder.glob("shard-*.tar"))}
+
+
+def test_filtering_and_shards(reference_run):
+    from training.datagen.reader import ShardSamples
+
+    out, totals = reference_run
+    manifest = read_manifest(out)
+    assert sorted(manifest) == ["shard-000000.tar", "shard-000001.tar"]
+    for name, entry in manifest.items():
+        assert sha256_file(out / name) == entry["sha256"]
+        assert set(entry["rejected"]) == {"render_error", "no_face", "low_similarity", "too_few_plain"}
+    assert sum(e["rejected"]["no_face"] for e in manifest.values()) > 0  # the grey images
+    samples = ShardSamples([out])
+    assert len(samples) == sum(e["samples"] for e in manifest.values()) == totals["samples"]
+    by_shard = {}
+    for ref, rec in zip(samples.samples, samples.records):
+        by_shard.setdefault(rec["identity"], set()).add(ref.shard.name)
+        assert rec["compressed_prompt"].count("a face") == 1 and len(rec["landmarks"]) == 5
+    assert all(len(v) == 1 for v in by_shard.values())  # whole identities per shard
+    assert samples.embedding(0).shape == (512,) and samples.image(0, "crop.png").size == (224, 224)
+
+
+def test_filter_reasons_by_construction(face_path):
+    """no face → no_face; a stranger among the photos → low_similarity; < 2 plain photos → the
+    identity is dropped (too_few_plain)."""
+    from lcmla.faces import FaceAnalyzer
+    from training.datagen.generate import Candidate, GenConfig, filter_identity
+    from training.datagen.identities import Identity
+
+    from PIL import Image, ImageOps
+
+    haar = FaceAnalyzer.haar()
+    plain, styl = select_templates(["comic"])
+    me = Image.open(face_path).convert("RGB").resize((256, 256))
+    stranger = datagen_fake.portraits()[1].resize((256, 256))
+    grey = Image.new("RGB", (200, 200), (100, 100, 100))
+    cfg = GenConfig(1, 4, tuple(plain), tuple(styl), tau_plain=0.9, tau_style=0.3)
+    ident = Identity(0, "someone", {})
+    cands = [Candidate(plain[0], 0, 1, "p", me), Candidate(plain[1], 0, 2, "p", me.rotate(2)),
+             Candidate(plain[2], 0, 3, "p", stranger), Candidate(styl[0], 0, 4, "s", grey),
+             Candidate(styl[0], 1, 5, "s", None)]
+    kept, rej = filter_identity(ident, cands, cfg, haar.detect)
+    assert rej == {"no_face": 1, "render_error": 1, "low_similarity": 1} and len(kept) == 2
+    one_photo = [cands[0], Candidate(styl[0], 2, 6, "s", ImageOps.posterize(me, 4))]
+    kept, rej = filter_identity(ident, one_photo, cfg, haar.detect)
+    assert kept == [] and rej == {"too_few_plain": 2}
+
+
+def test_kill_9_resume_gives_the_same_shards(reference_run, tmp_path):
+    out_ref, _ = reference_run
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # kill while the first shard is being rendered, then after it landed, then finish
+    for wait_for in (None, "shard-000000.tar:"):
+        proc = subprocess.Popen([sys.executable, str(FAKE), str(out), "--delay", "0.05"], stdout=subprocess.PIPE,
+                                text=True, env=env)
+        if wait_for is None:
+            time.sleep(1.5)
+        else:
+            for line in proc.stdout:
+                if line.startswith(wait_for):
+                    break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    (out / "shard-000001.tar.tmp-424242").write_bytes(b"half a shard")  # a temporary left by a kill
+    subprocess.run([sys.executable, str(FAKE), str(out)], check=True, capture_output=True, env=env)
+    assert _snapshot(out) == _snapshot(out_ref)
+    assert not list(out.glob("*.tmp-*"))
+    assert set(read_manifest(out)) == set(read_manifest(out_ref))
+    # a shard renamed but never listed (killed between the rename and the manifest line) is remade
+    lines = (out / "manifest.jsonl").read_text().splitlines()
+    (out / "manifest.jsonl").write_text("\n".join(l for l in lines if "shard-000001" not in l) + "\n")
+    subprocess.run([sys.executable, str(FAKE), str(out)], check=True, capture_output=True, env=env)
+    assert _snapshot(out) == _snapshot(out_ref) and set(read_manifest(out)) == set(read_manifest(out_ref))
+
+
+def test_two_processes_write_the_same_shards(reference_run, tmp_path):
+    out_ref, _ = reference_run
+    out = tmp_path / "two"
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "ACCELERATE_USE_CPU": "true"}
+        procs.append(subprocess.Popen([sys.executable, str(FAKE), str(out)], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert "shard-000000" in outs[0][0] and "shard-000001" in outs[1][0]  # shard s goes to process s mod 2
+    assert _snapshot(out) == _snapshot(out_ref)
+
+
+def test_reader_pairs_and_corrupt_members(reference_run, tmp_path):
+    import shutil
+
+    from training.datagen.reader import PairDataset
+
+    out_ref, _ = reference_run
+    pairs = PairDataset([out_ref])
+    assert len(pairs) > 0
+    for j in range(len(pairs)):
+        p = pairs[j]
+        ref_key, tgt_key = p.key.split(">")
+        assert ref_key != tgt_key and ref_key.split("-")[0] == tgt_key.split("-")[0]  # the same identity
+        assert p.prompt.count("a face") == 1 and p.reference_embedding.shape == (512,)
+        assert "-photo-" in ref_key or "-portrait-" in ref_key or "-headshot-" in ref_key  # a plain reference
+    # corrupt one image member in a copy: reading skips to the next pair and counts it
+    bad = tmp_path / "bad"
+    shutil.copytree(out_ref, bad)
+    from training.datagen.shards import iter_members
+
+    shard = bad / "shard-000000.tar"
+    key, ext, off, size = next(m for m in iter_members(shard) if m[1] == "png")
+    with shard.open("r+b") as f:
+        f.seek(off)
+        f.write(b"\0" * min(size, 64))
+    corrupt = PairDataset([bad])
+    for j in range(len(corrupt)):
+        corrupt[j]
+    assert corrupt.skipped["corrupt"] >= 1
+
+
+def test_importer_reads_the_authors_format(tmp_path, face_path):
+    from lcmla.faces import FaceAnalyzer
+    from training.datagen.importer import import_authors, prompt_of
+    from training.datagen.reader import ShardSamples
+
+    assert prompt_of(Path("A_pencil_drawing_of_conceptname_123456.jpg")) == ("A pencil drawing of {subject}", 123456)
+    src = tmp_path / "theirs"
+    render = datagen_fake.fake_render()
+    meta = {}
+    for name in ("Ada Lovelace", "Grace Hopper"):
+        for kind, prompt in (("vanilla", "A photo of {}"), ("vanilla", "A photo of {}"), ("vanilla", "A photo of {}"),
+                             ("stylized", "A pencil drawing of {}")):
+            seed = 1000 + len(meta)
+            folder = src / name / kind
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{prompt.format('conceptname').replace(' ', '_')}_{seed}.jpg"
+            render(prompt.format(name), seed).save(path, quality=95)
+            meta[str(path.relative_to(src))] = name
+    (src / "metadata.json").write_text(json.dumps(meta))
+    haar = FaceAnalyzer.haar()
+    totals = import_authors(src, tmp_path / "out", haar.detect, {"identities_per_shard": 8, "backend": "haar",
+                                                                  "is_recognizer": False}, log=lambda m: None)
+    samples = ShardSamples([tmp_path / "out"])
+    assert totals["samples"] == len(samples) > 0
+    descr = {r["description"] for r in samples.records}
+    assert descr <= {"Ada Lovelace", "Grace Hopper"}
+    assert {r["compressed_prompt"] for r in samples.records} <= {"A photo of a face", "A pencil drawing of a face"}
+
+
+def test_inspect_prints_statistics_and_contact_sheets(reference_run, tmp_path, capsys):
+    from training.datagen.cli import main
+
+    out_ref, _ = reference_run
+    assert main(["inspect", str(out_ref), "--out", str(tmp_path / "sheets")]) == 0
+    stats = json.loads(capsys.readouterr().out.split("\n" + str(tmp_path))[0])
+    assert stats["shards"] == 2 and stats["samples"] > 0 and not stats["real_recognizer"]
+    sheets = sorted((tmp_path / "sheets").glob("*.png"))
+    assert [p.stem for p in sheets] == ["shard-000000", "shard-000001"]
+    assert main(["generate", "--identities", "1", "--output-dir", str(tmp_path / "x" / "y" / "z"), "--preset", "tiny"]) == 2
+    assert main(["generate", "--identities", "1", "--styles", "nope", "--output-dir", str(tmp_path / "a"), "--preset", "tiny"]) == 2

@@ -1,0 +1,137 @@
+"""``python -m training datagen generate | inspect | import-authors`` (also under ``accelerate launch``).
+
+    python -m training datagen generate --preset sdxl-turbo --identities 1000 --images-per-identity 16 \\
+        --output-dir data/faces
+    accelerate launch -m training datagen generate ...      # the shards split over the processes
+    python -m training datagen inspect data/faces
+    python -m training datagen import-authors their_data/ --output-dir data/imported
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+EXIT_USER_ERROR = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training datagen", description="consistent-identity training data")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="render identities with SDXL-Turbo, filter, write shards",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g.add_argument("--preset", default="sdxl-turbo", help="lcmla preset that renders (tiny: offline, random weights)")
+    g.add_argument("--identities", type=int, required=True)
+    g.add_argument("--images-per-identity", type=int, default=16, help="half plain photos (at least 2), half styles")
+    g.add_argument("--styles", default=None, help="comma-separated stylized templates (default: all)")
+    g.add_argument("--names", default=None, help="a file of subject names, one per line, instead of drawn descriptions")
+    g.add_argument("--output-dir", required=True)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--identities-per-shard", type=int, default=8)
+    g.add_argument("--tau-plain", type=float, default=0.5, help="min cosine to the plain-photo centroid, photos")
+    g.add_argument("--tau-style", type=float, default=0.3, help="min cosine to the plain-photo centroid, styles")
+    g.add_argument("--steps", type=int, default=1, help="sampling steps (SDXL-Turbo: 1)")
+    g.add_argument("--size", type=int, default=None, help="image side (default: the preset's)")
+    g.add_argument("--face-models", default=None, help="insightface pack (default buffalo_l; tiny: the Haar stand-in)")
+    g.add_argument("--weights-dir", default=None)
+    g.add_argument("--device", default=None)
+    i = sub.add_parser("inspect", help="statistics and a contact sheet per shard")
+    i.add_argument("folder")
+    i.add_argument("--out", default=None, help="where the contact sheets go (default DIR/contact-sheets)")
+    a = sub.add_parser("import-authors", help="the LCM-Lookahead authors' data folder (metadata.json) → shards")
+    a.add_argument("source")
+    a.add_argument("--output-dir", required=True)
+    a.add_argument("--identities-per-shard", type=int, default=8)
+    a.add_argument("--tau-plain", type=float, default=0.5)
+    a.add_argument("--tau-style", type=float, default=0.3)
+    a.add_argument("--face-models", default=None, help="insightface pack (default buffalo_l); 'haar' for the stand-in")
+    return p
+
+
+def _analyzer(face_models: str | None, preset=None):
+    from lcmla.faces import FaceAnalyzer
+
+    if face_models == "haar" or (face_models is None and preset is not None and preset.face_backend == "haar"):
+        return FaceAnalyzer.haar()
+    return FaceAnalyzer.insightface(name=face_models or "buffalo_l")
+
+
+def _state():
+    from accelerate import PartialState
+
+    state = PartialState()
+    return state.process_index, state.num_processes
+
+
+def _generate(args) -> int:
+    from lcmla import Engine, GenerationSettings
+    from lcmla.presets import get_preset
+
+    from .generate import GenConfig, generate
+    from .identities import read_names, select_templates
+
+    if args.identities < 1 or args.images_per_identity < 2:
+        raise ValueError("--identities must be ≥ 1 and --images-per-identity ≥ 2 (two plain photos per identity)")
+    out = Path(args.output_dir)
+    if not out.parent.exists():
+        raise ValueError(f"the parent folder of --output-dir {out} does not exist")
+    plain, stylized = select_templates(args.styles.split(",") if args.styles else None)
+    names = tuple(read_names(args.names)) if args.names else None
+    preset = get_preset(args.preset)
+    analyzer = _analyzer(args.face_models, preset)
+    engine = Engine.load(preset.name, device=args.device, weights_dir=args.weights_dir)
+    size = args.size or preset.width
+    base = GenerationSettings(prompt="a photo of a face", preset=preset.name).replace(
+        guidance__steps=args.steps, guidance__guidance_scale=1.0, output__width=size, output__height=size)
+
+    def render(prompt: str, seed: int):
+        # text only (no identity); guidance 1 = no CFG: SDXL-Turbo's 1 step at guidance 0 in diffusers' terms
+        return engine.generate(base.replace(prompt=prompt, output__seed=seed), None).images[0]
+
+    cfg = GenConfig(identities=args.identities, images_per_identity=args.images_per_identity, plain=tuple(plain),
+                    stylized=tuple(stylized), seed=args.seed, identities_per_shard=args.identities_per_shard,
+                    tau_plain=args.tau_plain, tau_style=args.tau_style, names=names, backend=analyzer.backend,
+                    is_recognizer=analyzer.is_recognizer,
+                    settings={"preset": preset.name, "steps": args.steps, "size": size, "seed": args.seed,
+                              "styles": [t.slug for t in stylized], "random_weights": preset.random_weights})
+    rank, world = _state()
+    totals = generate(cfg, out, render, lambda image: analyzer.detect(image), rank, world)
+    print(json.dumps({"process": rank, **totals}))
+    return 0
+
+
+def _inspect(args) -> int:
+    from .inspect_shards import contact_sheets, statistics
+
+    stats = statistics(args.folder)
+    print(json.dumps(stats, indent=2))
+    for path in contact_sheets(args.folder, args.out):
+        print(path)
+    return 0
+
+
+def _import(args) -> int:
+    from .importer import import_authors
+
+    analyzer = _analyzer(args.face_models)
+    rank, world = _state()
+    totals = import_authors(args.source, args.output_dir, lambda image: analyzer.detect(image),
+                            {"identities_per_shard": args.identities_per_shard, "tau_plain": args.tau_plain,
+                             "tau_style": args.tau_style, "backend": analyzer.backend,
+                             "is_recognizer": analyzer.is_recognizer}, rank, world)
+    print(json.dumps({"process": rank, **totals}))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from lcmla.errors import LcmlaError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return {"generate": _generate, "inspect": _inspect, "import-authors": _import}[args.command](args)
+    except (LcmlaError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR

@@ -1,0 +1,61 @@
+"""``python -m training datagen inspect DIR``: statistics of a folder of shards and a contact sheet
+PNG per shard (one row per identity, its images labelled by template)."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+from .reader import ShardSamples
+from .shards import read_manifest
+
+
+def statistics(folder: str | Path) -> dict[str, Any]:
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    samples = ShardSamples([folder])
+    recs = samples.records
+    sims = [r["similarity"] for r in recs if r.get("similarity") is not None]
+    rejected: Counter = Counter()
+    for entry in manifest.values():
+        rejected.update(entry.get("rejected", {}))
+    return {
+        "shards": len(manifest), "identities": len({r["identity"] for r in recs}), "samples": len(recs),
+        "plain": sum(not r["stylized"] for r in recs), "stylized": sum(r["stylized"] for r in recs),
+        "templates": dict(Counter(r["template"] for r in recs)),
+        "mean_similarity": sum(sims) / len(sims) if sims else float("nan"),
+        "rejected": dict(rejected), "skipped_on_read": dict(samples.skipped),
+        "backends": sorted({e.get("backend", "") for e in manifest.values()}),
+        "real_recognizer": all(e.get("is_recognizer", False) for e in manifest.values()),
+    }
+
+
+def contact_sheets(folder: str | Path, out: str | Path | None = None, thumb: int = 128, per_row: int = 12) -> list[Path]:
+    """One PNG per shard: a row per identity (up to ``per_row`` images), each labelled."""
+    folder = Path(folder)
+    out = Path(out) if out else folder / "contact-sheets"
+    out.mkdir(parents=True, exist_ok=True)
+    samples = ShardSamples([folder])
+    by_shard: dict[Path, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for i, (ref, rec) in enumerate(zip(samples.samples, samples.records)):
+        by_shard[ref.shard][rec["identity"]].append(i)
+    paths = []
+    for shard, identities in sorted(by_shard.items()):
+        rows = sorted(identities.items())
+        label = 18
+        sheet = Image.new("RGB", (per_row * thumb, len(rows) * (thumb + label)), "white")
+        draw = ImageDraw.Draw(sheet)
+        for r, (identity, idx) in enumerate(rows):
+            for c, i in enumerate(idx[:per_row]):
+                img = samples.image(i).resize((thumb, thumb))
+                x, y = c * thumb, r * (thumb + label)
+                sheet.paste(img, (x, y + label))
+                rec = samples.records[i]
+                draw.text((x + 2, y + 2), f"{identity}:{rec['template'][:14]}", fill="black")
+        path = out / f"{shard.stem}.png"
+        sheet.save(path)
+        paths.append(path)
+    return paths

