@@ -106,5 +106,7 @@ def align_faces(images: torch.Tensor, landmarks: torch.Tensor, recognizer: Recog
     images: (B, 3, H, W); landmarks: (B, 5, 2) in ``recognizer.scheme``, in pixels of ``images``
     (detached: no gradient flows into them). → (B, 3, S, S).
     """
-    matrix = similarity_transform(landmarks.detach().to(images.device), recognizer.template.to(images.device))
+    fit = getattr(recognizer, "alignment_matrix", None)  # a recognizer may fit its own way (dlib's chips)
+    lm = landmarks.detach().to(images.device)
+    matrix = fit(lm) if fit is not None else similarity_transform(lm, recognizer.template.to(images.device))
     return warp_affine(images, matrix, recognizer.input_size)
