@@ -61,6 +61,17 @@ def resolve_resume(output_dir: str | Path, value: str | None) -> Path | None:
     return path
 
 
+def params_digest(named_params: list[tuple[str, torch.nn.Parameter]]) -> str:
+    """sha256 of the trainable tensors (every process writes its own: equal ranks, equal digests)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in named_params:
+        h.update(name.encode())
+        h.update(p.detach().float().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_checkpoint(accelerator, output_dir: str | Path, state: TrainState, generator: torch.Generator,
                     named_params: list[tuple[str, torch.nn.Parameter]], export, limit: int | None) -> Path:
     """Write ``checkpoint-<step>`` atomically on every process (see the module docstring).
@@ -79,7 +90,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, state: TrainState, gene
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
-    torch.save({"state": asdict(state), "generator": generator.get_state()},
+    torch.save({"state": asdict(state), "generator": generator.get_state(), "params_sha256": params_digest(named_params)},
                tmp / f"train_state-{accelerator.process_index}.pt")
     if accelerator.is_main_process:
         save_file({n: p.detach().float().contiguous().cpu() for n, p in named_params}, str(tmp / "trainable.safetensors"))

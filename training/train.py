@@ -232,6 +232,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         from lcmla.kv_lora import load_kv_encoder_lora
 
         load_kv_encoder_lora(pipe, args.kv_lora)
+    from accelerate.utils import set_seed
+
+    set_seed(args.seed)  # the new LoRAs' random A matrices: the same on every process and every run
     trainables = setup_trainables(pipe, args.parts, kv_rank=args.kv_rank)
     named = trainables.named()
     params = trainables.params()
@@ -340,11 +343,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         bar.close()
         if metrics is not None:
             metrics.close()
-        accelerator.end_training()
     files = {}
     if accelerator.is_main_process:
         files = export_weights(pipe, args.parts, out, training={**training_meta, "step": state.global_step})
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # last: it also ends the process group
     return {"step": state.global_step, "files": {k: str(v) for k, v in files.items()}, "last": last}
 
 

@@ -1,0 +1,135 @@
+"""The trainer as a user runs it (tiny preset, CPU): CLI, kill -9 and resume bit for bit, two
+processes over gloo, NaN handling, exported weights in the engine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+import datagen_fake  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, tiny_cache):
+    from training.datagen.generate import generate
+
+    out = tmp_path_factory.mktemp("shards")
+    cfg, haar = datagen_fake.config(identities=4, per_shard=2, images=6)
+    generate(cfg, out, datagen_fake.fake_render(), haar.detect, log=lambda m: None)
+    return out
+
+
+def _args(shards, out, steps=6, extra=()):
+    return ["train", "--preset", "tiny", "--data", str(shards), "--output-dir", str(out), "--max-train-steps", str(steps),
+            "--checkpointing-steps", "2", "--resolution", "64", "--train-batch-size", "2", "--id-network", "dlib",
+            "--lookahead-batch-size", "1", "--seed", "3", *extra]
+
+
+def _run(args, **kw):
+    return subprocess.run([sys.executable, "-m", "training", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    r = _run(_args(shards, out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_a_run_writes_checkpoints_and_loadable_weights(uninterrupted, face_path):
+    from lcmla import Engine, GenerationSettings
+
+    out = uninterrupted
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    for name in ("ip-adapter-faceid-plusv2_sdxl.safetensors", "kv_encoder_lora.safetensors", "training_args.json"):
+        assert (out / name).is_file(), name
+    assert (out / "checkpoint-6" / "kv_encoder_lora.safetensors").is_file()
+    lines = (out / "logs" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and '"diffusion"' in lines[0] and '"lookahead"' in lines[0]
+    e = Engine.load("tiny", adapter=out / "ip-adapter-faceid-plusv2_sdxl.safetensors",
+                    kv_encoder_lora=out / "kv_encoder_lora.safetensors")
+    img = e.generate(GenerationSettings(prompt="a photo of a face").replace(lookahead__kv=True), [face_path]).images[0]
+    assert np.asarray(img).std() > 1
+
+
+def test_kill_9_then_resume_is_bit_identical(shards, uninterrupted, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "training", *_args(shards, out)], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not (out / "checkpoint-4").is_dir():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its checkpoint 4"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for ckpt in out.glob("checkpoint-6*"):  # a kill during the last save leaves at most a temporary
+        assert ckpt.name.endswith(".tmp")
+    r = _run(_args(shards, out, extra=("--resume-from-checkpoint", "latest")))
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = load_file(str(uninterrupted / "checkpoint-6" / "trainable.safetensors"))
+    b = load_file(str(out / "checkpoint-6" / "trainable.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa = torch.load(uninterrupted / "checkpoint-6" / "train_state-0.pt", weights_only=True)
+    sb = torch.load(out / "checkpoint-6" / "train_state-0.pt", weights_only=True)
+    assert sa["state"] == sb["state"] and torch.equal(sa["generator"], sb["generator"])
+
+
+def test_two_processes_over_gloo_keep_ranks_equal(shards, tmp_path):
+    out = tmp_path / "ddp"
+    accelerate = Path(sys.executable).with_name("accelerate")
+    # accelerate's multi-process launcher; ACCELERATE_USE_CPU makes each process join a gloo group
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "--main_process_port", "29577", "-m", "training",
+           *_args(shards, out, steps=2, extra=("--train-batch-size", "1"))]
+    r = subprocess.run(cmd, cwd=ROOT, env={**ENV, "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s0 = torch.load(out / "checkpoint-2" / "train_state-0.pt", weights_only=True)
+    s1 = torch.load(out / "checkpoint-2" / "train_state-1.pt", weights_only=True)
+    assert s0["params_sha256"] == s1["params_sha256"]
+    assert not torch.equal(s0["generator"], s1["generator"])  # each process draws its own noise and data
+
+
+def test_nan_losses_skip_steps_then_stop_with_a_clear_message(shards, tmp_path, monkeypatch):
+    import training.objective as objective
+    from training.train import TrainingError, main, parse_args
+
+    calls = []
+
+    def nan_loss(self, batch, generator):
+        calls.append(1)
+        return torch.tensor(float("nan"), requires_grad=True), {"loss": float("nan")}
+
+    monkeypatch.setattr(objective.Objective, "__call__", nan_loss)
+    args = parse_args(_args(shards, tmp_path / "nan", steps=10, extra=("--lookahead-weight", "0", "--max-nan-steps", "3"))[1:])
+    with pytest.raises(TrainingError, match="not finite for 3 steps in a row"):
+        main(args)
+    assert len(calls) == 3
+    # the skipped steps moved on through the data but never stepped the optimizer
+    opt = torch.load(tmp_path / "nan" / "checkpoint-2" / "optimizer.bin", weights_only=False)
+    assert opt["state"] == {}
+    lines = (tmp_path / "nan" / "logs" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and all('"loss": NaN' in line for line in lines)
+
+
+def test_cli_user_errors(shards, tmp_path):
+    r = _run(["train", "--preset", "tiny", "--data", str(tmp_path / "nothing"), "--output-dir", str(tmp_path / "o"),
+              "--max-train-steps", "1", "--lookahead-weight", "0"])
+    assert r.returncode == 2 and "holds no manifest.jsonl" in r.stderr
+    r = _run(_args(shards, tmp_path / "o", extra=("--train", "adapter,wings")))
+    assert r.returncode == 2 and "unknown trainable part 'wings'" in r.stderr
+    r = _run(["train", "--help"])
+    assert r.returncode == 0 and "--gradient-checkpointing" in r.stdout and "--resume-from-checkpoint" in r.stdout
