@@ -15,6 +15,7 @@ module loads nothing heavy: the engine is loaded by ``main`` (or handed to ``bui
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import queue
@@ -357,6 +358,42 @@ def user_errors(what: str) -> Iterator[None]:
     except Exception as exc:  # a bug or a resource problem: log it, tell the user, keep serving
         log.exception("%s failed", what)
         raise gr.Error(f"{what} failed unexpectedly ({type(exc).__name__}: {exc})", title=f"{what} failed") from None
+
+
+def api_param(name: str) -> str:
+    """The HTTP/Python API name of an input: ``identity.ip_adapter_scale`` → ``identity__ip_adapter_scale``
+    (the spelling of ``GenerationSettings.replace``), ``app.faces`` → ``faces``."""
+    return name.removeprefix("app.").replace(".", "__")
+
+
+def named_handler(fn: Callable[[dict[str, Any], Any], Any], names: Sequence[str]) -> Callable:
+    """``fn(ui, progress)`` as a handler whose signature names every input, so Gradio's API page and
+    ``gradio_client`` show ``prompt``, ``identity__ip_adapter_scale``, … instead of ``param_0`` ….
+    ``ui`` maps the input names (``names``) to their values. Generators stay generators (streaming)."""
+    params = [inspect.Parameter(api_param(n), inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
+    params.append(inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress()))
+    signature = inspect.Signature(params)
+
+    def bind(args: tuple, kwargs: dict) -> tuple[dict[str, Any], Any]:
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise gr.Error(f"{fn.__name__}: {exc}; the parameters are {', '.join(p.name for p in params[:-1])}") from None
+        bound.apply_defaults()
+        values = dict(bound.arguments)
+        progress = values.pop("progress")
+        return {n: values[api_param(n)] for n in names}, progress
+
+    if inspect.isgeneratorfunction(fn):
+        def handler(*args: Any, **kwargs: Any):
+            yield from fn(*bind(args, kwargs))
+    else:
+        def handler(*args: Any, **kwargs: Any):
+            return fn(*bind(args, kwargs))
+    handler.__signature__ = signature  # type: ignore[attr-defined]
+    handler.__name__ = handler.__qualname__ = fn.__name__
+    handler.__doc__ = fn.__doc__
+    return handler
 
 
 def _face_paths(files: Any) -> list[str]:
@@ -712,12 +749,6 @@ def build_demo(engine: Any, *, notice: str | None = None) -> gr.Blocks:
         knob_components = [controls[name] for name in KNOB_NAMES]
         generate_inputs = [controls[name] for name in GENERATE_INPUTS]
 
-        def read(names: Sequence[str], values: Sequence[Any]) -> dict[str, Any]:
-            """The one place where widget values meet their names: the declared order, zipped."""
-            if len(values) != len(names):
-                raise gr.Error(f"expected {len(names)} inputs, got {len(values)}")
-            return dict(zip(names, values))
-
         def request_settings(ui: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> GenerationSettings:
             settings = settings_from_ui(ui, preset, extra)
             if ui.get("app.randomize_seed"):
@@ -737,9 +768,9 @@ def build_demo(engine: Any, *, notice: str | None = None) -> gr.Blocks:
 
             return report
 
-        @gpu
-        def run_generate(*values: Any, progress: gr.Progress = gr.Progress()):
-            ui = read(GENERATE_INPUTS, values)
+        def run_generate(ui: dict[str, Any], progress: Any):
+            """Generate images: face photos, prompt and every knob by name; returns the gallery, the PNG
+            downloads (settings embedded), a summary, the faces used, the seed and the settings JSON."""
             paths = _face_paths(ui["app.faces"])
             with user_errors("Generate"):
                 settings = request_settings(ui)
@@ -757,7 +788,7 @@ def build_demo(engine: Any, *, notice: str | None = None) -> gr.Blocks:
                     s.output.seed, s.to_json())
 
         generate_btn.click(
-            run_generate, generate_inputs,
+            gpu(named_handler(run_generate, GENERATE_INPUTS)), generate_inputs,
             [gallery, downloads, run_info, faces_found, controls["output.seed"], settings_json],
             api_name="generate", concurrency_id="engine", show_progress_on=[gallery],
         )
@@ -818,9 +849,8 @@ def build_demo(engine: Any, *, notice: str | None = None) -> gr.Blocks:
 
         # ---- Lookahead previews -------------------------------------------------------------------
 
-        @gpu
-        def run_previews(*values: Any, progress: gr.Progress = gr.Progress()):
-            ui = read(PREVIEW_INPUTS, values)
+        def run_previews(ui: dict[str, Any], progress: Any):
+            """Stream, per step, the x̂0 estimate and the LCM one-step preview (then the final image)."""
             paths = _face_paths(ui["app.faces"])
             with user_errors("Previews"):
                 scale = _PREVIEW_SCALE.parse(ui["app.preview_lcm_scale"])
@@ -861,7 +891,7 @@ def build_demo(engine: Any, *, notice: str | None = None) -> gr.Blocks:
                     yield _strip(frames, "x0", stretch), _strip(frames, "lcm", stretch), result.image, info
                     return
 
-        previews_btn.click(run_previews, [*generate_inputs, preview_scale, preview_steps],
+        previews_btn.click(gpu(named_handler(run_previews, PREVIEW_INPUTS)), [*generate_inputs, preview_scale, preview_steps],
                            [strip_x0, strip_lcm, preview_final, preview_info],
                            api_name="previews", concurrency_id="engine", show_progress_on=[strip_x0])
 
@@ -900,9 +930,8 @@ def build_demo(engine: Any, *, notice: str | None = None) -> gr.Blocks:
                 info += "  \n_AM is off, so before and after are the same map; pick am1 or am2 above._"
             return img_before, img_after, info
 
-        @gpu
-        def run_attention(*values: Any, progress: gr.Progress = gr.Progress()):
-            ui = read(ATTENTION_INPUTS, values)
+        def run_attention(ui: dict[str, Any], progress: Any):
+            """Generate one image with the identity-attention maps captured; returns the first view."""
             paths = _face_paths(ui["app.faces"])
             mode = ui["app.capture_mode"]
             with user_errors("Attention capture"):
@@ -925,7 +954,7 @@ def build_demo(engine: Any, *, notice: str | None = None) -> gr.Blocks:
                     gr.update(minimum=min(steps or [0]), maximum=max(max(steps or [0]), 1), value=steps[0] if steps else 0),
                     gr.update(choices=tokens, value="0"), before, after, info)
 
-        attention_btn.click(run_attention, [*generate_inputs, capture_mode],
+        attention_btn.click(gpu(named_handler(run_attention, ATTENTION_INPUTS)), [*generate_inputs, capture_mode],
                             [maps_state, map_block, map_step, map_token, map_before, map_after, map_info],
                             api_name="attention_maps", concurrency_id="engine", show_progress_on=[map_after])
         selectors = [maps_state, map_block, map_step, map_token, map_shared]
@@ -937,9 +966,8 @@ def build_demo(engine: Any, *, notice: str | None = None) -> gr.Blocks:
 
         # ---- Compare --------------------------------------------------------------------------------
 
-        @gpu
-        def run_compare(*values: Any, progress: gr.Progress = gr.Progress()):
-            ui = read(GENERATE_INPUTS, values)
+        def run_compare(ui: dict[str, Any], progress: Any):
+            """The compared methods on the same face, prompt and seed, with identity similarity and time."""
             paths = _face_paths(ui["app.faces"])
             shown: list[tuple[Any, str]] = []
             rows: list[list[Any]] = []
@@ -964,8 +992,37 @@ def build_demo(engine: Any, *, notice: str | None = None) -> gr.Blocks:
                          "similarities compare pixels, not identities._")
             yield shown, rows, note
 
-        compare_btn.click(run_compare, generate_inputs, [compare_gallery, compare_table, compare_info],
+        compare_btn.click(gpu(named_handler(run_compare, GENERATE_INPUTS)), generate_inputs, [compare_gallery, compare_table, compare_info],
                           api_name="compare", concurrency_id="engine", show_progress_on=[compare_gallery])
+
+        # ---- API only: photos + a settings JSON ----------------------------------------------------
+
+        with gr.Group(visible=False):
+            api_faces = gr.File(file_count="multiple", file_types=["image"], label="faces")
+            api_settings = gr.Textbox(label="settings_json")
+            api_images = gr.Gallery(label="images", format="png")
+            api_used = gr.Textbox(label="settings_json")
+            api_button = gr.Button("generate from settings")
+
+        def generate_from_settings(faces: Any, settings_json: str, progress: gr.Progress = gr.Progress()):
+            """Generate from face photos and a settings JSON — the JSON that lcmla's PNGs carry and
+            ``python -m lcmla show`` prints. Returns the images and the settings that ran (JSON)."""
+            paths = _face_paths(faces)
+            with user_errors("Generate from settings"):
+                if not (settings_json or "").strip():
+                    raise LcmlaError("settings_json is empty: pass the JSON a PNG of lcmla carries "
+                                     "(python -m lcmla show image.png prints it)")
+                try:
+                    settings = GenerationSettings.from_json(settings_json)
+                except (ValueError, TypeError, KeyError) as exc:
+                    raise LcmlaError(f"settings_json is not lcmla settings: {exc}") from None
+                settings = settings.replace(preset=preset.name)  # this app's backbone
+                result = engine.generate(settings, paths, callback=step_progress(progress, settings))
+            return ([(img, f"seed {seed}") for img, seed in zip(result.images, result.seeds)],
+                    result.settings.to_json())
+
+        api_button.click(gpu(generate_from_settings), [api_faces, api_settings], [api_images, api_used],
+                         api_name="generate_from_settings", concurrency_id="engine")
 
     demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
     return demo

@@ -166,9 +166,10 @@ def values(engine, face_path):
             "output.height": SIZE, "prompt": "a pencil drawing of a face"}
 
 
-def _args(values, names=app.GENERATE_INPUTS, **changes):
+def _kw(values, names=app.GENERATE_INPUTS, **changes):
+    """The request as the API's named parameters (every endpoint is called by name)."""
     merged = {**values, **changes}
-    return [merged[name] for name in names]
+    return {app.api_param(name): merged[name] for name in names}
 
 
 def _pixels(item) -> np.ndarray:
@@ -181,7 +182,7 @@ def _pixels(item) -> np.ndarray:
 
 
 def _generate(client, values, **changes):
-    gallery, files, info, found, seed, settings_json = client.predict(*_args(values, **changes), api_name="/generate")
+    gallery, files, info, found, seed, settings_json = client.predict(**_kw(values, **changes), api_name="/generate")
     return gallery, files, info, found, seed, settings_json
 
 
@@ -273,7 +274,7 @@ def test_one_click_configurations_and_settings_from_a_png(client, values):
 
 
 def test_previews_stream_one_frame_per_step(client, values, counting):
-    job = client.submit(*_args(values, app.PREVIEW_INPUTS, **{"app.preview_lcm_scale": 0.5, "app.preview_steps": ""}),
+    job = client.submit(**_kw(values, app.PREVIEW_INPUTS, **{"app.preview_lcm_scale": 0.5, "app.preview_steps": ""}),
                         api_name="/previews")
     x0, lcm, final, info = job.result(timeout=300)
     outputs = job.outputs()
@@ -286,16 +287,16 @@ def test_previews_stream_one_frame_per_step(client, values, counting):
     assert counting.calls[-1] == "previews"
     # a chosen subset of steps
     x0, lcm, final, info = client.predict(
-        *_args(values, app.PREVIEW_INPUTS, **{"app.preview_lcm_scale": 1.0, "app.preview_steps": "1, 3"}), api_name="/previews")
+        **_kw(values, app.PREVIEW_INPUTS, **{"app.preview_lcm_scale": 1.0, "app.preview_steps": "1, 3"}), api_name="/previews")
     assert [f["caption"].split(" · ")[0] for f in lcm] == ["step 2", "step 4"] and "2 steps previewed" in info
     with pytest.raises(AppError, match="Steps to preview"):
-        client.predict(*_args(values, app.PREVIEW_INPUTS, **{"app.preview_lcm_scale": 1.0, "app.preview_steps": "one"}),
+        client.predict(**_kw(values, app.PREVIEW_INPUTS, **{"app.preview_lcm_scale": 1.0, "app.preview_steps": "one"}),
                        api_name="/previews")
 
 
 def test_attention_maps_redraw_without_generating(client, values, counting):
     block, step, token, before, after, info = client.predict(
-        *_args(values, app.ATTENTION_INPUTS, **{"app.capture_mode": "am2"}), api_name="/attention_maps")
+        **_kw(values, app.ATTENTION_INPUTS, **{"app.capture_mode": "am2"}), api_name="/attention_maps")
     assert "AM2" in info and block["value"] == "all" and any(value == "up" for _label, value in block["choices"])
     layers = [value for _label, value in block["choices"] if "." in value]
     assert layers and token["choices"][-1][1] == "3"
@@ -308,12 +309,12 @@ def test_attention_maps_redraw_without_generating(client, values, counting):
     assert mean_up[0] and "step" in mean_up[2]
     assert len(counting.calls) == calls  # redraws come from the stored maps
     # no AM: before and after are the same maps
-    none = client.predict(*_args(values, app.ATTENTION_INPUTS, **{"app.capture_mode": "none"}), api_name="/attention_maps")
+    none = client.predict(**_kw(values, app.ATTENTION_INPUTS, **{"app.capture_mode": "none"}), api_name="/attention_maps")
     assert np.array_equal(_pixels(none[3]), _pixels(none[4])) and "AM is off" in none[5]
 
 
 def test_compare_runs_every_method_with_the_same_seed(client, values):
-    job = client.submit(*_args(values, **{"output.seed": 3}), api_name="/compare")
+    job = client.submit(**_kw(values, **{"output.seed": 3}), api_name="/compare")
     gallery, table, info = job.result(timeout=300)
     assert [g["caption"].split(":")[0] for g in gallery] == [label for _key, label in app.COMPARE_METHODS]
     rows = table["data"]
@@ -335,3 +336,28 @@ def test_header_says_where_the_face_models_run():
     assert app._providers(engine(("CUDAExecutionProvider", "CPUExecutionProvider"))) == " on CUDA"
     assert app._providers(engine(("CPUExecutionProvider",))) == " on CPU"
     assert app._providers(engine(())) == ""  # the Haar stand-in runs in OpenCV
+
+
+def test_the_api_names_every_parameter(client):
+    info = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    for endpoint, names in (("/generate", app.GENERATE_INPUTS), ("/previews", app.PREVIEW_INPUTS),
+                            ("/attention_maps", app.ATTENTION_INPUTS), ("/compare", app.GENERATE_INPUTS)):
+        params = [p["parameter_name"] for p in info[endpoint]["parameters"]]
+        assert params == [app.api_param(n) for n in names], endpoint
+        assert not any(p.startswith("param_") for p in params)
+    assert "identity__ip_adapter_scale" in [p["parameter_name"] for p in info["/generate"]["parameters"]]
+    assert [p["parameter_name"] for p in info["/generate_from_settings"]["parameters"]] == ["faces", "settings_json"]
+
+
+def test_settings_json_endpoint_reproduces_a_png(client, values, face_path):
+    _gallery, files, *_ = _generate(client, values, **{"output.seed": 11, "guidance.dcg": True})
+    stored = settings_from_png(files[0])
+    images, used = client.predict(faces=[handle_file(str(face_path))], settings_json=stored.to_json(),
+                                  api_name="/generate_from_settings")
+    assert np.array_equal(_pixels(images[0]), _pixels(files[0]))
+    assert GenerationSettings.from_json(used).output.seed == 11
+    with pytest.raises(AppError, match="settings_json"):
+        client.predict(faces=[handle_file(str(face_path))], settings_json="{not json", api_name="/generate_from_settings")
+    with pytest.raises(AppError, match="guidance"):
+        client.predict(faces=[handle_file(str(face_path))], settings_json='{"guidance": {"steps": -3}}',
+                       api_name="/generate_from_settings")
