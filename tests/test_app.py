@@ -338,7 +338,11 @@ def test_header_says_where_the_face_models_run():
     assert app._providers(engine(())) == ""  # the Haar stand-in runs in OpenCV
 
 
-def test_the_api_names_every_parameter(client):
+def test_the_api_names_every_parameter(client, face_path, first_image):
+    # the parameters left out keep the app's defaults: the same image as the full request
+    gallery, *_ = client.predict(faces=[handle_file(str(face_path))], prompt="a pencil drawing of a face",
+                                 output__width=SIZE, output__height=SIZE, api_name="/generate")
+    assert np.array_equal(_pixels(gallery[0]), first_image)
     info = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
     for endpoint, names in (("/generate", app.GENERATE_INPUTS), ("/previews", app.PREVIEW_INPUTS),
                             ("/attention_maps", app.ATTENTION_INPUTS), ("/compare", app.GENERATE_INPUTS)):
