@@ -36,17 +36,21 @@ from lcmla import __version__
 from lcmla.errors import LcmlaError, MissingWeightsError, SettingsError
 from lcmla.methods import METHOD_LABELS, METHODS, method_changes
 from lcmla.presets import PRESETS, Preset
-from lcmla.settings import (
-    AM_MODES,
-    AM_TARGETS,
-    DCG_VARIANTS,
-    REFERENCE_FRAMINGS,
-    SCHEDULE_KINDS,
-    SCHEDULERS,
-    GenerationSettings,
+from lcmla.knobs import (  # noqa: F401 - re-exported: the app's knob table is lcmla.knobs'
+    KNOB,
+    KNOB_NAMES,
+    KNOBS,
+    MAX_IMAGES,
+    MAX_SEED,
+    NOT_KNOBS,
+    PRESET_SCHEDULER,
+    Knob,
+    flatten,
+    preset_settings,
+    settings_from_ui,
+    settings_to_ui,
 )
-
-PRESET_SCHEDULER = "the preset's"
+from lcmla.settings import AM_MODES, GenerationSettings
 
 __all__ = [
     "APP_PRESETS", "COMPARE_METHODS", "GENERATE_INPUTS", "KNOBS", "KNOB_NAMES", "Knob", "build_demo",
@@ -59,227 +63,18 @@ HERE = Path(__file__).resolve().parent
 ASSETS = HERE / "assets"
 MAX_FILE_SIZE = "20mb"  # per upload; face photos are shrunk to 2048 px anyway
 QUEUE_SIZE = 32  # requests waiting at most; more get "queue full"
-MAX_IMAGES = 8  # images per request in the UI (settings allow 16)
-MAX_SEED = 2**53 - 1  # the largest integer a browser's number field holds exactly
 OUTPUT_TTL_S = 3600  # PNG downloads are kept this long
 
 
-# ------------------------------------------------------------------------------------------------
-# The knobs: one declaration per setting, in the order the handlers receive them
-
-
-def _floats_text(values: Sequence[float]) -> str:
-    return ", ".join(f"{v:g}" for v in values)
-
-
-def _parse_floats(text: Any, knob: Knob) -> list[float]:
-    """'1, 1.5, 1.5, 1' → [1.0, 1.5, 1.5, 1.0] (commas, semicolons or spaces between numbers)."""
-    if isinstance(text, (list, tuple)):
-        return [float(v) for v in text]
-    parts = [p for p in str(text or "").replace(";", ",").replace(" ", ",").split(",") if p.strip()]
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        raise SettingsError(
-            f"{knob.label} ({knob.name}): {str(text)!r} is not a list of numbers; write them separated by commas, "
-            f"e.g. {knob.placeholder!r}"
-        ) from None
-    if not values:
-        raise SettingsError(f"{knob.label} ({knob.name}) is empty; write numbers separated by commas, e.g. {knob.placeholder!r}")
-    return values
-
-
-def _parse_steps(text: Any, knob: Knob) -> list[int] | None:
-    """'' → None (every step); '1, 2' → [1, 2]."""
-    if text is None or isinstance(text, str) and not text.strip():
-        return None
-    values = _parse_floats(text, knob)
-    if any(not v.is_integer() for v in values):
-        raise SettingsError(f"{knob.label} ({knob.name}): step indices are whole numbers (got {str(text)!r})")
-    return [int(v) for v in values]
-
-
-def _parse_int(value: Any, knob: Knob) -> int:
-    if value is None or isinstance(value, str) and not value.strip():
-        raise SettingsError(f"{knob.label} ({knob.name}) is empty; enter a whole number")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise SettingsError(f"{knob.label} ({knob.name}) must be a whole number (got {value!r})") from None
-    if not number.is_integer():
-        raise SettingsError(f"{knob.label} ({knob.name}) must be a whole number (got {value!r})")
-    return int(number)
-
-
-def _parse_float(value: Any, knob: Knob) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise SettingsError(f"{knob.label} ({knob.name}) must be a number (got {value!r})") from None
-
-
-# widget value → setting value, per kind
-_PARSE: dict[str, Callable[[Any, Knob], Any]] = {
-    "text": lambda v, k: "" if v is None else str(v),
-    "int": _parse_int,
-    "slider_int": _parse_int,
-    "slider": _parse_float,
-    "bool": lambda v, k: bool(v),
-    "choice": lambda v, k: v,
-    "targets": lambda v, k: list(v or []),
-    "tokens": lambda v, k: [_parse_int(t, k) for t in (v or [])],
-    "floats": _parse_floats,
-    "steps": _parse_steps,
-    "face_index": lambda v, k: None if v in (None, "") or _parse_int(v, k) == 0 else _parse_int(v, k),
-    "scope": lambda v, k: "image-branches" if v else "sample",
-    "scheduler": lambda v, k: None if v in (None, "", PRESET_SCHEDULER) else v,
-}
-
-# setting value → widget value, per kind (identity where missing)
-_SHOW: dict[str, Callable[[Any], Any]] = {
-    "targets": lambda v: list(v),
-    "tokens": lambda v: [str(t) for t in v],
-    "floats": _floats_text,
-    "steps": lambda v: "" if v is None else ", ".join(str(s) for s in v),
-    "face_index": lambda v: 0 if v is None else v,
-    "scope": lambda v: v == "image-branches",
-    "scheduler": lambda v: PRESET_SCHEDULER if v is None else v,
-}
-
-
-@dataclass(frozen=True)
-class Knob:
-    """One control: the dotted setting it sets, its widget and how values cross between the two."""
-
-    name: str  # dotted GenerationSettings path, e.g. "identity.ip_adapter_scale"
-    label: str
-    kind: str  # a key of _PARSE
-    minimum: float | None = None
-    maximum: float | None = None
-    step: float | None = None
-    info: str = ""
-    choices: tuple[Any, ...] = ()
-    placeholder: str = ""
-    lines: int = 1
-
-    def parse(self, value: Any) -> Any:
-        """Widget value → setting value (raises SettingsError naming the control)."""
-        return _PARSE[self.kind](value, self)
-
-    def show(self, value: Any) -> Any:
-        """Setting value → widget value."""
-        return _SHOW.get(self.kind, lambda v: v)(value)
-
-    @property
-    def elem_id(self) -> str:
-        return "knob-" + self.name.replace(".", "-").replace("_", "-")
-
-
-_EPS_DCG = "ε = ε∅ + a·(ε_i − ε∅) + b·(ε_ti − ε_i)"
-_EPS_KV = "ε = ε_u + s_nokv·(ε_nokv − ε_u) + s_full·(ε_full − ε_u) + s_kv·(ε_kv − ε_u)"
-
-KNOBS: tuple[Knob, ...] = (
-    # -- the request ------------------------------------------------------------------------------
-    Knob("prompt", "Prompt", "text", lines=2, placeholder="a pencil drawing of a face",
-         info="What to draw. 'face' stands for the person in the photos."),
-    Knob("negative_prompt", "Negative prompt", "text", placeholder="blurry, low quality",
-         info="The text of the unconditional branch ε(∅); empty = SDXL's zero text embedding (force_zeros_for_empty_prompt)."),
-    Knob("output.seed", "Seed", "int", minimum=0, maximum=MAX_SEED, info="Image i uses seed + i."),
-    Knob("output.num_images", "Images", "slider_int", 1, MAX_IMAGES, 1),
-    Knob("output.width", "Width", "slider_int", 64, 2048, 8, info="Pixels; a multiple of 8."),
-    Knob("output.height", "Height", "slider_int", 64, 2048, 8, info="Pixels; a multiple of 8."),
-    Knob("guidance.steps", "Steps", "slider_int", 1, 50, 1, info="Denoising steps (the few-step presets use 4)."),
-    Knob("guidance.scheduler", "Sampler", "scheduler", choices=(PRESET_SCHEDULER, *SCHEDULERS),
-         info="The preset's own, or another diffusers scheduler over the same noise schedule "
-              "(DPM-Solver++ is LCM-Lookahead's released sampler)."),
-    Knob("guidance.guidance_scale", "CFG scale w", "slider", 0.0, 20.0, 0.1,
-         info="Classic guidance ε = ε∅ + w·(ε_ti − ε∅); 1 = no CFG (one UNet branch). Ignored when DCG is on."),
-    # -- identity (FaceID-Plus-v2, SPEC §1) ----------------------------------------------------------
-    Knob("identity.ip_adapter_scale", "IP-Adapter scale λ", "slider", 0.0, 2.0, 0.05,
-         info="Weight of the identity branch: z = Attn(Q, K, V) + λ·Attn(Q, K′, V′) (FastFace Eq. 3)."),
-    Knob("identity.lora_scale", "FaceID LoRA scale", "slider", 0.0, 2.0, 0.05,
-         info="Scale of FaceID-Plus-v2's companion LoRA (1.0 as released; 0.5–0.6 is popular)."),
-    Knob("guidance.backbone_lora_scale", "Backbone LoRA scale", "slider", 0.0, 2.0, 0.05,
-         info="Scale of a backbone kept as a LoRA adapter (the LCM-LoRA of sdxl-lcm-lora); other presets ignore it."),
-    Knob("identity.shortcut", "Shortcut (Plus-v2)", "bool",
-         info="Add the CLIP face features to the identity tokens directly (FaceID-Plus-v2's shortcut)."),
-    Knob("identity.shortcut_scale", "Shortcut scale", "slider", 0.0, 4.0, 0.05,
-         info="Weight of the CLIP face features in shortcut mode."),
-    Knob("identity.face_index", "Face to use", "face_index", 0, 15, 1,
-         info="When a photo shows several faces: 0 = the largest, 1 = the next, …"),
-    # -- decoupled CFG (FastFace §3.2, SPEC §2) --------------------------------------------------------
-    Knob("guidance.dcg", "Decoupled CFG (DCG)", "bool",
-         info=f"Three branches in one UNet call: {_EPS_DCG} (FastFace Eq. 5)."),
-    Knob("guidance.dcg_variant", "DCG variant", "choice", choices=DCG_VARIANTS,
-         info="id-first: Eq. 5/17 · text-first: ε∅ + a·(ε_t − ε∅) + b·(ε_ti − ε_t) (Eq. 16) · "
-              "independent: ε∅ + a·(ε_t − ε∅) + b·(ε_i − ε∅) (Eq. 18)."),
-    Knob("guidance.dcg_schedule", "Schedule kind", "choice", choices=SCHEDULE_KINDS,
-         info="list: one value per step (stretched to the step count) · constant: one value · "
-              "linear / cosine: start, end."),
-    Knob("guidance.dcg_a", "a per step", "floats", placeholder="1, 1.5, 1.5, 1",
-         info="Weight of the first guidance direction (identity for id-first)."),
-    Knob("guidance.dcg_b", "b per step", "floats", placeholder="1, 3, 3, 1",
-         info="Weight of the second direction (text for id-first). Steps where a = b = 1 cost one branch."),
-    Knob("guidance.rescale_phi", "Rescale φ", "slider", 0.0, 1.0, 0.05,
-         info="ε ← f·ε, f = φ·(σ(ε_i) + σ(ε_ti)) / (2σ(ε)) + (1 − φ) (FastFace Eq. 6); 0 = off."),
-    # -- attention manipulation (FastFace §3.3, SPEC §3) --------------------------------------------
-    Knob("attention.mode", "Attention manipulation", "choice", choices=AM_MODES,
-         info="On the identity-branch probabilities A = softmax(QK′ᵀ/√d): am1 scale-power (Eq. 8), "
-              "am2 scheduled softmask (Eq. 9–10)."),
-    Knob("attention.targets", "Blocks", "targets", choices=AM_TARGETS,
-         info="UNet blocks whose identity attention is changed (the authors: down and up)."),
-    Knob("attention.tokens", "Identity tokens", "tokens", choices=("0", "1", "2", "3"),
-         info="Which of the 4 identity tokens the transform touches."),
-    Knob("attention.steps", "AM at steps", "steps", placeholder="every step",
-         info="Step indices (0-based), comma-separated; empty = every step."),
-    Knob("attention.am1_power", "AM1 power p", "slider", 0.1, 5.0, 0.05, info="Ã = min(s·Aᵖ, cap) (Eq. 8)."),
-    Knob("attention.am1_scale_down", "AM1 s, down", "slider", 0.0, 10.0, 0.05, info="s in down blocks."),
-    Knob("attention.am1_scale_up", "AM1 s, up", "slider", 0.0, 10.0, 0.05, info="s in up blocks."),
-    Knob("attention.am2_sharpness", "AM2 sharpness d_k", "floats", placeholder="7.5, 5, 5, 5",
-         info="Per step: M = sigmoid(d_k·(norm(A) − q)) (Eq. 9)."),
-    Knob("attention.am2_scale", "AM2 scale s_k", "floats", placeholder="1, 1.55, 1.55, 1.55",
-         info="Per step: Ã = min(s_k·norm(M), cap) (Eq. 10)."),
-    Knob("attention.am2_quantile", "AM2 quantile q", "slider", 0.0, 1.0, 0.01,
-         info="q = this quantile of A over the image positions."),
-    Knob("attention.am2_adain", "AM2 AdaIN", "bool",
-         info="AM2's AdaIN blend on the probabilities (over tokens) and on the branch output (per head)."),
-    Knob("attention.adain_weight", "AdaIN weight w", "slider", 0.0, 1.0, 0.05,
-         info="x ← w·x + (1 − w)·((x − μ_x)·σ_ref/(σ_x + 1e-6) + μ_ref) (Eq. 10)."),
-    Knob("attention.am_norm_scope", "Authors-exact AM2 (pool over the image's branches)", "scope",
-         info="Off: AM2's min–max is taken per image and branch (batch-invariant). On: pooled over the three DCG "
-              "branches of the same image, which always run, as in the FastFace authors' code; reproduces their tables."),
-    Knob("attention.cap", "Cap", "slider", 0.1, 100.0, 0.1, info="Upper clamp of the manipulated map Ã."),
-    # -- LCM-Lookahead KV path (SPEC §4) -------------------------------------------------------------
-    Knob("lookahead.kv", "KV path (extended self-attention)", "bool",
-         info="Self-attention also sees the reference: K = [K_gen; K_ref], V = [V_gen; V_ref]; four branches."),
-    Knob("lookahead.s_nokv", "s_nokv", "slider", 0.0, 30.0, 0.1, info=f"{_EPS_KV} (supplement Eq. 1)."),
-    Knob("lookahead.s_full", "s_full", "slider", 0.0, 30.0, 0.1, info="Weight of text + identity + KV."),
-    Knob("lookahead.s_kv", "s_kv", "slider", 0.0, 30.0, 0.1, info="Weight of the KV-only branch."),
-    Knob("lookahead.kv_prompt", "KV encoder prompt", "text", placeholder="a photo of a face",
-         info="The prompt of the KV encoder's pass over the reference (its second row; the first is the null text)."),
-    Knob("lookahead.reference_framing", "KV reference", "choice", choices=REFERENCE_FRAMINGS,
-         info="photo: the whole reference photo fitted to the output size (the authors' release) · face: a crop of "
-              "twice the face box. Both keep the aspect ratio and pad with the photo's own border."),
-    Knob("lookahead.kv_lora_scale", "KV encoder LoRA scale", "slider", 0.0, 2.0, 0.05),
-    # -- FreeU ------------------------------------------------------------------------------------------
-    Knob("freeu.enabled", "FreeU", "bool",
-         info="Re-weight the decoder: backbone features × b, low frequencies of skip features × s (Si et al.)."),
-    Knob("freeu.b1", "b1", "slider", 0.0, 3.0, 0.05, info="Backbone factor, stage 1."),
-    Knob("freeu.b2", "b2", "slider", 0.0, 3.0, 0.05, info="Backbone factor, stage 2."),
-    Knob("freeu.s1", "s1", "slider", 0.0, 3.0, 0.05, info="Skip factor, stage 1."),
-    Knob("freeu.s2", "s2", "slider", 0.0, 3.0, 0.05, info="Skip factor, stage 2."),
-)
-KNOB_NAMES: tuple[str, ...] = tuple(k.name for k in KNOBS)
-_KNOB = {k.name: k for k in KNOBS}
+_KNOB = KNOB  # the knob table lives in lcmla.knobs (shared with the CLI)
+_flatten = flatten
 
 #: The inputs of the Generate, Lookahead, Attention and Compare handlers, in order ("app.*" are not settings).
-GENERATE_INPUTS: tuple[str, ...] = ("app.faces", *KNOB_NAMES, "app.randomize_seed")
+GENERATE_INPUTS: tuple[str, ...] = ("app.faces", *KNOB_NAMES, "app.randomize_seed", "app.weights")
+#: The Weights choice of Generate: the preset's own adapter, or the weights given with --adapter/--kv-lora.
+WEIGHTS_CHOICES = ("stock", "trained")
 PREVIEW_INPUTS: tuple[str, ...] = (*GENERATE_INPUTS, "app.preview_lcm_scale", "app.preview_steps")
 ATTENTION_INPUTS: tuple[str, ...] = (*GENERATE_INPUTS, "app.capture_mode")
-#: Settings the UI sets itself rather than through a knob.
-# set elsewhere: the preset by the engine, map capture by the Attention tab, the previews' LCM-LoRA
-# scale by the Lookahead tab's own slider
-NOT_KNOBS = frozenset({"preset", "attention.capture_maps", "lookahead.lcm_lora_scale"})
 
 #: One-click configurations: both papers' named methods (lcmla.methods), label → key.
 APP_PRESETS: dict[str, str] = {key: METHOD_LABELS[key] for key in METHODS}
@@ -295,51 +90,10 @@ _PREVIEW_SCALE = Knob("app.preview_lcm_scale", "LCM-LoRA scale of the previews",
 _PREVIEW_STEPS = Knob("app.preview_steps", "Steps to preview", "steps", placeholder="every step")
 
 
-def preset_settings(preset: Preset) -> GenerationSettings:
-    """Default settings with the preset's own steps, size and guidance filled in (what the UI shows)."""
-    return GenerationSettings(preset=preset.name).replace_dotted({
-        "guidance.steps": preset.steps,
-        "guidance.guidance_scale": preset.guidance_scale,
-        "output.width": preset.width,
-        "output.height": preset.height,
-    })
-
-
-def settings_to_ui(settings: GenerationSettings, preset: Preset | None = None) -> dict[str, Any]:
-    """Knob name → widget value for every knob; open fields (None) show the preset's default."""
-    flat = _flatten(settings.to_dict())
-    if preset is not None:
-        defaults = _flatten(preset_settings(preset).to_dict())
-        flat = {k: defaults[k] if v is None and k in _OPEN_FIELDS else v for k, v in flat.items()}
-    return {knob.name: knob.show(flat[knob.name]) for knob in KNOBS}
-
-
-_OPEN_FIELDS = frozenset({"guidance.steps", "guidance.guidance_scale", "output.width", "output.height"})
-
-
 def ui_defaults(preset: Preset) -> dict[str, Any]:
     """Every input of GENERATE_INPUTS at its starting value (no face photo)."""
-    return {"app.faces": None, **settings_to_ui(preset_settings(preset)), "app.randomize_seed": False}
-
-
-def settings_from_ui(values: Mapping[str, Any], preset: Preset, extra: Mapping[str, Any] | None = None) -> GenerationSettings:
-    """Widget values by knob name (others ignored) → one validated GenerationSettings.
-
-    ``extra`` holds dotted settings the handler sets itself (e.g. map capture), applied last.
-    """
-    changes = {knob.name: knob.parse(values[knob.name]) for knob in KNOBS}
-    changes.update(extra or {})
-    return GenerationSettings(preset=preset.name).replace_dotted(changes)
-
-
-def _flatten(data: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, Mapping):
-            out.update({f"{key}.{k}": v for k, v in value.items()})
-        elif key != "version":
-            out[key] = value
-    return out
+    return {"app.faces": None, **settings_to_ui(preset_settings(preset)), "app.randomize_seed": False,
+            "app.weights": "stock"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -394,6 +148,10 @@ def named_handler(fn: Callable[[dict[str, Any], Any], Any], names: Sequence[str]
     handler.__name__ = handler.__qualname__ = fn.__name__
     handler.__doc__ = fn.__doc__
     return handler
+
+
+class _Cancelled(Exception):
+    """Raised inside a worker's callback to stop a request whose client has left."""
 
 
 def _face_paths(files: Any) -> list[str]:
@@ -483,7 +241,30 @@ def _theme() -> gr.themes.Base:
     )
 
 
-def _header(engine: Any) -> str:
+@dataclass(frozen=True)
+class Trained:
+    """A second engine on the same preset with the training package's outputs loaded."""
+
+    engine: Any
+    adapter: str | None = None  # ip-adapter-faceid-plusv2_sdxl.safetensors (h94 layout) or another adapter
+    kv_lora: str | None = None  # kv_encoder_lora.safetensors
+
+    @property
+    def method(self) -> str:
+        """The method Compare runs them with: the KV path when a KV-encoder LoRA is loaded."""
+        return "lookahead-kv" if self.kv_lora else "baseline"
+
+
+def _trained_text(trained: Trained | None) -> str:
+    """Which trained files are loaded, for the header and the Weights info."""
+    if trained is None:
+        return "none loaded (start with --adapter / --kv-lora)"
+    parts = [f"adapter `{Path(trained.adapter).name}`"] if trained.adapter else []
+    parts += [f"KV-encoder LoRA `{Path(trained.kv_lora).name}`"] if trained.kv_lora else []
+    return " · ".join(parts)
+
+
+def _header(engine: Any, trained: Trained | None = None) -> str:
     p = engine.preset
     lines = [
         "# lcmla — your face, any style, in a few steps",
@@ -493,6 +274,9 @@ def _header(engine: Any) -> str:
         f"**Model:** `{p.name}` — {p.title} · {p.steps} steps · {p.width}×{p.height} · face backend: "
         f"{engine.faces.backend}{_providers(engine)} · lcmla {__version__}",
     ]
+    if trained is not None:
+        lines.append(f"**Trained weights:** {_trained_text(trained)} — pick them with *Weights* in Generate; "
+                     "Compare adds a column for them.")
     return "\n\n".join(lines)
 
 
@@ -520,13 +304,56 @@ def _banner(engine: Any, notice: str | None) -> str:
     return "\n\n".join(parts)
 
 
-def build_demo(engine: Any, *, notice: str | None = None) -> gr.Blocks:
+def find_reports(roots: Sequence[str | os.PathLike]) -> list[str]:
+    """Evaluation report folders (holding ``report.md``) in ``roots``: each root itself, its
+    sub-folders and theirs (two levels), sorted."""
+    found: set[str] = set()
+    for root in roots:
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            continue
+        for candidate in [root, *root.glob("*"), *root.glob("*/*")]:
+            if candidate.is_dir() and (candidate / "report.md").is_file():
+                found.add(str(candidate.resolve()))
+    return sorted(found)
+
+
+def read_report(folder: str, roots: Sequence[str | os.PathLike]) -> tuple[list[tuple[Any, str]], Any, str]:
+    """(plots and grids as (image, caption), summary.csv as a table, report.md without its image
+    lines) of a report folder; only folders :func:`find_reports` lists can be opened."""
+    import csv
+
+    from PIL import Image
+
+    if str(Path(folder).expanduser().resolve()) not in find_reports(roots):
+        raise LcmlaError(f"{folder!r} is not an evaluation report in the --reports folders; pick one from the list")
+    path = Path(folder)
+    images = []
+    for png in sorted(path.glob("pareto-*.png")) + sorted(path.glob("grid-*.png")):
+        with Image.open(png) as img:
+            images.append((img.convert("RGB"), png.stem))
+    table = None
+    if (path / "summary.csv").is_file():
+        with (path / "summary.csv").open(newline="") as f:
+            rows = list(csv.reader(f))
+        if rows:
+            import pandas as pd
+
+            table = pd.DataFrame(rows[1:], columns=rows[0])
+    text = (path / "report.md").read_text(encoding="utf-8", errors="replace")
+    text = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("!["))
+    return images, table, text
+
+
+def build_demo(engine: Any, *, notice: str | None = None, trained: Trained | None = None,
+               reports: Sequence[str | os.PathLike] = ()) -> gr.Blocks:
     """The whole app around a loaded ``lcmla.Engine`` (queued: one request at a time per engine)."""
     from lcmla.attention.overlay import overlay_heatmap
     from lcmla.evaluate import identity_similarity
     from lcmla.pngmeta import settings_from_png
 
     preset: Preset = engine.preset
+    stock = engine
     defaults = ui_defaults(preset)
     outputs_dir = _Outputs()
     gpu = _gpu
@@ -560,7 +387,7 @@ def build_demo(engine: Any, *, notice: str | None = None) -> gr.Blocks:
 
     with gr.Blocks(title="lcmla — identity-preserving few-step SDXL", analytics_enabled=False,
                    delete_cache=(OUTPUT_TTL_S, OUTPUT_TTL_S)) as demo:
-        gr.Markdown(_header(engine), elem_classes="lcmla-header", elem_id="header")
+        gr.Markdown(_header(engine, trained), elem_classes="lcmla-header", elem_id="header")
         banner = _banner(engine, notice)
         if banner:
             gr.Markdown(banner, elem_classes="lcmla-banner", elem_id="banner")
@@ -584,6 +411,10 @@ def build_demo(engine: Any, *, notice: str | None = None) -> gr.Blocks:
                             randomize = gr.Checkbox(label="Randomise seed", value=False, elem_id="randomize-seed",
                                                     info="Draw a new seed per click (the seed field shows it).")
                             controls["app.randomize_seed"] = randomize
+                            controls["app.weights"] = gr.Radio(
+                                list(WEIGHTS_CHOICES), value="stock", label="Weights", elem_id="weights",
+                                visible=trained is not None,
+                                info="stock: the preset's FaceID-Plus-v2; trained: " + _trained_text(trained))
                         with gr.Row():
                             knob("output.num_images")
                             knob("guidance.steps")
@@ -726,6 +557,13 @@ def build_demo(engine: Any, *, notice: str | None = None) -> gr.Blocks:
                 with gr.Row():
                     map_before = gr.Image(label="Before AM", type="pil", format="png", interactive=False, elem_id="map-before")
                     map_after = gr.Image(label="After AM", type="pil", format="png", interactive=False, elem_id="map-after")
+                    map_diff = gr.Image(label="Difference (after − before)", type="pil", format="png", interactive=False,
+                                        elem_id="map-diff")
+                gr.Markdown(
+                    "_Colour bars: the attention probability one identity token gets from each latent pixel (a softmax "
+                    "weight in 0…1, mean over heads; with 4 identity tokens the four sum to 1 at each pixel). The "
+                    "difference view is after − before on a symmetric scale: red where AM raised the token's weight, "
+                    "blue where it lowered it._", elem_id="map-units")
                 map_info = gr.Markdown("", elem_id="map-info")
                 maps_state = gr.State(None)
 
@@ -737,17 +575,44 @@ def build_demo(engine: Any, *, notice: str | None = None) -> gr.Blocks:
                     "similarity is the cosine of the face embeddings of the reference and the image (SPEC §6)."
                 )
                 compare_btn = gr.Button("Compare methods", variant="primary", elem_id="compare-btn")
-                compare_gallery = gr.Gallery(label="Side by side", columns=len(COMPARE_METHODS), height=360, format="png",
+                compare_gallery = gr.Gallery(label="Side by side", columns=len(COMPARE_METHODS) + (trained is not None), height=360, format="png",
                                              object_fit="contain", interactive=False, elem_id="compare-gallery")
                 compare_table = gr.Dataframe(headers=["method", "identity similarity", "time (s)", "UNet branches per step"],
                                              datatype=["str", "str", "number", "str"], interactive=False,
                                              elem_id="compare-table", label="Scores")
                 compare_info = gr.Markdown("", elem_id="compare-info")
+                with gr.Accordion("Evaluation reports", open=bool(find_reports(reports)), elem_id="reports"):
+                    gr.Markdown(
+                        "Reports written by `python -m lcmla evaluate … --output-dir D`, found in the folders given "
+                        "with `--reports` (or `$LCMLA_REPORTS`): "
+                        + (", ".join(f"`{r}`" for r in reports) if reports else "_none given_") + ".")
+                    with gr.Row():
+                        report_choice = gr.Dropdown(choices=find_reports(reports), value=None, label="Report",
+                                                    elem_id="report-choice", scale=4)
+                        report_refresh = gr.Button("Refresh the list", size="sm", scale=1, elem_id="report-refresh")
+                    report_plots = gr.Gallery(label="Pareto plots (ID vs CLIP-T over the identity scales) and grids",
+                                              columns=2, height=420, format="png", interactive=False,
+                                              object_fit="contain", elem_id="report-plots")
+                    report_table = gr.Dataframe(label="summary.csv (mean and 95 % CI per method and scale)",
+                                                interactive=False, elem_id="report-summary", wrap=True)
+                    report_md = gr.Markdown("", elem_id="report-md")
 
         missing = set(KNOB_NAMES) - set(controls)
         assert not missing, f"knobs without a widget: {sorted(missing)}"
         knob_components = [controls[name] for name in KNOB_NAMES]
         generate_inputs = [controls[name] for name in GENERATE_INPUTS]
+
+        def pick_engine(ui: Mapping[str, Any]) -> Any:
+            """The stock engine, or the trained one when Weights says so (and one is loaded)."""
+            choice = ui.get("app.weights") or "stock"
+            if choice not in WEIGHTS_CHOICES:
+                raise gr.Error(f"weights must be one of {', '.join(WEIGHTS_CHOICES)}, not {choice!r}")
+            if choice == "trained":
+                if trained is None:
+                    raise gr.Error("no trained weights are loaded: start the app with --adapter FILE and/or "
+                                   "--kv-lora FILE (or $LCMLA_ADAPTER / $LCMLA_KV_LORA)", title="No trained weights")
+                return trained.engine
+            return stock
 
         def request_settings(ui: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> GenerationSettings:
             settings = settings_from_ui(ui, preset, extra)
@@ -772,6 +637,7 @@ def build_demo(engine: Any, *, notice: str | None = None) -> gr.Blocks:
             """Generate images: face photos, prompt and every knob by name; returns the gallery, the PNG
             downloads (settings embedded), a summary, the faces used, the seed and the settings JSON."""
             paths = _face_paths(ui["app.faces"])
+            engine = pick_engine(ui)
             with user_errors("Generate"):
                 settings = request_settings(ui)
                 progress(0, desc="finding the face")
@@ -852,15 +718,24 @@ def build_demo(engine: Any, *, notice: str | None = None) -> gr.Blocks:
         def run_previews(ui: dict[str, Any], progress: Any):
             """Stream, per step, the x̂0 estimate and the LCM one-step preview (then the final image)."""
             paths = _face_paths(ui["app.faces"])
+            engine = pick_engine(ui)
             with user_errors("Previews"):
                 scale = _PREVIEW_SCALE.parse(ui["app.preview_lcm_scale"])
                 wanted = _PREVIEW_STEPS.parse(ui["app.preview_steps"])
                 settings = request_settings(ui, {"output.num_images": 1, "lookahead.lcm_lora_scale": scale})
             events: queue.Queue = queue.Queue()
+            cancelled = threading.Event()  # set when the client leaves: the worker stops at its next step
+
+            def on_frame(frame: Any) -> None:
+                if cancelled.is_set():
+                    raise _Cancelled("the previews request was cancelled")
+                events.put(("frame", frame))
 
             def work() -> None:
                 try:
-                    events.put(("done", engine.previews(settings, paths, steps=wanted, callback=lambda f: events.put(("frame", f)))))
+                    events.put(("done", engine.previews(settings, paths, steps=wanted, callback=on_frame)))
+                except _Cancelled:
+                    log.info("previews cancelled: the client left")
                 except BaseException as exc:  # noqa: BLE001 - handed to the request's thread
                     events.put(("error", exc))
 
@@ -871,25 +746,28 @@ def build_demo(engine: Any, *, notice: str | None = None) -> gr.Blocks:
             steps = settings.guidance.steps or preset.steps
             expected = steps if wanted is None else len([k for k in wanted if k < steps])
             progress(0, desc="finding the face")
-            while True:
-                kind, item = events.get()
-                if kind == "frame":
-                    frames.append(item)
-                    progress((len(frames), max(expected, len(frames))), desc=f"step {item.step + 1}/{steps}")
-                    yield (_strip(frames, "x0", stretch), _strip(frames, "lcm", stretch), None,
-                           f"Step {item.step + 1} of {steps} (t = {item.timestep}) …")
-                elif kind == "error":
-                    with user_errors("Previews"):
-                        raise item
-                else:
-                    result = item
-                    frames = list(result.frames) or frames
-                    info = (f"**{len(frames)} steps previewed** · LCM-LoRA scale {scale:g} · "
-                            f"{_timings_text(getattr(result, 'timings', {}) or {})}")
-                    if stretch:
-                        info += "  \n_Random weights: the previews are shown contrast-stretched._"
-                    yield _strip(frames, "x0", stretch), _strip(frames, "lcm", stretch), result.image, info
-                    return
+            try:
+                while True:
+                    kind, item = events.get()
+                    if kind == "frame":
+                        frames.append(item)
+                        progress((len(frames), max(expected, len(frames))), desc=f"step {item.step + 1}/{steps}")
+                        yield (_strip(frames, "x0", stretch), _strip(frames, "lcm", stretch), None,
+                               f"Step {item.step + 1} of {steps} (t = {item.timestep}) …")
+                    elif kind == "error":
+                        with user_errors("Previews"):
+                            raise item
+                    else:
+                        result = item
+                        frames = list(result.frames) or frames
+                        info = (f"**{len(frames)} steps previewed** · LCM-LoRA scale {scale:g} · "
+                                f"{_timings_text(getattr(result, 'timings', {}) or {})}")
+                        if stretch:
+                            info += "  \n_Random weights: the previews are shown contrast-stretched._"
+                        yield _strip(frames, "x0", stretch), _strip(frames, "lcm", stretch), result.image, info
+                        return
+            finally:
+                cancelled.set()  # a closed generator (client gone) stops the worker and frees the engine
 
         previews_btn.click(gpu(named_handler(run_previews, PREVIEW_INPUTS)), [*generate_inputs, preview_scale, preview_steps],
                            [strip_x0, strip_lcm, preview_final, preview_info],
@@ -899,7 +777,7 @@ def build_demo(engine: Any, *, notice: str | None = None) -> gr.Blocks:
 
         def render_maps(state: Any, block: str, step: Any, token: Any, shared: bool):
             if not state:
-                return None, None, "Press **Generate and capture maps** first."
+                return None, None, None, "Press **Generate and capture maps** first."
             store, image = state["store"], state["image"]
             try:
                 k, j = int(step), int(token)
@@ -911,7 +789,7 @@ def build_demo(engine: Any, *, notice: str | None = None) -> gr.Blocks:
                     before, after = store.get(block, k, j, after=False), store.get(block, k, j, after=True)
                     where = _block_label(block)
             except (KeyError, IndexError, ValueError, TypeError):
-                return None, None, (f"No maps for that choice (block {block!r}, step {step}, token {token}); "
+                return None, None, None, (f"No maps for that choice (block {block!r}, step {step}, token {token}); "
                                     f"steps captured: {', '.join(map(str, store.steps()))}.")
             with user_errors("Drawing the maps"):
                 lo = hi = None
@@ -920,19 +798,25 @@ def build_demo(engine: Any, *, notice: str | None = None) -> gr.Blocks:
                     hi = float(max(before.max(), after.max()))
                 title = f"{where} · step {k} · token {j}"
                 base = _at_least(image, 384)
-                img_before = overlay_heatmap(base, before, title=title, vmin=lo, vmax=hi)
-                img_after = overlay_heatmap(base, after, title=title, vmin=lo, vmax=hi)
+                unit = "attention probability"
+                img_before = overlay_heatmap(base, before, title=title, vmin=lo, vmax=hi, label=unit)
+                img_after = overlay_heatmap(base, after, title=title, vmin=lo, vmax=hi, label=unit)
+                diff = after - before
+                bound = max(float(abs(diff).max()), 1e-8)
+                img_diff = overlay_heatmap(base, diff, title=f"after − before · {title}", cmap="coolwarm",
+                                           vmin=-bound, vmax=bound, label="change in probability")
             info = (f"{state['mode'].upper() if state['mode'] != 'none' else 'No AM'} · {len(store.blocks())} layers "
                     f"captured over {len(store.steps())} steps · map {tuple(before.shape)} · "
                     f"before: {float(before.min()):.3g}…{float(before.max()):.3g}, after: {float(after.min()):.3g}…"
                     f"{float(after.max()):.3g}")
             if state["mode"] == "none":
                 info += "  \n_AM is off, so before and after are the same map; pick am1 or am2 above._"
-            return img_before, img_after, info
+            return img_before, img_after, img_diff, info
 
         def run_attention(ui: dict[str, Any], progress: Any):
             """Generate one image with the identity-attention maps captured; returns the first view."""
             paths = _face_paths(ui["app.faces"])
+            engine = pick_engine(ui)
             mode = ui["app.capture_mode"]
             with user_errors("Attention capture"):
                 extra: dict[str, Any] = {"output.num_images": 1, "attention.capture_maps": True}
@@ -949,51 +833,70 @@ def build_demo(engine: Any, *, notice: str | None = None) -> gr.Blocks:
             n_tokens = int(next(iter(store.maps.values())).shape[1]) if store.maps else 4
             tokens = [str(t) for t in range(n_tokens)]
             choices = _KIND_CHOICES + [(_block_label(b), b) for b in store.blocks()]
-            before, after, info = render_maps(state, "all", steps[0] if steps else 0, "0", False)
+            before, after, diff, info = render_maps(state, "all", steps[0] if steps else 0, "0", False)
             return (state, gr.update(choices=choices, value="all"),
                     gr.update(minimum=min(steps or [0]), maximum=max(max(steps or [0]), 1), value=steps[0] if steps else 0),
-                    gr.update(choices=tokens, value="0"), before, after, info)
+                    gr.update(choices=tokens, value="0"), before, after, diff, info)
 
         attention_btn.click(gpu(named_handler(run_attention, ATTENTION_INPUTS)), [*generate_inputs, capture_mode],
-                            [maps_state, map_block, map_step, map_token, map_before, map_after, map_info],
+                            [maps_state, map_block, map_step, map_token, map_before, map_after, map_diff, map_info],
                             api_name="attention_maps", concurrency_id="engine", show_progress_on=[map_after])
         selectors = [maps_state, map_block, map_step, map_token, map_shared]
         for event, name in ((map_block.input, "render_maps"), (map_token.input, None), (map_shared.input, None),
                             (map_step.release, None)):
-            event(render_maps, selectors, [map_before, map_after, map_info], api_name=name,
+            event(render_maps, selectors, [map_before, map_after, map_diff, map_info], api_name=name,
                   api_visibility="public" if name else "undocumented", concurrency_limit=4,
                   trigger_mode="always_last", show_progress="minimal")
 
         # ---- Compare --------------------------------------------------------------------------------
 
+        compare_runs: list[tuple[str, str, Any]] = [(key, label, None) for key, label in COMPARE_METHODS]
+        if trained is not None:
+            compare_runs.append((trained.method, f"Trained · {METHOD_LABELS[trained.method]}", trained))
+
         def run_compare(ui: dict[str, Any], progress: Any):
-            """The compared methods on the same face, prompt and seed, with identity similarity and time."""
+            """The compared methods on the same face, prompt and seed, with identity similarity and time
+            (plus the trained weights when the app was started with them)."""
             paths = _face_paths(ui["app.faces"])
             shown: list[tuple[Any, str]] = []
             rows: list[list[Any]] = []
             with user_errors("Compare"):
                 base = request_settings(ui, {"output.num_images": 1})
                 progress(0, desc="finding the face")
-                identity = engine.analyze_faces(paths, base.identity.face_index)
-                for i, (key, label) in enumerate(COMPARE_METHODS):
-                    progress((i, len(COMPARE_METHODS)), desc=label)
+                identity = stock.analyze_faces(paths, base.identity.face_index)
+                for i, (key, label, weights) in enumerate(compare_runs):
+                    progress((i, len(compare_runs)), desc=label)
+                    runner = stock if weights is None else weights.engine
                     settings = base.replace_dotted(method_changes(key, preset.name))
                     t0 = time.perf_counter()
-                    result = engine.generate(settings, identity)
+                    result = runner.generate(settings, identity)
                     seconds = time.perf_counter() - t0
-                    score = identity_similarity(engine.faces, identity, result.images[0])
+                    score = identity_similarity(stock.faces, identity, result.images[0])
                     shown.append((result.images[0], f"{label}: {_similarity_text(score)}, {seconds:.1f} s"))
                     branches = " ".join(str(len(b)) for b in result.branch_calls) or "—"
                     rows.append([label, _similarity_text(score), round(seconds, 3), branches])
-                    yield shown, rows, f"{i + 1} of {len(COMPARE_METHODS)} done …"
+                    yield shown, rows, f"{i + 1} of {len(compare_runs)} done …"
             note = f"Seed {base.output.seed} · {base.output.width}×{base.output.height} · {base.guidance.steps} steps."
-            if not engine.faces.is_recognizer:
+            if not stock.faces.is_recognizer:
                 note += ("  \n_The face backend is the OpenCV stand-in: its embedding is not a face recognizer, so these "
                          "similarities compare pixels, not identities._")
             yield shown, rows, note
 
         compare_btn.click(gpu(named_handler(run_compare, GENERATE_INPUTS)), generate_inputs, [compare_gallery, compare_table, compare_info],
                           api_name="compare", concurrency_id="engine", show_progress_on=[compare_gallery])
+
+        def show_report(folder: str | None):
+            """A finished evaluation report: its plots and grids, summary table and report.md."""
+            if not folder:
+                return [], None, "Pick a report."
+            with user_errors("Opening the report"):
+                plots, table, text = read_report(folder, reports)
+            return plots, table, text
+
+        report_choice.change(show_report, report_choice, [report_plots, report_table, report_md],
+                             api_name="open_report", concurrency_limit=4)
+        report_refresh.click(lambda: gr.update(choices=find_reports(reports)), None, report_choice,
+                             api_name="list_reports", concurrency_limit=4)
 
         # ---- API only: photos + a settings JSON ----------------------------------------------------
 
@@ -1044,9 +947,25 @@ def _strip(frames: Sequence[Any], which: str, stretch: bool = False) -> list[tup
     from PIL import ImageOps
 
     def shown(image: Any) -> Any:
-        return ImageOps.autocontrast(image.convert("RGB"), cutoff=1) if stretch else image
+        if not stretch:
+            return image
+        return _stamp(ImageOps.autocontrast(image.convert("RGB"), cutoff=1), "contrast-stretched")
 
-    return [(shown(getattr(f, which)), f"step {f.step + 1} · t={f.timestep}") for f in frames]
+    suffix = " · contrast-stretched" if stretch else ""
+    return [(shown(getattr(f, which)), f"step {f.step + 1} · t={f.timestep}{suffix}") for f in frames]
+
+
+def _stamp(image: Any, text: str) -> Any:
+    """``image`` with ``text`` written in its top-left corner on a dark band (a label that travels with
+    the picture when it is saved or shared)."""
+    from PIL import ImageDraw
+
+    out = _at_least(image, 192).copy()
+    draw = ImageDraw.Draw(out)
+    box = draw.textbbox((4, 3), text)
+    draw.rectangle((0, 0, box[2] + 4, box[3] + 3), fill=(0, 0, 0))
+    draw.text((4, 3), text, fill=(255, 255, 255))
+    return out
 
 
 def _at_least(image: Any, side: int) -> Any:
@@ -1060,7 +979,7 @@ def _examples() -> list[list[Any]]:
     if not face.is_file() or not prompts.is_file():
         return []
     lines = [line.strip() for line in prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [[[str(face)], line] for line in lines[:12]]
+    return [[[str(face)], line] for line in lines]  # all 18 evaluation prompts of LCM-Lookahead
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1092,9 +1011,36 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu, … (default: CUDA when present)")
     parser.add_argument("--face-models", default=None, help="insightface model folder (default: buffalo_l)")
     parser.add_argument("--download", action="store_true", help="download missing weights from the Hugging Face Hub")
+    parser.add_argument("--adapter", default=os.environ.get("LCMLA_ADAPTER") or None,
+                        help="trained identity adapter (training's ip-adapter-faceid-plusv2_sdxl.safetensors) for "
+                             "the Weights choice and Compare's trained column (default: $LCMLA_ADAPTER)")
+    parser.add_argument("--kv-lora", default=os.environ.get("LCMLA_KV_LORA") or None,
+                        help="trained KV-encoder LoRA (training's kv_encoder_lora.safetensors; default: $LCMLA_KV_LORA)")
+    parser.add_argument("--reports", action="append", default=None,
+                        help="a folder with evaluation reports (python -m lcmla evaluate --output-dir), for the Compare "
+                             "tab; repeatable (default: $LCMLA_REPORTS, folders separated by the path separator)")
     parser.add_argument("--no-fallback", action="store_true",
                         help="exit when the preset's weights are missing instead of running the tiny preset")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.reports is None:
+        args.reports = [r for r in (os.environ.get("LCMLA_REPORTS") or "").split(os.pathsep) if r]
+    return args
+
+
+def load_trained(args: argparse.Namespace, engine: Any) -> Trained | None:
+    """A second engine with the trained files of ``--adapter`` / ``--kv-lora`` on the engine's preset
+    (None without them). It holds its own copy of the model: twice the memory of one engine."""
+    if not (args.adapter or args.kv_lora):
+        return None
+    from lcmla import Engine
+
+    for flag, value in (("--adapter", args.adapter), ("--kv-lora", args.kv_lora)):
+        if value and not Path(value).is_file():
+            raise LcmlaError(f"{flag} {value}: no such file (training writes it into its --output-dir)")
+    trained = Engine.load(engine.preset.name, device=str(engine.device), dtype=engine.dtype,
+                          weights_dir=args.weights_dir or os.environ.get("LCMLA_WEIGHTS"),
+                          face_models=args.face_models, adapter=args.adapter, kv_encoder_lora=args.kv_lora)
+    return Trained(trained, args.adapter, args.kv_lora)
 
 
 def load_engine(args: argparse.Namespace) -> tuple[Any, str | None]:
@@ -1120,12 +1066,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     _gpu(lambda: None)  # on ZeroGPU Spaces, `spaces` must be imported before torch
     try:
         engine, notice = load_engine(args)
+        trained = load_trained(args, engine)
     except LcmlaError as exc:
         print(f"error: {exc}")
         return 2
     if engine.preset.random_weights:
         print("NOTE: the tiny preset has random weights — its images are patterns, not photos.", flush=True)
-    demo = build_demo(engine, notice=notice)
+    demo = build_demo(engine, notice=notice, trained=trained, reports=args.reports)
     launch(demo, host=args.host, port=args.port, share=args.share)
     return 0
 

@@ -19,25 +19,14 @@ from typing import Any, Sequence
 from .errors import LcmlaError
 from .fastface import FASTFACE_PRESETS
 from .methods import METHODS, method_changes
+from .knobs import KNOB, KNOBS, cli_flags, cli_help, parse_cli
 from .presets import DEFAULT_PRESET, PRESETS
 from .settings import GenerationSettings
 
 EXIT_USER_ERROR = 2
 
-# flag -> dotted setting name; every flag defaults to None so that only flags given override
-_FLAG_SETTINGS = {
-    "prompt": "prompt",
-    "negative_prompt": "negative_prompt",
-    "steps": "guidance.steps",
-    "guidance_scale": "guidance.guidance_scale",
-    "width": "output.width",
-    "height": "output.height",
-    "num_images": "output.num_images",
-    "seed": "output.seed",
-    "ip_adapter_scale": "identity.ip_adapter_scale",
-    "lora_scale": "identity.lora_scale",
-    "face_index": "identity.face_index",
-}
+def _dest(knob) -> str:
+    return "knob__" + knob.name.replace(".", "__")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,23 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate images of the face in one or more photos")
     gen.add_argument("--face", action="append", required=True, metavar="PHOTO", help="reference photo (repeat for several)")
-    gen.add_argument("--prompt", help='what to make, e.g. "a pencil drawing of a face"')
-    gen.add_argument("--negative-prompt")
     gen.add_argument("--preset", default=None, choices=sorted(PRESETS), help=f"backbone (default {DEFAULT_PRESET})")
-    gen.add_argument("--seed", type=int)
-    gen.add_argument("--num-images", type=int)
-    gen.add_argument("--steps", type=int)
-    gen.add_argument("--guidance-scale", type=float)
-    gen.add_argument("--width", type=int)
-    gen.add_argument("--height", type=int)
-    gen.add_argument("--ip-adapter-scale", type=float, help="identity strength λ (default 0.8)")
-    gen.add_argument("--lora-scale", type=float, help="FaceID LoRA scale (default 1.0)")
-    gen.add_argument("--face-index", type=int, help="which face when a photo holds several (0 = largest)")
     gen.add_argument("--fastface", choices=list(FASTFACE_PRESETS),
                      help="apply one of the FastFace authors' configurations (before any --set)")
     gen.add_argument("--method", choices=list(METHODS),
                      help="apply a named method of either paper, e.g. lookahead-released (before any --set)")
-    gen.add_argument("--kv", action="store_true", default=None, help="LCM-Lookahead KV path (extended self-attention)")
+    knobs = gen.add_argument_group("settings", "every knob of the app, by its setting path (the app's table, "
+                                    "lcmla.knobs); flags left out keep the defaults (or the --settings-from PNG's)")
+    for knob in KNOBS:
+        bool_like = knob.kind == "bool"
+        knobs.add_argument(*cli_flags(knob), dest=_dest(knob), default=None, metavar="VALUE" if not bool_like else "BOOL",
+                           nargs="?" if bool_like else None, const="true" if bool_like else None,
+                           help=cli_help(knob).replace("%", "%%"))
     gen.add_argument("--kv-lora", help="a KV-encoder LoRA checkpoint (.safetensors written by lcmla training)")
     gen.add_argument("--adapter", help="an IP-Adapter checkpoint instead of the preset's FaceID-Plus-v2 "
                                        "(trained by lcmla, or IP-Adapter Plus-Face)")
@@ -137,21 +121,20 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
 
         base = settings_from_png(args.settings_from)
     else:
-        if not args.prompt:
+        prompt = getattr(args, _dest(KNOB["prompt"]))
+        if not prompt:
             raise LcmlaError("--prompt is required (or --settings-from PNG)")
-        base = GenerationSettings(prompt=args.prompt)
+        base = GenerationSettings(prompt=prompt)
     changes: dict[str, Any] = {}
-    for flag, dotted in _FLAG_SETTINGS.items():
-        value = getattr(args, flag)
-        if value is not None:
-            changes[dotted] = value
     if args.preset is not None:
         changes["preset"] = args.preset
-    if args.kv:
-        changes["lookahead.kv"] = True
-    for name in (args.fastface, args.method):
+    for name in (args.fastface, args.method):  # named configurations first, then the knobs given
         if name:
             changes.update(method_changes(name, args.preset or base.preset))
+    for knob in KNOBS:
+        value = getattr(args, _dest(knob), None)
+        if value is not None:
+            changes[knob.name] = parse_cli(knob, value)
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:

@@ -41,11 +41,12 @@ class CountingEngine:
 
 
 @contextmanager
-def serve(engine: Any) -> Iterator[tuple[Any, str]]:
-    """The app around ``engine``, launched in this process on 127.0.0.1; yields (demo, url)."""
+def serve(engine: Any, **options: Any) -> Iterator[tuple[Any, str]]:
+    """The app around ``engine`` (``options``: build_demo's keywords), launched in this process on
+    127.0.0.1; yields (demo, url)."""
     import app
 
-    demo = app.build_demo(engine)
+    demo = app.build_demo(engine, **options)
     port = free_port()
     app.launch(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
     try:

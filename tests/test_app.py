@@ -42,7 +42,7 @@ def test_every_setting_has_exactly_one_knob():
     flat = {k for k in app._flatten(GenerationSettings().to_dict())}
     assert len(set(app.KNOB_NAMES)) == len(app.KNOB_NAMES)
     assert set(app.KNOB_NAMES) == flat - app.NOT_KNOBS
-    assert app.GENERATE_INPUTS == ("app.faces", *app.KNOB_NAMES, "app.randomize_seed")
+    assert app.GENERATE_INPUTS == ("app.faces", *app.KNOB_NAMES, "app.randomize_seed", "app.weights")
 
 
 def test_settings_round_trip_through_the_widgets():
@@ -295,22 +295,39 @@ def test_previews_stream_one_frame_per_step(client, values, counting):
 
 
 def test_attention_maps_redraw_without_generating(client, values, counting):
-    block, step, token, before, after, info = client.predict(
+    block, step, token, before, after, diff, info = client.predict(
         **_kw(values, app.ATTENTION_INPUTS, **{"app.capture_mode": "am2"}), api_name="/attention_maps")
     assert "AM2" in info and block["value"] == "all" and any(value == "up" for _label, value in block["choices"])
     layers = [value for _label, value in block["choices"] if "." in value]
     assert layers and token["choices"][-1][1] == "3"
     assert not np.array_equal(_pixels(before), _pixels(after))  # AM2 changes the maps
+    assert _pixels(diff).shape == _pixels(after).shape
     calls = len(counting.calls)
     redraw = client.predict(layers[-1], step["maximum"], "2", True, api_name="/render_maps")
-    assert redraw[0] and redraw[1] and "before:" in redraw[2]
+    assert redraw[0] and redraw[1] and redraw[2] and "before:" in redraw[3]
     assert not np.array_equal(_pixels(redraw[0]), _pixels(before))
     mean_up = client.predict("up", 1, "1", False, api_name="/render_maps")
-    assert mean_up[0] and "step" in mean_up[2]
+    assert mean_up[0] and "step" in mean_up[3]
     assert len(counting.calls) == calls  # redraws come from the stored maps
-    # no AM: before and after are the same maps
+    # no AM: before and after are the same maps, and the difference is zero everywhere
     none = client.predict(**_kw(values, app.ATTENTION_INPUTS, **{"app.capture_mode": "none"}), api_name="/attention_maps")
-    assert np.array_equal(_pixels(none[3]), _pixels(none[4])) and "AM is off" in none[5]
+    assert np.array_equal(_pixels(none[3]), _pixels(none[4])) and "AM is off" in none[6]
+    with_am = client.predict(**_kw(values, app.ATTENTION_INPUTS, **{"app.capture_mode": "am2"}), api_name="/attention_maps")
+    assert not np.array_equal(_pixels(none[5]), _pixels(with_am[5]))
+
+
+def test_difference_view_is_zero_without_am():
+    """The difference overlay of equal maps draws the photo under the neutral colour everywhere."""
+    from PIL import Image
+
+    from lcmla.attention.overlay import overlay_heatmap
+
+    photo = Image.new("RGB", (64, 64), (120, 120, 120))
+    maps = np.random.default_rng(0).random((8, 8))
+    zero = np.asarray(overlay_heatmap(photo, maps - maps, cmap="coolwarm", vmin=-1e-8, vmax=1e-8, label="x"), np.int16)
+    some = np.asarray(overlay_heatmap(photo, maps - 0.5, cmap="coolwarm", vmin=-0.5, vmax=0.5, label="x"), np.int16)
+    w = zero.shape[1] * 8 // 10  # the map, left of the colour bar
+    assert zero[:, :w].std() < some[:, :w].std()
 
 
 def test_compare_runs_every_method_with_the_same_seed(client, values):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from lcmla.cli import main, settings_from_args, build_parser
+from lcmla.errors import LcmlaError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,3 +118,38 @@ def test_cli_fastface_and_kv_flags():
     assert s.attention.mode == "am2" and s.guidance.dcg and s.attention.adain_weight == 0.5
     s2 = settings_from_args(build_parser().parse_args(["generate", "--face", "a.jpg", "--prompt", "p", "--kv"]))
     assert s2.lookahead.kv and not s2.guidance.dcg
+
+
+def test_every_knob_has_a_flag_from_the_one_table():
+    """The CLI's flags come from the app's knob table (lcmla.knobs): one per knob, nothing else to keep in step."""
+    from lcmla.knobs import KNOBS, cli_flags
+
+    parser = build_parser()
+    generate = parser._subparsers._group_actions[0].choices["generate"]  # noqa: SLF001 - argparse has no public getter
+    options = {flag for action in generate._actions for flag in action.option_strings}
+    for knob in KNOBS:
+        assert set(cli_flags(knob)) <= options, knob.name
+    args = parser.parse_args([
+        "generate", "--face", "a.jpg", "--prompt", "p", "--attention-mode", "am2", "--guidance-dcg",
+        "--guidance-dcg-a", "1,2,2,1", "--attention-steps", "0, 1", "--attention-tokens", "0,2",
+        "--attention-am-norm-scope", "image-branches", "--freeu-enabled", "false", "--identity-lora-scale", "0.6",
+        "--guidance-scheduler", "EulerDiscreteScheduler"])
+    s = settings_from_args(args)
+    assert s.attention.mode == "am2" and s.guidance.dcg and s.guidance.dcg_a == (1.0, 2.0, 2.0, 1.0)
+    assert s.attention.steps == (0, 1) and s.attention.tokens == (0, 2)
+    assert s.attention.am_norm_scope == "image-branches" and not s.freeu.enabled
+    assert s.identity.lora_scale == 0.6 and s.guidance.scheduler == "EulerDiscreteScheduler"
+    # a named method first, then the flags given win over it
+    s2 = settings_from_args(parser.parse_args(["generate", "--face", "a.jpg", "--prompt", "p", "--method",
+                                               "lookahead-released", "--guidance-steps", "6"]))
+    assert s2.guidance.steps == 6 and s2.lookahead.kv
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--guidance-dcg", "maybe"], "--guidance-dcg takes true or false"),
+    (["--guidance-dcg-a", "1,x"], "guidance.dcg_a"),
+    (["--attention-tokens", "a"], "attention.tokens"),
+])
+def test_knob_flags_name_the_bad_value(argv, message):
+    with pytest.raises(LcmlaError, match=message):
+        settings_from_args(build_parser().parse_args(["generate", "--face", "a.jpg", "--prompt", "p", *argv]))

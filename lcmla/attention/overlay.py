@@ -8,9 +8,10 @@ import numpy as np
 
 
 def overlay_heatmap(image, attn_map, *, title: str | None = None, alpha: float = 0.55, cmap: str = "inferno",
-                    vmin: float | None = None, vmax: float | None = None, dpi: int = 100):
+                    vmin: float | None = None, vmax: float | None = None, dpi: int = 100, label: str | None = None):
     """The image with ``attn_map`` (h, w; tensor or array) upsampled and drawn over it, plus a colour
-    bar; returns a PIL image. Uses matplotlib's non-interactive Agg canvas (thread-safe per figure)."""
+    bar (titled ``label``: say what the numbers are); returns a PIL image. Uses matplotlib's
+    non-interactive Agg canvas (thread-safe per figure)."""
     from matplotlib.figure import Figure
     from PIL import Image
 
@@ -26,7 +27,10 @@ def overlay_heatmap(image, attn_map, *, title: str | None = None, alpha: float =
     if title:
         ax.set_title(title, fontsize=8)
     cax = fig.add_axes((0.83, 0.1, 0.04, 0.8))
-    fig.colorbar(im, cax=cax)
+    bar = fig.colorbar(im, cax=cax)
+    if label:
+        bar.set_label(label, fontsize=7)
+        bar.ax.tick_params(labelsize=7)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     buf.seek(0)

@@ -1,0 +1,180 @@
+"""The app with trained weights (--adapter / --kv-lora) and evaluation reports: the Weights choice,
+Compare's trained column (and Compare equal to Generate for the same inputs), the report view."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from apputils import serve  # first: puts the repository root (app.py) on sys.path
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+
+import app
+from lcmla.methods import method_changes
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def kv_lora(tmp_path_factory):
+    """A KV-encoder LoRA with random (non-zero) B matrices: it changes the KV path's images."""
+    from lcmla import Engine
+    from lcmla.kv_lora import add_kv_encoder_lora, save_kv_encoder_lora
+
+    scratch = Engine.load("tiny", device="cpu")
+    add_kv_encoder_lora(scratch.pipe.unet)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in scratch.pipe.unet.named_parameters():
+            if "lora_B" in name and "kv_encoder" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return save_kv_encoder_lora(scratch.pipe.unet, tmp_path_factory.mktemp("trained") / "kv_encoder_lora.safetensors")
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    """A report folder in the layout ``python -m lcmla evaluate`` writes, plus a stray folder."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("reports")
+    run = root / "eval-tiny"
+    run.mkdir()
+    (run / "report.md").write_text("# Evaluation\n\n![pareto](pareto-dlib.png)\n\n| method | ID |\n|---|---|\n| baseline | 0.1 |\n")
+    (run / "summary.csv").write_text("method,scale,id_dlib_mean\nbaseline,0.5,0.1\nam2+dcg,0.5,0.2\n")
+    Image.new("RGB", (80, 60), (200, 30, 30)).save(run / "pareto-dlib.png")
+    Image.new("RGB", (80, 60), (30, 200, 30)).save(run / "grid-lookahead.png")
+    (root / "not-a-report").mkdir()
+    return root
+
+
+@pytest.fixture(scope="module")
+def client(engine, kv_lora, reports):
+    from lcmla import Engine
+
+    trained = app.Trained(Engine.load("tiny", device="cpu", kv_encoder_lora=kv_lora), None, str(kv_lora))
+    with serve(engine, trained=trained, reports=[str(reports)]) as (demo, url):
+        yield Client(url, verbose=False), demo
+
+
+def _ui(changes):
+    """Settings changes (dotted → settings values) as widget values, as the one-click buttons set them."""
+    return {n: app._KNOB[n].show(v) for n, v in changes.items() if n in app._KNOB}
+
+
+def _kw(engine, face_path, **changes):
+    values = {**app.ui_defaults(engine.preset), "app.faces": [handle_file(str(face_path))], "output.width": SIZE,
+              "output.height": SIZE, "prompt": "a pencil drawing of a face", **changes}
+    return {app.api_param(n): values[n] for n in app.GENERATE_INPUTS}
+
+
+def _pixels(item):
+    from PIL import Image
+
+    path = item["image"] if isinstance(item, dict) else item
+    path = path["path"] if isinstance(path, dict) else path
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.int16)
+
+
+def test_header_and_weights_choice(client, engine, face_path, kv_lora):
+    c, demo = client
+    config = json.dumps(demo.config, default=str)
+    assert "Trained weights" in config and kv_lora.name in config
+    kv = _ui(method_changes("lookahead-kv", "tiny"))
+    stock = c.predict(**_kw(engine, face_path, **kv), api_name="/generate")[0][0]
+    trained = c.predict(**_kw(engine, face_path, **kv, **{"app.weights": "trained"}), api_name="/generate")[0][0]
+    assert np.abs(_pixels(stock) - _pixels(trained)).mean() > 0.5  # the KV LoRA changes the KV path
+
+
+def test_compare_adds_the_trained_column_and_equals_generate(client, engine, face_path):
+    c, _ = client
+    job = c.submit(**_kw(engine, face_path, **{"output.seed": 2}), api_name="/compare")
+    gallery, table, _info = job.result(timeout=600)
+    labels = [r[0] for r in table["data"]]
+    assert labels == [label for _k, label in app.COMPARE_METHODS] + ["Trained · " + app.METHOD_LABELS["lookahead-kv"]]
+    changes = _ui({**method_changes("lookahead-kv", "tiny"), "output.seed": 2})
+    generated = c.predict(**_kw(engine, face_path, **changes), api_name="/generate")[0][0]
+    trained = c.predict(**_kw(engine, face_path, **changes, **{"app.weights": "trained"}), api_name="/generate")[0][0]
+    kv_column = [k for k, _ in app.COMPARE_METHODS].index("lookahead-kv")
+    assert np.array_equal(_pixels(gallery[kv_column]), _pixels(generated))  # Compare's KV image is Generate's
+    assert np.array_equal(_pixels(gallery[-1]), _pixels(trained))
+
+
+def test_report_view(client, reports):
+    c, _ = client
+    choices = c.predict(api_name="/list_reports")
+    chosen = str((reports / "eval-tiny").resolve())
+    plots, table, text = c.predict(chosen, api_name="/open_report")
+    assert [p["caption"] for p in plots] == ["pareto-dlib", "grid-lookahead"]
+    assert table["headers"] == ["method", "scale", "id_dlib_mean"] and len(table["data"]) == 2
+    assert "# Evaluation" in text and "![" not in text
+    assert app.find_reports([reports]) == [chosen]
+    for outside in (reports / "not-a-report", reports / "eval-tiny" / ".." / ".." ):
+        with pytest.raises(AppError, match="not in the list of choices"):  # the dropdown refuses it
+            c.predict(str(outside), api_name="/open_report")
+        with pytest.raises(app.LcmlaError, match="not an evaluation report"):  # and so does the reader
+            app.read_report(str(outside), [reports])
+
+
+def test_trained_weights_without_any_loaded_is_a_clear_error(engine, face_path):
+    with serve(engine) as (_demo, url):
+        c = Client(url, verbose=False)
+        with pytest.raises(AppError, match="no trained weights are loaded"):
+            c.predict(**_kw(engine, face_path, **{"app.weights": "trained"}), api_name="/generate")
+
+
+def test_app_flags_for_trained_files(monkeypatch, tmp_path):
+    monkeypatch.setenv("LCMLA_KV_LORA", "/nowhere/kv.safetensors")
+    monkeypatch.setenv("LCMLA_REPORTS", f"{tmp_path}:/elsewhere")
+    args = app.parse_args([])
+    assert args.kv_lora == "/nowhere/kv.safetensors" and args.reports == [str(tmp_path), "/elsewhere"]
+    assert app.parse_args(["--reports", "a", "--reports", "b"]).reports == ["a", "b"]
+    with pytest.raises(app.LcmlaError, match="--kv-lora /nowhere/kv.safetensors: no such file"):
+        app.load_trained(args, engine=None)
+
+
+def test_examples_hold_all_18_evaluation_prompts():
+    prompts = [line.strip() for line in (app.ASSETS / "prompts.txt").read_text().splitlines() if line.strip()]
+    assert len(prompts) == 18 and [e[1] for e in app._examples()] == prompts
+
+
+def test_previews_stop_when_the_client_leaves(engine, face_path):
+    """Closing the streaming handler (what Gradio does when the client goes) stops the worker at its
+    next step and frees the engine, instead of running every step to the end."""
+    import threading
+    import time
+
+    computed: list[int] = []
+
+    class Spy:
+        def __init__(self, inner):
+            self._inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+
+        def previews(self, settings, faces, steps=None, callback=None):
+            def counted(frame):
+                computed.append(frame.step)
+                callback(frame)
+
+            return self._inner.previews(settings, faces, steps=steps, callback=counted)
+
+    demo = app.build_demo(Spy(engine))
+    handler = next(f.fn for f in demo.fns.values() if f.api_name == "previews")
+    ui = {**app.ui_defaults(engine.preset), "app.faces": [str(face_path)], "output.width": SIZE, "output.height": SIZE,
+          "prompt": "a pencil drawing of a face", "guidance.steps": 12, "app.preview_lcm_scale": 1.0,
+          "app.preview_steps": ""}
+    stream = handler(**{app.api_param(n): ui[n] for n in app.PREVIEW_INPUTS}, progress=lambda *a, **k: None)
+    first = next(stream)
+    assert "Step 1 of 12" in first[3]
+    stream.close()
+    deadline = time.time() + 120
+    while any(t.name == "lcmla-previews" for t in threading.enumerate()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "lcmla-previews" for t in threading.enumerate())
+    assert len(computed) < 12  # stopped early
+    engine.generate(app.settings_from_ui(ui, engine.preset), [face_path])  # the engine is free again
