@@ -163,12 +163,12 @@ def test_previews_stop_when_the_client_leaves(engine, face_path):
 
             return self._inner.previews(settings, faces, steps=steps, callback=counted)
 
-    demo = app.build_demo(Spy(engine))
-    handler = next(f.fn for f in demo.fns.values() if f.api_name == "previews")
+    from lcmla.ui.previews import run_previews
+
     ui = {**app.ui_defaults(engine.preset), "app.faces": [str(face_path)], "output.width": SIZE, "output.height": SIZE,
           "prompt": "a pencil drawing of a face", "guidance.steps": 12, "app.preview_lcm_scale": 1.0,
           "app.preview_steps": ""}
-    stream = handler(**{app.api_param(n): ui[n] for n in app.PREVIEW_INPUTS}, progress=lambda *a, **k: None)
+    stream = run_previews(app.Context(Spy(engine)), ui, lambda *a, **k: None)
     first = next(stream)
     assert "Step 1 of 12" in first[3]
     stream.close()

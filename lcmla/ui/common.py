@@ -1,0 +1,396 @@
+"""What the app's tabs share: the input names, the request context (engine, trained weights,
+outputs), the API naming of handler parameters, user-error handling, and small display helpers."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from lcmla import __version__
+
+from lcmla.knobs import KNOB_NAMES, Knob, preset_settings, settings_from_ui, settings_to_ui
+from lcmla.methods import METHOD_LABELS, METHODS
+from lcmla.presets import Preset
+from lcmla.settings import AM_MODES, GenerationSettings
+
+log = logging.getLogger("lcmla.app")
+
+ROOT = Path(__file__).resolve().parents[2]
+ASSETS = ROOT / "assets"
+
+MAX_FILE_SIZE = "20mb"  # per upload; face photos are shrunk to 2048 px anyway
+QUEUE_SIZE = 32  # requests waiting at most; more get "queue full"
+OUTPUT_TTL_S = 3600  # PNG downloads are kept this long
+
+
+
+#: The inputs of the Generate, Lookahead, Attention and Compare handlers, in order ("app.*" are not settings).
+GENERATE_INPUTS: tuple[str, ...] = ("app.faces", *KNOB_NAMES, "app.randomize_seed", "app.weights")
+#: The Weights choice of Generate: the preset's own adapter, or the weights given with --adapter/--kv-lora.
+WEIGHTS_CHOICES = ("stock", "trained")
+PREVIEW_INPUTS: tuple[str, ...] = (*GENERATE_INPUTS, "app.preview_lcm_scale", "app.preview_steps")
+ATTENTION_INPUTS: tuple[str, ...] = (*GENERATE_INPUTS, "app.capture_mode")
+
+#: One-click configurations: both papers' named methods (lcmla.methods), label → key.
+APP_PRESETS: dict[str, str] = {key: METHOD_LABELS[key] for key in METHODS}
+#: The Compare tab's methods (keys of APP_PRESETS) and their labels.
+COMPARE_METHODS: tuple[tuple[str, str], ...] = (
+    ("baseline", "Baseline"),
+    ("am1+dcg", "FastFace AM1 + DCG"),
+    ("am2+dcg", "FastFace AM2 + DCG"),
+    ("lookahead-kv", "LCM-Lookahead KV"),
+)
+CAPTURE_MODES = ("as set in Generate", *AM_MODES)
+_PREVIEW_SCALE = Knob("app.preview_lcm_scale", "LCM-LoRA scale of the previews", "slider")
+_PREVIEW_STEPS = Knob("app.preview_steps", "Steps to preview", "steps", placeholder="every step")
+
+
+def ui_defaults(preset: Preset) -> dict[str, Any]:
+    """Every input of GENERATE_INPUTS at its starting value (no face photo)."""
+    return {"app.faces": None, **settings_to_ui(preset_settings(preset)), "app.randomize_seed": False,
+            "app.weights": "stock"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Small helpers shared by the handlers
+
+
+@contextmanager
+def user_errors(what: str) -> Iterator[None]:
+    """Show the engine's own message for a user mistake; never a traceback, never a dead app."""
+    try:
+        yield
+    except gr.Error:
+        raise
+    except ValueError as exc:  # LcmlaError and its subclasses are ValueErrors
+        raise gr.Error(str(exc), title=f"{what}: please check the input", print_exception=False) from None
+    except Exception as exc:  # a bug or a resource problem: log it, tell the user, keep serving
+        log.exception("%s failed", what)
+        raise gr.Error(f"{what} failed unexpectedly ({type(exc).__name__}: {exc})", title=f"{what} failed") from None
+
+
+def api_param(name: str) -> str:
+    """The HTTP/Python API name of an input: ``identity.ip_adapter_scale`` → ``identity__ip_adapter_scale``
+    (the spelling of ``GenerationSettings.replace``), ``app.faces`` → ``faces``."""
+    return name.removeprefix("app.").replace(".", "__")
+
+
+def named_handler(fn: Callable[[dict[str, Any], Any], Any], names: Sequence[str]) -> Callable:
+    """``fn(ui, progress)`` (typically ``functools.partial(handler, context)``) as a handler whose signature names every input, so Gradio's API page and
+    ``gradio_client`` show ``prompt``, ``identity__ip_adapter_scale``, … instead of ``param_0`` ….
+    ``ui`` maps the input names (``names``) to their values. Generators stay generators (streaming)."""
+    params = [inspect.Parameter(api_param(n), inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
+    params.append(inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress()))
+    signature = inspect.Signature(params)
+    inner = getattr(fn, "func", fn)  # a functools.partial(handler, context) names its handler
+    name = getattr(inner, "__name__", "handler")
+
+    def bind(args: tuple, kwargs: dict) -> tuple[dict[str, Any], Any]:
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise gr.Error(f"{name}: {exc}; the parameters are {', '.join(p.name for p in params[:-1])}") from None
+        bound.apply_defaults()
+        values = dict(bound.arguments)
+        progress = values.pop("progress")
+        return {n: values[api_param(n)] for n in names}, progress
+
+    if inspect.isgeneratorfunction(fn):
+        def handler(*args: Any, **kwargs: Any):
+            yield from fn(*bind(args, kwargs))
+    else:
+        def handler(*args: Any, **kwargs: Any):
+            return fn(*bind(args, kwargs))
+    handler.__signature__ = signature  # type: ignore[attr-defined]
+    handler.__name__ = handler.__qualname__ = name
+    handler.__doc__ = inner.__doc__
+    return handler
+
+
+class _Cancelled(Exception):
+    """Raised inside a worker's callback to stop a request whose client has left."""
+
+
+def _face_paths(files: Any) -> list[str]:
+    """gr.File(file_count='multiple') value → list of paths; at least one."""
+    if files is None:
+        files = []
+    elif isinstance(files, (str, os.PathLike)) or hasattr(files, "name"):
+        files = [files]
+    paths = [f if isinstance(f, str) else getattr(f, "name", None) or os.fspath(f) for f in files]
+    if not paths:
+        raise gr.Error("Upload at least one photo of the face (JPEG, PNG or WebP) first.", title="No face photo")
+    return paths
+
+
+def _gpu(fn: Callable) -> Callable:
+    """Hugging Face ZeroGPU: run ``fn`` on a GPU when the ``spaces`` package is there; else as is."""
+    try:
+        import spaces
+    except ImportError:
+        return fn
+    return spaces.GPU(fn)
+
+
+class _Outputs:
+    """Per-request folders for the PNG downloads, removed after OUTPUT_TTL_S."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.gettempdir()) / "lcmla-app"
+
+    def new(self) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        now = time.time()
+        for old in self.root.iterdir():
+            try:
+                if now - old.stat().st_mtime > OUTPUT_TTL_S:
+                    shutil.rmtree(old, ignore_errors=True)
+            except OSError:
+                pass
+        return Path(tempfile.mkdtemp(prefix="req-", dir=self.root))
+
+
+def _timings_text(timings: Mapping[str, float]) -> str:
+    order = ("faces", "conditions", "denoise", "decode", "previews", "total")
+    parts = [f"{k} {timings[k]:.2f} s" for k in order if k in timings]
+    return " · ".join(parts)
+
+
+def _block_label(name: str) -> str:
+    """'down_blocks.1.attentions.0.transformer_blocks.1.attn2.processor' → 'down 1 · attention 0 · layer 1'."""
+    parts = name.split(".")
+    try:
+        if parts[0] == "mid_block":
+            return f"mid · attention {parts[2]} · layer {parts[4]}"
+        return f"{parts[0].split('_')[0]} {parts[1]} · attention {parts[3]} · layer {parts[5]}"
+    except IndexError:
+        return name
+
+
+_KIND_CHOICES = [("All blocks (mean)", "all"), ("Down blocks (mean)", "down"), ("Mid block (mean)", "mid"), ("Up blocks (mean)", "up")]
+
+
+def _similarity_text(score: float | None) -> str:
+    return "no face found" if score is None else f"{score:.3f}"
+
+
+# ------------------------------------------------------------------------------------------------
+# The app
+
+
+CSS = """
+.lcmla-banner {border-left: 4px solid #d97706; background: #fffbeb; padding: 10px 14px; border-radius: 6px; color: #3f2d0c;}
+.lcmla-banner p {margin: 0;}
+.lcmla-header h1 {margin-bottom: 0;}
+#generate-btn, #previews-btn, #attention-btn, #compare-btn {min-height: 48px; font-size: 1.05em;}
+.lcmla-presets button {min-width: 0 !important;}
+.lcmla-note {font-size: 0.9em; opacity: 0.85;}
+"""
+
+
+def _theme() -> gr.themes.Base:
+    # System fonts only: the app works offline and asks no font server for anything.
+    return gr.themes.Soft(
+        primary_hue="indigo",
+        secondary_hue="amber",
+        font=["ui-sans-serif", "system-ui", "Segoe UI", "Roboto", "Helvetica", "Arial", "sans-serif"],
+        font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"],
+    )
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A second engine on the same preset with the training package's outputs loaded."""
+
+    engine: Any
+    adapter: str | None = None  # ip-adapter-faceid-plusv2_sdxl.safetensors (h94 layout) or another adapter
+    kv_lora: str | None = None  # kv_encoder_lora.safetensors
+
+    @property
+    def method(self) -> str:
+        """The method Compare runs them with: the KV path when a KV-encoder LoRA is loaded."""
+        return "lookahead-kv" if self.kv_lora else "baseline"
+
+
+def _trained_text(trained: Trained | None) -> str:
+    """Which trained files are loaded, for the header and the Weights info."""
+    if trained is None:
+        return "none loaded (start with --adapter / --kv-lora)"
+    parts = [f"adapter `{Path(trained.adapter).name}`"] if trained.adapter else []
+    parts += [f"KV-encoder LoRA `{Path(trained.kv_lora).name}`"] if trained.kv_lora else []
+    return " · ".join(parts)
+
+
+def _header(engine: Any, trained: Trained | None = None) -> str:
+    p = engine.preset
+    lines = [
+        "# lcmla — your face, any style, in a few steps",
+        "Identity-preserving few-step SDXL with IP-Adapter FaceID-Plus-v2: **FastFace** (decoupled guidance, "
+        "attention manipulation) and **LCM-Lookahead** (LCM previews, KV path). Upload a face photo, write a "
+        "prompt, press Generate. Every knob of both papers is below.",
+        f"**Model:** `{p.name}` — {p.title} · {p.steps} steps · {p.width}×{p.height} · face backend: "
+        f"{engine.faces.backend}{_providers(engine)} · lcmla {__version__}",
+    ]
+    if trained is not None:
+        lines.append(f"**Trained weights:** {_trained_text(trained)} — pick them with *Weights* in Generate; "
+                     "Compare adds a column for them.")
+    return "\n\n".join(lines)
+
+
+def _providers(engine: Any) -> str:
+    """Where the face models run (insightface on onnxruntime): " on CUDA" / " on CPU", or nothing."""
+    providers = tuple(getattr(engine.faces, "providers", ()) or ())
+    if not providers:
+        return ""
+    return " on " + ("CUDA" if providers[0].startswith("CUDA") else providers[0].replace("ExecutionProvider", ""))
+
+
+def _banner(engine: Any, notice: str | None) -> str:
+    p = engine.preset
+    parts = []
+    if notice:
+        parts.append(f"⚠️ {notice}")
+    if p.random_weights:
+        parts.append(
+            "⚠️ **Random weights: these images are patterns, not photos.** The app is running the offline `tiny` "
+            "preset — an SDXL-architecture model with random weights built on this machine — and an OpenCV "
+            "stand-in face detector whose embedding is not a face recognizer (identity scores mean nothing). "
+            "Every control, code path and file format is the real one: start `python app.py --preset "
+            "hyper-sdxl-4step` on a machine with the weights for real pictures."
+        )
+    return "\n\n".join(parts)
+
+
+def _preview_requirements(engine: Any) -> str:
+    """What ``Engine.previews`` needs and this engine lacks ('' when nothing)."""
+    lacks = []
+    if "lcm" not in tuple(getattr(engine, "adapters", ()) or ()):
+        lacks.append("the LCM-LoRA")
+    if getattr(getattr(engine, "components", None), "taesd", None) is None:
+        lacks.append("TAESD")
+    return " and ".join(lacks)
+
+
+def _strip(frames: Sequence[Any], which: str, stretch: bool = False) -> list[tuple[Any, str]]:
+    """Gallery items of one preview kind; ``stretch``: auto-contrast (the tiny preset's random TAESD
+    decodes to near-black pictures that would otherwise show nothing)."""
+    from PIL import ImageOps
+
+    def shown(image: Any) -> Any:
+        if not stretch:
+            return image
+        return _stamp(ImageOps.autocontrast(image.convert("RGB"), cutoff=1), "contrast-stretched")
+
+    suffix = " · contrast-stretched" if stretch else ""
+    return [(shown(getattr(f, which)), f"step {f.step + 1} · t={f.timestep}{suffix}") for f in frames]
+
+
+def _stamp(image: Any, text: str) -> Any:
+    """``image`` with ``text`` written in its top-left corner on a dark band (a label that travels with
+    the picture when it is saved or shared)."""
+    from PIL import ImageDraw
+
+    out = _at_least(image, 192).copy()
+    draw = ImageDraw.Draw(out)
+    box = draw.textbbox((4, 3), text)
+    draw.rectangle((0, 0, box[2] + 4, box[3] + 3), fill=(0, 0, 0))
+    draw.text((4, 3), text, fill=(255, 255, 255))
+    return out
+
+
+def _at_least(image: Any, side: int) -> Any:
+    """``image`` scaled up (whole factor, nearest) until its longer side is at least ``side``."""
+    factor = -(-side // max(image.size))
+    return image if factor <= 1 else image.resize((image.width * factor, image.height * factor), 0)
+
+
+def _examples() -> list[list[Any]]:
+    face, prompts = ASSETS / "face.png", ASSETS / "prompts.txt"
+    if not face.is_file() or not prompts.is_file():
+        return []
+    lines = [line.strip() for line in prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [[[str(face)], line] for line in lines]  # all 18 evaluation prompts of LCM-Lookahead
+
+
+# ------------------------------------------------------------------------------------------------
+# The request context every handler gets
+
+
+@dataclass
+class Context:
+    """What a handler works with: the stock engine, the trained one (or None), the evaluation report
+    folders and the per-request output folders. Handlers are plain functions of (context, inputs)."""
+
+    stock: Any
+    trained: Trained | None = None
+    reports: Sequence[str | os.PathLike] = ()
+    outputs: _Outputs = field(default_factory=lambda: _Outputs())
+
+    @property
+    def preset(self) -> Preset:
+        return self.stock.preset
+
+    def pick_engine(self, ui: Mapping[str, Any]) -> Any:
+        """The stock engine, or the trained one when Weights says so (and one is loaded)."""
+        choice = ui.get("app.weights") or "stock"
+        if choice not in WEIGHTS_CHOICES:
+            raise gr.Error(f"weights must be one of {', '.join(WEIGHTS_CHOICES)}, not {choice!r}")
+        if choice == "trained":
+            if self.trained is None:
+                raise gr.Error("no trained weights are loaded: start the app with --adapter FILE and/or "
+                               "--kv-lora FILE (or $LCMLA_ADAPTER / $LCMLA_KV_LORA)", title="No trained weights")
+            return self.trained.engine
+        return self.stock
+
+    def request_settings(self, ui: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> GenerationSettings:
+        """The widget values (by input name) as ONE validated GenerationSettings (a new seed when asked)."""
+        settings = settings_from_ui(ui, self.preset, extra)
+        if ui.get("app.randomize_seed"):
+            settings = settings.replace(output__seed=secrets.randbelow(2**31))
+        return settings
+
+    def step_progress(self, progress: Any, settings: GenerationSettings) -> Callable[[Any], None]:
+        """An engine callback that moves Gradio's progress bar over images × steps."""
+        steps = settings.guidance.steps or self.preset.steps
+        total = steps * settings.output.num_images
+
+        def report(info: Any) -> None:
+            done = info.image_index * info.num_steps + info.step + 1
+            progress((done, max(total, done)), desc=f"image {info.image_index + 1}/{settings.output.num_images} · "
+                                                     f"step {info.step + 1}/{info.num_steps}")
+
+        return report
+
+
+def widget(knob: Knob, value: Any) -> gr.components.Component:
+    """The Gradio widget of a knob, at ``value``."""
+    common: dict[str, Any] = {"label": knob.label, "value": value, "elem_id": knob.elem_id}
+    if knob.info:
+        common["info"] = knob.info
+    if knob.kind in ("text", "floats", "steps"):
+        return gr.Textbox(lines=knob.lines, max_lines=max(knob.lines, 4), placeholder=knob.placeholder or None, **common)
+    if knob.kind == "int":
+        return gr.Number(precision=0, minimum=knob.minimum, maximum=knob.maximum, **common)
+    if knob.kind in ("slider", "slider_int", "face_index"):
+        return gr.Slider(knob.minimum, knob.maximum, step=knob.step, **common)
+    if knob.kind in ("bool", "scope"):
+        return gr.Checkbox(**common)
+    if knob.kind == "scheduler":
+        return gr.Dropdown(list(knob.choices), **common)
+    if knob.kind == "choice":
+        return gr.Radio(list(knob.choices), **common)
+    if knob.kind in ("targets", "tokens"):
+        return gr.CheckboxGroup(list(knob.choices), **common)
+    raise AssertionError(f"no widget for knob kind {knob.kind!r}")
