@@ -4,11 +4,11 @@ Compare's trained column (and Compare equal to Generate for the same inputs), th
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
-import torch
-from apputils import serve  # first: puts the repository root (app.py) on sys.path
+from apputils import kv_lora, reports, serve, trained_adapter  # noqa: F401 - first: puts app.py on sys.path; shared fixtures
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
@@ -16,38 +16,6 @@ import app
 from lcmla.methods import method_changes
 
 SIZE = 64
-
-
-@pytest.fixture(scope="module")
-def kv_lora(tmp_path_factory):
-    """A KV-encoder LoRA with random (non-zero) B matrices: it changes the KV path's images."""
-    from lcmla import Engine
-    from lcmla.kv_lora import add_kv_encoder_lora, save_kv_encoder_lora
-
-    scratch = Engine.load("tiny", device="cpu")
-    add_kv_encoder_lora(scratch.pipe.unet)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in scratch.pipe.unet.named_parameters():
-            if "lora_B" in name and "kv_encoder" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    return save_kv_encoder_lora(scratch.pipe.unet, tmp_path_factory.mktemp("trained") / "kv_encoder_lora.safetensors")
-
-
-@pytest.fixture(scope="module")
-def reports(tmp_path_factory):
-    """A report folder in the layout ``python -m lcmla evaluate`` writes, plus a stray folder."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("reports")
-    run = root / "eval-tiny"
-    run.mkdir()
-    (run / "report.md").write_text("# Evaluation\n\n![pareto](pareto-dlib.png)\n\n| method | ID |\n|---|---|\n| baseline | 0.1 |\n")
-    (run / "summary.csv").write_text("method,scale,id_dlib_mean\nbaseline,0.5,0.1\nam2+dcg,0.5,0.2\n")
-    Image.new("RGB", (80, 60), (200, 30, 30)).save(run / "pareto-dlib.png")
-    Image.new("RGB", (80, 60), (30, 200, 30)).save(run / "grid-lookahead.png")
-    (root / "not-a-report").mkdir()
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -127,13 +95,59 @@ def test_trained_weights_without_any_loaded_is_a_clear_error(engine, face_path):
 
 
 def test_app_flags_for_trained_files(monkeypatch, tmp_path):
+    monkeypatch.setenv("LCMLA_ADAPTER", "/nowhere/adapter.safetensors")
     monkeypatch.setenv("LCMLA_KV_LORA", "/nowhere/kv.safetensors")
-    monkeypatch.setenv("LCMLA_REPORTS", f"{tmp_path}:/elsewhere")
+    monkeypatch.setenv("LCMLA_REPORTS", os.pathsep.join([str(tmp_path), "/elsewhere"]))
     args = app.parse_args([])
-    assert args.kv_lora == "/nowhere/kv.safetensors" and args.reports == [str(tmp_path), "/elsewhere"]
-    assert app.parse_args(["--reports", "a", "--reports", "b"]).reports == ["a", "b"]
-    with pytest.raises(app.LcmlaError, match="--kv-lora /nowhere/kv.safetensors: no such file"):
+    assert args.adapter == "/nowhere/adapter.safetensors" and args.kv_lora == "/nowhere/kv.safetensors"
+    assert args.reports == [str(tmp_path), "/elsewhere"]
+    # the flags win over the environment
+    flagged = app.parse_args(["--adapter", "a.safetensors", "--kv-lora", "k.safetensors", "--reports", "a", "--reports", "b"])
+    assert (flagged.adapter, flagged.kv_lora, flagged.reports) == ("a.safetensors", "k.safetensors", ["a", "b"])
+    with pytest.raises(app.LcmlaError, match="--adapter /nowhere/adapter.safetensors: no such file"):
         app.load_trained(args, engine=None)
+    for var in ("LCMLA_ADAPTER", "LCMLA_KV_LORA", "LCMLA_REPORTS"):
+        monkeypatch.delenv(var)
+    with pytest.raises(app.LcmlaError, match="--kv-lora /nowhere/kv.safetensors: no such file"):
+        app.load_trained(app.parse_args(["--kv-lora", "/nowhere/kv.safetensors"]), engine=None)
+    bare = app.parse_args([])
+    assert (bare.adapter, bare.kv_lora, bare.reports) == (None, None, [])
+    assert app.load_trained(bare, engine=None) is None  # nothing given: no second engine
+
+
+@pytest.fixture(scope="module")
+def adapter_only(engine, trained_adapter):
+    """What ``python app.py --adapter FILE`` loads: a second tiny engine with the exported adapter."""
+    return app.load_trained(app.parse_args(["--adapter", str(trained_adapter)]), engine)
+
+
+def test_load_trained_loads_the_exported_adapter(adapter_only, engine, trained_adapter):
+    trained = adapter_only
+    assert (trained.adapter, trained.kv_lora, trained.method) == (str(trained_adapter), None, "baseline")
+    assert trained.engine is not engine and trained.engine.preset.name == engine.preset.name
+    assert str(trained.engine.device) == str(engine.device) and trained.engine.dtype == engine.dtype
+    header = app._header(engine, trained)
+    assert "**Trained weights:** adapter `ip-adapter-faceid-plusv2_sdxl.safetensors`" in header
+    assert "KV-encoder LoRA" not in header
+
+
+def test_compare_with_an_adapter_only_trained_column(adapter_only, engine, face_path):
+    """Adapter only (no KV-encoder LoRA): the trained column runs the baseline method with the
+    trained adapter; its image is Generate's with Weights = trained, and not the stock baseline's."""
+    from lcmla.ui import compare, generate
+
+    ctx = app.Context(engine, adapter_only)
+    ui = {**app.ui_defaults(engine.preset), "app.faces": [str(face_path)], "output.width": SIZE, "output.height": SIZE,
+          "prompt": "a pencil drawing of a face", "output.seed": 4}
+    *_, (gallery, rows, _info) = compare.run_compare(ctx, dict(ui), lambda *a, **k: None)
+    labels = [r[0] for r in rows]
+    assert labels == [label for _k, label in app.COMPARE_METHODS] + ["Trained · Baseline"]
+    assert gallery[-1][1].startswith("Trained · Baseline: ")
+    baseline = {**ui, **_ui(method_changes("baseline", "tiny"))}
+    trained = generate.run_generate(ctx, {**baseline, "app.weights": "trained"}, lambda *a, **k: None)[0][0][0]
+    stock = np.asarray(gallery[0][0], np.int16)
+    assert np.array_equal(np.asarray(gallery[-1][0], np.int16), np.asarray(trained, np.int16))
+    assert np.abs(np.asarray(gallery[-1][0], np.int16) - stock).mean() > 0.5  # the trained adapter changes the image
 
 
 def test_examples_hold_all_18_evaluation_prompts():

@@ -12,9 +12,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from apputils import ROOT, serve
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -r requirements.txt)")
+
+from apputils import ROOT, kv_lora, reports, serve  # noqa: E402, F401 - after the skip; kv_lora, reports: shared fixtures
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 pytestmark = [
@@ -137,7 +138,9 @@ def test_generate_then_every_tab(page, face_path):
     page.click("#attention-btn")
     page.wait_for_selector("#map-after img", timeout=SLOW)
     page.wait_for_selector("#map-before img")
+    page.wait_for_selector("#map-diff img")  # the difference view
     assert "AM2" in page.locator("#map-info").inner_text()
+    assert "attention probability" in page.locator("#map-units").inner_text()
     before = page.locator("#map-after img").get_attribute("src")
     page.locator("#map-token").get_by_text("2", exact=True).click()
     page.wait_for_function(
@@ -185,3 +188,55 @@ def test_bad_uploads_show_an_error_and_the_app_goes_on(page, face_path, tmp_path
     page.click("#generate-btn")
     _wait_count(page, "#gallery img", 1)
     assert page.locator("#faces td.filename").get_attribute("aria-label") == "face.png"
+
+
+@pytest.fixture(scope="module")
+def trained_url(engine, kv_lora, reports):
+    """The app started with trained weights (a KV-encoder LoRA) and a reports folder."""
+    import app
+    from lcmla import Engine
+
+    trained = app.Trained(Engine.load("tiny", device="cpu", kv_encoder_lora=kv_lora), None, str(kv_lora))
+    with serve(engine, trained=trained, reports=[str(reports)]) as (_demo, address):
+        yield address
+
+
+def test_trained_column_report_view_and_named_api(browser, trained_url, face_path, kv_lora):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(60_000)
+    try:
+        page.goto(trained_url)
+        page.wait_for_selector("#generate-btn")
+        assert "Trained weights" in page.locator("#header").inner_text() and kv_lora.name in page.locator("#header").inner_text()
+        _upload_face(page, face_path)
+        _wait_count(page, "#faces-found img", 1)
+        page.locator("#knob-output-width input[type=number]").fill("64")
+        page.locator("#knob-output-height input[type=number]").fill("64")
+        page.locator("#knob-prompt textarea").fill("a pencil drawing of a face")
+
+        # Compare: the four methods and the trained weights
+        page.get_by_role("tab", name="Compare").click()
+        page.click("#compare-btn")
+        page.wait_for_function("document.querySelector('#compare-info') && "
+                               "document.querySelector('#compare-info').innerText.includes('Seed')", timeout=SLOW)
+        _wait_count(page, "#compare-gallery img", 5)
+        assert "Trained · LCM-Lookahead" in page.locator("#compare-table").inner_text()
+        _shot(page, "8-compare-trained")
+
+        # the report view: pick the report, its plots and summary appear
+        page.locator("#report-choice input").click()
+        page.locator("[role=option]").first.click()
+        _wait_count(page, "#report-plots img", 2, timeout=60_000)
+        assert "am2+dcg" in page.locator("#report-summary").inner_text()
+        _shot(page, "9-report")
+        assert not _error_toasts(page)
+
+        # the API page (the footer's "Use via API") names every parameter
+        page.goto(trained_url)
+        page.wait_for_selector("#generate-btn")
+        page.get_by_text("Use via API").click()
+        page.wait_for_function("document.body.innerText.includes('identity__ip_adapter_scale')", timeout=60_000)
+        assert "param_" not in page.locator("body").inner_text()
+        _shot(page, "10-api")
+    finally:
+        page.close()
