@@ -367,18 +367,71 @@ def test_the_api_names_every_parameter(client, face_path, first_image):
         assert params == [app.api_param(n) for n in names], endpoint
         assert not any(p.startswith("param_") for p in params)
     assert "identity__ip_adapter_scale" in [p["parameter_name"] for p in info["/generate"]["parameters"]]
-    assert [p["parameter_name"] for p in info["/generate_from_settings"]["parameters"]] == ["faces", "settings_json"]
+    from_settings = info["/generate_from_settings"]["parameters"]
+    assert [p["parameter_name"] for p in from_settings] == ["faces", "settings_json", "prompt"]
+    assert [p["parameter_has_default"] for p in from_settings] == [False, False, True]  # the prompt is optional
+    assert [r["label"] for r in info["/generate_from_settings"]["returns"]] == ["images", "settings_json", "info"]
 
 
 def test_settings_json_endpoint_reproduces_a_png(client, values, face_path):
     _gallery, files, *_ = _generate(client, values, **{"output.seed": 11, "guidance.dcg": True})
     stored = settings_from_png(files[0])
-    images, used = client.predict(faces=[handle_file(str(face_path))], settings_json=stored.to_json(),
-                                  api_name="/generate_from_settings")
+    images, used, info = client.predict(faces=[handle_file(str(face_path))], settings_json=stored.to_json(),
+                                        api_name="/generate_from_settings")
     assert np.array_equal(_pixels(images[0]), _pixels(files[0]))
-    assert GenerationSettings.from_json(used).output.seed == 11
+    assert GenerationSettings.from_json(used) == stored  # the settings that ran are the PNG's
+    assert "seeds 11" in info and "prompt: the JSON's" in info and "the settings name the" not in info
     with pytest.raises(AppError, match="settings_json"):
         client.predict(faces=[handle_file(str(face_path))], settings_json="{not json", api_name="/generate_from_settings")
+    with pytest.raises(AppError, match="settings_json is empty"):
+        client.predict(faces=[handle_file(str(face_path))], settings_json=" ", api_name="/generate_from_settings")
     with pytest.raises(AppError, match="guidance"):
         client.predict(faces=[handle_file(str(face_path))], settings_json='{"guidance": {"steps": -3}}',
                        api_name="/generate_from_settings")
+
+
+def test_settings_json_endpoint_takes_a_prompt_and_names_another_preset(client, values, face_path):
+    """A non-empty prompt replaces the JSON's (the image is /generate's with that prompt); settings
+    that name another preset run on the app's and the info says so."""
+    other_prompt = "an oil painting of a face"
+    made = _generate(client, values, **{"output.seed": 12, "prompt": other_prompt})[1][0]
+    stored = settings_from_png(_generate(client, values, **{"output.seed": 12})[1][0])
+    assert stored.prompt != other_prompt
+    images, used, info = client.predict(faces=[handle_file(str(face_path))], settings_json=stored.to_json(),
+                                        prompt=other_prompt, api_name="/generate_from_settings")
+    assert np.array_equal(_pixels(images[0]), _pixels(made))
+    assert GenerationSettings.from_json(used).prompt == other_prompt and "prompt parameter" in info
+    # a blank prompt keeps the JSON's
+    _images, used, _info = client.predict(faces=[handle_file(str(face_path))], settings_json=stored.to_json(),
+                                          prompt="   ", api_name="/generate_from_settings")
+    assert GenerationSettings.from_json(used).prompt == stored.prompt
+    # another preset's settings: they run on this app's preset, and the info says so
+    elsewhere = stored.replace(preset="hyper-sdxl-4step")
+    images, used, info = client.predict(faces=[handle_file(str(face_path))], settings_json=elsewhere.to_json(),
+                                        api_name="/generate_from_settings")
+    assert GenerationSettings.from_json(used).preset == "tiny"
+    assert "the settings name the 'hyper-sdxl-4step' preset but this app runs 'tiny'" in info
+    with pytest.raises(AppError, match="at most 2000"):
+        client.predict(faces=[handle_file(str(face_path))], settings_json=stored.to_json(), prompt="x" * 5000,
+                       api_name="/generate_from_settings")
+
+
+def test_settings_json_endpoint_over_the_rest_route(client, values, face_path):
+    """The README's curl example: upload, POST /gradio_api/call/generate_from_settings with the
+    positional data [faces, settings_json, prompt], then read the event stream."""
+    import json
+
+    import httpx
+
+    stored = settings_from_png(_generate(client, values, **{"output.seed": 13})[1][0])
+    base = client.src.rstrip("/")
+    with face_path.open("rb") as f:
+        uploaded = httpx.post(f"{base}/gradio_api/upload", files={"files": ("face.png", f, "image/png")}).json()[0]
+    body = {"data": [[{"path": uploaded, "meta": {"_type": "gradio.FileData"}}], stored.to_json(), "a sketch of a face"]}
+    event = httpx.post(f"{base}/gradio_api/call/generate_from_settings", json=body).json()["event_id"]
+    stream = httpx.get(f"{base}/gradio_api/call/generate_from_settings/{event}", timeout=300).text
+    assert "event: complete" in stream, stream[-2000:]
+    data = json.loads(stream.split("event: complete", 1)[1].split("data:", 1)[1].strip().splitlines()[0])
+    images, used, info = data
+    assert len(images) == 1 and GenerationSettings.from_json(used).prompt == "a sketch of a face"
+    assert GenerationSettings.from_json(used).output.seed == 13 and "seeds 13" in info
