@@ -1,7 +1,10 @@
 """A data-generation run with a fake renderer (the two public-domain portraits, varied per seed) and
 the offline Haar analyzer: what the datagen tests run in-process and in killable subprocesses.
 
-    python tests/datagen_fake.py OUT [--identities N] [--per-shard P] [--delay S]
+    python tests/datagen_fake.py OUT [--identities N] [--per-shard P] [--delay S] [--trace]
+
+``--trace`` prints ``render <n>`` before the n-th render (from 1), so a test can kill the run at a
+known point of its work instead of after a guessed time.
 """
 
 from __future__ import annotations
@@ -26,12 +29,16 @@ def portraits() -> list[Image.Image]:
     return [Image.open(ROOT / "assets" / "face.png").convert("RGB"), hopper]
 
 
-def fake_render(delay: float = 0.0):
+def fake_render(delay: float = 0.0, trace: bool = False):
     """render(prompt, seed): identity by the prompt's subject, framing and brightness by the seed;
     styles posterised; one seed in nine a face-less grey image."""
     people = portraits()
+    count = [0]
 
     def render(prompt: str, seed: int) -> Image.Image:
+        count[0] += 1
+        if trace:
+            print(f"render {count[0]}", flush=True)
         if delay:
             time.sleep(delay)
         if seed % 9 == 0:
@@ -68,6 +75,7 @@ def main() -> None:
     ap.add_argument("--identities", type=int, default=4)
     ap.add_argument("--per-shard", type=int, default=2)
     ap.add_argument("--delay", type=float, default=0.0)
+    ap.add_argument("--trace", action="store_true")
     args = ap.parse_args()
     from accelerate import PartialState
 
@@ -75,7 +83,7 @@ def main() -> None:
 
     cfg, haar = config(args.identities, args.per_shard)
     state = PartialState()
-    generate(cfg, Path(args.out), fake_render(args.delay), haar.detect, state.process_index, state.num_processes,
+    generate(cfg, Path(args.out), fake_render(args.delay, args.trace), haar.detect, state.process_index, state.num_processes,
              log=lambda msg: print(msg, flush=True))
 
 

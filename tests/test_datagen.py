@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -110,22 +109,34 @@ def test_filter_reasons_by_construction(face_path):
     assert kept == [] and rej == {"too_few_plain": 2}
 
 
+def _kill_when(out: Path, line_wanted, env) -> list[str]:
+    """Run the fake generator, SIGKILL it as soon as it prints a line for which ``line_wanted`` is
+    true (a point of its work, not a guessed time); returns what it printed."""
+    proc = subprocess.Popen([sys.executable, str(FAKE), str(out), "--delay", "0.05", "--trace"],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line.strip())
+        if line_wanted(line):
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc.stdout.close()
+    assert seen and line_wanted(seen[-1] + "\n"), f"the run ended before the kill point: {seen}"
+    return seen
+
+
 def test_kill_9_resume_gives_the_same_shards(reference_run, tmp_path):
     out_ref, _ = reference_run
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    # kill while the first shard is being rendered, then after it landed, then finish
-    for wait_for in (None, "shard-000000.tar:"):
-        proc = subprocess.Popen([sys.executable, str(FAKE), str(out), "--delay", "0.05"], stdout=subprocess.PIPE,
-                                text=True, env=env)
-        if wait_for is None:
-            time.sleep(1.5)
-        else:
-            for line in proc.stdout:
-                if line.startswith(wait_for):
-                    break
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+    # killed in the middle of rendering the first shard (its 3rd of 12 images): nothing listed yet
+    _kill_when(out, lambda line: line.strip() == "render 3", env)
+    assert out.is_dir() and not list(out.glob("shard-*.tar")) and not read_manifest(out)
+    # killed again just after the first shard landed and was listed
+    _kill_when(out, lambda line: line.startswith("shard-000000.tar:"), env)
+    assert set(read_manifest(out)) == {"shard-000000.tar"}
+    assert sha256_file(out / "shard-000000.tar") == _snapshot(out_ref)["shard-000000.tar"]
     (out / "shard-000001.tar.tmp-424242").write_bytes(b"half a shard")  # a temporary left by a kill
     subprocess.run([sys.executable, str(FAKE), str(out)], check=True, capture_output=True, env=env)
     assert _snapshot(out) == _snapshot(out_ref)
@@ -136,6 +147,44 @@ def test_kill_9_resume_gives_the_same_shards(reference_run, tmp_path):
     (out / "manifest.jsonl").write_text("\n".join(l for l in lines if "shard-000001" not in l) + "\n")
     subprocess.run([sys.executable, str(FAKE), str(out)], check=True, capture_output=True, env=env)
     assert _snapshot(out) == _snapshot(out_ref) and set(read_manifest(out)) == set(read_manifest(out_ref))
+
+
+def _listed(folder: Path) -> list[str]:
+    """The shard of every manifest line, in order; every line must parse."""
+    return [json.loads(line)["shard"] for line in (folder / "manifest.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("tear", ["mid-line", "no-newline"])
+def test_a_torn_manifest_line_is_cut_before_the_next_append(reference_run, tmp_path, tear):
+    """A run killed while appending leaves a torn last line: the resumed run must not append onto it
+    (that would merge two entries into one unparsable line and lose a shard)."""
+    import shutil
+
+    out_ref, _ = reference_run
+    out = tmp_path / "torn"
+    shutil.copytree(out_ref, out)
+    data = (out / "manifest.jsonl").read_bytes()
+    assert data.endswith(b"\n") and data.count(b"\n") == 2
+    last = data.rfind(b"\n", 0, len(data) - 1) + 1
+    torn = data[: last + 40] if tear == "mid-line" else data[:-1]  # 40 bytes of it, or all but its newline
+    (out / "manifest.jsonl").write_bytes(torn)
+    assert set(read_manifest(out)) == {"shard-000000.tar"}  # the torn line lists nothing
+    totals = _run_inline(out)
+    assert totals["shards_kept"] == 1 and totals["shards_written"] == 1
+    assert _listed(out) == ["shard-000000.tar", "shard-000001.tar"]  # every shard once, every line whole
+    assert _snapshot(out) == _snapshot(out_ref)
+
+
+def test_torn_tail_start():
+    from training.datagen.shards import manifest_entries, torn_tail_start
+
+    a, b = b'{"shard": "a"}\n', b'{"shard": "b"}\n'
+    assert torn_tail_start(b"") == 0 and torn_tail_start(a + b) == len(a + b)
+    assert torn_tail_start(a + b[:5]) == len(a)  # unterminated
+    assert torn_tail_start(a + b[:-1]) == len(a)  # whole JSON but no newline: still a cut-short write
+    assert torn_tail_start(a + b'{"sha' + b) == len(a)  # torn line merged with the next (the old bug)
+    assert torn_tail_start(b'{"shard": \n') == 0
+    assert [e["shard"] for e in manifest_entries(a + b"garbage\n" + b + b'{"shard": "c"}')] == ["a", "b"]
 
 
 def test_two_processes_write_the_same_shards(reference_run, tmp_path):
@@ -223,3 +272,79 @@ def test_inspect_prints_statistics_and_contact_sheets(reference_run, tmp_path, c
     assert [p.stem for p in sheets] == ["shard-000000", "shard-000001"]
     assert main(["generate", "--identities", "1", "--output-dir", str(tmp_path / "x" / "y" / "z"), "--preset", "tiny"]) == 2
     assert main(["generate", "--identities", "1", "--styles", "nope", "--output-dir", str(tmp_path / "a"), "--preset", "tiny"]) == 2
+
+
+def test_names_must_cover_every_identity(tmp_path):
+    from training.datagen.cli import check_names, main
+
+    names = tmp_path / "names.txt"
+    names.write_text("Ada Lovelace\n# a comment\nAlan Turing\n")
+    check_names(("Ada Lovelace", "Alan Turing"), 2, str(names))
+    with pytest.raises(ValueError, match=r"--identities 3 is more than the 2 names in .*names.txt"):
+        check_names(("Ada Lovelace", "Alan Turing"), 3, str(names))
+    with pytest.raises(ValueError, match="identity 2 has no name"):
+        draw_identity(0, 2, names=["Ada Lovelace", "Alan Turing"])
+    assert main(["generate", "--identities", "3", "--names", str(names), "--output-dir", str(tmp_path / "o"),
+                 "--preset", "tiny"]) == 2
+    assert not (tmp_path / "o").exists()  # refused before anything loads or is written
+
+
+def test_cli_renders_on_the_process_device_without_the_faceid_lora(engine, tmp_path, monkeypatch):
+    """The accelerate state is read before the engine loads and its device is the engine's; every
+    datagen image is a text-only render with the FaceID LoRA off (identity.lora_scale 0)."""
+    import lcmla
+    from training.datagen import cli
+
+    loads, settings = [], []
+    generate = engine.generate
+
+    def load(preset, **kw):
+        loads.append((preset, kw))
+        return engine
+
+    def recording(s, faces=None, **kw):
+        settings.append((s, faces))
+        return generate(s, faces, **kw)
+
+    monkeypatch.setattr(cli, "_state", lambda device=None: (0, 1, device or "cpu:from-the-state"))
+    monkeypatch.setattr(lcmla.Engine, "load", staticmethod(load))
+    monkeypatch.setattr(engine, "generate", recording)
+    out = tmp_path / "d"
+    assert cli.main(["generate", "--preset", "tiny", "--identities", "1", "--images-per-identity", "2",
+                     "--styles", "comic", "--size", "64", "--output-dir", str(out)]) == 0
+    assert [kw["device"] for _, kw in loads] == ["cpu:from-the-state"]
+    assert len(settings) == 2 and all(f is None for _, f in settings)
+    assert {s.identity.lora_scale for s, _ in settings} == {0.0}
+    assert {(s.output.width, s.guidance.steps) for s, _ in settings} == {(64, 1)}
+    entry = read_manifest(out)["shard-000000.tar"]
+    assert entry["settings"]["lora_scale"] == 0.0 and entry["settings"]["size"] == 64
+
+
+def test_cli_generate_tiny_to_the_end_and_inspect_an_empty_shard(engine, tiny_cache, tmp_path):
+    """``python -m training datagen generate --preset tiny`` end to end in its own process. Random
+    weights draw no faces, so every image is rejected (no_face) and the shards are empty: inspect
+    still reports them and draws a sheet for each."""
+    from PIL import Image
+
+    from training.datagen.cli import main
+
+    out = tmp_path / "tiny"
+    env = {**os.environ, "LCMLA_CACHE": str(tiny_cache), "HF_HUB_OFFLINE": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(var, None)
+    done = subprocess.run([sys.executable, "-m", "training", "datagen", "generate", "--preset", "tiny",
+                           "--identities", "2", "--images-per-identity", "2", "--styles", "comic", "--size", "64",
+                           "--identities-per-shard", "1", "--device", "cpu", "--output-dir", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    totals = json.loads(done.stdout.strip().splitlines()[-1])
+    assert totals["shards_written"] == 2 and totals["samples"] == 0 and totals["rejected"] == {"no_face": 4}
+    manifest = read_manifest(out)
+    assert sorted(manifest) == ["shard-000000.tar", "shard-000001.tar"]
+    assert all(e["samples"] == 0 and e["settings"]["random_weights"] for e in manifest.values())
+    sheets = tmp_path / "sheets"
+    assert main(["inspect", str(out), "--out", str(sheets)]) == 0
+    pngs = sorted(sheets.glob("*.png"))
+    assert [p.stem for p in pngs] == ["shard-000000", "shard-000001"]
+    assert all(Image.open(p).size[1] > 0 for p in pngs)

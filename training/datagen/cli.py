@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--identities", type=int, required=True)
     g.add_argument("--images-per-identity", type=int, default=16, help="half plain photos (at least 2), half styles")
     g.add_argument("--styles", default=None, help="comma-separated stylized templates (default: all)")
-    g.add_argument("--names", default=None, help="a file of subject names, one per line, instead of drawn descriptions")
+    g.add_argument("--names", default=None, help="a file of subject names, one per line, instead of drawn "
+                   "descriptions (identity i renders name i: at least --identities names)")
     g.add_argument("--output-dir", required=True)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--identities-per-shard", type=int, default=8)
@@ -59,15 +60,36 @@ def _analyzer(face_models: str | None, preset=None):
     return FaceAnalyzer.insightface(name=face_models or "buffalo_l")
 
 
-def _state():
+def _state(device: str | None = None) -> tuple[int, int, str | None]:
+    """(process index, number of processes, device) from accelerate's state: each process renders
+    on its own device (``cuda:K`` under ``accelerate launch``); ``device`` (--device) wins."""
     from accelerate import PartialState
 
     state = PartialState()
-    return state.process_index, state.num_processes
+    return state.process_index, state.num_processes, device or str(state.device)
+
+
+def check_names(names: Sequence[str] | None, identities: int, path: str | None) -> None:
+    """Each identity renders one name: more identities than names would repeat people as
+    different identities, which the filtering and the training pairs cannot tell apart."""
+    if names is not None and identities > len(names):
+        raise ValueError(f"--identities {identities} is more than the {len(names)} names in {path}: "
+                         f"pass --identities {len(names)} or fewer, or add names to the file")
+
+
+def render_settings(preset_name: str, steps: int, size: int):
+    """The settings of every datagen image: text only, so the FaceID LoRA is off (``identity.lora_scale``
+    0; at its default 1 it would be active in every layer with no identity) — plain SDXL-Turbo renders,
+    1 step with guidance 1 (no CFG; SDXL-Turbo's guidance 0 in diffusers' terms)."""
+    from lcmla import GenerationSettings
+
+    return GenerationSettings(prompt="a photo of a face", preset=preset_name).replace(
+        guidance__steps=steps, guidance__guidance_scale=1.0, output__width=size, output__height=size,
+        identity__lora_scale=0.0)
 
 
 def _generate(args) -> int:
-    from lcmla import Engine, GenerationSettings
+    from lcmla import Engine
     from lcmla.presets import get_preset
 
     from .generate import GenConfig, generate
@@ -80,15 +102,15 @@ def _generate(args) -> int:
         raise ValueError(f"the parent folder of --output-dir {out} does not exist")
     plain, stylized = select_templates(args.styles.split(",") if args.styles else None)
     names = tuple(read_names(args.names)) if args.names else None
+    check_names(names, args.identities, args.names)
     preset = get_preset(args.preset)
     analyzer = _analyzer(args.face_models, preset)
-    engine = Engine.load(preset.name, device=args.device, weights_dir=args.weights_dir)
+    rank, world, device = _state(args.device)  # before loading: every process loads onto its own device
+    engine = Engine.load(preset.name, device=device, weights_dir=args.weights_dir)
     size = args.size or preset.width
-    base = GenerationSettings(prompt="a photo of a face", preset=preset.name).replace(
-        guidance__steps=args.steps, guidance__guidance_scale=1.0, output__width=size, output__height=size)
+    base = render_settings(preset.name, args.steps, size)
 
     def render(prompt: str, seed: int):
-        # text only (no identity); guidance 1 = no CFG: SDXL-Turbo's 1 step at guidance 0 in diffusers' terms
         return engine.generate(base.replace(prompt=prompt, output__seed=seed), None).images[0]
 
     cfg = GenConfig(identities=args.identities, images_per_identity=args.images_per_identity, plain=tuple(plain),
@@ -96,8 +118,8 @@ def _generate(args) -> int:
                     tau_plain=args.tau_plain, tau_style=args.tau_style, names=names, backend=analyzer.backend,
                     is_recognizer=analyzer.is_recognizer,
                     settings={"preset": preset.name, "steps": args.steps, "size": size, "seed": args.seed,
-                              "styles": [t.slug for t in stylized], "random_weights": preset.random_weights})
-    rank, world = _state()
+                              "styles": [t.slug for t in stylized], "random_weights": preset.random_weights,
+                              "lora_scale": 0.0})
     totals = generate(cfg, out, render, lambda image: analyzer.detect(image), rank, world)
     print(json.dumps({"process": rank, **totals}))
     return 0
@@ -117,7 +139,7 @@ def _import(args) -> int:
     from .importer import import_authors
 
     analyzer = _analyzer(args.face_models)
-    rank, world = _state()
+    rank, world, _ = _state()
     totals = import_authors(args.source, args.output_dir, lambda image: analyzer.detect(image),
                             {"identities_per_shard": args.identities_per_shard, "tau_plain": args.tau_plain,
                              "tau_style": args.tau_style, "backend": analyzer.backend,

@@ -20,6 +20,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from lcmla.errors import ImageError
+
 from .identities import Identity, Template, draw_identity, plan_images
 from .shards import (
     Sample,
@@ -92,7 +94,10 @@ def filter_identity(identity: Identity, candidates: Sequence[Candidate], cfg: Ge
         if c.image is None:
             rejected["render_error"] += 1
             continue
-        faces = list(analyze(c.image))
+        try:
+            faces = list(analyze(c.image))
+        except ImageError:  # an image the analyzer cannot read (e.g. below its minimum size): no face
+            faces = []
         if not faces:
             rejected["no_face"] += 1
             continue

@@ -84,8 +84,9 @@ def draw_identity(seed: int, index: int, names: Sequence[str] | None = None) -> 
     "an old Slavic woman with tan skin, curly brown hair and green eyes, bags under the eyes" — or,
     with ``names`` (the authors' released generator renders celebrity names), the name itself."""
     if names:
-        name = names[index % len(names)]
-        return Identity(index, name, {"name": name})
+        if not 0 <= index < len(names):
+            raise ValueError(f"identity {index} has no name: the names list holds {len(names)}")
+        return Identity(index, names[index], {"name": names[index]})
     rng = np.random.default_rng([seed, index])
     pick = {k: v[int(rng.integers(len(v)))] for k, v in _banks().items()}
     text = f"{pick['age']} {pick['ethnicity']} {pick['gender']} with {pick['skin']}, {pick['hair']} and {pick['eyes']}"

@@ -34,28 +34,45 @@ def statistics(folder: str | Path) -> dict[str, Any]:
 
 
 def contact_sheets(folder: str | Path, out: str | Path | None = None, thumb: int = 128, per_row: int = 12) -> list[Path]:
-    """One PNG per shard: a row per identity (up to ``per_row`` images), each labelled."""
+    """One PNG per shard of the manifest: a row per identity (up to ``per_row`` images), each
+    labelled; a shard that kept no sample gets a sheet saying so, with its rejections by reason."""
     folder = Path(folder)
     out = Path(out) if out else folder / "contact-sheets"
     out.mkdir(parents=True, exist_ok=True)
     samples = ShardSamples([folder])
-    by_shard: dict[Path, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+    manifest = read_manifest(folder)
+    by_shard: dict[str, dict[int, list[int]]] = {name: defaultdict(list) for name in manifest}
     for i, (ref, rec) in enumerate(zip(samples.samples, samples.records)):
-        by_shard[ref.shard][rec["identity"]].append(i)
+        by_shard.setdefault(ref.shard.name, defaultdict(list))[rec["identity"]].append(i)
     paths = []
-    for shard, identities in sorted(by_shard.items()):
+    label = 18
+    for name, identities in sorted(by_shard.items()):
         rows = sorted(identities.items())
-        label = 18
-        sheet = Image.new("RGB", (per_row * thumb, len(rows) * (thumb + label)), "white")
-        draw = ImageDraw.Draw(sheet)
-        for r, (identity, idx) in enumerate(rows):
-            for c, i in enumerate(idx[:per_row]):
-                img = samples.image(i).resize((thumb, thumb))
-                x, y = c * thumb, r * (thumb + label)
-                sheet.paste(img, (x, y + label))
-                rec = samples.records[i]
-                draw.text((x + 2, y + 2), f"{identity}:{rec['template'][:14]}", fill="black")
-        path = out / f"{shard.stem}.png"
+        if not rows:
+            sheet = _empty_sheet(name, manifest.get(name, {}), per_row * thumb, thumb + label)
+        else:
+            sheet = Image.new("RGB", (per_row * thumb, len(rows) * (thumb + label)), "white")
+            draw = ImageDraw.Draw(sheet)
+            for r, (identity, idx) in enumerate(rows):
+                for c, i in enumerate(idx[:per_row]):
+                    img = samples.image(i).resize((thumb, thumb))
+                    x, y = c * thumb, r * (thumb + label)
+                    sheet.paste(img, (x, y + label))
+                    rec = samples.records[i]
+                    draw.text((x + 2, y + 2), f"{identity}:{rec['template'][:14]}", fill="black")
+        path = out / f"{Path(name).stem}.png"
         sheet.save(path)
         paths.append(path)
     return paths
+
+
+def _empty_sheet(name: str, entry: dict, width: int, height: int) -> Image.Image:
+    """The sheet of a shard without samples: its name, identities and rejections by reason."""
+    sheet = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(sheet)
+    rejected = {k: v for k, v in entry.get("rejected", {}).items() if v}
+    ids = entry.get("identities", [])
+    span = f"identities {ids[0]}-{ids[-1]}" if ids else "no identities"
+    draw.text((6, 6), f"{name}: no sample kept ({span})", fill="black")
+    draw.text((6, 26), "rejected: " + (", ".join(f"{k} {v}" for k, v in rejected.items()) or "none"), fill="black")
+    return sheet

@@ -106,12 +106,48 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _entry(line: bytes) -> dict[str, Any] | None:
+    """A manifest line's entry, or None when it is not a JSON object naming a shard."""
+    try:
+        entry = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return entry if isinstance(entry, dict) and "shard" in entry else None
+
+
+def manifest_entries(data: bytes) -> list[dict[str, Any]]:
+    """The entries of a manifest's bytes, in order. Only newline-terminated lines count: an
+    unterminated last line is a write cut short by a kill (torn), and unparsable lines are skipped."""
+    lines = data.split(b"\n")[:-1]  # the piece after the last newline is torn (or empty)
+    return [e for e in map(_entry, lines) if e is not None]
+
+
+def torn_tail_start(data: bytes) -> int:
+    """Where the valid manifest ``data`` ends: the length of ``data`` without an unterminated last
+    line or a last line that does not parse (both left by a run killed while appending)."""
+    end = data.rfind(b"\n") + 1
+    if end < len(data):  # no newline after the last line
+        return end
+    start = data.rfind(b"\n", 0, max(end - 1, 0)) + 1
+    return start if end and _entry(data[start:end - 1]) is None else end
+
+
 def append_manifest(folder: Path, entry: dict[str, Any]) -> None:
-    """One line in ``manifest.jsonl``, appended under an exclusive lock and fsynced."""
-    with (folder / MANIFEST).open("a") as f:
+    """One line in ``manifest.jsonl``, appended under an exclusive lock and fsynced.
+
+    A run killed while appending leaves a torn last line; appending onto it would merge it with
+    this entry into one unparsable line and lose both. So, under the lock, a torn tail (see
+    :func:`torn_tail_start`) is cut first; its shard is not listed (:func:`read_manifest` skips it
+    too), so it is remade or re-listed by the run that owns it."""
+    with (folder / MANIFEST).open("a+b") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            f.write(json.dumps(entry, sort_keys=True) + "\n")
+            f.seek(0)
+            data = f.read()
+            keep = torn_tail_start(data)
+            if keep < len(data):
+                f.truncate(keep)
+            f.write((json.dumps(entry, sort_keys=True) + "\n").encode())
             f.flush()
             os.fsync(f.fileno())
         finally:
@@ -119,19 +155,11 @@ def append_manifest(folder: Path, entry: dict[str, Any]) -> None:
 
 
 def read_manifest(folder: Path) -> dict[str, dict[str, Any]]:
-    """shard name → its latest manifest entry; a torn (partial) line is ignored."""
-    out: dict[str, dict[str, Any]] = {}
+    """shard name → its latest manifest entry; a torn (partial or unterminated) line is ignored."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        return out
-    for line in path.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(entry, dict) and "shard" in entry:
-            out[entry["shard"]] = entry
-    return out
+        return {}
+    return {entry["shard"]: entry for entry in manifest_entries(path.read_bytes())}
 
 
 def shard_is_complete(folder: Path, name: str, manifest: dict[str, dict]) -> bool:
