@@ -20,7 +20,8 @@ from .errors import LcmlaError
 from .fastface import FASTFACE_PRESETS
 from .methods import METHODS, method_changes
 from .knobs import KNOB, KNOBS, cli_flags, cli_help, parse_cli
-from .presets import DEFAULT_PRESET, PRESETS
+from .memory import MEMORY_MODES
+from .presets import DEFAULT_PRESET, PRESETS, RANDOM_ARCHITECTURES
 from .settings import GenerationSettings
 
 EXIT_USER_ERROR = 2
@@ -64,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--download", action="store_true", help="download missing weights from the Hugging Face Hub")
     gen.add_argument("--device", help="cpu, cuda, cuda:1, … (default: cuda when present)")
     gen.add_argument("--dtype", help="float32, float16 or bfloat16 (default: float16 on CUDA)")
+    gen.add_argument("--memory", choices=MEMORY_MODES, default="auto",
+                     help="full: every model on the device; low: model CPU offload + VAE tiling for 8-12 GB cards; "
+                          "auto (default): low when the GPU has less than 14 GiB free")
+    gen.add_argument("--random-weights", choices=RANDOM_ARCHITECTURES, default=None,
+                     help="run the preset on a random-weights build of SDXL's full (or tiny) architecture, built once "
+                          "on this machine: for speed and memory measurements only, the images are patterns")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
 
     conv = sub.add_parser("convert-lookahead", help="convert the LCM-Lookahead authors' model_ckpt.pt into an "
@@ -156,9 +163,13 @@ def _generate(args: argparse.Namespace) -> int:
         face_models=args.face_models,
         kv_encoder_lora=args.kv_lora,
         adapter=args.adapter,
+        memory=args.memory,
+        random_weights=args.random_weights,
     )
     if engine.preset.random_weights:
-        print("note: the tiny preset uses random weights; its images are patterns, not photos.", file=sys.stderr)
+        print(f"note: {engine.preset.title}: random weights, so the images are patterns, not photos.", file=sys.stderr)
+    if engine.memory_mode == "low":
+        print("note: low-VRAM mode (models offloaded to CPU memory between uses, VAE tiling)", file=sys.stderr)
     bar = None
     callback = None
     if not args.quiet:
@@ -179,6 +190,8 @@ def _generate(args: argparse.Namespace) -> int:
             bar.close()
     for path in result.save(args.out):
         print(path)
+    for note in result.notes:  # what the request did that its settings may not show
+        print(f"note: {note}", file=sys.stderr)
     t = result.timings
     print(f"done in {t['total']:.2f}s (faces {t['faces']:.2f}s, denoise {t['denoise']:.2f}s, decode {t['decode']:.2f}s)",
           file=sys.stderr)

@@ -38,6 +38,7 @@ from .faces import EMBEDDING_DIM, FaceAnalyzer, FaceIdentity, onnx_providers
 from .guidance import BRANCH_CONDITIONS, DecoupledGuidance, Guidance, guidance_for
 from .images import as_photo_list
 from .lookahead import decode_tiny, encode_reference, frame_reference, lcm_preview_eps, reference_latents
+from .memory import choose_memory_mode, enable_low_vram, free_device_memory, out_of_memory_error, release_cached_memory
 from .preview import PreviewFrame, PreviewResult, ddpm_x0, lcm_x0
 from .presets import Preset, get_preset
 from .sampling import StepInfo, sample
@@ -117,8 +118,11 @@ def request_notes(settings: GenerationSettings, guidance: Guidance, num_steps: i
 class Engine:
     """One loaded preset: pipeline, image encoder, face analyzer. Safe to share between threads."""
 
-    def __init__(self, preset: Preset, components: Any, faces: FaceAnalyzer, *, device: str, dtype: torch.dtype):
+    def __init__(self, preset: Preset, components: Any, faces: FaceAnalyzer, *, device: str, dtype: torch.dtype,
+                 memory_mode: str = "full"):
         self.preset = preset
+        self.memory_mode = memory_mode  # "full" | "low" (lcmla.memory)
+        self._offload_hooks: list[Any] = []
         self.components = components
         self.pipe = components.pipe
         self.faces = faces
@@ -146,6 +150,8 @@ class Engine:
         face_models: str | Path | None = None,
         kv_encoder_lora: str | Path | None = None,
         adapter: str | Path | None = None,
+        memory: str = "auto",
+        random_weights: str | None = None,
     ) -> "Engine":
         """Load a preset. ``device`` defaults to CUDA when present; ``dtype`` to float16 on CUDA.
 
@@ -158,11 +164,20 @@ class Engine:
         installed onnxruntime has it. ``kv_encoder_lora``: a KV-encoder LoRA checkpoint
         (see ``lcmla.kv_lora``) for the KV path. ``adapter``: an IP-Adapter checkpoint instead of the
         preset's FaceID-Plus-v2 — a trained one (``training/``) or IP-Adapter Plus-Face (e.g.
-        converted from the LCM-Lookahead authors' checkpoint by ``lcmla.convert``).
+        converted from the LCM-Lookahead authors' checkpoint by ``lcmla.convert``). ``memory``: "full"
+        (every model on the device), "low" (model offload + VAE tiling, for 8–12 GB cards) or
+        "auto" (low when the CUDA device has less than ``lcmla.memory.LOW_VRAM_BELOW_GIB`` free).
+        ``random_weights``: "full" or "tiny" runs the preset's scheduler, steps and size on a
+        random-weights build of that architecture (``lcmla.tiny``, written once per machine and
+        loaded through this same path): speed and memory figures without any real weights; the
+        result says random_weights, as the tiny preset's does.
         """
         from .loading import adapter_kind, load_adapter_state_dict, load_components
+        from .presets import random_weights_preset
 
         p = get_preset(preset)
+        if random_weights is not None:
+            p = random_weights_preset(p, random_weights)
         # bad files are reported before anything heavy loads
         if kv_encoder_lora is not None:
             from .kv_lora import read_kv_lora_metadata
@@ -176,15 +191,16 @@ class Engine:
                 exclude = ("faceid",)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = _parse_dtype(dtype, device)
+        memory_mode = choose_memory_mode(memory, device, free_device_memory(device))
         if face_models is not None or p.face_backend == "insightface":
             # face models first: they are the cheapest to check and a common miss
             faces = FaceAnalyzer.insightface(name=str(face_models or "buffalo_l"), providers=onnx_providers(device))
         else:
             faces = FaceAnalyzer.haar()
         if p.random_weights:
-            from .tiny import ensure_tiny_weights, tiny_paths
+            from .tiny import random_weights_paths
 
-            paths = tiny_paths(ensure_tiny_weights())
+            paths = random_weights_paths(random_weights or "tiny")
             variant = None
         else:
             from .weights import resolve_preset
@@ -193,14 +209,24 @@ class Engine:
             paths = resolve_preset(p, variant=variant, weights_dir=weights_dir, allow_download=allow_download,
                                    exclude=exclude)
             paths.update(_optional_paths(p, weights_dir))
-        components = load_components(p, paths, device=device, dtype=dtype, variant=variant,
-                                     lcm_lora=bool(p.lcm_lora) or "lcm_lora" in paths, adapter=adapter)
-        engine = cls(p, components, faces, device=device, dtype=dtype)
+        components = load_components(p, paths, device="cpu" if memory_mode == "low" else device, dtype=dtype,
+                                     variant=variant, lcm_lora=bool(p.lcm_lora) or "lcm_lora" in paths, adapter=adapter)
+        engine = cls(p, components, faces, device=device, dtype=dtype, memory_mode=memory_mode)
         if kv_encoder_lora is not None:
             from .kv_lora import load_kv_encoder_lora
 
             load_kv_encoder_lora(engine.pipe, kv_encoder_lora)
+        if memory_mode == "low":
+            pipe = engine.pipe
+            engine._offload_hooks = enable_low_vram(
+                [pipe.text_encoder, pipe.text_encoder_2, components.image_encoder, pipe.unet, pipe.vae, components.taesd],
+                pipe.vae, device)
         return engine
+
+    def _offload_all(self) -> None:
+        """Low-VRAM mode: every model back in CPU memory at the end of a request."""
+        for hook in self._offload_hooks:
+            hook.offload()
 
     @property
     def adapters(self) -> tuple[str, ...]:
@@ -343,6 +369,7 @@ class Engine:
         faces: Any,
         steps: Sequence[int] | None = None,
         callback: Callable[[PreviewFrame], None] | None = None,
+        on_step: StepCallback | None = None,
     ) -> PreviewResult:
         """LCM-Lookahead previews (SPEC §4) along the first image of a generation.
 
@@ -350,7 +377,9 @@ class Engine:
         prediction, and the LCM one-step preview from the same UNet with the LCM-LoRA active at
         ``settings.lookahead.lcm_lora_scale`` (one extra UNet call, full condition, no guidance; on
         the KV path it reads the step's reference K/V); both decoded with TAESD. ``callback``
-        receives each frame as soon as it is ready. The generation itself is unchanged.
+        receives each frame as soon as it is ready; ``on_step`` follows every denoising step (a
+        ``StepInfo``, as ``generate``'s callback: progress, or cancelling by raising). The generation
+        itself is unchanged.
         """
         if "lcm" not in self.adapters:
             raise LcmlaError(
@@ -371,9 +400,11 @@ class Engine:
             t0 = time.perf_counter()
             acp = self._alphas_cumprod()
             x0 = ddpm_x0(step.z_in, step.eps, acp, step.timestep)
-            row = denoiser.conditions.row(BRANCH_CONDITIONS["full"])
-            # on the KV path the full condition reads the text row, when the step encoded it
-            kv_row = step.kv_rows.index("text") if "text" in step.kv_rows else None
+            full = denoiser.guidance.conditions.get("full", BRANCH_CONDITIONS["full"])
+            row = denoiser.conditions.row(full)
+            # the preview reads the K/V row the guidance gives its full branch (on the KV path: the
+            # encoder-prompt row), when the step encoded it
+            kv_row = step.kv_rows.index(full.kv_row) if full.kv_row in step.kv_rows else None
             scales = {**self._denoiser_adapters(resolved), "lcm": resolved.lookahead.lcm_lora_scale}
             with self._adapters(scales, resolved):
                 eps_lcm = lcm_preview_eps(self.pipe.unet, step.z_in, step.timestep, row, step.ctx, kv_row)
@@ -384,7 +415,7 @@ class Engine:
             if callback is not None:
                 callback(frame)
 
-        result = self._run(settings, faces, on_guided=on_guided)
+        result = self._run(settings, faces, callback=on_step, on_guided=on_guided)
         timings = dict(result.timings, previews=spent[0])
         return PreviewResult(frames=frames, image=result.images[0], settings=result.settings, timings=timings)
 
@@ -409,30 +440,22 @@ class Engine:
         references = self._kv_references(identity, settings) if settings.lookahead.kv else None
         guidance = guidance_for(settings, settings.guidance.steps, lcm_scheduler=self._is_lcm(settings))
         timings["faces"] = time.perf_counter() - t_start
+        oom = None
         with self._lock, torch.no_grad():
-            t0 = time.perf_counter()
-            self._apply_module_state(settings)
-            conditions = ConditionSet(self._text_conditions(settings.prompt, settings.negative_prompt),
-                                      self._identity_conditions(identity, settings.lookahead.reference_framing),
-                                      self._time_ids(settings))
-            kv_setup = self._kv_setup(settings, references) if references is not None else None
-            timings["conditions"] = time.perf_counter() - t0
-            images, seeds, maps, calls = [], [], [], []
-            timings["denoise"] = timings["decode"] = 0.0
-            for i in range(settings.output.num_images):
-                seed = settings.output.seed + i
-                t1 = time.perf_counter()
-                latents, denoiser = self._denoise(settings, conditions, guidance, identity is not None, seed, i,
-                                                  callback, kv_setup, on_guided)
-                if denoiser.context.capture is not None:
-                    maps.append(denoiser.context.capture)
-                if i == 0:
-                    calls = list(denoiser.calls)
-                t2 = time.perf_counter()
-                images.append(self._decode(latents))
-                timings["denoise"] += t2 - t1
-                timings["decode"] += time.perf_counter() - t2
-                seeds.append(seed)
+            try:
+                images, seeds, maps, calls = self._generate_locked(settings, identity, references, guidance, timings,
+                                                                   callback, on_guided)
+            except Exception as exc:
+                oom = out_of_memory_error(exc, str(self.device), width=settings.output.width,
+                                          height=settings.output.height, images=settings.output.num_images,
+                                          mode=self.memory_mode)
+                if oom is None:
+                    raise
+            finally:
+                self._offload_all()
+        if oom is not None:  # raised here, outside the except block: the request's tensors are freed first
+            release_cached_memory(str(self.device))
+            raise oom
         timings["total"] = time.perf_counter() - t_start
         return Result(
             images=images,
@@ -447,6 +470,35 @@ class Engine:
             branch_calls=calls,
             notes=request_notes(settings, guidance, settings.guidance.steps),
         )
+
+    def _generate_locked(self, settings, identity, references, guidance, timings, callback, on_guided):
+        """The body of a request, under the lock: module state, conditions, then every image's
+        latents, then their decodes (after all denoising, so that in the low-VRAM mode the UNet
+        moves to the device once per request, not once per image)."""
+        t0 = time.perf_counter()
+        self._apply_module_state(settings)
+        conditions = ConditionSet(self._text_conditions(settings.prompt, settings.negative_prompt),
+                                  self._identity_conditions(identity, settings.lookahead.reference_framing),
+                                  self._time_ids(settings))
+        kv_setup = self._kv_setup(settings, references) if references is not None else None
+        timings["conditions"] = time.perf_counter() - t0
+        all_latents, seeds, maps, calls = [], [], [], []
+        t1 = time.perf_counter()
+        for i in range(settings.output.num_images):
+            seed = settings.output.seed + i
+            latents, denoiser = self._denoise(settings, conditions, guidance, identity is not None, seed, i,
+                                              callback, kv_setup, on_guided)
+            if denoiser.context.capture is not None:
+                maps.append(denoiser.context.capture)
+            if i == 0:
+                calls = list(denoiser.calls)
+            all_latents.append(latents)
+            seeds.append(seed)
+        t2 = time.perf_counter()
+        images = [self._decode(latents) for latents in all_latents]
+        timings["denoise"] = t2 - t1
+        timings["decode"] = time.perf_counter() - t2
+        return images, seeds, maps, calls
 
     def _scheduler_class(self, settings: GenerationSettings) -> type:
         import diffusers
@@ -532,7 +584,7 @@ class Engine:
         time_ids = self._time_ids(settings)
         rows = {name: UNetBatch(text[key][0], text[key][1], time_ids, *null_id)
                 for name, key in (("null", "null"), ("text", "text"))}
-        return {"latents": reference_latents(self.pipe, references, self.dtype), "rows": rows}
+        return {"latents": reference_latents(self.pipe, references, self.dtype, self.device), "rows": rows}
 
     @contextlib.contextmanager
     def _encoder_pass_state(self, settings: GenerationSettings) -> Iterator[None]:

@@ -73,14 +73,16 @@ def frame_reference(image: Image.Image, box: tuple[float, float, float, float] |
 
 
 @torch.no_grad()
-def reference_latents(pipe, images: list[Image.Image], dtype: torch.dtype) -> torch.Tensor:
-    """VAE latents of the reference images, (n, 4, h, w), scaled like the UNet's input.
+def reference_latents(pipe, images: list[Image.Image], dtype: torch.dtype, device: torch.device | str | None = None) -> torch.Tensor:
+    """VAE latents of the reference images, (n, 4, h, w), scaled like the UNet's input, on
+    ``device`` (default: the VAE's; the low-VRAM mode passes the execution device, the VAE then
+    sitting in CPU memory until it runs).
 
     The posterior mean, once (the authors draw a fresh posterior sample every step; the mean is the
     deterministic choice SPEC §4 allows, and the VAE's posterior is narrow).
     """
     vae = pipe.vae
-    pixels = pipe.image_processor.preprocess(images).to(vae.device, vae.dtype)  # (n, 3, H, W)
+    pixels = pipe.image_processor.preprocess(images).to(device or vae.device, vae.dtype)  # (n, 3, H, W)
     latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
     return latents.to(dtype)
 

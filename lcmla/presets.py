@@ -7,7 +7,7 @@ touches the disk; ``lcmla.weights`` resolves the files and ``lcmla.loading`` bui
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import SettingsError
 
@@ -181,3 +181,29 @@ def get_preset(name: str) -> Preset:
         return PRESETS[name]
     except KeyError:
         raise SettingsError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+
+
+RANDOM_ARCHITECTURES = ("tiny", "full")
+
+
+def random_weights_preset(preset: Preset, arch: str) -> Preset:
+    """``preset``'s scheduler, steps, size and guidance over a random-weights build of the ``arch``
+    architecture ("full": SDXL's real sizes; "tiny"): for speed and memory figures, never a real
+    model (``random_weights`` is set, so every image and page says so). A replacement or fused
+    UNet is not built (it would only change weight values), the LCM-LoRA kept; faces: the OpenCV
+    stand-in."""
+    if arch not in RANDOM_ARCHITECTURES:
+        raise SettingsError(f"random weights: architecture must be one of {', '.join(RANDOM_ARCHITECTURES)} (got {arch!r})")
+    if preset.random_weights and arch == "tiny":
+        return preset
+    return replace(
+        preset,
+        title=f"{preset.title} — RANDOM WEIGHTS ({arch} architecture)",
+        unet_repo=None,
+        unet_file=None,
+        fuse_lora=None,
+        face_backend="haar",
+        random_weights=True,
+        notes=f"{preset.name}'s scheduler, steps and size on SDXL's {arch} architecture with random weights built on "
+        "this machine: for speed and memory measurements; its images are patterns, not photos.",
+    )

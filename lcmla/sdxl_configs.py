@@ -89,6 +89,16 @@ CLIP_H_VISION: dict[str, Any] = {  # laion ViT-H/14 vision tower; projection_dim
     "projection_dim": 1024,
 }
 
+CLIP_H_TEXT: dict[str, Any] = {  # laion ViT-H/14 text tower (the image-encoder repo holds a whole CLIPModel)
+    "hidden_act": "gelu",
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "max_position_embeddings": 77,
+    "num_attention_heads": 16,
+    "num_hidden_layers": 24,
+    "vocab_size": 49408,
+}
+
 TAESDXL: dict[str, Any] = {
     "act_fn": "relu",
     "decoder_block_out_channels": [64, 64, 64, 64],

@@ -35,6 +35,7 @@ import re
 import shutil
 import tempfile
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,8 +66,13 @@ __all__ = [
     "TINY_TAESD",
     "TINY_FACEID_LORA_RANK",
     "TINY_LCM_LORA_RANK",
+    "Architecture",
+    "TINY",
+    "architecture",
     "default_tiny_root",
+    "ensure_random_weights",
     "ensure_tiny_weights",
+    "random_weights_paths",
     "tiny_paths",
 ]
 
@@ -223,6 +229,59 @@ _FF_MULT = 4
 TINY_FACEID_LORA_RANK = 4  # the real FaceID LoRA has rank 128
 TINY_LCM_LORA_RANK = 4  # the real LCM-LoRA SDXL has rank 64
 
+
+@dataclass(frozen=True)
+class Architecture:
+    """The sizes of every model a random-weights build writes: ``TINY`` (the tiny preset) or
+    ``FULL`` (SDXL's real configurations, ``lcmla.sdxl_configs``: for speed and memory figures)."""
+
+    name: str
+    base_repo: str  # the pipeline folder's <org>/<name>
+    version: int  # bump when what is written changes: old folders are rebuilt
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    text_encoder: dict[str, Any]
+    text_encoder_2: dict[str, Any]
+    vision: dict[str, Any]
+    clip_text: dict[str, Any]
+    clip_projection: int
+    taesd: dict[str, Any]
+    faceid_lora_rank: int
+    lcm_lora_rank: int
+    save_dtype: str = "float32"  # the full build is written in float16 (half the disk and load time)
+    vocab_size: int | None = None  # None: the learned BPE vocabulary's size; else the embedding rows
+
+
+TINY = Architecture(
+    name="tiny", base_repo=TINY_BASE_REPO, version=TINY_VERSION, unet=TINY_UNET, vae=TINY_VAE,
+    text_encoder=TINY_TEXT_ENCODER, text_encoder_2=TINY_TEXT_ENCODER_2, vision=TINY_VISION, clip_text=TINY_CLIP_TEXT,
+    clip_projection=TINY_CLIP_PROJECTION, taesd=TINY_TAESD, faceid_lora_rank=TINY_FACEID_LORA_RANK,
+    lcm_lora_rank=TINY_LCM_LORA_RANK,
+)
+
+
+def _full_architecture() -> Architecture:
+    from . import sdxl_configs as c
+
+    vision = {k: v for k, v in c.CLIP_H_VISION.items() if k != "projection_dim"}
+    return Architecture(
+        name="full", base_repo="lcmla/random-sdxl", version=1, unet=c.SDXL_UNET, vae=c.SDXL_VAE,
+        text_encoder={k: v for k, v in c.SDXL_TEXT_ENCODER.items() if k != "vocab_size"},
+        text_encoder_2={k: v for k, v in c.SDXL_TEXT_ENCODER_2.items() if k != "vocab_size"},
+        vision=vision, clip_text=c.CLIP_H_TEXT, clip_projection=c.CLIP_H_VISION["projection_dim"],
+        taesd=c.TAESDXL, faceid_lora_rank=128, lcm_lora_rank=64, save_dtype="float16",
+        vocab_size=c.SDXL_TEXT_ENCODER["vocab_size"],
+    )
+
+
+def architecture(name: str) -> Architecture:
+    """``"tiny"`` or ``"full"``."""
+    if name == "tiny":
+        return TINY
+    if name == "full":
+        return _full_architecture()
+    raise ValueError(f"random-weights architecture must be 'tiny' or 'full' (got {name!r})")
+
 _BPE_MERGES = 400  # at most; learning stops earlier when no pair repeats
 
 # A small English corpus (written for this file) to learn the BPE merges from: prompt-like text.
@@ -256,11 +315,14 @@ the quick brown fox jumps over the lazy dog while the cat watches from the fence
 # ---- paths ------------------------------------------------------------------------------------
 
 
-def default_tiny_root() -> Path:
-    """``$LCMLA_CACHE/tiny-v{TINY_VERSION}``, else ``~/.cache/lcmla/tiny-v{TINY_VERSION}``."""
+def default_tiny_root(arch: "Architecture | None" = None) -> Path:
+    """``$LCMLA_CACHE/tiny-v{TINY_VERSION}``, else ``~/.cache/lcmla/tiny-v{TINY_VERSION}`` (the full
+    architecture: ``random-full-v{version}`` beside it)."""
     base = os.environ.get("LCMLA_CACHE")
     cache = Path(base).expanduser() if base else Path.home() / ".cache" / "lcmla"
-    return cache / f"tiny-v{TINY_VERSION}"
+    if arch is None or arch.name == "tiny":
+        return cache / f"tiny-v{TINY_VERSION}"
+    return cache / f"random-{arch.name}-v{arch.version}"
 
 
 def tiny_paths(root: str | Path | None = None) -> dict[str, Path]:
@@ -271,16 +333,24 @@ def tiny_paths(root: str | Path | None = None) -> dict[str, Path]:
     LCM-Lookahead path can run offline; ``load_components`` only loads it when asked or when the
     preset has one).
     """
-    folder = ensure_tiny_weights(root)
+    return random_weights_paths("tiny", root)
+
+
+def random_weights_paths(arch: str = "tiny", root: str | Path | None = None) -> dict[str, Path]:
+    """role -> local repo folder of a random-weights build (see :func:`tiny_paths`); "base" is the
+    architecture's own pipeline folder."""
+    spec = architecture(arch)
+    folder = ensure_random_weights(arch, root)
     out = {role: folder / repo for role, (repo, _files) in PRESETS["tiny"].required_files(None).items()}
+    out["base"] = folder / spec.base_repo
     out["taesd"] = folder / TAESDXL_REPO
     out["lcm_lora"] = folder / LCM_LORA_REPO
     return out
 
 
-def _marker_ok(folder: Path) -> bool:
+def _marker_ok(folder: Path, version: int = TINY_VERSION) -> bool:
     try:
-        return (folder / MARKER).read_text().strip() == str(TINY_VERSION)
+        return (folder / MARKER).read_text().strip() == str(version)
     except OSError:
         return False
 
@@ -293,22 +363,29 @@ def ensure_tiny_weights(root: str | Path | None = None) -> Path:
     temporary sibling folder and moved into place with ``os.replace``; a stale folder (older
     version, no marker) is replaced. Concurrent builders are safe: the loser discards its copy.
     """
-    folder = Path(root).expanduser() if root is not None else default_tiny_root()
-    if _marker_ok(folder):
+    return ensure_random_weights("tiny", root)
+
+
+def ensure_random_weights(arch: str = "tiny", root: str | Path | None = None) -> Path:
+    """:func:`ensure_tiny_weights` for any architecture: ``"full"`` writes SDXL's real sizes with
+    random weights (about 9 GB in float16, built once per machine; never a real model)."""
+    spec = architecture(arch)
+    folder = Path(root).expanduser() if root is not None else default_tiny_root(spec)
+    if _marker_ok(folder, spec.version):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.build-", dir=folder.parent))
     try:
-        _build_all(tmp)
-        (tmp / MARKER).write_text(f"{TINY_VERSION}\n")
-        if folder.exists() and not _marker_ok(folder):
+        _build_all(tmp, spec)
+        (tmp / MARKER).write_text(f"{spec.version}\n")
+        if folder.exists() and not _marker_ok(folder, spec.version):
             stale = Path(tempfile.mkdtemp(prefix=f".{folder.name}.stale-", dir=folder.parent))
             os.replace(folder, stale / "old")
             shutil.rmtree(stale, ignore_errors=True)
         try:
             os.replace(tmp, folder)
         except OSError:
-            if not _marker_ok(folder):  # not a lost race: a real failure
+            if not _marker_ok(folder, spec.version):  # not a lost race: a real failure
                 raise
     finally:
         if tmp.exists():
@@ -319,8 +396,8 @@ def ensure_tiny_weights(root: str | Path | None = None) -> Path:
 # ---- the builders -----------------------------------------------------------------------------
 
 
-def _build_all(out: Path) -> None:
-    """Write every tiny repository under ``out``."""
+def _build_all(out: Path, arch: Architecture = TINY) -> None:
+    """Write every repository of ``arch`` under ``out``."""
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -329,13 +406,14 @@ def _build_all(out: Path) -> None:
     try:
         with torch.random.fork_rng(devices=[]):  # keep the caller's RNG untouched
             vocab, merges = _learn_bpe(_CORPUS, _BPE_MERGES)
-            unet = _build_sdxl_pipeline(out / TINY_BASE_REPO, vocab, merges)
+            unet = _build_sdxl_pipeline(out / arch.base_repo, vocab, merges, arch)
             faceid = out / FACEID_REPO
             faceid.mkdir(parents=True)
-            _write_faceid(unet, faceid)
-            _write_clip(out / CLIP_VISION_REPO, len(vocab))
-            _write_lcm_lora(unet, out / LCM_LORA_REPO)
-            _write_taesd(out / TAESDXL_REPO)
+            _write_faceid(unet, faceid, arch)
+            del unet  # the full UNet is 10 GB in float32: gone before the CLIP model is built
+            _write_clip(out / CLIP_VISION_REPO, len(vocab), arch)
+            _write_lcm_lora(out / LCM_LORA_REPO, arch)
+            _write_taesd(out / TAESDXL_REPO, arch)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -447,8 +525,9 @@ def _write_tokenizer(folder: Path, vocab: list[str], merges: list[tuple[str, str
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _build_sdxl_pipeline(folder: Path, vocab: list[str], merges: list[tuple[str, str]]) -> "Any":
-    """Write the tiny SDXL pipeline folder; return its UNet (for the adapters' shapes)."""
+def _build_sdxl_pipeline(folder: Path, vocab: list[str], merges: list[tuple[str, str]],
+                         arch: Architecture = TINY) -> "Any":
+    """Write the SDXL pipeline folder; return its UNet (for the adapters' shapes)."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -460,14 +539,14 @@ def _build_sdxl_pipeline(folder: Path, vocab: list[str], merges: list[tuple[str,
     _write_tokenizer(tok_dir / "tokenizer_2", vocab, merges, pad="!")  # SDXL's tokenizer_2 pads with "!"
 
     _seeded(1)
-    unet = UNet2DConditionModel(**TINY_UNET)
+    unet = UNet2DConditionModel(**arch.unet)
     _seeded(2)
-    vae = AutoencoderKL(**TINY_VAE)
-    ids = {"vocab_size": len(vocab), "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": 1}
+    vae = AutoencoderKL(**arch.vae)
+    ids = {"vocab_size": arch.vocab_size or len(vocab), "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": 1}
     _seeded(3)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER, **ids))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**arch.text_encoder, **ids))
     _seeded(4)
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_TEXT_ENCODER_2, **ids))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**arch.text_encoder_2, **ids))
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir / "tokenizer")
     tokenizer_2 = CLIPTokenizer.from_pretrained(tok_dir / "tokenizer_2")
     pipe = StableDiffusionXLPipeline(
@@ -482,6 +561,8 @@ def _build_sdxl_pipeline(folder: Path, vocab: list[str], merges: list[tuple[str,
         add_watermarker=False,
     )
     with torch.no_grad():
+        if arch.save_dtype != "float32":
+            pipe.to(dtype=getattr(torch, arch.save_dtype))
         pipe.save_pretrained(folder, safe_serialization=True)
     # transformers 5 saves tokenizers as tokenizer.json; write the real repos' four files instead.
     for sub in ("tokenizer", "tokenizer_2"):
@@ -548,15 +629,15 @@ def _processor_hidden_size(unet: Any, name: str) -> int:
     return channels[int(name[len("down_blocks.")])]
 
 
-def _write_faceid(unet: Any, folder: Path) -> None:
+def _write_faceid(unet: Any, folder: Path, arch: Architecture = TINY) -> None:
     """The FaceID-Plus-v2 .bin (original layout, LoRA included) and its kohya LoRA twin."""
     import torch
     from safetensors.torch import save_file
 
     gen = torch.Generator().manual_seed(_SEED + 10)
     cross_dim = int(unet.config.cross_attention_dim)
-    image_proj = _faceid_image_proj(gen, cross_dim, int(TINY_VISION["hidden_size"]))
-    rank = TINY_FACEID_LORA_RANK
+    image_proj = _faceid_image_proj(gen, cross_dim, int(arch.vision["hidden_size"]))
+    rank = arch.faceid_lora_rank
     ip_adapter: dict[str, Any] = {}
     kohya: dict[str, Any] = {}
     # h94's checkpoint is torch.nn.ModuleList(unet.attn_processors.values()).state_dict(): one
@@ -605,13 +686,18 @@ def _lcm_target(name: str) -> bool:
     )
 
 
-def _write_lcm_lora(unet: Any, folder: Path) -> None:
-    """A kohya-layout LoRA (``lora_unet_*``) over the UNet's linear and conv layers."""
+def _write_lcm_lora(folder: Path, arch: Architecture = TINY) -> None:
+    """A kohya-layout LoRA (``lora_unet_*``) over the UNet's linear and conv layers (their names
+    and shapes read off the architecture's UNet built on the meta device)."""
     import torch
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
 
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**arch.unet)
     gen = torch.Generator().manual_seed(_SEED + 20)
-    rank = TINY_LCM_LORA_RANK
+    rank = arch.lcm_lora_rank
     sd: dict[str, Any] = {}
     for name, module in unet.named_modules():
         if not _lcm_target(name):
@@ -630,30 +716,35 @@ def _write_lcm_lora(unet: Any, folder: Path) -> None:
         sd[f"{key}.alpha"] = torch.tensor(float(rank))
         sd[f"{key}.lora_down.weight"] = down
         sd[f"{key}.lora_up.weight"] = up
+    if arch.save_dtype != "float32":
+        sd = {k: v.to(getattr(torch, arch.save_dtype)) for k, v in sd.items()}
     folder.mkdir(parents=True)
     save_file(dict(sorted(sd.items())), str(folder / LCM_LORA_FILE))
 
 
-def _write_clip(folder: Path, vocab_size: int) -> None:
-    """A tiny CLIPModel (config.json + model.safetensors), laid out like laion's CLIP repos."""
+def _write_clip(folder: Path, vocab_size: int, arch: Architecture = TINY) -> None:
+    """A CLIPModel (config.json + model.safetensors), laid out like laion's CLIP repos."""
     import torch
     from transformers import CLIPConfig, CLIPModel
 
-    text = {**TINY_CLIP_TEXT, "vocab_size": vocab_size, "bos_token_id": vocab_size - 2, "eos_token_id": vocab_size - 1}
-    config = CLIPConfig(text_config=text, vision_config=dict(TINY_VISION), projection_dim=TINY_CLIP_PROJECTION)
+    text = {**arch.clip_text, "vocab_size": arch.vocab_size or vocab_size, "bos_token_id": vocab_size - 2,
+            "eos_token_id": vocab_size - 1}
+    config = CLIPConfig(text_config=text, vision_config=dict(arch.vision), projection_dim=arch.clip_projection)
     _seeded(30)
     model = CLIPModel(config)
     with torch.no_grad():
+        if arch.save_dtype != "float32":
+            model.to(dtype=getattr(torch, arch.save_dtype))
         model.save_pretrained(folder, safe_serialization=True)
 
 
-def _write_taesd(folder: Path) -> None:
-    """A tiny AutoencoderTiny (config.json + diffusion_pytorch_model.safetensors)."""
+def _write_taesd(folder: Path, arch: Architecture = TINY) -> None:
+    """An AutoencoderTiny (config.json + diffusion_pytorch_model.safetensors)."""
     import torch
     from diffusers import AutoencoderTiny
 
     _seeded(40)
-    model = AutoencoderTiny(**TINY_TAESD)
+    model = AutoencoderTiny(**arch.taesd)
     with torch.no_grad():
         model.save_pretrained(folder, safe_serialization=True)
     # diffusers registers an alias ``block_out_channels`` that its own loader then rejects with a

@@ -153,3 +153,13 @@ def test_every_knob_has_a_flag_from_the_one_table():
 def test_knob_flags_name_the_bad_value(argv, message):
     with pytest.raises(LcmlaError, match=message):
         settings_from_args(build_parser().parse_args(["generate", "--face", "a.jpg", "--prompt", "p", *argv]))
+
+
+def test_cli_prints_the_request_notes(tiny_cache, face_path, tmp_path, capsys):
+    """A 2-step DCG request stretches the schedule to a = b = 1 everywhere: the CLI says so."""
+    code = main(["generate", "--face", str(face_path), "--prompt", "a face", "--fastface", "dcg", "--quiet",
+                 "--set", "guidance.steps=2", "--set", "output.width=64", "--set", "output.height=64",
+                 "--out", str(tmp_path)])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "note: DCG: the a/b schedule stretched to 2 step(s)" in err

@@ -161,6 +161,19 @@ def test_onnx_providers_and_the_analyzer_reports_them(tmp_path):
     assert FaceAnalyzer.haar().providers == ()
 
 
+def test_onnx_providers_on_cuda(monkeypatch):
+    """With onnxruntime-gpu, an engine on cuda:N runs insightface on that GPU, CPU as fallback."""
+    import onnxruntime
+
+    from lcmla.faces import onnx_providers
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert onnx_providers("cuda:1") == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    assert onnx_providers("cuda") == [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+    assert onnx_providers("cpu") == ["CPUExecutionProvider"]
+
+
 def test_the_full_kv_prediction_reads_its_reference(engine, face_path):
     """KV branches get a row index; the others none (bit-identical to no KV)."""
     from lcmla.denoiser import GuidedDenoiser

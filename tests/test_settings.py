@@ -98,3 +98,17 @@ def test_import_is_light():
     code = "import sys, lcmla; lcmla.GenerationSettings(prompt='a'); print(sorted(m for m in ('torch','diffusers','cv2','insightface') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+@pytest.mark.parametrize(
+    ("changes", "names"),
+    [
+        ({"attention": {"am_norm_scope": "image-branches"}, "lookahead": {"kv": True}},
+         ("attention.am_norm_scope=image-branches", "lookahead.kv")),
+        ({"guidance": {"dcg": True}, "lookahead": {"kv": True}}, ("guidance.dcg", "lookahead.kv")),
+    ],
+)
+def test_incompatible_modes_are_refused_with_the_way_out(changes, names):
+    with pytest.raises(SettingsError) as info:
+        GenerationSettings(prompt="a face", **changes)
+    assert all(name in str(info.value) for name in names) and "switch" in str(info.value)

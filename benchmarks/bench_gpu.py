@@ -1,0 +1,268 @@
+"""Speed and memory at full size: SDXL's architecture with random weights, against the FLOP floor
+and against the authors' way, in one run.
+
+Speed does not depend on weight values, so the full-size UNet, VAE, TAESD, text encoders, CLIP-H
+and FaceID-Plus-v2 are built from their real configurations with random weights (``--arch full``,
+``lcmla.tiny.ensure_random_weights``: written once per machine, about 9 GB, then loaded through the
+engine's own loading path). The same script runs at the tiny architecture on the CPU
+(``--arch tiny``, what CI runs) so it stays alive.
+
+Per configuration (plain 4-step, DCG, AM2+DCG, the KV path, previews, and the authors' way of
+AM2+DCG: three branches at every step with AM2's min–max pooled over them, SPEC §3) it prints:
+UNet ms per step (every UNet call of the step, the KV-encoder pass included), end-to-end ms per
+image (faces excluded: conditions + denoise + decode) with the full VAE and with TAESD, images/s
+at each ``--batches`` size, and peak device memory (``torch.cuda.max_memory_allocated``). Then the
+ratios, measured in this run on this device:
+
+- to the FLOP floor: the FLOPs of our own graph (``torch.utils.flop_counter`` over one UNet
+  forward, one VAE decode and one TAESD decode at the size) divided by the dense matmul rate this
+  device reaches in this run (bf16/fp16 on CUDA, float32 on the CPU); the published figures at
+  1024² (UNet 6.76 TFLOP per forward, VAE decode 10.5, TAESD 0.57) are printed beside ours;
+- to the authors' way, for AM2+DCG.
+
+    python benchmarks/bench_gpu.py                       # CUDA: full size, 1024², bf16
+    python benchmarks/bench_gpu.py --arch tiny --size 128 --batches 1,2 --rounds 1   # CPU smoke run
+    python benchmarks/bench_gpu.py --memory low          # the low-VRAM mode's figures
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from lcmla import Engine, GenerationSettings  # noqa: E402
+from lcmla.denoiser import UNetBatch, unet_forward  # noqa: E402
+from lcmla.methods import method_changes  # noqa: E402
+
+PUBLISHED_TFLOP_1024 = {"unet": 6.76, "vae_decode": 10.5, "taesd_decode": 0.57}
+CONFIGS = ("plain", "dcg", "am2+dcg", "authors am2+dcg", "kv", "previews")
+
+
+def config_settings(name: str, base: GenerationSettings, preset: str) -> GenerationSettings:
+    """The request of a benchmark configuration."""
+    method = {"plain": "baseline", "dcg": "dcg", "am2+dcg": "am2+dcg", "authors am2+dcg": "am2+dcg",
+              "kv": "lookahead-kv", "previews": "baseline"}[name]
+    s = base.replace_dotted(method_changes(method, preset))
+    if name == "authors am2+dcg":  # the authors' pipeline: all three branches every step, pooled min–max
+        s = s.replace(attention__am_norm_scope="image-branches")
+    return s
+
+
+class UNetTimer:
+    """Wall time of every UNet forward (device-synchronised), via forward hooks."""
+
+    def __init__(self, unet, device: torch.device):
+        self.device, self.total, self.calls, self._t0 = device, 0.0, 0, 0.0
+        self._handles = [unet.register_forward_pre_hook(self._pre), unet.register_forward_hook(self._post)]
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _pre(self, *_):
+        self._sync()
+        self._t0 = time.perf_counter()
+
+    def _post(self, *_):
+        self._sync()
+        self.total += time.perf_counter() - self._t0
+        self.calls += 1
+
+    def reset(self) -> None:
+        self.total, self.calls = 0.0, 0
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 10) -> float:
+    """Dense matmul FLOP/s that this device reaches now (n×n by n×n, 2n³ FLOPs each)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - t0)
+
+
+def count_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        fn()
+    return int(counter.get_total_flops())
+
+
+def graph_flops(engine: Engine, width: int, height: int) -> dict[str, int]:
+    """FLOPs of one plain UNet forward (batch 1), one VAE decode and one TAESD decode at the size."""
+    pipe, dev, dt = engine.pipe, engine.device, engine.dtype
+    lh, lw = height // pipe.vae_scale_factor, width // pipe.vae_scale_factor
+    z = torch.randn(1, 4, lh, lw, device=dev, dtype=dt)
+    s = GenerationSettings(prompt="a photo of a face").replace(output__width=width, output__height=height)
+    text = engine._text_conditions(s.prompt)
+    ident = engine._identity_conditions(None)
+    row = UNetBatch(text["text"][0], text["text"][1], engine._time_ids(s), *ident["null"])
+    t = pipe.scheduler.timesteps[0] if len(pipe.scheduler.timesteps) else torch.tensor(999)
+    out = {"unet": count_flops(lambda: unet_forward(pipe.unet, z, t, row, None))}
+    vae = pipe.vae
+    out["vae_decode"] = count_flops(lambda: vae.decode(z.to(vae.dtype) / vae.config.scaling_factor))
+    if engine.components.taesd is not None:
+        taesd = engine.components.taesd
+        out["taesd_decode"] = count_flops(lambda: taesd.decode(z.to(taesd.dtype)))
+    return out
+
+
+def run_config(engine: Engine, name: str, settings: GenerationSettings, identity, timer: UNetTimer, rounds: int,
+               batches: list[int]) -> dict[str, float]:
+    """Median figures of one configuration over ``rounds`` runs (after one warm-up run)."""
+    dev = engine.device
+    steps = None
+    unet_ms, e2e_ms, decode_ms, taesd_ms, branches = [], [], [], [], []
+    per_batch: dict[int, list[float]] = {n: [] for n in batches}
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    final = {}
+
+    def keep_last(info) -> None:
+        final["latents"] = info.latents
+
+    for r in range(rounds + 1):
+        timer.reset()
+        t0 = time.perf_counter()
+        if name == "previews":
+            res = engine.previews(settings, identity)
+            timings, steps = res.timings, res.settings.guidance.steps
+        else:
+            res = engine.generate(settings, identity, callback=keep_last)
+            timings, steps = res.timings, res.settings.guidance.steps
+            branches.append(sum(len(b) for b in res.branch_calls) / max(1, len(res.branch_calls)))
+        wall = time.perf_counter() - t0
+        if r == 0:
+            continue  # warm-up
+        unet_ms.append(timer.total / steps * 1000)
+        e2e_ms.append((wall - timings.get("faces", 0.0)) * 1000)
+        decode_ms.append(timings["decode"] * 1000)
+        if name != "previews" and engine.components.taesd is not None and "latents" in final:
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t1 = time.perf_counter()
+            engine._decode_tiny(final["latents"])
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            taesd_ms.append((time.perf_counter() - t1) * 1000)
+    if name != "previews":
+        for n in batches:
+            many = settings.replace(output__num_images=n)
+            engine.generate(many, identity)  # warm-up at this batch size
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                res = engine.generate(many, identity)
+                per_batch[n].append(n / (time.perf_counter() - t0 - res.timings.get("faces", 0.0)))
+    med = statistics.median
+    out = {"unet_ms_per_step": med(unet_ms), "e2e_ms_vae": med(e2e_ms), "steps": steps,
+           "branches_per_step": med(branches) if branches else float("nan")}
+    if taesd_ms:
+        out["e2e_ms_taesd"] = med(e2e_ms) - med(decode_ms) + med(taesd_ms)
+    for n, v in per_batch.items():
+        if v:
+            out[f"images_per_s_x{n}"] = med(v)
+    if dev.type == "cuda":
+        out["peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+    return out
+
+
+def main(argv=None) -> int:
+    cuda = torch.cuda.is_available()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", choices=("full", "tiny"), default="full" if cuda else "tiny")
+    ap.add_argument("--preset", default="hyper-sdxl-4step", help="scheduler, steps and guidance of this preset")
+    ap.add_argument("--size", type=int, default=None, help="square output size (default: 1024 full, 256 tiny)")
+    ap.add_argument("--device", default="cuda" if cuda else "cpu")
+    ap.add_argument("--dtype", default="bfloat16" if cuda else "float32")
+    ap.add_argument("--memory", choices=("auto", "full", "low"), default="full")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batches", default="1,4,8" if cuda else "1,2", help="images per request for images/s")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--matmul-n", type=int, default=8192 if cuda else 1024)
+    ap.add_argument("--json", default=None, help="also write the figures here")
+    ap.add_argument("--face", default=str(ROOT / "assets" / "face.png"))
+    args = ap.parse_args(argv)
+    size = args.size or (1024 if args.arch == "full" else 256)
+    batches = [int(b) for b in args.batches.split(",") if b]
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = sorted(set(configs) - set(CONFIGS))
+    if unknown:
+        ap.error(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}")
+
+    t0 = time.perf_counter()
+    engine = Engine.load(args.preset, device=args.device, dtype=args.dtype, memory=args.memory,
+                         random_weights=args.arch)
+    load_s = time.perf_counter() - t0
+    dev = engine.device
+    identity = engine.analyze_faces([args.face])
+    base = GenerationSettings(prompt="a pencil drawing of a face", preset=args.preset).replace(
+        output__width=size, output__height=size)
+    rate = matmul_rate(dev, engine.dtype, args.matmul_n)
+    flops = graph_flops(engine, size, size)
+    timer = UNetTimer(engine.pipe.unet, dev)
+    results = {}
+    try:
+        for name in configs:
+            results[name] = run_config(engine, name, config_settings(name, base, args.preset), identity, timer,
+                                       args.rounds, batches)
+    finally:
+        timer.close()
+
+    env = (f"torch {torch.__version__}, device {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}, "
+           f"dtype {engine.dtype}, memory mode {engine.memory_mode}")
+    print(f"{engine.preset.title}: {size}×{size}, {args.rounds} rounds; {env}; load {load_s:.1f} s")
+    print(f"dense matmul rate: {rate / 1e12:.2f} TFLOP/s ({args.matmul_n}³, {engine.dtype})")
+    scale = (size / 1024) ** 2
+    for key, value in flops.items():
+        print(f"FLOPs of one {key:12s}: {value / 1e12:8.3f} TFLOP  (published at 1024²: "
+              f"{PUBLISHED_TFLOP_1024[key]:.2f}, × (size/1024)² = {PUBLISHED_TFLOP_1024[key] * scale:.3f})")
+    head = f"{'config':16s} {'br/step':>7s} {'UNet ms/step':>12s} {'UNet ms/img':>11s} {'×floor':>7s} {'e2e ms VAE':>10s} " \
+           f"{'e2e ms TAESD':>12s} {'×floor':>7s} " + " ".join(f"{'img/s x' + str(n):>9s}" for n in batches) + \
+           f" {'peak GiB':>8s}"
+    print(head)
+    for name, r in results.items():
+        br = r["branches_per_step"] if name != "previews" else 1.0
+        unet_floor = br * flops["unet"] / rate * 1000
+        taesd_floor = unet_floor * r["steps"] + flops.get("taesd_decode", 0) / rate * 1000
+        row = (f"{name:16s} {br:7.2f} {r['unet_ms_per_step']:12.1f} {r['unet_ms_per_step'] * r['steps']:11.1f} "
+               f"{r['unet_ms_per_step'] / unet_floor:7.2f} "
+               f"{r['e2e_ms_vae']:10.1f} {r.get('e2e_ms_taesd', float('nan')):12.1f} "
+               f"{r.get('e2e_ms_taesd', float('nan')) / taesd_floor:7.2f} "
+               + " ".join(f"{r.get(f'images_per_s_x{n}', float('nan')):9.2f}" for n in batches)
+               + f" {r.get('peak_gib', float('nan')):8.2f}")
+        print(row)
+    if "am2+dcg" in results and "authors am2+dcg" in results:
+        ours, theirs = results["am2+dcg"], results["authors am2+dcg"]
+        print(f"authors' way / ours for AM2+DCG: UNet {theirs['unet_ms_per_step'] / ours['unet_ms_per_step']:.2f}×, "
+              f"end to end (VAE) {theirs['e2e_ms_vae'] / ours['e2e_ms_vae']:.2f}× (goal ≥ 1.5 on a GPU)")
+    print("goals (full size, 1024², 4 steps, H100): plain ≤ 60 ms UNet/image, AM2+DCG ≤ 180 ms; end to end with TAESD "
+          "≤ 1.6× the floor; peak ≤ 10 GB for AM2+DCG in fp16; low-VRAM mode ≤ 8 GB")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"env": env, "size": size, "matmul_flops_per_s": rate, "flops": flops,
+                                               "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,155 @@
+"""Memory modes, out-of-memory as a user error, and random-weights builds of any preset."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from util import make_settings, px
+
+from lcmla import Engine
+from lcmla.errors import LcmlaError, SettingsError
+from lcmla.memory import LOW_VRAM_BELOW_GIB, OutOfMemoryError, choose_memory_mode, is_out_of_memory
+from lcmla.presets import get_preset, random_weights_preset
+
+GIB = 2**30
+SMALL = dict(output__width=64, output__height=64)
+
+
+@pytest.mark.parametrize(
+    ("requested", "device", "free", "expected"),
+    [
+        ("auto", "cpu", None, "full"),  # nothing to offload to on the CPU
+        ("auto", "cuda", None, "full"),  # free memory unknown: do not guess low
+        ("auto", "cuda", int(LOW_VRAM_BELOW_GIB * GIB) - 1, "low"),
+        ("auto", "cuda:1", int(LOW_VRAM_BELOW_GIB * GIB), "full"),
+        ("auto", "cuda", 80 * GIB, "full"),
+        ("low", "cpu", None, "low"),  # asked for: granted, whatever the device
+        ("full", "cuda", 1 * GIB, "full"),
+    ],
+)
+def test_memory_mode_choice(requested, device, free, expected):
+    assert choose_memory_mode(requested, device, free) == expected
+
+
+def test_memory_mode_rejects_unknown_names():
+    with pytest.raises(LcmlaError, match="memory mode 'tiny' is not one of auto, full, low"):
+        choose_memory_mode("tiny", "cpu", None)
+
+
+def test_out_of_memory_recognised():
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("CUDA error: out of memory"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+    assert not is_out_of_memory(ValueError("out of memory"))  # not the allocator's
+
+
+@pytest.fixture(scope="module")
+def low_engine(tiny_cache):
+    return Engine.load("tiny", device="cpu", memory="low")
+
+
+def test_low_vram_mode_gives_the_same_pixels(engine, low_engine, face_path):
+    """Offloaded models (moved to the execution device only while they run) and a tiled, sliced
+    VAE give the full mode's image, on the plain and the KV path (the VAE encodes the reference)."""
+    assert low_engine.memory_mode == "low" and engine.memory_mode == "full"
+    assert low_engine._offload_hooks and low_engine.pipe.vae.use_tiling and low_engine.pipe.vae.use_slicing
+    for changes in ({}, {"lookahead__kv": True}):
+        settings = make_settings(**SMALL, output__num_images=2, **changes)
+        a = engine.generate(settings, face_path).images
+        b = low_engine.generate(settings, face_path).images
+        for x, y in zip(a, b):
+            assert np.abs(px(x) - px(y)).max() <= 1
+
+
+def _raise_once(module, error):
+    calls = {"n": 0}
+
+    def hook(_module, _args, _kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second UNet call of the request: mid-generation
+            raise error
+
+    return module.register_forward_pre_hook(hook, with_kwargs=True), calls
+
+
+def test_out_of_memory_is_a_user_error_and_the_next_request_runs(engine, face_path):
+    settings = make_settings(**SMALL)
+    before = engine.generate(settings, face_path).images[0]
+    handle, calls = _raise_once(engine.pipe.unet, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"))
+    try:
+        with pytest.raises(OutOfMemoryError) as info:
+            engine.generate(settings, face_path)
+    finally:
+        handle.remove()
+    message = str(info.value)
+    assert calls["n"] == 2
+    assert "1 image(s) at 64×64" in message and "low-VRAM mode" in message and "smaller size" in message
+    assert "Tried to allocate 20.00 GiB" in message  # what the device said
+    assert isinstance(info.value, LcmlaError) and info.value.__context__ is None  # no frames kept alive
+    assert engine._lock.acquire(blocking=False)  # the lock was released
+    engine._lock.release()
+    after = engine.generate(settings, face_path).images[0]
+    assert np.array_equal(px(before), px(after))
+
+
+def test_out_of_memory_in_low_mode_does_not_suggest_it_again(low_engine, face_path):
+    handle, _ = _raise_once(low_engine.pipe.unet, torch.OutOfMemoryError("CUDA out of memory"))
+    try:
+        with pytest.raises(OutOfMemoryError) as info:
+            low_engine.generate(make_settings(**SMALL), face_path)
+    finally:
+        handle.remove()
+    assert "low-VRAM" not in str(info.value) and "smaller size" in str(info.value)
+
+
+def test_other_errors_pass_through(engine, face_path):
+    handle, _ = _raise_once(engine.pipe.unet, RuntimeError("a bug, not memory"))
+    try:
+        with pytest.raises(RuntimeError, match="a bug, not memory"):
+            engine.generate(make_settings(**SMALL), face_path)
+    finally:
+        handle.remove()
+
+
+def test_random_weights_preset_keeps_the_schedule_and_says_random():
+    real = get_preset("sdxl-lightning-4step")
+    p = random_weights_preset(real, "full")
+    assert (p.name, p.scheduler, p.scheduler_kwargs, p.steps, p.width, p.guidance_scale) == (
+        real.name, real.scheduler, real.scheduler_kwargs, real.steps, real.width, real.guidance_scale)
+    assert p.random_weights and "RANDOM WEIGHTS" in p.title and p.unet_repo is None and p.face_backend == "haar"
+    with pytest.raises(SettingsError, match="tiny, full"):
+        random_weights_preset(real, "huge")
+
+
+def test_any_preset_runs_on_random_weights(tiny_cache, face_path):
+    """The LCM-LoRA preset's scheduler and adapter over the tiny random build, through Engine.load."""
+    engine = Engine.load("sdxl-lcm-lora", device="cpu", random_weights="tiny")
+    assert engine.preset.random_weights and type(engine.pipe.scheduler).__name__ == "LCMScheduler"
+    assert "lcm" in engine.adapters
+    result = engine.generate(make_settings(**SMALL), face_path)
+    assert result.random_weights and result.settings.preset == "sdxl-lcm-lora"
+
+
+def test_full_architecture_is_sdxl_at_its_real_size():
+    """The full random build's models, counted on the meta device, have the published parameter
+    counts of SDXL's UNet, VAE and text encoders, laion's CLIP ViT-H/14 and TAESDXL."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from lcmla.tiny import architecture
+
+    a = architecture("full")
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    with init_empty_weights():
+        assert count(UNet2DConditionModel(**a.unet)) == 2_567_463_684
+        assert count(AutoencoderKL(**a.vae)) == 83_653_863
+        assert count(CLIPTextModel(CLIPTextConfig(**a.text_encoder, vocab_size=a.vocab_size))) == 123_060_480
+        assert count(CLIPTextModelWithProjection(CLIPTextConfig(**a.text_encoder_2, vocab_size=a.vocab_size))) == 694_659_840
+        clip = CLIPModel(CLIPConfig(text_config=a.clip_text, vision_config=a.vision, projection_dim=a.clip_projection))
+        assert count(clip) == 986_109_441
+        assert count(AutoencoderTiny(**a.taesd)) == 2_445_063
