@@ -224,6 +224,13 @@ def test_one_step_changes_exactly_the_trainable_parameters(face_path, other_face
     opt = torch.optim.AdamW(trainables.groups(1e-3, 1e-3))
     loss, _ = objective(_batch(objective, collate, _pairs(face_path, other_face)), torch.Generator().manual_seed(0))
     loss.backward()
+    # peft's set_adapters switches requires_grad on for every adapter it activates: the frozen
+    # LCM-LoRA and FaceID LoRA (both active in the lookahead pass) must still get no gradient
+    assert {"lcm", "faceid"} <= set(pipe.unet.peft_config)
+    with_grad = [f"{m}.{n}" for m, mod in modules.items() for n, p in mod.named_parameters()
+                 if id(p) not in trainable_ids and (p.grad is not None or p.requires_grad)]
+    assert not with_grad, with_grad[:5]
+    assert all(p.grad is not None for p in trainables.params())
     opt.step()
     changed, frozen_changed = 0, []
     for m, mod in modules.items():

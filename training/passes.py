@@ -6,9 +6,11 @@ denoiser pass: the FaceID LoRA; the lookahead pass: FaceID LoRA + LCM-LoRA at α
 checkpointing recomputes blocks during backward, when the module state is the LAST pass's. Two
 fixes, both here:
 
-- :meth:`PassSwitcher.set` applies a :class:`PassState` and puts ``requires_grad`` back on the
-  trainable parameters (peft's ``set_adapters`` turns it off for adapters it deactivates, and a
-  trainable adapter switched off for one pass would stop receiving gradients);
+- :meth:`PassSwitcher.set` applies a :class:`PassState` and then sets ``requires_grad`` to what the
+  run trains, on every LoRA parameter: peft's ``set_adapters``/``enable_lora`` switch it OFF on the
+  adapters they deactivate (a trainable adapter switched off for one pass would stop receiving
+  gradients) and ON on every adapter they activate (the frozen LCM-LoRA and FaceID LoRA would
+  get gradients, costing backward time and memory for nothing);
 - :meth:`PassSwitcher.checkpoint_function` is a ``gradient_checkpointing_func`` for diffusers that
   records the pass state at forward time and re-applies it while the block is recomputed.
 """
@@ -43,9 +45,30 @@ class PassSwitcher:
     trainable: list[torch.nn.Parameter] = field(default_factory=list)
     current: PassState | None = None
     _lora_disabled: bool = False
+    _frozen: tuple[tuple[str, ...], list[torch.nn.Parameter]] | None = None
 
     def _adapter_names(self) -> tuple[str, ...]:
         return tuple(getattr(self.pipe.unet, "peft_config", {}).keys())
+
+    def frozen_lora_parameters(self) -> list[torch.nn.Parameter]:
+        """The UNet's peft adapter parameters that are not trained (cached per set of adapters)."""
+        names = self._adapter_names()
+        if self._frozen is None or self._frozen[0] != names:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            trainable = {id(p) for p in self.trainable}
+            seen: set[int] = set()
+            frozen: list[torch.nn.Parameter] = []
+            for module in self.pipe.unet.modules():
+                if not isinstance(module, BaseTunerLayer):
+                    continue
+                for layer_name in module.adapter_layer_names:
+                    for p in getattr(module, layer_name).parameters():
+                        if id(p) not in trainable and id(p) not in seen:
+                            seen.add(id(p))
+                            frozen.append(p)
+            self._frozen = (names, frozen)
+        return self._frozen[1]
 
     def set(self, state: PassState) -> None:
         if state == self.current:
@@ -67,8 +90,13 @@ class PassSwitcher:
         else:
             s1, s2, b1, b2 = state.freeu
             unet.enable_freeu(s1=s1, s2=s2, b1=b1, b2=b2)
-        for p in self.trainable:  # peft's set_adapters switches requires_grad off on inactive adapters
+        # peft's set_adapters switches requires_grad off on inactive adapters and on on active ones:
+        # put back what the run trains
+        for p in self.trainable:
             p.requires_grad_(True)
+        for p in self.frozen_lora_parameters():
+            if p.requires_grad:
+                p.requires_grad_(False)
         self.current = state
 
     @contextlib.contextmanager
