@@ -367,6 +367,10 @@ def test_the_api_names_every_parameter(client, face_path, first_image):
         assert params == [app.api_param(n) for n in names], endpoint
         assert not any(p.startswith("param_") for p in params)
     assert "identity__ip_adapter_scale" in [p["parameter_name"] for p in info["/generate"]["parameters"]]
+    for endpoint, api in info.items():  # every endpoint says what it does, every output what it is
+        assert api["description"] and not api["description"].startswith("partial("), endpoint
+        assert not [r["label"] for r in api["returns"] if r["label"].startswith("value_")], endpoint
+    assert "authors' configuration 'AM2 + DCG'" in info["/preset_am2_dcg"]["description"]
     from_settings = info["/generate_from_settings"]["parameters"]
     assert [p["parameter_name"] for p in from_settings] == ["faces", "settings_json", "prompt"]
     assert [p["parameter_has_default"] for p in from_settings] == [False, False, True]  # the prompt is optional

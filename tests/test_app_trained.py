@@ -155,12 +155,26 @@ def test_examples_hold_all_18_evaluation_prompts():
     assert len(prompts) == 18 and [e[1] for e in app._examples()] == prompts
 
 
-def test_previews_stop_when_the_client_leaves(engine, face_path):
-    """Closing the streaming handler (what Gradio does when the client goes) stops the worker at its
-    next step and frees the engine, instead of running every step to the end."""
+def _wait_for_the_previews_worker(seconds: float = 120) -> None:
     import threading
     import time
 
+    deadline = time.time() + seconds
+    while any(t.name == "lcmla-previews" for t in threading.enumerate()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "lcmla-previews" for t in threading.enumerate()), "the previews worker kept running"
+
+
+def _preview_ui(engine, face_path, preview_steps: str):
+    return {**app.ui_defaults(engine.preset), "app.faces": [str(face_path)], "output.width": SIZE, "output.height": SIZE,
+            "prompt": "a pencil drawing of a face", "guidance.steps": 12, "app.preview_lcm_scale": 1.0,
+            "app.preview_steps": preview_steps}
+
+
+def test_previews_stop_when_the_client_leaves(engine, face_path):
+    """Closing the streaming handler (what Gradio does when the client goes) stops the worker at its
+    next step and frees the engine, instead of running every step to the end. This engine wrapper
+    has no per-step hook (``on_step``): the frames alone stop it."""
     computed: list[int] = []
 
     class Spy:
@@ -177,18 +191,63 @@ def test_previews_stop_when_the_client_leaves(engine, face_path):
 
             return self._inner.previews(settings, faces, steps=steps, callback=counted)
 
-    from lcmla.ui.previews import run_previews
+    from lcmla.ui.previews import _takes_on_step, run_previews
 
-    ui = {**app.ui_defaults(engine.preset), "app.faces": [str(face_path)], "output.width": SIZE, "output.height": SIZE,
-          "prompt": "a pencil drawing of a face", "guidance.steps": 12, "app.preview_lcm_scale": 1.0,
-          "app.preview_steps": ""}
+    ui = _preview_ui(engine, face_path, "")
+    assert not _takes_on_step(Spy(engine).previews)
     stream = run_previews(app.Context(Spy(engine)), ui, lambda *a, **k: None)
     first = next(stream)
     assert "Step 1 of 12" in first[3]
     stream.close()
-    deadline = time.time() + 120
-    while any(t.name == "lcmla-previews" for t in threading.enumerate()) and time.time() < deadline:
-        time.sleep(0.05)
-    assert not any(t.name == "lcmla-previews" for t in threading.enumerate())
+    _wait_for_the_previews_worker()
     assert len(computed) < 12  # stopped early
     engine.generate(app.settings_from_ui(ui, engine.preset), [face_path])  # the engine is free again
+
+
+def test_previews_of_a_late_step_stop_at_the_next_step(engine, face_path):
+    """Only the last of 12 steps previewed: the handler still reports every step, and when the
+    client leaves after the first one the worker stops at the next step (the engine's ``on_step``
+    hook), long before it would compute the step-12 preview."""
+    steps_run: list[int] = []
+    frames: list[int] = []
+
+    class Spy:
+        def __init__(self, inner):
+            self._inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+
+        def previews(self, settings, faces, steps=None, callback=None, on_step=None):
+            def frame(f):
+                frames.append(f.step)
+                callback(f)
+
+            def step(info):
+                steps_run.append(info.step)
+                on_step(info)
+
+            return self._inner.previews(settings, faces, steps=steps, callback=frame, on_step=step)
+
+    from lcmla.ui.previews import _takes_on_step, run_previews
+
+    if not _takes_on_step(engine.previews):
+        pytest.skip("this engine's previews() has no on_step hook yet")
+    ui = _preview_ui(engine, face_path, "11")
+    stream = run_previews(app.Context(Spy(engine)), ui, lambda *a, **k: None)
+    x0, lcm, final, info = next(stream)
+    assert (x0, lcm, final) == ([], [], None)
+    assert info.startswith("Step 1 of 12") and "next preview at step 12" in info
+    stream.close()
+    _wait_for_the_previews_worker()
+    assert frames == [] and len(steps_run) < 12, (frames, steps_run)  # stopped long before step 12
+    engine.generate(app.settings_from_ui(ui, engine.preset), [face_path])  # the engine is free again
+
+    # not cancelled: every step is reported, and the one preview comes at step 12
+    steps_run.clear()
+    outputs = list(run_previews(app.Context(Spy(engine)), ui, lambda *a, **k: None))
+    assert [o[3].split(" (")[0] for o in outputs[:-1]] == [f"Step {k} of 12" for k in range(1, 13)]
+    assert frames == [11] and steps_run == list(range(12))
+    x0, lcm, final, info = outputs[-1]
+    assert len(x0) == len(lcm) == 1 and x0[0][1].startswith("step 12 · t=")
+    assert final is not None and "**1 step previewed**" in info

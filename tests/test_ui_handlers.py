@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from apputils import ROOT  # noqa: F401 - puts the repository root on sys.path
 
 from lcmla import GenerationSettings
-from lcmla.ui import attention, compare, generate
-from lcmla.ui.common import GENERATE_INPUTS, Context, ui_defaults
+from lcmla.methods import METHOD_LABELS, METHODS, method_changes
+from lcmla.ui import attention, compare, generate, previews
+from lcmla.ui.common import COMPARE_METHODS, GENERATE_INPUTS, Context, Trained, ui_defaults
 
 SIZE = 64
 
@@ -54,10 +56,87 @@ def test_attention_handler_and_redraw(ctx, ui):
     assert attention.render_maps(None, "all", 0, "0", False)[3].startswith("Press")
     again = attention.render_maps(state, "up", 0, "1", True)
     assert again[0] is not None and "before:" in again[3]
+    # what the caption says of the numbers: before AM the identity tokens' probabilities sum to 1 at
+    # each pixel; after AM2 they do not
+    maps = state["store"].maps
+    sums_before = np.concatenate([m[0].sum(0).numpy().ravel() for m in maps.values()])
+    sums_after = np.concatenate([m[1].sum(0).numpy().ravel() for m in maps.values()])
+    assert np.allclose(sums_before, 1.0, atol=1e-4)
+    assert np.abs(sums_after - 1.0).max() > 0.05
+    assert "Before AM the identity tokens' weights at a pixel sum to 1" in attention.UNITS_CAPTION
+    assert "after AM they no longer sum to 1" in attention.UNITS_CAPTION
 
 
-def test_compare_columns_without_trained_weights(ctx):
-    assert [label for _k, label, _w in compare.compare_runs(ctx)] == [label for _k, label in compare.COMPARE_METHODS]
+class _Recording:
+    """An engine that records the settings of each generate call, then runs the real engine."""
+
+    def __init__(self, inner):
+        self._inner = inner
+        self.settings: list[GenerationSettings] = []
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def generate(self, settings, faces=None, **kwargs):
+        self.settings.append(settings)
+        return self._inner.generate(settings, faces, **kwargs)
+
+
+def test_compare_columns_are_the_named_methods(engine, ui):
+    """Each column runs its lcmla.methods configuration on the same base settings, with the stock
+    engine; the trained column runs the trained engine with the trained weights' method."""
+    stock, trained_engine = _Recording(engine), _Recording(engine)
+    trained = Trained(trained_engine, None, "kv_encoder_lora.safetensors")
+    assert [key for key, _l, _w in compare.compare_runs(Context(stock))] == [k for k, _ in COMPARE_METHODS]
+    runs = compare.compare_runs(Context(stock, trained))
+    assert [(key, label) for key, label, _w in runs] == [*COMPARE_METHODS, ("lookahead-kv", "Trained · LCM-Lookahead KV")]
+    assert [w for _k, _l, w in runs] == [None] * len(COMPARE_METHODS) + [trained]
+    for key, label, _w in runs:
+        assert key in METHODS and METHOD_LABELS[key] in label  # a named method, under its own label
+
+    ctx = Context(stock, trained)
+    *_, (gallery, rows, info) = compare.run_compare(ctx, {**ui, "output.seed": 5, "output.num_images": 3}, _quiet)
+    base = ctx.request_settings({**ui, "output.seed": 5}, {"output.num_images": 1})
+    expected = [base.replace_dotted(method_changes(key, engine.preset.name)) for key, _label in COMPARE_METHODS]
+    assert stock.settings == expected  # one image each, the method's changes on the user's settings
+    assert trained_engine.settings == [base.replace_dotted(method_changes("lookahead-kv", engine.preset.name))]
+    assert len({s.to_json() for s in expected}) == len(expected)  # four different configurations
+    assert [r[0] for r in rows] == [label for _k, label, _w in runs] and len(gallery) == len(runs)
+    assert "Seed 5" in info
+    by_key = dict(zip((k for k, _ in COMPARE_METHODS), expected))
+    assert by_key["baseline"].attention.mode == "none" and not by_key["baseline"].guidance.dcg
+    assert by_key["am2+dcg"].attention.mode == "am2" and by_key["am2+dcg"].guidance.dcg
+    assert by_key["lookahead-kv"].lookahead.kv and by_key["lookahead-kv"].freeu.enabled
+
+
+def test_random_weight_previews_are_stamped_and_captioned(ctx, ui):
+    """On a random-weights preset (tiny) the previews are contrast-stretched, and say so in the
+    caption, the info and on the image itself (a white-on-black stamp in the top-left corner)."""
+    assert ctx.preset.random_weights
+    outputs = list(previews.run_previews(ctx, {**ui, "app.preview_lcm_scale": 1.0, "app.preview_steps": "0, 2"}, _quiet))
+    x0, lcm, final, info = outputs[-1]
+    assert [c for _img, c in x0] == [c for _img, c in lcm] and len(x0) == 2
+    for image, caption in x0 + lcm:
+        assert caption.endswith(" · contrast-stretched")
+        pixels = np.asarray(image.convert("RGB"))
+        assert min(pixels.shape[:2]) >= 192  # scaled up so the stamp is legible
+        band = pixels[:16, :90].astype(int).sum(-1)  # the stamp's band: black, with white (antialiased) text
+        assert (band <= 30).mean() > 0.5 and (band >= 600).sum() > 20
+    assert "contrast-stretched" in info and "stamped" in info
+    assert np.asarray(final).shape[:2] == (SIZE, SIZE)  # the final image itself is not stretched
+
+
+def test_previews_strip_without_stretching():
+    """A real-weights preset: the frames as decoded, captioned with step and timestep only."""
+    from PIL import Image
+
+    frames = [SimpleNamespace(step=k, timestep=999 - 250 * k, x0=Image.new("RGB", (64, 64), (9, 9, 9)), lcm=None)
+              for k in range(2)]
+    plain = previews._strip(frames, "x0")
+    assert [c for _i, c in plain] == ["step 1 · t=999", "step 2 · t=749"]
+    assert all(img is f.x0 for (img, _c), f in zip(plain, frames))
+    stretched = previews._strip(frames, "x0", stretch=True)
+    assert stretched[0][1] == "step 1 · t=999 · contrast-stretched" and stretched[0][0].size == (192, 192)
 
 
 def test_every_generate_input_has_a_default(engine):

@@ -12,18 +12,32 @@ import gradio as gr
 from lcmla.errors import LcmlaError
 from lcmla.settings import AM_MODES
 
-from .common import (
-    ATTENTION_INPUTS,
-    CAPTURE_MODES,
-    Context,
-    _at_least,
-    _block_label,
-    _face_paths,
-    _gpu,
-    _KIND_CHOICES,
-    named_handler,
-    user_errors,
+from .common import ATTENTION_INPUTS, Context, _at_least, _face_paths, _gpu, named_handler, user_errors
+
+#: The tab's AM choice for a capture: the Generate tab's, or one of the modes.
+CAPTURE_MODES = ("as set in Generate", *AM_MODES)
+#: The Block selector's means over a kind of block (each layer is added after a capture).
+_KIND_CHOICES = [("All blocks (mean)", "all"), ("Down blocks (mean)", "down"), ("Mid block (mean)", "mid"),
+                 ("Up blocks (mean)", "up")]
+#: What the colour bars show, under the maps.
+UNITS_CAPTION = (
+    "_Colour bars: the attention probability one identity token gets from each latent pixel (a softmax "
+    "weight in 0…1 over the identity tokens, mean over heads). Before AM the identity tokens' weights at a "
+    "pixel sum to 1; AM rescales them (AM1's power and scales, AM2's sharpening and AdaIN), so after AM "
+    "they no longer sum to 1 and can exceed the before map's range. The difference view is after − before "
+    "on a symmetric scale: red where AM raised the token's weight, blue where it lowered it._"
 )
+
+
+def _block_label(name: str) -> str:
+    """'down_blocks.1.attentions.0.transformer_blocks.1.attn2.processor' → 'down 1 · attention 0 · layer 1'."""
+    parts = name.split(".")
+    try:
+        if parts[0] == "mid_block":
+            return f"mid · attention {parts[2]} · layer {parts[4]}"
+        return f"{parts[0].split('_')[0]} {parts[1]} · attention {parts[3]} · layer {parts[5]}"
+    except IndexError:
+        return name
 
 
 def layout(ctx: Context) -> SimpleNamespace:
@@ -50,12 +64,8 @@ def layout(ctx: Context) -> SimpleNamespace:
             map_after = gr.Image(label="After AM", type="pil", format="png", interactive=False, elem_id="map-after")
             map_diff = gr.Image(label="Difference (after − before)", type="pil", format="png", interactive=False,
                                 elem_id="map-diff")
-        gr.Markdown(
-            "_Colour bars: the attention probability one identity token gets from each latent pixel (a softmax "
-            "weight in 0…1, mean over heads; with 4 identity tokens the four sum to 1 at each pixel). The "
-            "difference view is after − before on a symmetric scale: red where AM raised the token's weight, "
-            "blue where it lowered it._", elem_id="map-units")
-        map_info = gr.Markdown("", elem_id="map-info")
+        gr.Markdown(UNITS_CAPTION, elem_id="map-units")
+        map_info = gr.Markdown("", label="Map info", elem_id="map-info")
         maps_state = gr.State(None)
     return SimpleNamespace(capture_mode=capture_mode, attention_btn=attention_btn, map_block=map_block,
                            map_step=map_step, map_token=map_token, map_shared=map_shared, map_before=map_before,

@@ -23,7 +23,7 @@ from lcmla import __version__
 from lcmla.knobs import KNOB_NAMES, Knob, preset_settings, settings_from_ui, settings_to_ui
 from lcmla.methods import METHOD_LABELS, METHODS
 from lcmla.presets import Preset
-from lcmla.settings import AM_MODES, GenerationSettings
+from lcmla.settings import GenerationSettings
 
 log = logging.getLogger("lcmla.app")
 
@@ -33,7 +33,6 @@ ASSETS = ROOT / "assets"
 MAX_FILE_SIZE = "20mb"  # per upload; face photos are shrunk to 2048 px anyway
 QUEUE_SIZE = 32  # requests waiting at most; more get "queue full"
 OUTPUT_TTL_S = 3600  # PNG downloads are kept this long
-
 
 
 #: The inputs of the Generate, Lookahead, Attention and Compare handlers, in order ("app.*" are not settings).
@@ -52,9 +51,6 @@ COMPARE_METHODS: tuple[tuple[str, str], ...] = (
     ("am2+dcg", "FastFace AM2 + DCG"),
     ("lookahead-kv", "LCM-Lookahead KV"),
 )
-CAPTURE_MODES = ("as set in Generate", *AM_MODES)
-_PREVIEW_SCALE = Knob("app.preview_lcm_scale", "LCM-LoRA scale of the previews", "slider")
-_PREVIEW_STEPS = Knob("app.preview_steps", "Steps to preview", "steps", placeholder="every step")
 
 
 def ui_defaults(preset: Preset) -> dict[str, Any]:
@@ -119,6 +115,29 @@ def named_handler(fn: Callable[[dict[str, Any], Any], Any], names: Sequence[str]
     return handler
 
 
+def with_context(fn: Callable, ctx: Any) -> Callable:
+    """``fn(ctx, *inputs)`` as a handler of the inputs alone that keeps ``fn``'s name, docstring and
+    signature (less ``ctx``): Gradio's API page reads them, and a ``functools.partial`` would show
+    partial's own docstring ("partial(func, *args, **keywords) - new function …")."""
+    signature = inspect.signature(fn)
+    params = list(signature.parameters.values())[1:]
+
+    if inspect.isgeneratorfunction(fn):
+        def handler(*args: Any, **kwargs: Any):
+            yield from fn(ctx, *args, **kwargs)
+    else:
+        def handler(*args: Any, **kwargs: Any):
+            return fn(ctx, *args, **kwargs)
+    handler.__name__ = handler.__qualname__ = fn.__name__
+    handler.__doc__ = fn.__doc__
+    handler.__module__ = fn.__module__
+    handler.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    names = {p.name for p in params} | {"return"}
+    handler.__annotations__ = {k: v for k, v in getattr(fn, "__annotations__", {}).items() if k in names}
+    handler.__wrapped__ = fn  # type: ignore[attr-defined] - typing.get_type_hints reads fn's globals
+    return handler
+
+
 class _Cancelled(Exception):
     """Raised inside a worker's callback to stop a request whose client has left."""
 
@@ -166,24 +185,6 @@ def _timings_text(timings: Mapping[str, float]) -> str:
     order = ("faces", "conditions", "denoise", "decode", "previews", "total")
     parts = [f"{k} {timings[k]:.2f} s" for k in order if k in timings]
     return " · ".join(parts)
-
-
-def _block_label(name: str) -> str:
-    """'down_blocks.1.attentions.0.transformer_blocks.1.attn2.processor' → 'down 1 · attention 0 · layer 1'."""
-    parts = name.split(".")
-    try:
-        if parts[0] == "mid_block":
-            return f"mid · attention {parts[2]} · layer {parts[4]}"
-        return f"{parts[0].split('_')[0]} {parts[1]} · attention {parts[3]} · layer {parts[5]}"
-    except IndexError:
-        return name
-
-
-_KIND_CHOICES = [("All blocks (mean)", "all"), ("Down blocks (mean)", "down"), ("Mid block (mean)", "mid"), ("Up blocks (mean)", "up")]
-
-
-def _similarity_text(score: float | None) -> str:
-    return "no face found" if score is None else f"{score:.3f}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -271,43 +272,6 @@ def _banner(engine: Any, notice: str | None) -> str:
             "hyper-sdxl-4step` on a machine with the weights for real pictures."
         )
     return "\n\n".join(parts)
-
-
-def _preview_requirements(engine: Any) -> str:
-    """What ``Engine.previews`` needs and this engine lacks ('' when nothing)."""
-    lacks = []
-    if "lcm" not in tuple(getattr(engine, "adapters", ()) or ()):
-        lacks.append("the LCM-LoRA")
-    if getattr(getattr(engine, "components", None), "taesd", None) is None:
-        lacks.append("TAESD")
-    return " and ".join(lacks)
-
-
-def _strip(frames: Sequence[Any], which: str, stretch: bool = False) -> list[tuple[Any, str]]:
-    """Gallery items of one preview kind; ``stretch``: auto-contrast (the tiny preset's random TAESD
-    decodes to near-black pictures that would otherwise show nothing)."""
-    from PIL import ImageOps
-
-    def shown(image: Any) -> Any:
-        if not stretch:
-            return image
-        return _stamp(ImageOps.autocontrast(image.convert("RGB"), cutoff=1), "contrast-stretched")
-
-    suffix = " · contrast-stretched" if stretch else ""
-    return [(shown(getattr(f, which)), f"step {f.step + 1} · t={f.timestep}{suffix}") for f in frames]
-
-
-def _stamp(image: Any, text: str) -> Any:
-    """``image`` with ``text`` written in its top-left corner on a dark band (a label that travels with
-    the picture when it is saved or shared)."""
-    from PIL import ImageDraw
-
-    out = _at_least(image, 192).copy()
-    draw = ImageDraw.Draw(out)
-    box = draw.textbbox((4, 3), text)
-    draw.rectangle((0, 0, box[2] + 4, box[3] + 3), fill=(0, 0, 0))
-    draw.text((4, 3), text, fill=(255, 255, 255))
-    return out
 
 
 def _at_least(image: Any, side: int) -> Any:

@@ -22,10 +22,15 @@ from .common import (
     Context,
     _face_paths,
     _gpu,
-    _similarity_text,
     named_handler,
     user_errors,
+    with_context,
 )
+
+
+def _similarity_text(score: float | None) -> str:
+    """An identity similarity as the table shows it."""
+    return "no face found" if score is None else f"{score:.3f}"
 
 
 def layout(ctx: Context) -> SimpleNamespace:
@@ -41,7 +46,7 @@ def layout(ctx: Context) -> SimpleNamespace:
         compare_table = gr.Dataframe(headers=["method", "identity similarity", "time (s)", "UNet branches per step"],
                                      datatype=["str", "str", "number", "str"], interactive=False,
                                      elem_id="compare-table", label="Scores")
-        compare_info = gr.Markdown("", elem_id="compare-info")
+        compare_info = gr.Markdown("", label="Notes", elem_id="compare-info")
         with gr.Accordion("Evaluation reports", open=bool(find_reports(ctx.reports)), elem_id="reports"):
             gr.Markdown(
                 "Reports written by `python -m lcmla evaluate … --output-dir D`, found in the folders given "
@@ -56,7 +61,7 @@ def layout(ctx: Context) -> SimpleNamespace:
                                       object_fit="contain", elem_id="report-plots")
             report_table = gr.Dataframe(label="summary.csv (mean and 95 % CI per method and scale)",
                                         interactive=False, elem_id="report-summary", wrap=True)
-            report_md = gr.Markdown("", elem_id="report-md")
+            report_md = gr.Markdown("", label="report.md", elem_id="report-md")
     return SimpleNamespace(compare_btn=compare_btn, compare_gallery=compare_gallery, compare_table=compare_table,
                            compare_info=compare_info, report_choice=report_choice, report_refresh=report_refresh,
                            report_plots=report_plots, report_table=report_table, report_md=report_md)
@@ -160,8 +165,12 @@ def wire(ctx: Context, tab: SimpleNamespace, controls: dict[str, Any]) -> None:
     tab.compare_btn.click(_gpu(named_handler(partial(run_compare, ctx), GENERATE_INPUTS)),
                           [controls[n] for n in GENERATE_INPUTS], [tab.compare_gallery, tab.compare_table, tab.compare_info],
                           api_name="compare", concurrency_id="engine", show_progress_on=[tab.compare_gallery])
-    tab.report_choice.change(partial(show_report, ctx), tab.report_choice,
+    tab.report_choice.change(with_context(show_report, ctx), tab.report_choice,
                              [tab.report_plots, tab.report_table, tab.report_md], api_name="open_report",
                              concurrency_limit=4)
-    tab.report_refresh.click(lambda: gr.update(choices=find_reports(ctx.reports)), None, tab.report_choice,
-                             api_name="list_reports", concurrency_limit=4)
+
+    def list_reports():
+        """The evaluation reports in the --reports folders, found again (a new run may have finished)."""
+        return gr.update(choices=find_reports(ctx.reports))
+
+    tab.report_refresh.click(list_reports, None, tab.report_choice, api_name="list_reports", concurrency_limit=4)

@@ -29,6 +29,7 @@ from .common import (
     named_handler,
     user_errors,
     widget,
+    with_context,
 )
 
 
@@ -141,11 +142,12 @@ def layout(ctx: Context, controls: dict[str, Any], defaults: dict[str, Any]) -> 
                 gallery = gr.Gallery(label="Images", columns=2, height=560, format="png", object_fit="contain",
                                      interactive=False, elem_id="gallery",
                                      buttons=["download", "fullscreen"])
-                run_info = gr.Markdown("Upload a face photo and press **Generate**.", elem_id="run-info")
+                run_info = gr.Markdown("Upload a face photo and press **Generate**.", label="Summary", elem_id="run-info")
                 downloads = gr.File(label="PNG downloads (settings embedded)",
                                     file_count="multiple", interactive=False, elem_id="downloads")
                 with gr.Accordion("Settings of this run (JSON)", open=False):
-                    settings_json = gr.Code(language="json", interactive=False, elem_id="settings-json")
+                    settings_json = gr.Code(language="json", interactive=False, label="Settings JSON", show_label=False,
+                                            elem_id="settings-json")
                 examples = _examples()
                 if examples:
                     gr.Examples(examples=examples, inputs=[faces, controls["prompt"]], label="Examples",
@@ -235,14 +237,28 @@ def wire(ctx: Context, tab: SimpleNamespace, controls: dict[str, Any]) -> None:
         [tab.gallery, tab.downloads, tab.run_info, tab.faces_found, controls["output.seed"], tab.settings_json],
         api_name="generate", concurrency_id="engine", show_progress_on=[tab.gallery],
     )
-    tab.faces.change(partial(show_faces, ctx), [tab.faces, controls["identity.face_index"]], tab.faces_found,
+    tab.faces.change(with_context(show_faces, ctx), [tab.faces, controls["identity.face_index"]], tab.faces_found,
                      api_name="detect_faces", concurrency_limit=4, show_progress="minimal")
     for key, button in tab.preset_buttons.items():
-        button.click(lambda key=key: {controls[n]: v for n, v in preset_changes(ctx, key).items() if n in controls},
-                     None, knob_components, api_name="preset_" + key.replace("+", "_").replace("-", "_"),
+        button.click(_configuration(ctx, key, controls), None, knob_components,
+                     api_name="preset_" + key.replace("+", "_").replace("-", "_"),
                      concurrency_limit=None, show_progress="hidden")
 
-    def load(path: str | None):
+    def load_settings_png(path: str | None):
+        """Every knob set from the settings a PNG made by lcmla carries (the others stay)."""
         return {controls[name]: value for name, value in load_settings(ctx, path).items()}
 
-    tab.settings_png.upload(load, tab.settings_png, knob_components, api_name="load_settings", concurrency_limit=4)
+    tab.settings_png.upload(load_settings_png, tab.settings_png, knob_components, api_name="load_settings",
+                            concurrency_limit=4)
+
+
+def _configuration(ctx: Context, key: str, controls: dict[str, Any]):
+    """The handler of one of the authors' configurations' buttons, named and documented after it."""
+
+    def apply():
+        return {controls[n]: v for n, v in preset_changes(ctx, key).items() if n in controls}
+
+    apply.__name__ = apply.__qualname__ = "preset_" + key.replace("+", "_").replace("-", "_")
+    apply.__doc__ = (f"The knob values of the authors' configuration {APP_PRESETS[key]!r} ({key}): its guidance, AM, "
+                     "KV and FreeU knobs; the photos, prompt and every other knob stay.")
+    return apply

@@ -3,29 +3,74 @@ while the steps run; the worker stops when the client leaves."""
 
 from __future__ import annotations
 
+import inspect
 import queue
 import threading
 from functools import partial
+from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
 
 import gradio as gr
 
+from lcmla.knobs import Knob
+
 from .common import (
     PREVIEW_INPUTS,
     Context,
+    _at_least,
     _Cancelled,
     _face_paths,
     _gpu,
-    _preview_requirements,
-    _PREVIEW_SCALE,
-    _PREVIEW_STEPS,
-    _strip,
     _timings_text,
     log,
     named_handler,
     user_errors,
 )
+
+#: The tab's own inputs (not settings), parsed like knobs.
+_PREVIEW_SCALE = Knob("app.preview_lcm_scale", "LCM-LoRA scale of the previews", "slider")
+_PREVIEW_STEPS = Knob("app.preview_steps", "Steps to preview", "steps", placeholder="every step")
+#: What the images and captions of contrast-stretched previews say (random-weight presets).
+STRETCHED = "contrast-stretched"
+
+
+def _preview_requirements(engine: Any) -> str:
+    """What ``Engine.previews`` needs and this engine lacks ('' when nothing)."""
+    lacks = []
+    if "lcm" not in tuple(getattr(engine, "adapters", ()) or ()):
+        lacks.append("the LCM-LoRA")
+    if getattr(getattr(engine, "components", None), "taesd", None) is None:
+        lacks.append("TAESD")
+    return " and ".join(lacks)
+
+
+def _strip(frames: Sequence[Any], which: str, stretch: bool = False) -> list[tuple[Any, str]]:
+    """Gallery items of one preview kind (``which``: "x0" or "lcm"); ``stretch``: auto-contrast (a
+    random-weights TAESD decodes to near-black pictures that would otherwise show nothing), said
+    in the caption and stamped on the image itself."""
+    from PIL import ImageOps
+
+    def shown(image: Any) -> Any:
+        if not stretch:
+            return image
+        return _stamp(ImageOps.autocontrast(image.convert("RGB"), cutoff=1), STRETCHED)
+
+    suffix = f" · {STRETCHED}" if stretch else ""
+    return [(shown(getattr(f, which)), f"step {f.step + 1} · t={f.timestep}{suffix}") for f in frames]
+
+
+def _stamp(image: Any, text: str) -> Any:
+    """``image`` (scaled up to at least 192 px) with ``text`` written in its top-left corner, white on
+    a black band: a label that travels with the picture when it is saved or shared."""
+    from PIL import ImageDraw
+
+    out = _at_least(image, 192).copy()
+    draw = ImageDraw.Draw(out)
+    box = draw.textbbox((4, 3), text)
+    draw.rectangle((0, 0, box[2] + 4, box[3] + 3), fill=(0, 0, 0))
+    draw.text((4, 3), text, fill=(255, 255, 255))
+    return out
 
 
 def layout(ctx: Context) -> SimpleNamespace:
@@ -55,14 +100,28 @@ def layout(ctx: Context) -> SimpleNamespace:
         with gr.Row():
             preview_final = gr.Image(label="Final image", type="pil", format="png", interactive=False,
                                      height=300, elem_id="preview-final")
-            preview_info = gr.Markdown("", elem_id="preview-info")
+            preview_info = gr.Markdown("", label="Status", elem_id="preview-info")
     return SimpleNamespace(preview_scale=preview_scale, preview_steps=preview_steps, previews_btn=previews_btn,
                            strip_x0=strip_x0, strip_lcm=strip_lcm, preview_final=preview_final,
                            preview_info=preview_info)
 
 
+def _takes_on_step(previews: Any) -> bool:
+    """Whether ``engine.previews`` accepts ``on_step`` (a hook after every denoising step), by its
+    signature; a wrapper with ``**kwargs`` is trusted to pass it on."""
+    try:
+        params = inspect.signature(previews).parameters
+    except (TypeError, ValueError):
+        return False
+    return "on_step" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 def run_previews(ctx: Context, ui: dict[str, Any], progress: Any):
-    """Stream, per step, the x̂0 estimate and the LCM one-step preview (then the final image)."""
+    """Stream, per step, the x̂0 estimate and the LCM one-step preview (then the final image); a
+    status line after every denoising step."""
+    # The engine runs in a worker thread. This generator yields after every denoising step (a status
+    # line on steps without a preview), so when the client leaves Gradio closes it within a step and
+    # the worker stops at its next step, freeing the engine, even when the previewed steps are late.
     paths = _face_paths(ui["app.faces"])
     engine = ctx.pick_engine(ui)
     with user_errors("Previews"):
@@ -72,14 +131,27 @@ def run_previews(ctx: Context, ui: dict[str, Any], progress: Any):
     events: queue.Queue = queue.Queue()
     cancelled = threading.Event()  # set when the client leaves: the worker stops at its next step
 
-    def on_frame(frame: Any) -> None:
+    def check() -> None:
         if cancelled.is_set():
             raise _Cancelled("the previews request was cancelled")
+
+    def on_frame(frame: Any) -> None:
+        check()
         events.put(("frame", frame))
+
+    def on_step(info: Any) -> None:  # after every denoising step (a StepInfo)
+        events.put(("step", (info.step, info.timestep)))
+        check()
+
+    hooks: dict[str, Any] = {"callback": on_frame}
+    if _takes_on_step(engine.previews):
+        hooks["on_step"] = on_step
+    else:  # an engine without the per-step hook: cancelling waits for the next previewed step
+        log.debug("engine.previews takes no on_step: the previews stop at the next previewed step")
 
     def work() -> None:
         try:
-            events.put(("done", engine.previews(settings, paths, steps=wanted, callback=on_frame)))
+            events.put(("done", engine.previews(settings, paths, steps=wanted, **hooks)))
         except _Cancelled:
             log.info("previews cancelled: the client left")
         except BaseException as exc:  # noqa: BLE001 - handed to the request's thread
@@ -90,26 +162,37 @@ def run_previews(ctx: Context, ui: dict[str, Any], progress: Any):
     worker.start()
     frames: list[Any] = []
     steps = settings.guidance.steps or ctx.preset.steps
-    expected = steps if wanted is None else len([k for k in wanted if k < steps])
+    shown_step = -1  # the last step a yield reported
     progress(0, desc="finding the face")
     try:
         while True:
             kind, item = events.get()
             if kind == "frame":
                 frames.append(item)
-                progress((len(frames), max(expected, len(frames))), desc=f"step {item.step + 1}/{steps}")
+                shown_step = item.step
+                progress((item.step + 1, steps), desc=f"step {item.step + 1}/{steps}")
                 yield (_strip(frames, "x0", stretch), _strip(frames, "lcm", stretch), None,
                        f"Step {item.step + 1} of {steps} (t = {item.timestep}) …")
+            elif kind == "step":
+                step, timestep = item
+                if step == shown_step:  # its frame was just shown
+                    continue
+                shown_step = step
+                progress((step + 1, steps), desc=f"step {step + 1}/{steps}")
+                later = sorted(k for k in (wanted or ()) if step < k < steps)
+                note = f" · next preview at step {later[0] + 1}" if later else ""
+                yield (_strip(frames, "x0", stretch), _strip(frames, "lcm", stretch), None,
+                       f"Step {step + 1} of {steps} (t = {timestep}){note} …")
             elif kind == "error":
                 with user_errors("Previews"):
                     raise item
             else:
                 result = item
                 frames = list(result.frames) or frames
-                info = (f"**{len(frames)} steps previewed** · LCM-LoRA scale {scale:g} · "
+                info = (f"**{len(frames)} step{'s' * (len(frames) != 1)} previewed** · LCM-LoRA scale {scale:g} · "
                         f"{_timings_text(getattr(result, 'timings', {}) or {})}")
                 if stretch:
-                    info += "  \n_Random weights: the previews are shown contrast-stretched._"
+                    info += f"  \n_Random weights: the previews are shown {STRETCHED} (stamped on each image)._"
                 yield _strip(frames, "x0", stretch), _strip(frames, "lcm", stretch), result.image, info
                 return
     finally:
