@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--clip-model", default=None,
                     help="a CLIPModel folder for CLIP-T / face-style (default: the preset's CLIP ViT-H/14); 'none' skips")
     ev.add_argument("--aesthetic-weights", default=None, help="LAION aesthetic predictor .pth (needs a ViT-L/14 --clip-model)")
+    ev.add_argument("--imagereward", default=None, metavar="DIR",
+                    help="a local ImageReward release (ImageReward.pt + med_config.json) scored through the "
+                         "image-reward package; skipped, with a note in report.md, when either is missing")
+    ev.add_argument("--overwrite", action="store_true",
+                    help="delete the results of another configuration (preset, dtype, --set, trained weights) "
+                         "in --output-dir instead of refusing to mix them")
     ev.add_argument("--trained-adapter", default=None, help="adapter file written by `python -m training train`")
     ev.add_argument("--trained-kv-lora", default=None, help="KV-encoder LoRA written by the trainer")
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting for every image, e.g. guidance.steps=4")

@@ -77,12 +77,11 @@ def main() -> None:
     ap.add_argument("--delay", type=float, default=0.0)
     ap.add_argument("--trace", action="store_true")
     args = ap.parse_args()
-    from accelerate import PartialState
-
+    from lcmla.evaluation.run import accelerate_state
     from training.datagen.generate import generate
 
     cfg, haar = config(args.identities, args.per_shard)
-    state = PartialState()
+    state = accelerate_state()
     generate(cfg, Path(args.out), fake_render(args.delay, args.trace), haar.detect, state.process_index, state.num_processes,
              log=lambda msg: print(msg, flush=True))
 

@@ -198,7 +198,9 @@ def test_two_processes_write_the_same_shards(reference_run, tmp_path):
                                       stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=240) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
-    assert "shard-000000" in outs[0][0] and "shard-000001" in outs[1][0]  # shard s goes to process s mod 2
+    # shard s goes to process s mod 2, and to no other
+    assert "shard-000000" in outs[0][0] and "shard-000001" in outs[1][0]
+    assert "shard-000001" not in outs[0][0] and "shard-000000" not in outs[1][0]
     assert _snapshot(out) == _snapshot(out_ref)
 
 

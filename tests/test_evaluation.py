@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +13,23 @@ from PIL import Image
 
 from lcmla.evaluation.metrics import AnalyzerScorer, cosine, id_score, mean_ci, reference_embedding, style_part
 from lcmla.evaluation.report import pareto_points, summarize, write_report
-from lcmla.evaluation.run import Cell, EvalConfig, Evaluation, load_prompts, read_rows
+from lcmla.evaluation.run import Cell, EvalConfig, Evaluation, Processes, load_prompts, read_rows
+
+
+class AlwaysAFace:
+    """A scorer that finds a face in every image (the centre square) and embeds its 8×8 grey pixels:
+    on random-weight images, where no real detector finds a face, it still gives ID numbers, so
+    the summary, the plots and face-style have data."""
+
+    name = "stub"
+    is_recognizer = False
+
+    def face(self, image):
+        w, h = image.size
+        side = min(w, h) // 2
+        box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+        grey = np.asarray(image.convert("L").crop(tuple(int(v) for v in box)).resize((8, 8)), np.float64).ravel()
+        return box, grey - grey.mean() + 1e-3
 
 
 def test_metrics_by_hand(face_path):
@@ -60,7 +78,8 @@ def test_grid_is_complete_resumes_and_reports(engine, face_path, tmp_path):
 
     engine.generate = counting
     try:
-        ev = Evaluation({"base": engine}, [AnalyzerScorer(FaceAnalyzer.haar())], _clip(engine), None, tmp_path)
+        ev = Evaluation({"base": engine}, [AnalyzerScorer(FaceAnalyzer.haar()), AlwaysAFace()], _clip(engine), None,
+                        tmp_path)
         rows = ev.run(config)
         assert len(rows) == 8 and len(calls) == 8 and len({r["key"] for r in rows}) == 8
         r0 = rows[0]
@@ -77,21 +96,210 @@ def test_grid_is_complete_resumes_and_reports(engine, face_path, tmp_path):
         assert ev.run(config) and len(calls) == 1  # complete: nothing more
     finally:
         engine.generate = generate
+    assert not list(tmp_path.glob("results.rank-*.jsonl"))  # merged into results.jsonl
+    assert [r["key"] for r in read_rows(tmp_path / "results.jsonl")] == [c.key for c in config.cells()]
     report = write_report(tmp_path, again, {"random_weights": True})
     text = report.read_text()
     assert "mean nothing" in text and "| am2+dcg | 0.8 |" in text
     records = summarize(again)
-    plotted = json.loads((tmp_path / "pareto-haar.json").read_text())
-    assert (tmp_path / "pareto-haar.png").stat().st_size > 1000
-    assert plotted == {m: [list(p) for p in v] for m, v in pareto_points(records, "haar").items()}
-    for rec in records:
-        if rec["prompt_set"] == "all":
-            pts = {p[0]: p for p in plotted.get(rec["method"], [])}
-            if math.isnan(rec["id_haar"]):  # no face in any image of the cell (random weights): not plotted
-                assert rec["scale"] not in pts and rec["ffc_haar"] == rec["n"]
+    for scorer in ("haar", "stub"):
+        plotted = json.loads((tmp_path / f"pareto-{scorer}.json").read_text())
+        assert (tmp_path / f"pareto-{scorer}.png").stat().st_size > 1000
+        assert plotted == {m: [list(p) for p in v] for m, v in pareto_points(records, scorer).items()}
+        for rec in records:
+            if rec["prompt_set"] != "all":
                 continue
-            assert pts[rec["scale"]][1] == pytest.approx(rec["clip_t"]) and pts[rec["scale"]][2] == pytest.approx(rec["id_haar"])
+            pts = {p[0]: p for p in plotted.get(rec["method"], [])}
+            if math.isnan(rec[f"id_{scorer}"]):  # no face in any image of the cell: not plotted
+                assert scorer == "haar" and rec["scale"] not in pts and rec["ffc_haar"] == rec["n"]
+                continue
+            assert pts[rec["scale"]][1] == pytest.approx(rec["clip_t"])
+            assert pts[rec["scale"]][2] == pytest.approx(rec[f"id_{scorer}"])
+    # the stub finds a face everywhere: its plot has every method at every scale, and face-style is scored
+    stub = json.loads((tmp_path / "pareto-stub.json").read_text())
+    assert sorted(stub) == ["am2+dcg", "baseline"] and all([p[0] for p in v] == [0.5, 0.8] for v in stub.values())
+    assert all(r["metrics"]["face_style"] is not None for r in again if r["prompt_set"] == "style")
     assert (tmp_path / "grid-style.png").is_file() and (tmp_path / "summary.csv").read_text().startswith("method,")
+
+
+def _row(method, scale, seed, ident, clip_t, pset="realistic"):
+    return {"key": f"{method}-{scale}-{seed}", "method": method, "scale": scale, "prompt_set": pset, "prompt": "p",
+            "seed": seed, "identity": "a", "seconds": 0.5, "image": "x.png",
+            "metrics": {"id": {"net": ident}, "clip_t": clip_t}}
+
+
+def test_pareto_plot_data_equal_the_summary_by_hand(tmp_path):
+    """Hand-built rows (two methods, two scales, two seeds; one face-less image): the plot's JSON
+    holds exactly the per-(method, λ) means, computed here by hand."""
+    rows = [_row("baseline", 0.5, 0, 0.2, 30.0), _row("baseline", 0.5, 1, 0.4, 32.0),
+            _row("baseline", 0.8, 0, 0.5, 28.0), _row("baseline", 0.8, 1, None, 26.0),
+            _row("am2+dcg", 0.5, 0, 0.3, 31.0), _row("am2+dcg", 0.5, 1, 0.5, 31.0),
+            _row("am2+dcg", 0.8, 0, 0.6, 29.0), _row("am2+dcg", 0.8, 1, 0.7, 27.0, pset="style")]
+    from lcmla.evaluation.report import pareto_plot
+
+    records = summarize(rows)
+    path = pareto_plot(records, "net", tmp_path / "pareto-net.png")
+    plotted = json.loads(path.with_suffix(".json").read_text())
+    expected = {"am2+dcg": [pytest.approx([0.5, 31.0, 0.4]), pytest.approx([0.8, 28.0, 0.65])],
+                "baseline": [pytest.approx([0.5, 31.0, 0.3]), pytest.approx([0.8, 27.0, 0.5])]}  # face-less: no ID
+    assert plotted and plotted == expected
+    style_only = pareto_points(records, "net", "style")
+    assert style_only == {"am2+dcg": [(0.8, 27.0, 0.7)]}
+    base = next(r for r in records if (r["method"], r["scale"], r["prompt_set"]) == ("baseline", 0.8, "all"))
+    assert base["ffc_net"] == 1 and base["n"] == 2
+
+
+def test_face_style_and_clip_t_by_hand(engine, face_path):
+    """Face-style = 100·cos(CLIP image embedding of the face box's pixels, CLIP text embedding of
+    the style part before ';'); CLIP-T the same for the whole image and the whole prompt. Computed
+    here from the tiny CLIP's towers with preprocessing done by hand."""
+    import torch
+
+    from lcmla.evaluation.metrics import crop_box
+    from lcmla.faces import FaceAnalyzer
+    from lcmla.loading import CLIP_MEAN, CLIP_STD
+
+    clip = _clip(engine)
+    haar = AnalyzerScorer(FaceAnalyzer.haar())
+    photo = Image.open(face_path).convert("RGB")
+    prompt = "a watercolor painting; a close-up photo of a face in a dark forest at night, rain"
+    cell = Cell("baseline", "me", "style", prompt, 0, 0.8)
+    metrics = Evaluation({}, [haar], clip).score(cell, photo, {("haar", "me"): reference_embedding(haar, [photo])})
+    box, _ = haar.face(photo)
+    x1, y1, x2, y2 = (int(round(v)) for v in box)
+    face = photo.crop((x1, y1, x2, y2))
+    assert face.size == crop_box(photo, box).size and face.width == face.height  # Haar boxes are square
+
+    def image_embedding(img):
+        w, h = img.size
+        short = min(w, h)
+        img = img.crop(((w - short) // 2, (h - short) // 2, (w - short) // 2 + short, (h - short) // 2 + short))
+        x = np.asarray(img.resize((224, 224), Image.BICUBIC), np.float32) / 255.0
+        x = (x - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
+        pixels = torch.from_numpy(x.transpose(2, 0, 1)[None].copy())
+        with torch.no_grad():
+            e = clip.model.visual_projection(clip.model.vision_model(pixel_values=pixels).pooler_output)[0]
+        return (e / e.norm()).numpy()
+
+    def text_embedding(text):
+        ids = clip.tokenizer([text], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            e = clip.model.text_projection(clip.model.text_model(input_ids=ids).pooler_output)[0]
+        return (e / e.norm()).numpy()
+
+    style = 100 * float(image_embedding(face) @ text_embedding("a watercolor painting"))
+    whole = 100 * float(image_embedding(photo) @ text_embedding(prompt))
+    assert metrics["face_style"] == pytest.approx(style, abs=0.01)
+    assert metrics["clip_t"] == pytest.approx(whole, abs=0.01)
+    # what a wrong implementation would give is far from it: the whole prompt, or the whole image
+    assert abs(style - 100 * float(image_embedding(face) @ text_embedding(prompt))) > 1
+    assert abs(style - 100 * float(image_embedding(photo) @ text_embedding("a watercolor painting"))) > 0.1
+    assert "face_style" not in Evaluation({}, [haar], clip).score(
+        Cell("baseline", "me", "realistic", "a photo of a face", 0, 0.8), photo, {("haar", "me"): None})
+
+
+def _aesthetic_state(input_size: int, seed: int = 0) -> dict:
+    """A random state dict in the layout of LAION's sac+logos+ava1-l14-linearMSE.pth."""
+    import torch
+
+    from lcmla.evaluation.metrics import AESTHETIC_LINEAR, AESTHETIC_WIDTHS
+
+    g = torch.Generator().manual_seed(seed)
+    state, fan_in = {}, input_size
+    for index, width in zip(AESTHETIC_LINEAR, AESTHETIC_WIDTHS):
+        state[f"layers.{index}.weight"] = torch.randn(width, fan_in, generator=g) / fan_in ** 0.5
+        state[f"layers.{index}.bias"] = torch.randn(width, generator=g) * 0.1
+        fan_in = width
+    return state
+
+
+def test_aesthetic_scorer_by_hand(engine, face_path, tmp_path):
+    """The MLP on the unit CLIP image embedding, as affine maps by hand (the released predictor has
+    no activations), from a random state dict in the released file's layout."""
+    import torch
+
+    from lcmla.errors import LcmlaError
+    from lcmla.evaluation.metrics import AestheticScorer
+
+    clip = _clip(engine)
+    dim = clip.model.config.projection_dim
+    state = _aesthetic_state(dim)
+    torch.save(state, tmp_path / "aesthetic.pth")
+    scorer = AestheticScorer(tmp_path / "aesthetic.pth", clip)
+    images = [Image.open(face_path).convert("RGB"), Image.new("RGB", (300, 200), (30, 160, 90))]
+    got = scorer.score(images)
+    with torch.no_grad():
+        emb = clip._image(images).float().numpy().astype(np.float64)
+    x = emb
+    for index in (0, 2, 4, 6, 7):
+        x = x @ state[f"layers.{index}.weight"].double().numpy().T + state[f"layers.{index}.bias"].double().numpy()
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert got == pytest.approx(x[:, 0].tolist(), rel=1e-4, abs=1e-5) and got[0] != pytest.approx(got[1])
+    torch.save(_aesthetic_state(768), tmp_path / "l14.pth")
+    with pytest.raises(LcmlaError, match="reads 768-d CLIP embeddings.*ViT-L/14"):
+        AestheticScorer(tmp_path / "l14.pth", clip)
+    torch.save({"fc.weight": torch.zeros(1, dim)}, tmp_path / "other.pth")
+    with pytest.raises(LcmlaError, match="not LAION's aesthetic predictor"):
+        AestheticScorer(tmp_path / "other.pth", clip)
+    del state["layers.7.bias"]
+    torch.save(state, tmp_path / "partial.pth")
+    with pytest.raises(LcmlaError, match="not LAION's aesthetic predictor"):
+        AestheticScorer(tmp_path / "partial.pth", clip)
+
+
+def test_imagereward_is_skipped_with_the_reason(tmp_path, monkeypatch):
+    from lcmla.evaluation.metrics import ImageRewardScorer, Unavailable
+
+    with pytest.raises(Unavailable, match=r"no ImageReward weights: .*nowhere does not exist.*hf download THUDM/ImageReward"):
+        ImageRewardScorer.load(tmp_path / "nowhere")
+    with pytest.raises(Unavailable, match="ImageReward.pt, .*med_config.json not found"):
+        ImageRewardScorer.load(tmp_path)
+    (tmp_path / "ImageReward.pt").write_bytes(b"not really")
+    with pytest.raises(Unavailable, match="med_config.json not found"):
+        ImageRewardScorer.load(tmp_path)
+    (tmp_path / "med_config.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "ImageReward", None)  # as where the package is not installed
+    with pytest.raises(Unavailable, match="image-reward package does not import here"):
+        ImageRewardScorer.load(tmp_path / "ImageReward.pt")
+
+
+def test_imagereward_goes_through_the_package_api(tmp_path, monkeypatch, engine, face_path):
+    """The wiring only (the real model cannot run here: the package does not import with this
+    transformers): a stand-in module with the package's documented API, ``ImageReward.load(path,
+    device=, med_config=)`` and ``model.score(prompt, pil_image) -> float``, gets the local files and
+    each (prompt, image); its numbers reach the row and the report."""
+    import types
+
+    from lcmla.evaluation import metrics
+    from lcmla.evaluation.metrics import ImageRewardScorer
+
+    calls = {}
+
+    class Model:
+        def score(self, prompt, image):
+            assert isinstance(image, Image.Image) and image.mode == "RGB"
+            return len(prompt) / 10 + image.getpixel((0, 0))[0] / 255
+
+    def load(name, device="cpu", download_root=None, med_config=None):
+        calls.update(name=name, device=device, med_config=med_config)
+        return Model()
+
+    monkeypatch.setitem(sys.modules, "ImageReward", types.SimpleNamespace(load=load))
+    monkeypatch.setattr(metrics, "_bert_tokenizer_cached", lambda: True)
+    (tmp_path / "ImageReward.pt").write_bytes(b"weights")
+    (tmp_path / "med_config.json").write_text("{}")
+    scorer = ImageRewardScorer.load(tmp_path, device="cpu")
+    assert calls == {"name": str(tmp_path / "ImageReward.pt"), "device": "cpu",
+                     "med_config": str(tmp_path / "med_config.json")}
+    red = Image.new("RGB", (64, 64), (255, 0, 0))
+    assert scorer.score([red, red.convert("L")], ["abcd", "ab"]) == pytest.approx([1.4, 0.2 + 76 / 255])
+    metrics_row = Evaluation({}, [], None, imagereward=scorer).score(Cell("baseline", "a", "s", "abcd", 0, 0.5), red, {})
+    assert metrics_row["imagereward"] == pytest.approx(1.4)
+    rows = [{**_row("baseline", 0.5, s, 0.5, 30.0), "metrics": {"id": {"net": 0.5}, "clip_t": 30.0, "imagereward": v}}
+            for s, v in enumerate([1.0, 2.0])]
+    red.save(tmp_path / "x.png")  # the rows' image, for the grid
+    text = write_report(tmp_path, rows, {}).read_text()
+    assert "| ImageReward |" in text and "1.500 ± " in text
 
 
 def test_face_fail_count_in_the_summary():
@@ -106,8 +314,156 @@ def test_cli_evaluate(tmp_path, face_path):
 
     out = tmp_path / "eval"
     assert main(["evaluate", "--faces", str(face_path), "--methods", "baseline", "--seeds", "0", "--scales", "0.8",
-                 "--max-prompts", "1", "--output-dir", str(out), "--quiet", "--set", "guidance.steps=2"]) == 0
+                 "--max-prompts", "1", "--output-dir", str(out), "--quiet", "--set", "guidance.steps=2",
+                 "--imagereward", str(tmp_path / "no-imagereward")]) == 0
     rows = read_rows(out / "results.jsonl")
     assert len(rows) == 1 and rows[0]["settings"]["guidance"]["steps"] == 2
-    assert (out / "report.md").is_file() and json.loads((out / "config.json").read_text())["random_weights"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["random_weights"] and config["clip_meaningful"] is False and config["recognizers"]["haar"] is False
+    report = (out / "report.md").read_text()
+    assert "random CLIP" in report and "stand-in, not a face recognizer" in report
+    assert "ImageReward: skipped — no ImageReward weights" in report and "Aesthetic score: not computed" in report
+    assert "imagereward" not in rows[0]["metrics"]
     assert main(["evaluate", "--faces", str(face_path), "--methods", "nope", "--output-dir", str(out)]) == 2
+
+
+@pytest.fixture
+def cli_engine(engine, monkeypatch):
+    """``python -m lcmla evaluate`` in-process on the session's tiny engine (no reload per run),
+    counting its generations."""
+    import lcmla
+
+    calls = []
+    generate = engine.generate
+
+    def counting(*a, **k):
+        calls.append(a[0])
+        return generate(*a, **k)
+
+    monkeypatch.setattr(lcmla.Engine, "load", staticmethod(lambda preset, **kw: engine))
+    monkeypatch.setattr(engine, "generate", counting)
+    return calls
+
+
+def _evaluate(out, face, *extra):
+    from lcmla.cli import main
+
+    return main(["evaluate", "--faces", str(face), "--methods", "baseline", "--seeds", "0", "--scales", "0.8",
+                 "--max-prompts", "1", "--output-dir", str(out), "--quiet", "--clip-model", "none",
+                 "--id-networks", "haar", "--set", "output.width=64", "--set", "output.height=64", *extra])
+
+
+def test_other_pixels_are_never_served_from_the_cache(cli_engine, face_path, tmp_path, capsys):
+    """A rerun with other --set overrides (or preset, dtype, trained weights) in the same folder is
+    refused with what differs and how to proceed; --overwrite starts afresh; a wider grid with the
+    same pixels reuses the cells it has."""
+    out = tmp_path / "eval"
+    assert _evaluate(out, face_path, "--set", "guidance.steps=1") == 0 and len(cli_engine) == 1
+    first = read_rows(out / "results.jsonl")
+    capsys.readouterr()
+    assert _evaluate(out, face_path, "--set", "guidance.steps=2") == 2
+    err = capsys.readouterr().err
+    assert "holds results made with other settings" in err and '"guidance.steps": 1' in err and "--overwrite" in err
+    assert "new --output-dir" in err and len(cli_engine) == 1 and read_rows(out / "results.jsonl") == first
+    assert _evaluate(out, face_path, "--set", "guidance.steps=2", "--overwrite") == 0 and len(cli_engine) == 2
+    rows = read_rows(out / "results.jsonl")
+    assert len(rows) == 1 and rows[0]["settings"]["guidance"]["steps"] == 2 and rows[0]["key"] != first[0]["key"]
+    assert len(list((out / "images").glob("*.png"))) == 1  # the old image went with --overwrite
+    # the same pixels, one more seed: the cell it has is reused, one image is generated
+    assert _evaluate(out, face_path, "--set", "guidance.steps=2", "--seeds", "0,1") == 0 and len(cli_engine) == 3
+    again = read_rows(out / "results.jsonl")
+    assert [r["seed"] for r in again] == [0, 1] and again[0] == rows[0]
+    # trained weights count by their contents: a missing file is refused before anything loads
+    assert _evaluate(out, face_path, "--set", "guidance.steps=2", "--trained-adapter", str(tmp_path / "none.bin")) == 2
+    assert "trained weights" in capsys.readouterr().err
+
+
+def test_cell_keys_hash_what_changes_pixels(face_path, tmp_path):
+    import shutil
+
+    a = tmp_path / "a"
+    a.mkdir()
+    shutil.copy(face_path, a / "me.png")  # the same bytes under another path: the same cells
+    other = tmp_path / "b"
+    other.mkdir()
+    Image.open(face_path).convert("RGB").rotate(5).save(other / "me.png")  # the same name, another photo
+
+    def keys(photo, **kw):
+        config = EvalConfig(methods=["baseline"], identities=[("me", (str(photo),))], prompts=[("realistic", "p")],
+                            seeds=[0], scales=[0.8], **kw)
+        return [c.key for c in config.cells()]
+
+    base = keys(face_path, pixels={"preset": "tiny"})
+    assert keys(a / "me.png", pixels={"preset": "tiny"}) == base
+    assert keys(other / "me.png", pixels={"preset": "tiny"}) != base
+    assert keys(face_path, pixels={"preset": "sdxl-turbo"}) != base
+    assert keys(face_path, pixels={"preset": "tiny", "trained": {"adapter": "ab12"}}) != base
+    assert keys(face_path, pixels={"preset": "tiny"}, overrides={"guidance.steps": 2}) != base
+
+
+def _small_grid(face_path):
+    return EvalConfig(methods=["baseline", "am1"], identities=[("astronaut", (str(face_path),))],
+                      prompts=[("realistic", "a photo of a face"), ("style", "a pencil sketch; a portrait of a face")],
+                      seeds=[0], scales=[0.5, 0.8], overrides={"output.width": 64, "output.height": 64})
+
+
+def test_two_processes_without_a_process_group(engine, face_path, tmp_path):
+    """RANK/WORLD_SIZE only (separate jobs): cell i goes to process i mod 2, each writes its rank
+    file; the process that completes the grid merges results.jsonl (grid order, no duplicates) and
+    removes the rank files; a one-process run on the complete grid generates nothing, only merges."""
+    config = _small_grid(face_path)
+    cells = config.cells()
+    calls = []
+    generate = engine.generate
+    engine.generate = lambda *a, **k: calls.append(a[0]) or generate(*a, **k)
+    try:
+        ev = Evaluation({"base": engine}, [AlwaysAFace()], None, None, tmp_path)
+        assert ev.run(config, procs=Processes(0, 2)) is None  # its half done, the grid not
+        half = read_rows(tmp_path / "results.rank-0.jsonl")
+        assert [r["key"] for r in half] == [c.key for c in cells[0::2]] and not (tmp_path / "results.jsonl").exists()
+        rows = ev.run(config, procs=Processes(1, 2))
+        assert len(calls) == len(cells) == 8
+        assert [r["key"] for r in rows] == [c.key for c in cells]
+        assert [r["process"] for r in rows] == [[i % 2, 2] for i in range(8)]
+        assert read_rows(tmp_path / "results.jsonl") == rows and not list(tmp_path.glob("results.rank-*"))
+        calls.clear()
+        assert ev.run(config) == rows and calls == []
+    finally:
+        engine.generate = generate
+    with pytest.raises(Exception, match="RANK must be in"):
+        Processes(2, 2)
+
+
+def test_two_processes_under_accelerate(engine, tiny_cache, face_path, tmp_path):
+    """``python -m lcmla evaluate`` in two CPU processes with a gloo process group (the environment
+    ``accelerate launch --num_processes 2 --cpu`` sets up): together the complete grid, no
+    duplicate cell, merged by the main process after both finished, one report."""
+    import os
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "lcmla", "evaluate", "--faces", str(face_path), "--methods", "baseline,am1",
+           "--seeds", "0", "--scales", "0.5,0.8", "--prompts", "fastface", "--max-prompts", "1", "--quiet",
+           "--id-networks", "haar", "--set", "output.width=64", "--set", "output.height=64", "--set",
+           "guidance.steps=1", "--output-dir", str(out)]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "ACCELERATE_USE_CPU": "true",
+               "LCMLA_CACHE": str(tiny_cache), "HF_HUB_OFFLINE": "1"}
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      cwd=Path(__file__).resolve().parents[1]))
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    rows = read_rows(out / "results.jsonl")
+    assert len(rows) == 8 and len({r["key"] for r in rows}) == 8
+    assert {(r["method"], r["scale"], r["prompt_set"]) for r in rows} == {
+        (m, s, ps) for m in ("baseline", "am1") for s in (0.5, 0.8) for ps in ("realistic", "style")}
+    assert sorted(r["process"][0] for r in rows) == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert not list(out.glob("results.rank-*")) and (out / "report.md").is_file()
+    assert "report.md" in outs[0][0] and outs[1][0].strip() == ""  # only the main process reports
+    assert json.loads((out / "config.json").read_text())["processes"] == 2

@@ -11,11 +11,14 @@
   part of a style prompt (the text before its ';').
 - Aesthetic score (LAION's improved aesthetic predictor, an MLP on CLIP ViT-L/14 image embeddings)
   when its weights are given.
+- ImageReward (FastFace) through the ``image-reward`` package when it imports and its local
+  checkpoint is given; otherwise skipped, and the report says why.
 """
 
 from __future__ import annotations
 
 import math
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Sequence
@@ -156,19 +159,46 @@ class ClipScorer:
             return (100 * (self._image(images) * self._text(texts)).sum(-1)).float().cpu().tolist()
 
 
+#: The layer widths of LAION's improved aesthetic predictor after its input (the CLIP embedding).
+AESTHETIC_WIDTHS = (1024, 128, 64, 16, 1)
+#: Its ``nn.Sequential`` indices of those linear layers (dropouts between them hold no weights).
+AESTHETIC_LINEAR = (0, 2, 4, 6, 7)
+
+
+def aesthetic_mlp(input_size: int):
+    """LAION's improved aesthetic predictor MLP (no activations, as released): Linear(D, 1024),
+    Dropout, Linear(1024, 128), Dropout, Linear(128, 64), Dropout, Linear(64, 16), Linear(16, 1)."""
+    from torch import nn
+
+    return nn.Sequential(nn.Linear(input_size, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+                         nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+
+
 class AestheticScorer:
-    """LAION's improved aesthetic predictor: an MLP (768 → 1024 → 128 → 64 → 16 → 1) on the unit
-    CLIP ViT-L/14 image embedding; weights ``sac+logos+ava1-l14-linearMSE.pth`` (read with
-    ``weights_only=True``) and a CLIP ViT-L/14 model folder."""
+    """LAION's improved aesthetic predictor: the MLP of :func:`aesthetic_mlp` on the unit CLIP
+    image embedding (ViT-L/14: 768-d); weights ``sac+logos+ava1-l14-linearMSE.pth`` (a state dict
+    ``layers.{0,2,4,6,7}.{weight,bias}``, read with ``weights_only=True``)."""
 
     def __init__(self, weights: str | Path, clip: ClipScorer):
         import torch
-        from torch import nn
 
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+            raise LcmlaError(f"cannot read the aesthetic predictor {weights}: {exc}") from None
+        if not isinstance(state, dict):
+            raise LcmlaError(f"{weights} is not a state dict (LAION's aesthetic predictor MLP)")
         state = {k.removeprefix("layers."): v for k, v in state.items()}
-        self.mlp = nn.Sequential(nn.Linear(768, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-                                 nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1)).eval()
+        first = state.get("0.weight")
+        if first is None or first.ndim != 2:
+            raise LcmlaError(f"{weights} is not LAION's aesthetic predictor MLP (no layers.0.weight)")
+        self.input_size = int(first.shape[1])
+        clip_dim = int(clip.model.config.projection_dim)
+        if clip_dim != self.input_size:
+            raise LcmlaError(f"the aesthetic predictor {weights} reads {self.input_size}-d CLIP embeddings, but the "
+                             f"CLIP model {clip.name} gives {clip_dim}-d ones: pass --clip-model with the CLIP it was "
+                             "trained on (ViT-L/14, openai/clip-vit-large-patch14, for LAION's)")
+        self.mlp = aesthetic_mlp(self.input_size).eval()
         try:
             self.mlp.load_state_dict(state, strict=True)
         except RuntimeError as exc:
@@ -180,6 +210,82 @@ class AestheticScorer:
         with self._torch.no_grad():
             emb = self.clip._image(images).float().cpu()
             return self.mlp(emb).squeeze(-1).tolist()
+
+
+IMAGEREWARD_FILES = ("ImageReward.pt", "med_config.json")
+IMAGEREWARD_FETCH = "hf download THUDM/ImageReward ImageReward.pt med_config.json --local-dir DIR"
+
+
+class Unavailable(Exception):
+    """An optional metric that cannot run here; the message says why and what would make it run."""
+
+
+def imagereward_files(path: str | Path) -> tuple[Path, Path]:
+    """(checkpoint, med_config.json) of a local ImageReward release: a folder holding
+    ``ImageReward.pt`` and ``med_config.json`` (the files of THUDM/ImageReward), or the ``.pt``
+    itself with ``med_config.json`` beside it. Raises :class:`Unavailable` naming what is missing."""
+    path = Path(path).expanduser()
+    fetch = f"fetch them with `{IMAGEREWARD_FETCH}` and pass --imagereward DIR"
+    if not path.exists():
+        raise Unavailable(f"no ImageReward weights: {path} does not exist ({fetch})")
+    ckpt, config = (path / IMAGEREWARD_FILES[0], path / IMAGEREWARD_FILES[1]) if path.is_dir() else \
+        (path, path.with_name(IMAGEREWARD_FILES[1]))
+    missing = [str(p) for p in (ckpt, config) if not p.is_file()]
+    if missing:
+        raise Unavailable(f"no ImageReward weights: {', '.join(missing)} not found ({fetch})")
+    return ckpt, config
+
+
+def _bert_tokenizer_cached() -> bool:
+    """ImageReward's BLIP builds its tokenizer with ``BertTokenizer.from_pretrained("bert-base-uncased")``:
+    is that tokenizer in the local Hugging Face cache (so loading downloads nothing)?"""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    return isinstance(try_to_load_from_cache("bert-base-uncased", "vocab.txt"), str)
+
+
+class ImageRewardScorer:
+    """ImageReward (Xu et al., NeurIPS 2023; FastFace's human-preference metric): BLIP ViT-L with a
+    BERT cross-attention text encoder and an MLP head, run through the ``image-reward`` package
+    (``import ImageReward``) on a local checkpoint. lcmla does not rebuild the model: it loads the
+    package's own, from files the user has, and never downloads (see :meth:`load`)."""
+
+    def __init__(self, model: Any, name: str = "ImageReward"):
+        self.model = model
+        self.name = name
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> "ImageRewardScorer":
+        """The scorer of the checkpoint at ``path`` (:func:`imagereward_files`). Raises
+        :class:`Unavailable` when the weights are absent, the package does not import (it pins
+        timm 0.6.13 and fairscale, and its BLIP code imports helpers transformers 5 removed), or
+        the bert-base-uncased tokenizer it builds is not in the Hugging Face cache."""
+        ckpt, med_config = imagereward_files(path)
+        try:
+            import ImageReward as reward  # noqa: N813 - the package's module name
+        except Exception as exc:  # noqa: BLE001 - ImportError, or its imports of removed transformers helpers
+            raise Unavailable(f"the image-reward package does not import here ({type(exc).__name__}: {exc}); "
+                              "install it (`pip install image-reward`; it needs timm==0.6.13, fairscale and "
+                              "a transformers 4.x) to score ImageReward") from None
+        if not _bert_tokenizer_cached():
+            raise Unavailable("ImageReward builds the bert-base-uncased tokenizer, which is not in the Hugging Face "
+                              "cache (fetch it with `hf download bert-base-uncased vocab.txt tokenizer_config.json "
+                              "config.json`)")
+        try:
+            model = reward.load(str(ckpt), device=device, med_config=str(med_config))
+        except Exception as exc:  # noqa: BLE001 - a wrong or truncated checkpoint
+            raise Unavailable(f"cannot load the ImageReward checkpoint {ckpt}: {type(exc).__name__}: {exc}") from None
+        return cls(model, f"ImageReward ({ckpt.name})")
+
+    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
+        """The reward of each (image, prompt): the package's normalised score (mean 0, sd 1 over
+        its human-preference training data; higher is preferred)."""
+        import torch
+
+        with torch.no_grad():
+            return [float(self.model.score(p, i.convert("RGB"))) for i, p in zip(images, prompts)]
 
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float, int]:

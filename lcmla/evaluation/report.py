@@ -15,6 +15,8 @@ from PIL import Image, ImageDraw
 from .metrics import mean_ci
 
 ALL = "all"
+#: The metrics besides ID that a row may carry, summarised when any row of a group has them.
+OPTIONAL_METRICS = ("clip_t", "face_style", "aesthetic", "imagereward")
 
 
 def _groups(rows: Sequence[dict]) -> dict[tuple[str, float, str], list[dict]]:
@@ -45,7 +47,7 @@ def summarize(rows: Sequence[dict]) -> list[dict[str, Any]]:
         for s in scorers:
             m, ci, n = mean_ci([r["metrics"]["id"].get(s) for r in group])
             rec[f"id_{s}"], rec[f"id_{s}_ci"], rec[f"ffc_{s}"] = m, ci, len(group) - n
-        for metric in ("clip_t", "face_style", "aesthetic"):
+        for metric in OPTIONAL_METRICS:
             values = [r["metrics"].get(metric) for r in group]
             if any(v is not None for v in values):
                 rec[metric], rec[f"{metric}_ci"], _ = mean_ci(values)
@@ -76,9 +78,11 @@ def pareto_points(records: Sequence[dict], scorer: str, prompt_set: str = ALL) -
     return {m: sorted(v) for m, v in out.items()}
 
 
-def pareto_plot(records: Sequence[dict], scorer: str, path: Path, note: str = "", prompt_set: str = ALL) -> Path:
+def pareto_plot(records: Sequence[dict], scorer: str, path: Path, note: str = "", prompt_set: str = ALL,
+                x_note: str = "", y_note: str = "") -> Path:
     """ID (``scorer``) against CLIP-T, one curve per method over the identity scales λ; the plotted
-    points are also written beside the PNG as JSON."""
+    points are also written beside the PNG as JSON. ``x_note``/``y_note`` qualify the axes (e.g. a
+    random CLIP, a stand-in recognizer)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,8 +95,8 @@ def pareto_plot(records: Sequence[dict], scorer: str, path: Path, note: str = ""
         ax.plot(xs, ys, marker="o", label=method)
         for scale, x, y in pts:
             ax.annotate(f"{scale:g}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
-    ax.set_xlabel("CLIP-T (text alignment, ×100)")
-    ax.set_ylabel(f"ID (cosine, {scorer})")
+    ax.set_xlabel(f"CLIP-T (text alignment, ×100){x_note}")
+    ax.set_ylabel(f"ID (cosine, {scorer}){y_note}")
     ax.set_title(f"ID vs CLIP-T over λ ({prompt_set} prompts){note}", fontsize=10)
     ax.grid(alpha=0.3)
     if points:
@@ -133,6 +137,19 @@ def image_grid(rows: Sequence[dict], folder: Path, prompt_set: str, path: Path, 
     return path
 
 
+def labels(config: dict | None) -> dict[str, str]:
+    """What the report says about numbers that do not measure what their name says: a random CLIP
+    (``clip_meaningful`` False), a stand-in recognizer (``recognizers[name]`` False)."""
+    config = config or {}
+    out = {}
+    if config.get("clip_meaningful") is False:
+        out["clip_t"] = " — random CLIP: meaningless"
+    for name, real in (config.get("recognizers") or {}).items():
+        if not real:
+            out[f"id_{name}"] = " — stand-in, not a recognizer"
+    return out
+
+
 def write_report(folder: str | Path, rows: Sequence[dict] | None = None, config: dict | None = None) -> Path:
     """summary.csv, pareto-<recognizer>.png (+ .json), grid-<set>.png and report.md in ``folder``."""
     from .run import read_rows
@@ -143,8 +160,11 @@ def write_report(folder: str | Path, rows: Sequence[dict] | None = None, config:
     write_summary(records, folder / "summary.csv")
     scorers = scorer_names(rows)
     meaningless = (config or {}).get("random_weights", False)
+    marks = labels(config)
     note = " — random weights: meaningless numbers" if meaningless else ""
-    plots = [pareto_plot(records, s, folder / f"pareto-{s}.png", note) for s in scorers if any("clip_t" in r for r in records)]
+    plots = [pareto_plot(records, s, folder / f"pareto-{s}.png", note, x_note=marks.get("clip_t", ""),
+                         y_note=marks.get(f"id_{s}", ""))
+             for s in scorers if any("clip_t" in r for r in records)]
     grids = [g for g in (image_grid(rows, folder, ps, folder / f"grid-{ps}.png")
                          for ps in dict.fromkeys(r["prompt_set"] for r in rows)) if g is not None]
     seconds = [r["seconds"] for r in rows if r.get("seconds") is not None]
@@ -152,20 +172,32 @@ def write_report(folder: str | Path, rows: Sequence[dict] | None = None, config:
     if meaningless:
         lines += ["> **The tiny preset's weights are random**: these numbers exercise the harness and mean nothing "
                   "about the methods.", ""]
+    if "clip_t" in marks:
+        lines += ["> **CLIP-T and face-style come from a random CLIP** (the tiny preset's image encoder): "
+                  "meaningless; pass --clip-model with a real CLIP.", ""]
+    stand_ins = [k.removeprefix("id_") for k in marks if k.startswith("id_")]
+    if stand_ins:
+        lines += [f"> **ID {', '.join(stand_ins)}: a stand-in, not a face recognizer** (pixel similarity of the "
+                  "face crops, not identity).", ""]
     if config:
         lines += ["## Configuration", "", "```json", json.dumps(config, indent=2, default=str), "```", ""]
     lines += [f"{len(rows)} images; generation {sum(seconds):.1f} s in all, "
               f"{(sum(seconds) / len(seconds)) if seconds else float('nan'):.3f} s per image on this machine.", ""]
+    extra = [m for m in ("aesthetic", "imagereward") if any(m in r for r in records)]
     lines += ["## Summary (all prompts; mean ± 95 % CI)", ""]
-    head = ["method", "λ", "n"] + [f"ID {s}" for s in scorers] + [f"FFC {s}" for s in scorers] + ["CLIP-T", "face-style"]
+    head = (["method", "λ", "n"] + [f"ID {s}" for s in scorers] + [f"FFC {s}" for s in scorers]
+            + ["CLIP-T", "face-style"] + [{"aesthetic": "aesthetic", "imagereward": "ImageReward"}[m] for m in extra])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         if r["prompt_set"] != ALL:
             continue
         cells = [r["method"], f"{r['scale']:g}", str(r["n"])]
         cells += [_pm(r[f"id_{s}"], r[f"id_{s}_ci"]) for s in scorers] + [str(r[f"ffc_{s}"]) for s in scorers]
-        cells += [_pm(r.get("clip_t"), r.get("clip_t_ci")), _pm(r.get("face_style"), r.get("face_style_ci"))]
+        cells += [_pm(r.get(m), r.get(f"{m}_ci")) for m in ("clip_t", "face_style", *extra)]
         lines.append("| " + " | ".join(cells) + " |")
+    notes = list((config or {}).get("notes") or [])
+    if notes:
+        lines += ["", "## Metrics not computed", ""] + [f"- {n}" for n in notes]
     lines += ["", "## Pareto fronts", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += ["", "## Images", ""] + [f"![{g.stem}]({g.name})" for g in grids]
     lines += ["", "Files: `results.jsonl` (one row per image: every setting and metric), `summary.csv`.", ""]

@@ -63,9 +63,9 @@ def _analyzer(face_models: str | None, preset=None):
 def _state(device: str | None = None) -> tuple[int, int, str | None]:
     """(process index, number of processes, device) from accelerate's state: each process renders
     on its own device (``cuda:K`` under ``accelerate launch``); ``device`` (--device) wins."""
-    from accelerate import PartialState
+    from lcmla.evaluation.run import accelerate_state
 
-    state = PartialState()
+    state = accelerate_state()
     return state.process_index, state.num_processes, device or str(state.device)
 
 
