@@ -307,3 +307,35 @@ def test_exported_adapter_round_trips_and_changes_the_engine(face_path, other_fa
     a = np.asarray(trained.generate(s, [face_path]).images[0], np.int16)
     b = np.asarray(engine.generate(s, [face_path]).images[0], np.int16)
     assert np.abs(a - b).mean() > 0.5
+
+
+def test_diffusers_load_ip_adapter_reads_the_exported_file_directly(tmp_path):
+    """The exported adapter in h94's layout goes into diffusers' own ``load_ip_adapter`` (folder +
+    weight name, no conversion of ours) and lands tensor for tensor where training had it."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+    from lcmla.tiny import tiny_paths
+    from training.model import ADAPTER_FILE, export_weights
+
+    comps, trainables, objective, collate = _kit(parts=("proj", "ip-kv"))
+    torch.manual_seed(4)
+    with torch.no_grad():  # "trained" weights: every tensor differs from the tiny adapter's
+        for _, p in trainables.named():
+            p.add_(torch.randn_like(p) * 0.01)
+    files = export_weights(comps.pipe, ("proj", "ip-kv"), tmp_path)
+    assert files["adapter"].name == ADAPTER_FILE
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_paths()["base"]), local_files_only=True)
+    pipe.load_ip_adapter(str(tmp_path), subfolder="", weight_name=ADAPTER_FILE, image_encoder_folder=None)
+    theirs = pipe.unet.encoder_hid_proj.image_projection_layers[0].state_dict()
+    ours = comps.pipe.unet.encoder_hid_proj.image_projection_layers[0].state_dict()
+    assert theirs.keys() == ours.keys()
+    for k in ours:
+        assert torch.equal(theirs[k].float(), ours[k].float()), k
+    procs = pipe.unet.attn_processors
+    ip_layers = [n for n, proc in procs.items() if isinstance(proc, IPAdapterAttnProcessor2_0)]
+    assert ip_layers
+    for name in ip_layers:
+        proc, mine = procs[name], comps.pipe.unet.attn_processors[name]
+        assert torch.equal(proc.to_k_ip[0].weight.float(), mine.to_k_ip[0].weight.float()), name
+        assert torch.equal(proc.to_v_ip[0].weight.float(), mine.to_v_ip[0].weight.float()), name

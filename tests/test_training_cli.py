@@ -1,9 +1,12 @@
 """The trainer as a user runs it (tiny preset, CPU): CLI, kill -9 and resume bit for bit, two
-processes over gloo, NaN handling, exported weights in the engine."""
+processes over gloo, NaN handling, exported weights in the engine, bf16 with validation, diffusers'
+flag spellings, trackers."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -86,6 +89,14 @@ def test_kill_9_then_resume_is_bit_identical(shards, uninterrupted, tmp_path):
     sa = torch.load(uninterrupted / "checkpoint-6" / "train_state-0.pt", weights_only=True)
     sb = torch.load(out / "checkpoint-6" / "train_state-0.pt", weights_only=True)
     assert sa["state"] == sb["state"] and torch.equal(sa["generator"], sb["generator"])
+    # the resumed run rewrote the steps after checkpoint 4 instead of appending duplicates
+    ma, mb = (_metrics(o) for o in (uninterrupted, out))
+    assert [m["step"] for m in mb] == [1, 2, 3, 4, 5, 6]
+    assert [m["loss"] for m in mb] == [m["loss"] for m in ma]
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_two_processes_over_gloo_keep_ranks_equal(shards, tmp_path):
@@ -100,6 +111,8 @@ def test_two_processes_over_gloo_keep_ranks_equal(shards, tmp_path):
     s0 = torch.load(out / "checkpoint-2" / "train_state-0.pt", weights_only=True)
     s1 = torch.load(out / "checkpoint-2" / "train_state-1.pt", weights_only=True)
     assert s0["params_sha256"] == s1["params_sha256"]
+    init = json.loads((out / "training_args.json").read_text())["init_params_sha256"]
+    assert s0["params_sha256"] != init  # equal because both moved the same way, not because neither moved
     assert not torch.equal(s0["generator"], s1["generator"])  # each process draws its own noise and data
 
 
@@ -133,3 +146,82 @@ def test_cli_user_errors(shards, tmp_path):
     assert r.returncode == 2 and "unknown trainable part 'wings'" in r.stderr
     r = _run(["train", "--help"])
     assert r.returncode == 0 and "--gradient-checkpointing" in r.stdout and "--resume-from-checkpoint" in r.stdout
+
+
+def test_bf16_with_validation(shards, tmp_path):
+    """bf16 autocast on CPU: the float32 trained tensors meet a bf16 UNet in training and in the
+    validation engine (which runs under the same autocast)."""
+    out = tmp_path / "bf16"
+    r = _run(_args(shards, out, steps=2, extra=("--mixed-precision", "bf16", "--validation-steps", "2")))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "validation" / "step-000002.png").is_file()
+    record = json.loads((out / "validation" / "scores.jsonl").read_text())
+    assert record["step"] == 2 and len(record["scores"]) == 2  # 1 face x 2 prompts x 1 seed
+    args = json.loads((out / "training_args.json").read_text())
+    assert args["mixed_precision"] == "bf16"
+    assert load_file(str(out / "kv_encoder_lora.safetensors"))  # exported after a bf16 run
+
+
+def _corrupt_one_record(src, dst):
+    """A copy of the shards with one sample's JSON record overwritten (read as corrupt, skipped)."""
+    from training.datagen.shards import iter_members
+
+    shutil.copytree(src, dst)
+    shard = dst / "shard-000000.tar"
+    key, ext, off, size = next(m for m in iter_members(shard) if m[1] == "json")
+    with shard.open("r+b") as f:
+        f.seek(off)
+        f.write(b"\0" * size)
+
+
+def test_diffusers_spellings_total_limit_validation_and_skipped_counts(shards, tmp_path):
+    data = tmp_path / "data"
+    _corrupt_one_record(shards, data)
+    out = tmp_path / "aliases"
+    r = _run(["train", "--preset", "tiny", "--data", str(data), "--output_dir", str(out), "--max_train_steps", "6",
+              "--checkpointing_steps", "2", "--checkpoints_total_limit", "2", "--validation_steps", "3",
+              "--train_batch_size", "2", "--resolution", "64", "--id_network", "dlib", "--lookahead_batch_size", "1",
+              "--validation_seeds", "0", "1", "--seed", "3"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    # the total limit keeps the newest two
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    grids = sorted(p.name for p in (out / "validation").glob("*.png"))
+    assert grids == ["step-000003.png", "step-000006.png"]
+    records = [json.loads(line) for line in (out / "validation" / "scores.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in records] == [3, 6]
+    for rec in records:
+        assert [(c["prompt"], c["seed"]) for c in rec["scores"]] == [
+            ("A pencil drawing of a face", 0), ("A pencil drawing of a face", 1),
+            ("An oil painting of a face", 0), ("An oil painting of a face", 1)]
+        assert all("id" in c for c in rec["scores"])  # None where the recognizer finds no face
+    # the corrupt sample is counted: in the log, training_args.json and run_summary.json
+    args = json.loads((out / "training_args.json").read_text())
+    assert args["skipped"]["corrupt"] == 1 and args["max_train_steps"] == 6
+    assert any(line.startswith(f"{args['pairs']} training pairs; skipped (corrupt or face-less): ")
+               and "corrupt 1" in line for line in r.stdout.splitlines()), r.stdout[-2000:]
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["skipped"]["corrupt"] >= 1 and summary["step"] == 6 and summary["random_weights"] == "tiny"
+
+
+def _has_tensorboard() -> bool:
+    from accelerate.utils import is_tensorboard_available
+
+    return bool(is_tensorboard_available())
+
+
+@pytest.mark.skipif(_has_tensorboard(), reason="tensorboard is installed: the error path is tested by test_training_run")
+def test_report_to_tensorboard_without_the_package_exits_2_before_loading(shards, tmp_path):
+    start = time.perf_counter()
+    r = _run(_args(shards, tmp_path / "tb", steps=1, extra=("--report-to", "tensorboard")))
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "pip install tensorboard" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "tb").exists()  # nothing was started
+    assert time.perf_counter() - start < 60
+
+
+@pytest.mark.skipif(not _has_tensorboard(), reason="tensorboard is not installed (pip install tensorboard)")
+def test_report_to_tensorboard_writes_event_files(shards, tmp_path):
+    out = tmp_path / "tb"
+    r = _run(_args(shards, out, steps=2, extra=("--report-to", "tensorboard", "--lookahead-weight", "0")))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert list((out / "logs").rglob("events.out.tfevents.*"))

@@ -6,7 +6,8 @@ A checkpoint ``<output>/checkpoint-<step>/`` holds
 - ``train_state-<rank>.pt``: the step, the data cursor and each process's training generator;
 - the trained weights in the formats the engine loads (``training.model.export_weights``).
 It is written to ``checkpoint-<step>.tmp`` and renamed when complete, so a run killed during a
-save leaves the previous checkpoint intact; ``latest`` never picks a temporary folder.
+save leaves the previous checkpoint intact; ``latest`` never picks a temporary folder. Saving a
+step that exists already renames the old folder aside (``.replaced``) first and deletes it last.
 """
 
 from __future__ import annotations
@@ -97,9 +98,16 @@ def save_checkpoint(accelerator, output_dir: str | Path, state: TrainState, gene
         export(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
+        aside = root / f"checkpoint-{state.global_step}.replaced"
+        if final.exists():  # the same step saved again (a run resumed from an older checkpoint):
+            # renamed aside, not deleted, before the new one takes its name, so a complete checkpoint
+            # of this step exists at every instant (``latest`` never reads the aside folder)
+            if aside.exists():
+                shutil.rmtree(aside)
+            os.replace(final, aside)
         os.replace(tmp, final)
+        if aside.exists():  # this save's, or one left by a save that died between the renames
+            shutil.rmtree(aside, ignore_errors=True)
         if limit:
             for _, old in list_checkpoints(root)[:-limit]:
                 shutil.rmtree(old, ignore_errors=True)

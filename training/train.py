@@ -10,16 +10,20 @@
 
 One iteration = one optimizer step on L = L_diffusion + λ·α·L_LH (``training.objective``); the
 passes (KV encoder, denoiser, lookahead) share the one UNet, each with its own module state.
-Multi-GPU and multi-node are accelerate's (``accelerate config``; DDP; DeepSpeed ZeRO-2 and FSDP
-configs work on the trainable parameters, see the README): the gradients of the trainable
-parameters are averaged over processes each step, and every process draws its own data shard.
+Multi-GPU and multi-node: accelerate's multi-process launch (DDP semantics): every process draws
+its own data shard and the gradients of the trainable parameters are averaged over processes each
+step (one all-reduce, ``average_gradients``). No model goes through ``accelerator.prepare``, so
+DeepSpeed and FSDP configurations are refused with a message (untested; they would need the
+trainables wrapped in a prepared module).
+
+``--random-weights tiny|full`` trains any preset's recipe on a random-weights build of SDXL's
+architecture (``lcmla.tiny``): for speed and memory figures only; the outputs say so.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -45,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
     _flag(g, "preset", default="tiny", help="lcmla preset to train on (tiny: offline, random weights)")
+    _flag(g, "random-weights", default=None, choices=("tiny", "full"),
+          help="train the preset's recipe on a random-weights build of SDXL's architecture (tiny, or full: "
+               "SDXL's real sizes, ~9 GB written once per machine): speed/memory measurements only, never a model")
     _flag(g, "weights-dir", default=None, help="folder of <org>/<name> model repos (or $LCMLA_WEIGHTS)")
     _flag(g, "adapter", default=None, help="start from this FaceID-Plus-v2 adapter file instead of the preset's")
     _flag(g, "kv-lora", default=None, help="start from this KV-encoder LoRA (lcmla format)")
@@ -119,26 +126,41 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # ---- setup --------------------------------------------------------------------------------------
 
 
-def _load(args, device: str, dtype):
-    """Components of the preset (with the LCM-LoRA and TAESD the lookahead loss needs) and the face
-    analyzer of the data's backend."""
-    from lcmla.loading import load_components
-    from lcmla.presets import get_preset
+def resolve_model(args):
+    """(preset, role → folder) of the model to train, nothing loaded yet.
+
+    ``--random-weights ARCH`` (or the tiny preset, which is random weights already): the preset's
+    recipe over :func:`lcmla.tiny.random_weights_paths` (built on first use); the returned preset
+    has ``random_weights`` set and a title that says so. Otherwise the preset's real weights plus
+    the LCM-LoRA and TAESD the lookahead loss needs (a missing file raises ``MissingWeightsError``
+    naming the download command).
+    """
+    from lcmla.presets import get_preset, random_weights_preset
 
     preset = get_preset(args.preset)
+    arch = getattr(args, "random_weights", None)
+    if arch is not None:
+        preset = random_weights_preset(preset, arch)
     if preset.random_weights:
-        from lcmla.tiny import tiny_paths
+        from lcmla.tiny import random_weights_paths
 
-        paths = tiny_paths()
-    else:
-        from lcmla.weights import resolve_files, resolve_preset
-        from lcmla.presets import LCM_LORA_REPO, TAESDXL_REPO, TAESD_FILES
+        return preset, random_weights_paths(arch or "tiny")
+    from lcmla.weights import resolve_files, resolve_preset
+    from lcmla.presets import LCM_LORA_REPO, TAESDXL_REPO, TAESD_FILES
 
-        variant = None
-        paths = resolve_preset(preset, variant=variant, weights_dir=args.weights_dir)
-        paths.update(resolve_files({"lcm_lora": (LCM_LORA_REPO, ("pytorch_lora_weights.safetensors",)),
-                                    "taesd": (TAESDXL_REPO, TAESD_FILES)}, weights_dir=args.weights_dir,
-                                   what="the lookahead loss"))
+    paths = resolve_preset(preset, variant=None, weights_dir=args.weights_dir)
+    paths.update(resolve_files({"lcm_lora": (LCM_LORA_REPO, ("pytorch_lora_weights.safetensors",)),
+                                "taesd": (TAESDXL_REPO, TAESD_FILES)}, weights_dir=args.weights_dir,
+                               what="the lookahead loss"))
+    return preset, paths
+
+
+def _load(args, device: str, dtype):
+    """Components of the preset (see :func:`resolve_model`; with the LCM-LoRA and TAESD the
+    lookahead loss needs)."""
+    from lcmla.loading import load_components
+
+    preset, paths = resolve_model(args)
     comps = load_components(preset, paths, device=device, dtype=dtype, lcm_lora=True, adapter=args.adapter)
     if comps.adapter_kind != "faceid-plus-v2":
         raise TrainingError("the trainer trains FaceID-Plus-v2 adapters; --adapter holds another kind")
@@ -170,15 +192,79 @@ def _identity_loss(args, preset, device):
     return IdentityLoss(faces.recognizer.to(device).eval(), faces.landmarks_of_largest), "dlib"
 
 
+_TRACKER_HINT = "or use --report-to none (logs/metrics.jsonl is always written)"
+
+
+def check_trackers(report_to: str) -> None:
+    """Fail before anything loads when ``--report-to`` names a tracker whose package is missing
+    (accelerate itself only warns and then logs nowhere)."""
+    if report_to == "none":
+        return
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    if report_to == "all":
+        if not get_available_trackers():
+            raise TrainingError("--report-to all: no tracker package is installed; install one, e.g. "
+                                f"`pip install tensorboard`, {_TRACKER_HINT}")
+        return
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[report_to]()
+    if not available:
+        raise TrainingError(f"--report-to {report_to}: the {report_to} package is not installed; install it with "
+                            f"`pip install {report_to}`, {_TRACKER_HINT}")
+
+
 def _trackers(accelerator, args) -> None:
     if args.report_to == "none":
         return
     try:
         accelerator.init_trackers("lcmla-train", config={k: v for k, v in vars(args).items()
                                                          if isinstance(v, (int, float, str, bool)) or v is None})
-    except Exception as exc:  # noqa: BLE001 - a missing tracker package
-        raise TrainingError(f"--report-to {args.report_to}: {exc} (install it, e.g. `pip install tensorboard`, "
-                            "or use --report-to none; logs/metrics.jsonl is always written)") from None
+    except Exception as exc:  # noqa: BLE001 - a tracker that cannot start (package, login, folder)
+        raise TrainingError(f"--report-to {args.report_to}: {exc} ({_TRACKER_HINT})") from None
+    if accelerator.is_main_process and not accelerator.trackers:  # accelerate dropped it with a warning
+        raise TrainingError(f"--report-to {args.report_to}: accelerate started no tracker (is its package "
+                            f"installed? `pip install {'tensorboard' if args.report_to == 'all' else args.report_to}`), "
+                            f"{_TRACKER_HINT}")
+
+
+def check_distributed(accelerator) -> None:
+    """The trainer's multi-process support is DDP-style (see the module docstring): refuse
+    DeepSpeed, FSDP and Megatron-LM configurations instead of failing deep inside a step."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind in (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.MEGATRON_LM):
+        raise TrainingError(
+            f"this accelerate configuration uses {kind.value}, which the trainer does not support (untested: no model "
+            "goes through accelerator.prepare; the trainable gradients are averaged over processes by the trainer). "
+            "Use a plain multi-GPU configuration (`accelerate config`: multi-GPU, no DeepSpeed/FSDP); the trainable "
+            "parameters are a few percent of the UNet, so DDP costs little memory over them")
+
+
+def truncate_jsonl(path: Path, step: int) -> int:
+    """Keep the records of ``path`` (one JSON object a line) with ``"step"`` ≤ ``step``: what a run
+    resumed at ``step`` (0: a fresh start) will write again is dropped, and a torn last line too.
+    Atomic (temporary file + rename). Returns the number of records kept."""
+    if not path.is_file():
+        return 0
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    tmp.replace(path)
+    return len(kept)
+
+
+def _skipped_text(skipped) -> str:
+    items = [(k, v) for k, v in sorted(dict(skipped).items()) if v]
+    return ", ".join(f"{k} {v}" for k, v in items) if items else "none"
 
 
 def average_gradients(accelerator, params) -> None:
@@ -209,7 +295,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     from lcmla.attention.processors import install_processors
 
-    from .checkpoints import TrainState, load_checkpoint, resolve_resume, save_checkpoint
+    from .checkpoints import TrainState, load_checkpoint, params_digest, resolve_resume, save_checkpoint
     from .data import Collate, iterate_batches
     from .model import export_weights, setup_trainables
     from .objective import Objective, ObjectiveConfig
@@ -217,14 +303,18 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from .reader import open_pairs
 
     out = Path(args.output_dir)
+    check_trackers(args.report_to)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
+    check_distributed(accelerator)
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     preset, comps = _load(args, str(device), weight_dtype)
+    if preset.random_weights:
+        accelerator.print(f"RANDOM WEIGHTS: {preset.title} (speed/memory measurements only; the outputs are no model)")
     pipe = comps.pipe
     install_processors(pipe.unet)
     pipe.unet.encoder_hid_proj.image_projection_layers[0].shortcut = True  # FaceID-Plus-v2
@@ -238,6 +328,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     trainables = setup_trainables(pipe, args.parts, kv_rank=args.kv_rank)
     named = trainables.named()
     params = trainables.params()
+    init_digest = params_digest(named)  # before any step or resume: the tests check the weights moved
     switcher = PassSwitcher(pipe, trainable=params)
     if args.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing(gradient_checkpointing_func=switcher.checkpoint_function())
@@ -260,6 +351,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
 
     pairs = open_pairs(args.data)
+    skipped_at_open = dict(pairs.skipped)
+    accelerator.print(f"{len(pairs)} training pairs; skipped (corrupt or face-less): {_skipped_text(skipped_at_open)}")
     resolution = args.resolution or preset.width
     collate = Collate(resolution, comps.clip_processor, framing=args.reference_framing, device=device)
     generator = torch.Generator().manual_seed(args.seed * 9973 + accelerator.process_index)
@@ -273,11 +366,18 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         (out / "logs").mkdir(exist_ok=True)
         (out / "training_args.json").write_text(json.dumps(
             {**{k: v for k, v in vars(args).items() if k != "parts"}, "parts": list(args.parts),
-             "id_network": id_network, "num_processes": accelerator.num_processes, "pairs": len(pairs)},
+             "random_weights": args.random_weights or ("tiny" if preset.random_weights else None),
+             "id_network": id_network, "num_processes": accelerator.num_processes, "pairs": len(pairs),
+             "skipped": skipped_at_open, "init_params_sha256": init_digest},
             indent=2, default=str) + "\n")
+        # a resumed run writes steps after the checkpoint again: drop them (and a fresh start drops all)
+        truncate_jsonl(out / "logs" / "metrics.jsonl", state.global_step)
+        truncate_jsonl(out / "validation" / "scores.jsonl", state.global_step)
     _trackers(accelerator, args)
     training_meta = {"preset": preset.name, "parts": list(args.parts), "steps": args.max_train_steps,
                      "id_network": id_network}
+    if preset.random_weights:
+        training_meta["random_weights"] = args.random_weights or "tiny"
     export = lambda folder: export_weights(pipe, args.parts, folder, training={**training_meta, "step": state.global_step})  # noqa: E731
 
     batches = iterate_batches(len(pairs), args.train_batch_size, args.seed, state.epoch, state.batch_in_epoch,
@@ -336,19 +436,41 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 from .validate import Validator
 
                 validator = validator or Validator.build(args, preset, comps, id_loss)
-                with torch.no_grad():
+                # under the run's autocast: the trained tensors are float32 beside a half-precision UNet
+                with torch.no_grad(), accelerator.autocast():
                     validator.run(state.global_step, out / "validation")
                 switcher.current = None  # the engine changed module state: re-apply at the next pass
     finally:
         bar.close()
         if metrics is not None:
             metrics.close()
+    skipped = _skipped_totals(accelerator, skipped_at_open, dict(pairs.skipped))
     files = {}
+    summary = {"step": state.global_step, "files": {}, "last": last, "pairs": len(pairs), "skipped": skipped}
     if accelerator.is_main_process:
         files = export_weights(pipe, args.parts, out, training={**training_meta, "step": state.global_step})
+        summary["files"] = {k: str(v) for k, v in files.items()}
+        if preset.random_weights:
+            summary["random_weights"] = training_meta["random_weights"]
+        (out / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    accelerator.print(f"skipped samples (corrupt or face-less; at open and while reading, all processes): "
+                      f"{_skipped_text(skipped)}")
     accelerator.wait_for_everyone()
     accelerator.end_training()  # last: it also ends the process group
-    return {"step": state.global_step, "files": {k: str(v) for k, v in files.items()}, "last": last}
+    return summary
+
+
+def _skipped_totals(accelerator, at_open: dict, now: dict) -> dict[str, int]:
+    """Skipped-sample counts of the run: those found when the shards were opened (the same on every
+    process) plus those each process met while reading (summed over processes)."""
+    from collections import Counter
+
+    read = Counter({k: v - at_open.get(k, 0) for k, v in now.items() if v - at_open.get(k, 0) > 0})
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        read = sum((Counter(d) for d in gather_object([dict(read)])), Counter())
+    return dict(Counter(at_open) + read)
 
 
 def _lcm_boundary(pipe) -> tuple[float, float]:

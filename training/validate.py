@@ -31,7 +31,8 @@ class Validator:
 
         faces = FaceAnalyzer.haar() if preset.face_backend == "haar" else FaceAnalyzer.insightface(
             name=str(args.face_models or "buffalo_l"))
-        engine = Engine(preset, comps, faces, device=str(comps.pipe.unet.device), dtype=comps.pipe.unet.dtype)
+        weight = comps.pipe.unet.conv_in.weight  # (peft wrappers make unet.dtype/device slow and ambiguous)
+        engine = Engine(preset, comps, faces, device=str(weight.device), dtype=weight.dtype)
         paths = args.validation_faces or [str(ASSETS / "face.png")]
         identities = [(Path(p).stem, engine.analyze_faces([p])) for p in paths]
         return cls(engine, identities, list(args.validation_prompts or DEFAULT_PROMPTS), list(args.validation_seeds),
