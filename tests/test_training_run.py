@@ -133,3 +133,31 @@ def test_saving_an_existing_step_again_never_leaves_it_missing(tmp_path, acceler
     assert load_file(str(again / "trainable.safetensors"))["w"].tolist() == [1, 1, 1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
     del opt
+
+
+# ---- benchmarks/bench_train.py's modes ------------------------------------------------------------
+
+
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
+    spec = importlib.util.spec_from_file_location("bench_train", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_train_full_mode_is_sdxl_random_weights_at_1024_bf16():
+    bench = _bench()
+    full = bench.parse(["--full"])
+    assert (full.preset, full.random_weights, full.resolution, full.mixed_precision) == ("sdxl-base", "full", 1024, "bf16")
+    assert (full.batch_sizes, full.checkpointing) == ("1,2,4", "off,on")
+    assert bench.parse(["--full", "--batch-sizes", "4"]).batch_sizes == "4"  # flags override the mode
+    tiny = bench.parse([])
+    assert (tiny.preset, tiny.random_weights, tiny.resolution, tiny.mixed_precision) == ("tiny", None, 64, "no")
+    assert bench._fits(20.0) == "24 GB, 80 GB" and bench._fits(40.0) == "80 GB" and bench._fits(90.0) == "neither"
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            bench.main(["--full"])
