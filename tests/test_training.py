@@ -318,7 +318,7 @@ def test_diffusers_load_ip_adapter_reads_the_exported_file_directly(tmp_path):
     from lcmla.tiny import tiny_paths
     from training.model import ADAPTER_FILE, export_weights
 
-    comps, trainables, objective, collate = _kit(parts=("proj", "ip-kv"))
+    comps, trainables, _, _ = _kit(parts=("proj", "ip-kv"))
     torch.manual_seed(4)
     with torch.no_grad():  # "trained" weights: every tensor differs from the tiny adapter's
         for _, p in trainables.named():

@@ -168,7 +168,7 @@ def _corrupt_one_record(src, dst):
 
     shutil.copytree(src, dst)
     shard = dst / "shard-000000.tar"
-    key, ext, off, size = next(m for m in iter_members(shard) if m[1] == "json")
+    _, _, off, size = next(m for m in iter_members(shard) if m[1] == "json")
     with shard.open("r+b") as f:
         f.seek(off)
         f.write(b"\0" * size)

@@ -9,7 +9,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from training.train import TrainingError, check_distributed, check_trackers, parse_args, resolve_model, truncate_jsonl
+from training.train import (
+    TrainingError,
+    check_distributed,
+    check_trackers,
+    parse_args,
+    resolve_model,
+    truncate_jsonl,
+)
 
 
 def _parse(*extra):
@@ -59,7 +66,7 @@ def test_a_missing_tracker_package_is_a_user_error(monkeypatch):
     monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: False)
     with pytest.raises(TrainingError, match="pip install wandb"):
         check_trackers("wandb")
-    monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: [])
+    monkeypatch.setattr(accelerate.tracking, "get_available_trackers", list)
     with pytest.raises(TrainingError, match="no tracker package is installed"):
         check_trackers("all")
     monkeypatch.setattr(accelerate.utils, "is_tensorboard_available", lambda: True)
@@ -101,15 +108,18 @@ def accelerator():
 
 
 def test_saving_an_existing_step_again_never_leaves_it_missing(tmp_path, accelerator, monkeypatch):
-    import training.checkpoints as ck
     from safetensors.torch import load_file
+
+    import training.checkpoints as ck
 
     param = torch.nn.Parameter(torch.zeros(3))
     named = [("w", param)]
     opt = accelerator.prepare(torch.optim.SGD([param], lr=1.0))
     gen = torch.Generator().manual_seed(0)
     state = ck.TrainState(global_step=2)
-    export = lambda folder: None  # noqa: E731
+    def export(folder):
+        return None
+
     first = ck.save_checkpoint(accelerator, tmp_path, state, gen, named, export, None)
     assert load_file(str(first / "trainable.safetensors"))["w"].tolist() == [0, 0, 0]
     with torch.no_grad():
