@@ -90,28 +90,68 @@ def test_a_generator_of_photos_is_consumed_once(engine, face_path, other_face):
     assert np.array_equal(_px(r.images[0]), _px(ref.images[0]))
 
 
-def test_frame_reference_keeps_the_aspect_and_pads_with_the_border():
+def _framing_photo() -> Image.Image:
+    """100x60: a green band over the top third, below it red left / blue right with a yellow
+    strip at the far left; features both ways, so neither a vertical nor a horizontal stretch of
+    any crop passes for the right framing."""
+    arr = np.zeros((60, 100, 3), np.uint8)
+    arr[:20] = (0, 255, 0)
+    arr[20:, :50] = (255, 0, 0)
+    arr[20:, 50:] = (0, 0, 255)
+    arr[20:, :20] = (255, 255, 0)
+    return Image.fromarray(arr)
+
+
+def _framing_cases(frame) -> dict[str, bool]:
+    """Which framings of :func:`_framing_photo` ``frame(image, box, size, framing)`` gets right:
+    the expected frame is the photo scaled to fit (aspect kept) and the rest filled by repeating
+    the photo's edge rows/columns; a face crop spans twice the box in the output's aspect."""
+    photo = _framing_photo()
+    arr = np.asarray(photo).astype(int)
+    box = (40.0, 20.0, 60.0, 40.0)  # a 20x20 "face" in the middle
+    ok = {}
+    # the whole photo into a portrait frame: 100x60 fits the 40 px width over 24 rows, 28 rows above
+    # and below repeat the photo's top and bottom edge rows (green; the bottom row's split)
+    tall = np.asarray(frame(photo, None, (40, 80), "photo")).astype(int)
+    fitted = np.asarray(photo.resize((40, 24), Image.BICUBIC)).astype(int)
+    ok["photo"] = (tall.shape == (80, 40, 3) and np.abs(tall[28:52] - fitted).max() <= 2
+                   and np.abs(tall[:28] - fitted[:1]).max() <= 2 and np.abs(tall[52:] - fitted[-1:]).max() <= 2)
+    # a landscape face crop: 2x the box's side high (40 px), twice that wide: photo x 10..90, y 10..50
+    wide = np.asarray(frame(photo, box, (80, 40), "face")).astype(int)
+    ok["face-wide"] = wide.shape == (40, 80, 3) and np.abs(wide - arr[10:50, 10:90]).max() <= 2
+    # a portrait face crop: 40 wide, 80 high, y -10..70: 10 rows of edge padding above and below
+    tall_face = np.asarray(frame(photo, box, (40, 80), "face")).astype(int)
+    padded = np.concatenate([arr[:1].repeat(10, 0), arr, arr[-1:].repeat(10, 0)])[:, 30:70]
+    ok["face-tall"] = tall_face.shape == (80, 40, 3) and np.abs(tall_face - padded).max() <= 2
+    return {k: bool(v) for k, v in ok.items()}
+
+
+def test_frame_reference_keeps_the_aspect_and_pads_with_the_border(monkeypatch):
     from lcmla.lookahead import frame_reference
 
-    # a 100x60 photo: left half red, right half blue; a face box in the middle
-    arr = np.zeros((60, 100, 3), np.uint8)
-    arr[:, :50] = (255, 0, 0)
-    arr[:, 50:] = (0, 0, 255)
-    photo = Image.fromarray(arr)
-    tall = frame_reference(photo, None, (40, 80), "photo")  # whole photo into a portrait frame
-    out = np.asarray(tall).astype(int)
-    assert tall.size == (40, 80)
-    # letter-boxed vertically: the top and bottom rows repeat the photo's edge rows, not black
-    assert out[0, 5, 0] > 200 and out[-1, -5, 2] > 200 and out.max(axis=2).min() > 200
-    # the photo itself is not stretched: its 100:60 aspect fills the width (40 px) over ~24 rows
-    mid = out[40]
-    assert mid[5, 0] > 200 and mid[-5, 2] > 200
-    face = frame_reference(photo, (40.0, 20.0, 60.0, 40.0), (80, 40), "face")  # landscape crop around the box
-    assert face.size == (80, 40)
-    f = np.asarray(face).astype(int)
-    assert f[:, :35, 0].min() > 200 and f[:, 45:, 2].min() > 200  # red left, blue right: centred, not squashed
+    assert _framing_cases(frame_reference) == {"photo": True, "face-wide": True, "face-tall": True}
+    tall = np.asarray(frame_reference(_framing_photo(), None, (40, 80), "photo")).astype(int)
+    green = (tall[:, :, 1] > 200) & (tall[:, :, 0] < 50)
+    assert green.all(axis=1).sum() == 28 + 8  # the letterbox plus the band's third of 24 rows; a stretch: 27
     with pytest.raises(ValueError, match="framing"):
-        frame_reference(photo, None, (40, 40), "head")
+        frame_reference(_framing_photo(), None, (40, 40), "head")
+
+    # negative controls: the checks above fail for a plain stretch, a stretched square face crop,
+    # and black letterboxing
+    def stretch(image, box, size, framing):
+        if framing == "face":
+            x1, y1, x2, y2 = box
+            half = max(x2 - x1, y2 - y1)
+            cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+            image = image.crop((round(cx - half), round(cy - half), round(cx + half), round(cy + half)))
+        return image.resize(size, Image.BICUBIC)
+
+    assert _framing_cases(stretch) == {"photo": False, "face-wide": False, "face-tall": False}
+    pad = np.pad
+    monkeypatch.setattr(np, "pad", lambda arr, width, mode="constant", **kw: pad(arr, width, mode="constant"))
+    black = _framing_cases(frame_reference)
+    monkeypatch.undo()
+    assert black == {"photo": False, "face-wide": True, "face-tall": False}  # the wide crop needs no padding
 
 
 def test_kv_path_with_two_reference_photos(engine, face_path, other_face):

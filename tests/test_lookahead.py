@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from util import make_settings as _settings
 from util import px as _px
 
@@ -419,15 +420,31 @@ def test_encoder_pass_has_no_freeu_and_no_denoiser_loras(engine, face_path):
 
 
 def test_reference_framing_on_a_non_square_output(engine, face_path):
-    s = _settings(lookahead__kv=True, output__width=320, output__height=192)
+    s = _settings(lookahead__kv=True, output__width=128, output__height=64)
     photo = engine.generate(s, [face_path])
     face = engine.generate(s.replace(lookahead__reference_framing="face"), [face_path])
     assert photo.settings.lookahead.reference_framing == "photo"  # the authors' default, recorded
     assert face.settings.lookahead.reference_framing == "face"
-    assert photo.images[0].size == (320, 192)
+    assert photo.images[0].size == (128, 64)
     assert not np.array_equal(_px(photo.images[0]), _px(face.images[0]))
-    refs = engine._kv_references(engine.analyze_faces([face_path]), engine_resolve(engine, s))
-    assert refs[0].size == (320, 192)
+    identity = engine.analyze_faces([face_path])
+    refs = engine._kv_references(identity, engine_resolve(engine, s))
+    assert refs[0].size == (128, 64)
+    # the aspect is kept: the wide frame's central 192x192 is the square frame at the same scale
+    # (a stretch squeezes it); the 512x512 photo's "photo" frame pads 64 columns each side, each
+    # a copy of the photo's edge column
+    from lcmla.lookahead import kv_reference_images
+
+    for framing in ("photo", "face"):
+        wide = _px(kv_reference_images(identity, (320, 192), framing)[0])
+        square = _px(kv_reference_images(identity, (192, 192), framing)[0])
+        assert np.abs(wide[:, 64:256] - square).mean() < 2, framing
+        stretched = _px(Image.fromarray(square.astype(np.uint8)).resize((320, 192), Image.BICUBIC))
+        assert np.abs(stretched[:, 64:256] - square).mean() > 20, framing  # the check tells a stretch apart
+    wide = _px(kv_reference_images(identity, (320, 192), "photo")[0])
+    assert np.ptp(wide[:, :60], axis=1).max() <= 1 and np.ptp(wide[:, -60:], axis=1).max() <= 1
+    assert not np.array_equal(wide, _px(kv_reference_images(identity, (320, 192), "face")[0]))
+    assert np.array_equal(_px(refs[0]), _px(kv_reference_images(identity, (128, 64), "photo")[0]))  # what the engine feeds
 
 
 def test_lookahead_as_released_configuration(engine, face_path):
