@@ -45,8 +45,14 @@ _SIDE = {"down": "lora_A", "up": "lora_B"}
 
 
 def read_authors_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint's tensors, read with ``weights_only=True`` (no code from the file runs)."""
+    """The checkpoint's tensors, read with ``weights_only=True`` (no code from the file runs).
+
+    The file holds the whole SDXL encoder and the CLIP tower beside the few trained tensors; in
+    ``torch.save``'s zip format (its default since torch 1.6) it is memory-mapped (``mmap=True``), so
+    only the tensors that are converted are read from disk. The legacy format is read whole.
+    """
     import pickle
+    import zipfile
 
     import torch
 
@@ -54,7 +60,7 @@ def read_authors_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise LcmlaError(f"{str(path)!r} does not exist; pass the authors' model_ckpt.pt")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
         raise LcmlaError(f"{str(path)!r} is not a plain tensor checkpoint ({type(exc).__name__}: {exc})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -18,15 +20,22 @@ TOKENS = 16  # the authors' IP-Adapter Plus-Face: 16 tokens
 
 
 def _authors_checkpoint(seed: int = 0) -> dict[str, torch.Tensor]:
-    """A tiny state dict laid out like the authors' ``IPAdapterPlusXL(encoder_unet, ...)``: encoder
-    LoRA (attn1/attn2 q/k/v/out, ``lora_layer.down/up``), KV copies with LoRA, adapter K/V
-    (``extract_kv2``), the Plus resampler (``image_proj_model``), CLIP and base weights."""
+    """A tiny state dict laid out like the authors' ``IPAdapterPlusXL(encoder_unet, ...)`` saves it:
+    per transformer block the encoder's base attention weights and LoRA (attn1/attn2 q/k/v/out,
+    ``lora_layer.down/up``; none in the last block, which their ``get_lora_injection_modules``
+    leaves out), the KV copy with LoRA (``extract_kv1``, every block), the adapter K/V
+    (``extract_kv2``), and — because ``KVCopy`` registers its source attention as a submodule — the
+    same attn1/attn2 tensors again under ``extract_kv{1,2}.source_attention_block.*``; then the Plus
+    resampler (``image_proj_model``), CLIP and other base weights."""
     from diffusers import UNet2DConditionModel
+
+    from lcmla.kv_lora import last_transformer_block
 
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *shape, s=0.3: torch.randn(*shape, generator=g) * s
     unet = UNet2DConditionModel(**TINY_UNET)
     cross = TINY_UNET["cross_attention_dim"]
+    last = last_transformer_block(unet)
     sd: dict[str, torch.Tensor] = {"encoder_unet.conv_in.weight": rnd(32, 4, 3, 3), "image_encoder.vision_model.x": rnd(2)}
     for name in unet.attn_processors:
         if not name.endswith("attn1.processor"):
@@ -34,10 +43,18 @@ def _authors_checkpoint(seed: int = 0) -> dict[str, torch.Tensor]:
         block = name[: -len(".attn1.processor")]
         attn1 = unet.get_submodule(block + ".attn1")
         c = attn1.to_q.in_features
-        for attn, kv_in in (("attn1", c), ("attn2", cross)):
+        for attn, kv_in, copy in (("attn1", c, "extract_kv1"), ("attn2", cross, "extract_kv2")):
+            own: dict[str, torch.Tensor] = {}  # the attention's state dict, also the KV copy's source block's
             for proj, (i, o) in (("to_q", (c, c)), ("to_k", (kv_in, c)), ("to_v", (kv_in, c)), ("to_out.0", (c, c))):
-                sd[f"encoder_unet.{block}.{attn}.{proj}.lora_layer.down.weight"] = rnd(RANK, i)
-                sd[f"encoder_unet.{block}.{attn}.{proj}.lora_layer.up.weight"] = rnd(o, RANK)
+                own[f"{proj}.weight"] = rnd(o, i)
+                if proj == "to_out.0":
+                    own[f"{proj}.bias"] = rnd(o)
+                if block != last:
+                    own[f"{proj}.lora_layer.down.weight"] = rnd(RANK, i)
+                    own[f"{proj}.lora_layer.up.weight"] = rnd(o, RANK)
+            for k, v in own.items():
+                sd[f"encoder_unet.{block}.{attn}.{k}"] = v
+                sd[f"encoder_unet.{block}.{copy}.source_attention_block.{k}"] = v
         for proj in ("to_k", "to_v"):
             sd[f"encoder_unet.{block}.extract_kv1.{proj}.weight"] = getattr(attn1, proj).weight.detach().clone()
             sd[f"encoder_unet.{block}.extract_kv1.{proj}.lora_layer.down.weight"] = rnd(RANK, c)
@@ -72,13 +89,17 @@ def test_split_maps_every_tensor_to_its_place():
     names = attention_processor_names(TINY_UNET)
     parts = split_authors_state(sd, names)
     assert parts["ip_adapter"]["1.to_k_ip.weight"] is sd["encoder_unet.down_blocks.1.attentions.0.transformer_blocks.0.extract_kv2.to_k.weight"]
-    assert set(parts["dropped"]) == {k for k in sd if k.startswith(("encoder_unet.conv_in", "image_encoder."))
-                                     or k.endswith(("extract_kv1.to_k.weight", "extract_kv1.to_v.weight"))}
+    source = {k for k in sd if ".source_attention_block." in k}
+    assert any("lora_layer" in k for k in source) and any(".extract_kv2.source" in k for k in source)
+    base = {k for k in sd if re.search(r"\.(attn[12]|extract_kv1)\.(to_[qkv]|to_out\.0)\.(weight|bias)$", k)}
+    assert set(parts["dropped"]) == source | base | {k for k in sd if k.startswith(("encoder_unet.conv_in", "image_encoder."))}
     key = "unet.mid_block.attentions.0.transformer_blocks.1.attn2.to_out.0.lora_B.weight"
     assert parts["kv_lora"][key] is sd["encoder_unet.mid_block.attentions.0.transformer_blocks.1.attn2.to_out.0.lora_layer.up.weight"]
-    assert "kv_copy.up_blocks.1.attentions.2.transformer_blocks.0.attn1.to_v.lora_A.weight" in parts["kv_lora"]
+    last = "up_blocks.1.attentions.2.transformer_blocks.0"  # the tiny UNet's last block: KV copy, no encoder LoRA
+    assert f"kv_copy.{last}.attn1.to_v.lora_A.weight" in parts["kv_lora"]
+    assert not any(k.startswith(f"unet.{last}.") for k in parts["kv_lora"])
     n_blocks = sum(n.endswith("attn1.processor") for n in names)
-    assert len(parts["kv_lora"]) == n_blocks * (16 + 4) and len(parts["ip_adapter"]) == 2 * n_blocks
+    assert len(parts["kv_lora"]) == n_blocks * (16 + 4) - 16 and len(parts["ip_adapter"]) == 2 * n_blocks
 
 
 def test_convert_round_trips_into_the_engine(converted, face_path):
@@ -104,6 +125,12 @@ def test_convert_round_trips_into_the_engine(converted, face_path):
     q = unet.get_submodule(block + ".attn2.to_q")
     assert torch.equal(q.lora_A["kv_encoder"].weight, sd[f"encoder_unet.{block}.attn2.to_q.lora_layer.down.weight"])
     assert q.scaling["kv_encoder"] == 1.0  # network_alpha unset in their LoRA: scale 1
+    # the last block: its KV copy's LoRA, and no encoder LoRA (the checkpoint has none)
+    last = "up_blocks.1.attentions.2.transformer_blocks.0"
+    assert torch.equal(copies[last + ".attn1.processor"].to_k.lora_A.weight,
+                       sd[f"encoder_unet.{last}.extract_kv1.to_k.lora_layer.down.weight"])
+    for proj in ("attn1.to_q", "attn1.to_k", "attn2.to_v", "attn2.to_out.0"):
+        assert "kv_encoder" not in getattr(unet.get_submodule(f"{last}.{proj}"), "lora_A", {}), proj
     resampler = unet.encoder_hid_proj.image_projection_layers[0]
     assert torch.equal(resampler.latents, sd["image_proj_model.latents"])
     # and it runs: the KV path with the Plus-Face adapter, deterministic, identity-dependent
@@ -112,6 +139,27 @@ def test_convert_round_trips_into_the_engine(converted, face_path):
     assert np.array_equal(_px(a.images[0]), _px(engine.generate(s, [face_path]).images[0]))
     no_id = engine.generate(s.replace(identity__ip_adapter_scale=0.0), [face_path])
     assert not np.array_equal(_px(a.images[0]), _px(no_id.images[0]))
+
+
+def test_reads_zip_checkpoints_memory_mapped_and_legacy_ones_whole(tmp_path, monkeypatch):
+    """The real checkpoint holds all of SDXL and CLIP: torch.save's zip format is memory-mapped
+    (weights_only either way); the legacy format, which cannot be, still reads."""
+    from lcmla.convert import read_authors_checkpoint
+
+    sd = _authors_checkpoint()
+    torch.save(sd, tmp_path / "zip.pt")
+    torch.save(sd, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    calls = []
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: calls.append(kw) or load(*a, **kw))
+    for name in ("zip.pt", "legacy.pt"):
+        got = read_authors_checkpoint(tmp_path / name)
+        assert got.keys() == sd.keys() and all(torch.equal(got[k], sd[k]) for k in sd)
+    assert [(kw["weights_only"], kw["mmap"]) for kw in calls] == [(True, True), (True, False)]
+    # tensors saved as one (attn1 and the KV copy's source block) still share storage after loading
+    key = "encoder_unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    alias = key.replace(".attn1.", ".extract_kv1.source_attention_block.")
+    assert got[key].untyped_storage().data_ptr() == got[alias].untyped_storage().data_ptr()
 
 
 def test_convert_refuses_other_files(tmp_path):
