@@ -341,8 +341,10 @@ class Evaluation:
             procs.barrier()
             if not procs.is_main:
                 return None
-        elif procs.world > 1 and any(c.key not in all_rows(out) for c in cells):
-            return None
+        elif procs.world > 1:
+            have = all_rows(out)
+            if any(c.key not in have for c in cells):
+                return None
         return merge_results(out, cells)
 
     def score(self, cell: Cell, image: Image.Image, refs: dict) -> dict[str, Any]:
