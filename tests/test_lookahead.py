@@ -296,6 +296,43 @@ def test_kv_encoder_lora_round_trip_and_encoder_only(engine, face_path, tmp_path
         Engine.load("tiny", kv_encoder_lora=bogus)
 
 
+def test_version_1_kv_encoder_lora_reads_as_the_encoder_design(engine, face_path, tmp_path):
+    """A version-1 file (encoder LoRA only, no reference_kv / kv_copy_rank metadata) loads as the
+    "encoder" design: the same LoRA tensors, no KV copies, active on the encoder pass only."""
+    from safetensors.torch import load_file, save_file
+
+    from lcmla import Engine
+    from lcmla.attention.kv_copy import kv_copies
+    from lcmla.attention.processors import install_processors
+    from lcmla.kv_lora import TARGET_MODULES, add_kv_encoder_lora, kv_lora_state_dict, read_kv_lora_metadata
+    from lcmla.loading import load_components
+    from lcmla.presets import PRESETS
+    from lcmla.tiny import tiny_paths
+
+    unet = load_components(PRESETS["tiny"], tiny_paths()).pipe.unet
+    install_processors(unet)
+    add_kv_encoder_lora(unet, rank=4, design="encoder")
+    torch.manual_seed(0)
+    for m in unet.modules():
+        if isinstance(getattr(m, "lora_B", None), torch.nn.ModuleDict) and "kv_encoder" in m.lora_B:
+            torch.nn.init.normal_(m.lora_B["kv_encoder"].weight, std=0.5)
+    state = kv_lora_state_dict(unet)
+    assert state and all(k.startswith("unet.") for k in state)
+    v1 = tmp_path / "kv_v1.safetensors"  # what lcmla wrote before version 2
+    save_file(state, str(v1), metadata={"format": "lcmla-kv-encoder-lora", "version": "1", "rank": "4",
+                                        "target_modules": TARGET_MODULES, "training": "{}"})
+    meta = read_kv_lora_metadata(v1)
+    assert meta["version"] == "1" and meta["reference_kv"] == "encoder"
+    e1 = Engine.load("tiny", kv_encoder_lora=v1)
+    loaded = kv_lora_state_dict(e1.pipe.unet)
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    assert kv_copies(e1.pipe.unet) == {} and load_file(str(v1)).keys() == state.keys()
+    s = _settings(output__width=64, output__height=64)
+    assert np.array_equal(_px(e1.generate(s, [face_path]).images[0]), _px(engine.generate(s, [face_path]).images[0]))
+    kv = s.replace(lookahead__kv=True)
+    assert not np.array_equal(_px(e1.generate(kv, [face_path]).images[0]), _px(engine.generate(kv, [face_path]).images[0]))
+
+
 def test_kv_copy_design_equals_the_encoders_own_kv_until_trained(engine, face_path):
     """The authors' KV copy starts as a copy of attn1's to_k/to_v: with zero LoRA updates it records
     exactly the layer's own K/V; a trained copy LoRA changes only the recorded reference."""
@@ -341,8 +378,11 @@ def test_each_kv_branch_reads_the_row_spec_assigns(engine, face_path):
     seen = []
     original = SelfAttnProcessor._extended
 
+    layers = []
+
     def spy(attn, query, key, value, ref, kv_index, mask):
         seen.append((tuple(kv_index), ref[0].shape[0]))
+        layers.append(attn)
         return original(attn, query, key, value, ref, kv_index, mask)
 
     SelfAttnProcessor._extended = staticmethod(spy)
@@ -352,6 +392,12 @@ def test_each_kv_branch_reads_the_row_spec_assigns(engine, face_path):
         SelfAttnProcessor._extended = staticmethod(original)
     assert steps[0].branches == ("uncond", "nokv", "full", "kv") and steps[0].kv_rows == ("null", "text")
     assert set(seen) == {((-1, -1, 1, 0), 2)}  # every attn1 layer: full → row 1 (text), kv → row 0 (null)
+    # ... and every attn1 layer of the UNet read them, once per step
+    unet = engine.pipe.unet
+    attn1 = [unet.get_submodule(n[: -len(".processor")]) for n in unet.attn_processors if n.endswith("attn1.processor")]
+    assert len(attn1) > 0 and len(seen) == len(attn1) * len(steps) == len(layers)
+    assert {id(a) for a in layers} == {id(a) for a in attn1}
+    assert all(sum(a is b for b in layers) == len(steps) for a in attn1)
     # the rows hold what an encoder pass over that row alone records
     first, resolved = steps[0], engine_resolve(engine, s)
     setup = engine._kv_setup(resolved, engine._kv_references(engine.analyze_faces([face_path]), resolved))
@@ -417,6 +463,75 @@ def test_encoder_pass_has_no_freeu_and_no_denoiser_loras(engine, face_path):
                                                   kv=freeu_cache, kv_record=True)})
     up = [n for n in cache.store if n.startswith("up_blocks")]
     assert any(not torch.allclose(freeu_cache.read(n)[0], cache.read(n)[0], atol=1e-5) for n in up)
+
+
+def _plain_encoder_kv(unet, setup, rows, noise, t, alphas_cumprod) -> KVCache:
+    """The KV-encoder pass by hand on ``unet`` (stock diffusers' processors but lcmla's attn1): the
+    reference latents noised to t with ``noise``, the encoder ``rows``, every attn1 recording."""
+    from lcmla.preview import ddpm_noise
+
+    z = ddpm_noise(setup["latents"], noise, alphas_cumprod, t).repeat(len(rows), 1, 1, 1)
+    batch = [setup["rows"][r] for r in rows]
+    cache = KVCache(rows=len(rows))
+    ctx = AttentionContext(ip_scale=0.0, am=AMPlan.from_settings(AttentionSettings(), 1), kv=cache, kv_record=True)
+    with torch.no_grad():
+        unet(z, t, encoder_hidden_states=torch.cat([r.prompt_embeds for r in batch]),
+             added_cond_kwargs={"text_embeds": torch.cat([r.text_embeds for r in batch]),
+                                "time_ids": torch.cat([r.time_ids for r in batch])},
+             cross_attention_kwargs={"lcmla": ctx})
+    return cache
+
+
+def _kv_equal(a: KVCache, b: KVCache) -> bool:
+    return a.store.keys() == b.store.keys() and all(
+        torch.allclose(a.read(n)[i], b.read(n)[i], atol=1e-5) for n in a.store for i in (0, 1))
+
+
+def test_encoder_pass_on_an_lcm_lora_backbone_runs_without_the_lcm_lora(face_path):
+    """sdxl-lcm-lora (the LCM-LoRA is the denoiser's backbone, at guidance.backbone_lora_scale): the
+    encoder pass still runs without it (and without FaceID's LoRA and FreeU), as the authors' encoder
+    does; controls: either LoRA active on the encoder pass WOULD change the recorded K/V."""
+    from diffusers import UNet2DConditionModel
+
+    from lcmla import Engine
+    from lcmla.denoiser import UNetBatch
+    from lcmla.lookahead import encode_reference
+    from lcmla.tiny import random_weights_paths
+
+    lcm = Engine.load("sdxl-lcm-lora", device="cpu", random_weights="tiny")
+    assert lcm.preset.lcm_lora and {"lcm", "faceid"} <= set(lcm.adapters)
+    s = _settings(lookahead__kv=True, freeu__enabled=True, identity__lora_scale=1.0,
+                  output__width=64, output__height=64)
+    resolved = engine_resolve(lcm, s)
+    assert lcm._denoiser_adapters(resolved) == {"faceid": 1.0, "lcm": resolved.guidance.backbone_lora_scale} \
+        and resolved.guidance.backbone_lora_scale > 0  # the denoiser runs both LoRAs (and FreeU)
+    steps = _capture_steps(lcm, s, [face_path])
+    step = steps[1]
+    assert step.kv_rows == ("text",)  # LCM scheduler: the full branch only, so the text row only
+    setup = lcm._kv_setup(resolved, lcm._kv_references(lcm.analyze_faces([face_path]), resolved))
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(s.output.seed))
+    acp = lcm._alphas_cumprod()
+    # a UNet that never had the LCM-LoRA, the FaceID LoRA or FreeU
+    stock = UNet2DConditionModel.from_pretrained(random_weights_paths("tiny")["base"], subfolder="unet")
+    stock.set_attn_processor({n: (SelfAttnProcessor(n) if n.endswith("attn1.processor") else p)
+                              for n, p in stock.attn_processors.items()})
+    plain = _plain_encoder_kv(stock, setup, step.kv_rows, noise, step.timestep, acp)
+    assert _kv_equal(step.ctx.kv, plain)
+
+    # controls on the engine's own UNet, the encoder pass with a chosen LoRA state (FreeU off)
+    def encoder_kv(adapters):
+        lcm._set_adapters(adapters)
+        lcm.pipe.unet.disable_freeu()
+        try:
+            with torch.no_grad():
+                batch = UNetBatch.cat([setup["rows"][r] for r in step.kv_rows])
+                return encode_reference(lcm.pipe.unet, setup["latents"], batch, step.timestep, noise, acp, KVCache())
+        finally:
+            lcm._apply_module_state(resolved)
+
+    assert _kv_equal(encoder_kv({}), plain)  # no LoRA: the same K/V by this path too
+    assert not _kv_equal(encoder_kv({"lcm": resolved.guidance.backbone_lora_scale}), plain)  # the LCM-LoRA would show
+    assert not _kv_equal(encoder_kv({"faceid": 1.0}), plain)  # and so would FaceID's
 
 
 def test_reference_framing_on_a_non_square_output(engine, face_path):
