@@ -463,6 +463,19 @@ def test_encoder_pass_has_no_freeu_and_no_denoiser_loras(engine, face_path):
                                                   kv=freeu_cache, kv_record=True)})
     up = [n for n in cache.store if n.startswith("up_blocks")]
     assert any(not torch.allclose(freeu_cache.read(n)[0], cache.read(n)[0], atol=1e-5) for n in up)
+    # and with the FaceID LoRA on for the encoder pass (the engine's UNet, FreeU off), they would too
+    from lcmla.denoiser import UNetBatch
+    from lcmla.lookahead import encode_reference
+
+    engine._set_adapters({"faceid": 1.0})
+    engine.pipe.unet.disable_freeu()
+    try:
+        with torch.no_grad():
+            faceid = encode_reference(engine.pipe.unet, setup["latents"], UNetBatch.cat(rows), step.timestep, noise,
+                                      engine._alphas_cumprod(), KVCache())
+    finally:
+        engine._apply_module_state(engine_resolve(engine, _settings()))
+    assert not _kv_equal(faceid, cache)
 
 
 def _plain_encoder_kv(unet, setup, rows, noise, t, alphas_cumprod) -> KVCache:
