@@ -53,6 +53,10 @@ class UNetBatch:
         """Every row repeated ``times`` times in place (row r → rows r·times … r·times + times − 1)."""
         return self._map(lambda v: v.repeat_interleave(times, dim=0))
 
+    def tile(self, times: int) -> "UNetBatch":
+        """The whole batch ``times`` times over (rows 0 … n−1, then 0 … n−1 again, …)."""
+        return self._map(lambda v: v.repeat(times, *([1] * (v.ndim - 1))))
+
     @staticmethod
     def cat(batches: Sequence["UNetBatch"]) -> "UNetBatch":
         out = []
@@ -152,12 +156,16 @@ class GuidedDenoiser:
         return rows, index
 
     def __call__(self, z_in: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        """z_in (N, 4, h, w): N images of one request → their guided ε (N, 4, h, w); the UNet batch is
+        images × branches, image-major (image j's branches are samples j·n … j·n + n − 1)."""
         branches = self.guidance.branches(step)
-        n = len(branches)
+        n, images = len(branches), z_in.shape[0]
         rows, kv_index = self.kv_rows(branches)
         cache = None
         if rows:
-            cache = self.kv_encoder(t, rows)
+            cache = self.kv_encoder(t, rows)  # images × rows encoder rows, image-major
+            r = len(rows)
+            kv_index = tuple(-1 if i < 0 else j * r + i for j in range(images) for i in kv_index)
         ctx = dataclasses.replace(
             self.context,
             step=step,
@@ -166,8 +174,13 @@ class GuidedDenoiser:
             kv_index=kv_index if cache is not None else None,
             am_group=n if self.pool_branches else 1,
         )
-        eps_all = unet_forward(self.unet, z_in.expand(n, -1, -1, -1), t, self.batch(branches), ctx)
-        preds = dict(zip(branches, eps_all.chunk(n)))  # all branches came from ONE UNet call
+        if images == 1:
+            z, batch = z_in.expand(n, -1, -1, -1), self.batch(branches)
+        else:
+            z, batch = z_in.repeat_interleave(n, dim=0), self.batch(branches).tile(images)
+        eps_all = unet_forward(self.unet, z, t, batch, ctx)  # all branches of all images: ONE UNet call
+        per_branch = eps_all.unflatten(0, (images, n))  # (N, n, 4, h, w)
+        preds = {name: per_branch[:, i] for i, name in enumerate(branches)}
         eps = self.guidance.combine(preds, step)
         self.calls.append(branches)
         if self.on_guided is not None:

@@ -37,9 +37,10 @@ from .errors import LcmlaError
 from .faces import EMBEDDING_DIM, FaceAnalyzer, FaceIdentity, onnx_providers
 from .guidance import BRANCH_CONDITIONS, DecoupledGuidance, Guidance, guidance_for
 from .images import as_photo_list
-from .lookahead import decode_tiny, encode_reference, frame_reference, lcm_preview_eps, reference_latents
+from .lookahead import (decode_tiny, encode_reference, encoder_rows, frame_reference, framing_used, kv_reference_images,
+                        preview_latents, reference_latents)
 from .memory import choose_memory_mode, enable_low_vram, free_device_memory, out_of_memory_error, release_cached_memory
-from .preview import PreviewFrame, PreviewResult, ddpm_x0, lcm_x0
+from .preview import PreviewFrame, PreviewResult
 from .presets import Preset, get_preset
 from .sampling import StepInfo, sample
 from .settings import GenerationSettings
@@ -122,6 +123,14 @@ class Engine:
                  memory_mode: str = "full"):
         self.preset = preset
         self.memory_mode = memory_mode  # "full" | "low" (lcmla.memory)
+        #: whether the images of a request share UNet calls with their guidance branches (images ×
+        #: branches, see ``images_per_call``): on by default on CUDA, where it raises throughput;
+        #: image i then equals seed + i run alone to within float rounding (≤ 1 grey level) instead of
+        #: bit for bit, because the kernels differ with the batch size. Off elsewhere (the CPU gains
+        #: little), so there every image is bit-identical to its seed alone.
+        self.batch_images = torch.device(device).type == "cuda"
+        #: samples (images × guidance branches) one UNet call may hold when batching images
+        self.max_unet_batch = 12
         self._offload_hooks: list[Any] = []
         self.components = components
         self.pipe = components.pipe
@@ -152,6 +161,7 @@ class Engine:
         adapter: str | Path | None = None,
         memory: str = "auto",
         random_weights: str | None = None,
+        batch_images: bool | None = None,
     ) -> "Engine":
         """Load a preset. ``device`` defaults to CUDA when present; ``dtype`` to float16 on CUDA.
 
@@ -170,7 +180,8 @@ class Engine:
         ``random_weights``: "full" or "tiny" runs the preset's scheduler, steps and size on a
         random-weights build of that architecture (``lcmla.tiny``, written once per machine and
         loaded through this same path): speed and memory figures without any real weights; the
-        result says random_weights, as the tiny preset's does.
+        result says random_weights, as the tiny preset's does. ``batch_images``: the images of a
+        request share UNet calls (default: on CUDA only; see ``Engine.batch_images``).
         """
         from .loading import adapter_kind, load_adapter_state_dict, load_components
         from .presets import random_weights_preset
@@ -216,6 +227,8 @@ class Engine:
             from .kv_lora import load_kv_encoder_lora
 
             load_kv_encoder_lora(engine.pipe, kv_encoder_lora)
+        if batch_images is not None:
+            engine.batch_images = bool(batch_images)
         if memory_mode == "low":
             pipe = engine.pipe
             engine._offload_hooks = enable_low_vram(
@@ -398,17 +411,13 @@ class Engine:
             if wanted is not None and step.step not in wanted:
                 return
             t0 = time.perf_counter()
-            acp = self._alphas_cumprod()
-            x0 = ddpm_x0(step.z_in, step.eps, acp, step.timestep)
             full = denoiser.guidance.conditions.get("full", BRANCH_CONDITIONS["full"])
-            row = denoiser.conditions.row(full)
             # the preview reads the K/V row the guidance gives its full branch (on the KV path: the
             # encoder-prompt row), when the step encoded it
             kv_row = step.kv_rows.index(full.kv_row) if full.kv_row in step.kv_rows else None
             scales = {**self._denoiser_adapters(resolved), "lcm": resolved.lookahead.lcm_lora_scale}
-            with self._adapters(scales, resolved):
-                eps_lcm = lcm_preview_eps(self.pipe.unet, step.z_in, step.timestep, row, step.ctx, kv_row)
-            z_lcm = lcm_x0(step.z_in, eps_lcm, acp, step.timestep, *lcm_scaling)
+            x0, z_lcm = preview_latents(self.pipe.unet, step, denoiser.conditions.row(full), kv_row,
+                                        self._alphas_cumprod(), lcm_scaling, lambda: self._adapters(scales, resolved))
             frame = PreviewFrame(step.step, int(step.timestep), self._decode_tiny(x0), self._decode_tiny(z_lcm))
             frames.append(frame)
             spent[0] += time.perf_counter() - t0
@@ -468,7 +477,7 @@ class Engine:
             random_weights=self.preset.random_weights,
             attention_maps=maps,
             branch_calls=calls,
-            notes=request_notes(settings, guidance, settings.guidance.steps),
+            notes=request_notes(settings, guidance, settings.guidance.steps) + self._framing_notes(identity, settings),
         )
 
     def _generate_locked(self, settings, identity, references, guidance, timings, callback, on_guided):
@@ -484,16 +493,17 @@ class Engine:
         timings["conditions"] = time.perf_counter() - t0
         all_latents, seeds, maps, calls = [], [], [], []
         t1 = time.perf_counter()
-        for i in range(settings.output.num_images):
-            seed = settings.output.seed + i
-            latents, denoiser = self._denoise(settings, conditions, guidance, identity is not None, seed, i,
+        n, group = settings.output.num_images, self.images_per_call(settings, guidance)
+        for first in range(0, n, group):
+            chunk = [settings.output.seed + i for i in range(first, min(n, first + group))]
+            latents, denoiser = self._denoise(settings, conditions, guidance, identity is not None, chunk, first,
                                               callback, kv_setup, on_guided)
             if denoiser.context.capture is not None:
                 maps.append(denoiser.context.capture)
-            if i == 0:
+            if first == 0:
                 calls = list(denoiser.calls)
-            all_latents.append(latents)
-            seeds.append(seed)
+            all_latents.extend(latents.split(1))
+            seeds.extend(chunk)
         t2 = time.perf_counter()
         images = [self._decode(latents) for latents in all_latents]
         timings["denoise"] = t2 - t1
@@ -529,21 +539,27 @@ class Engine:
         sched = self.pipe.scheduler if self._is_lcm() else LCMScheduler.from_config(self.pipe.scheduler.config)
         return float(sched.config.timestep_scaling), float(getattr(sched, "sigma_data", 0.5))
 
-    def _denoise(self, settings, conditions: ConditionSet, guidance: Guidance, has_identity: bool, seed: int,
-                 image_index: int, callback: StepCallback | None, kv_setup=None, on_guided=None):
-        """One image: seeded noise, the sampler loop over the request's model function."""
+    def _denoise(self, settings, conditions: ConditionSet, guidance: Guidance, has_identity: bool,
+                 seeds: Sequence[int], first_index: int, callback: StepCallback | None, kv_setup=None, on_guided=None):
+        """A group of images of one request, batched: each image's seeded noise (image i of the
+        request: seed + i, its own generator, so it equals that seed alone), then ONE sampler loop
+        whose UNet calls hold images × branches (image-major: an image's branches are consecutive,
+        which AM2's authors-exact pooling relies on)."""
         width, height = settings.output.width, settings.output.height
         pipe = self.pipe
         sched = self._scheduler(settings)
         num_steps = len(sched.timesteps)
-        generator = torch.Generator("cpu").manual_seed(seed)
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         lh, lw = height // pipe.vae_scale_factor, width // pipe.vae_scale_factor
-        noise = torch.randn((1, pipe.unet.config.in_channels, lh, lw), generator=generator, dtype=torch.float32)
-        noise = noise.to(self.device, self.dtype)
+        noise = torch.cat([torch.randn((1, pipe.unet.config.in_channels, lh, lw), generator=g, dtype=torch.float32)
+                           for g in generators]).to(self.device, self.dtype)  # (N, 4, h, w)
+        capture = settings.attention.capture_maps and has_identity
+        if capture and len(seeds) > 1:
+            raise ValueError("map capture records one image per sampler loop")  # _generate_locked groups by 1
         context = AttentionContext(
             ip_scale=settings.identity.ip_adapter_scale if has_identity else 0.0,
             am=AMPlan.from_settings(settings.attention, num_steps),
-            capture=MapStore((lh, lw)) if settings.attention.capture_maps and has_identity else None,
+            capture=MapStore((lh, lw)) if capture else None,
         )
         denoiser = GuidedDenoiser(
             unet=pipe.unet,
@@ -559,31 +575,47 @@ class Engine:
         report = None
         if callback is not None:
             def report(k, t, latents, x0):
-                callback(StepInfo(image_index, k, num_steps, int(t), latents, x0))
+                for j in range(latents.shape[0]):
+                    callback(StepInfo(first_index + j, k, num_steps, int(t), latents[j:j + 1], x0[j:j + 1]))
+        # one image keeps its single generator (the call diffusers' pipeline makes); several: one each
+        generator = generators[0] if len(generators) == 1 else generators
         latents = sample(denoiser, sched, noise * sched.init_noise_sigma, generator=generator, callback=report)
         return latents, denoiser
 
+    def images_per_call(self, settings: GenerationSettings, guidance: Guidance) -> int:
+        """How many images of a request share one sampler loop (and so each UNet call): as many as
+        keep images × (the most branches a step runs) within ``max_unet_batch``; one when attention
+        maps are captured (a map store per image), in the low-VRAM mode, or with ``batch_images`` off."""
+        if (not self.batch_images or settings.attention.capture_maps or self.memory_mode == "low"
+                or settings.output.num_images == 1):
+            return 1
+        widest = max(len(guidance.branches(k)) for k in range(settings.guidance.steps))
+        return max(1, min(settings.output.num_images, self.max_unet_batch // max(1, widest)))
+
     # ---- LCM-Lookahead: the KV encoder's reference and pass ----------------------------------------
 
+    @staticmethod
+    def _framing_notes(identity: FaceIdentity | None, settings: GenerationSettings) -> list[str]:
+        """A note when the KV reference could not be framed as asked."""
+        if identity is None or not settings.lookahead.kv:
+            return []
+        asked = settings.lookahead.reference_framing
+        used = framing_used(identity, asked)
+        if used == asked:
+            return []
+        return [f"KV reference: framing {asked!r} needs the photos and their face boxes; this identity holds only "
+                f"aligned face crops, so they were used whole ({used!r})"]
+
     def _kv_references(self, identity: FaceIdentity, settings: GenerationSettings) -> list:
-        """The reference images for the KV encoder at the output size, one per reference photo,
-        framed as ``lookahead.reference_framing`` says (an identity without photos falls back to its
-        aligned crops, fitted whole)."""
-        size = (settings.output.width, settings.output.height)
-        framing = settings.lookahead.reference_framing
-        if identity.images:
-            return [frame_reference(img, box, size, framing) for img, box in zip(identity.images, identity.boxes)]
-        return [frame_reference(crop, None, size, "photo") for crop in identity.crops]
+        """The KV encoder's reference images (``lookahead.kv_reference_images``) for a request."""
+        return kv_reference_images(identity, (settings.output.width, settings.output.height),
+                                   settings.lookahead.reference_framing)
 
     @torch.no_grad()
     def _kv_setup(self, settings: GenerationSettings, references: list) -> dict[str, Any]:
-        """The reference latents and the encoder rows' conditions: [null text, the encoder prompt],
-        both with the null identity (the encoder's cross attention sees text only)."""
-        text = self._text_conditions(settings.lookahead.kv_prompt)  # "null": SDXL's empty-prompt zeros
-        null_id = self._identity_conditions(None)["null"]  # unused by the encoder (λ = 0), but the UNet needs one
-        time_ids = self._time_ids(settings)
-        rows = {name: UNetBatch(text[key][0], text[key][1], time_ids, *null_id)
-                for name, key in (("null", "null"), ("text", "text"))}
+        """The reference latents and the encoder rows' conditions (``lookahead.encoder_rows``)."""
+        rows = encoder_rows(self._text_conditions(settings.lookahead.kv_prompt),  # "null": SDXL's empty-prompt zeros
+                            self._identity_conditions(None)["null"], self._time_ids(settings))
         return {"latents": reference_latents(self.pipe, references, self.dtype, self.device), "rows": rows}
 
     @contextlib.contextmanager
@@ -624,13 +656,16 @@ class Engine:
 
 
 def _optional_paths(preset: Preset, weights_dir) -> dict[str, Path]:
-    """LCM-LoRA and TAESD folders when they are on this machine (previews need them); no error otherwise."""
+    """LCM-LoRA and TAESD folders (previews need them) and the float16-fix VAE when they are on this
+    machine; no error otherwise."""
     from .errors import MissingWeightsError
-    from .presets import LCM_LORA_REPO, TAESDXL_REPO, TAESD_FILES
+    from .presets import LCM_LORA_REPO, TAESDXL_REPO, TAESD_FILES, VAE_FP16_FIX_REPO
     from .weights import resolve_files
 
     out: dict[str, Path] = {}
-    for role, spec in (("lcm_lora", (LCM_LORA_REPO, ("pytorch_lora_weights.safetensors",))), ("taesd", (TAESDXL_REPO, TAESD_FILES))):
+    for role, spec in (("lcm_lora", (LCM_LORA_REPO, ("pytorch_lora_weights.safetensors",))),
+                       ("taesd", (TAESDXL_REPO, TAESD_FILES)),
+                       ("vae_fp16_fix", (VAE_FP16_FIX_REPO, TAESD_FILES))):
         try:
             out.update(resolve_files({role: spec}, weights_dir=weights_dir))
         except MissingWeightsError:

@@ -387,7 +387,15 @@ def _load(
             module.eval()
             module.requires_grad_(False)
 
-    if dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
+    if dtype == torch.float16 and "vae_fp16_fix" in paths:
+        # madebyollin/sdxl-vae-fp16-fix: SDXL's VAE fine-tuned so that its activations stay in
+        # float16's range; it replaces the upcast (same latent space, ~1 grey level apart)
+        from diffusers import AutoencoderKL
+
+        vae_dir = _require(paths, "vae_fp16_fix", TAESD_FILES)
+        pipe.vae = AutoencoderKL.from_pretrained(str(vae_dir), dtype=dtype, local_files_only=True).to(device).eval()
+        pipe.vae.requires_grad_(False)
+    elif dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
         # SDXL's VAE overflows in float16 (NaN images): keep it in float32, as diffusers' pipeline
         # does per call, but once, at load, instead of casting back and forth per request.
         pipe.vae.to(torch.float32)

@@ -28,8 +28,8 @@ from .denoiser import UNetBatch, unet_forward
 from .preview import ddpm_noise
 from .settings import AttentionSettings
 
-__all__ = ["decode_tiny", "encode_reference", "frame_reference", "lcm_preview_eps", "record_reference_kv",
-           "reference_latents"]
+__all__ = ["decode_tiny", "encode_reference", "encoder_rows", "frame_reference", "framing_used", "kv_reference_images",
+           "lcm_preview_eps", "preview_latents", "record_reference_kv", "reference_latents"]
 
 FRAMINGS = ("photo", "face")
 
@@ -72,6 +72,32 @@ def frame_reference(image: Image.Image, box: tuple[float, float, float, float] |
     return crop.resize((out_w, out_h), Image.BICUBIC)
 
 
+def kv_reference_images(identity: Any, size: tuple[int, int], framing: str) -> list[Image.Image]:
+    """The KV encoder's reference images at the output ``size`` = (width, height), one per
+    reference photo of ``identity`` (a ``FaceIdentity``), framed as ``framing`` says; an identity
+    without photos falls back to its aligned crops, fitted whole (see :func:`framing_used`)."""
+    if identity.images:
+        return [frame_reference(img, box, size, framing) for img, box in zip(identity.images, identity.boxes)]
+    return [frame_reference(crop, None, size, "photo") for crop in identity.crops]
+
+
+def framing_used(identity: Any, framing: str) -> str:
+    """The framing :func:`kv_reference_images` applies: "face" needs the photos and their face
+    boxes; an identity of aligned crops only is framed whole ("photo")."""
+    if framing == "face" and not (identity.images and all(box is not None for box in identity.boxes)):
+        return "photo"
+    return framing
+
+
+def encoder_rows(text: dict[str, tuple[torch.Tensor, torch.Tensor]], null_identity: tuple, time_ids: torch.Tensor
+                 ) -> dict[str, UNetBatch]:
+    """The KV encoder's two rows (SPEC §4, as the authors released it): "null" (the null text) and
+    "text" (the encoder prompt, ``text["text"]``), both with the null identity (the encoder's cross
+    attention sees text only; the identity rows are unused at λ = 0 but the UNet needs them)."""
+    return {name: UNetBatch(text[key][0], text[key][1], time_ids, *null_identity)
+            for name, key in (("null", "null"), ("text", "text"))}
+
+
 @torch.no_grad()
 def reference_latents(pipe, images: list[Image.Image], dtype: torch.dtype, device: torch.device | str | None = None) -> torch.Tensor:
     """VAE latents of the reference images, (n, 4, h, w), scaled like the UNet's input, on
@@ -104,14 +130,16 @@ def record_reference_kv(unet, z_t: torch.Tensor, batch: UNetBatch, t: torch.Tens
 def encode_reference(unet, latents: torch.Tensor, rows: UNetBatch, t: torch.Tensor, noise: torch.Tensor,
                      alphas_cumprod: torch.Tensor, cache: KVCache, kv_copy_scale: float = 1.0) -> KVCache:
     """The inference KV-encoder pass at timestep t: P reference photos ``latents`` (P, 4, h, w), each
-    noised to t with the same ``noise`` (the generation's initial noise, (1, 4, h, w)), under R
-    encoder rows ``rows``; the encoder batch is R × P, row-major. Returns ``cache`` holding
-    (R, P·N, C) per layer (the photos' tokens side by side in each row)."""
-    r, p = len(rows), latents.shape[0]
-    z_ref = ddpm_noise(latents, noise.expand_as(latents), alphas_cumprod, t)  # (P, 4, h, w)
+    noised to t with an image's own initial noise (``noise``: (N, 4, h, w), one per image of the
+    request), under R encoder rows ``rows``; the encoder batch is N × R × P (image, then row, then
+    photo). Returns ``cache`` holding (N·R, P·N_tok, C) per layer: image j's row r is cache row
+    j·R + r, the photos' tokens side by side in each row."""
+    r, p, images = len(rows), latents.shape[0], noise.shape[0]
     batch = rows.repeat(p) if p > 1 else rows
-    cache.rows = r
-    return record_reference_kv(unet, z_ref.repeat(r, 1, 1, 1), batch, t, cache, kv_copy_scale)
+    z_ref = torch.cat([ddpm_noise(latents, noise[j:j + 1].expand_as(latents), alphas_cumprod, t).repeat(r, 1, 1, 1)
+                       for j in range(images)])  # (N·R·P, 4, h, w)
+    cache.rows = r * images
+    return record_reference_kv(unet, z_ref, batch.tile(images) if images > 1 else batch, t, cache, kv_copy_scale)
 
 
 _NO_AM = AMPlan.from_settings(AttentionSettings(), 1)
@@ -125,6 +153,21 @@ def lcm_preview_eps(unet, z_in: torch.Tensor, t: torch.Tensor, row: UNetBatch, c
     kv_index = (kv_row,) if kv_row is not None and ctx.kv is not None else None
     lcm_ctx = dataclasses.replace(ctx, capture=None, capture_index=0, kv_index=kv_index, am_group=1)
     return unet_forward(unet, z_in, t, row, lcm_ctx)
+
+
+def preview_latents(unet, step: Any, row: UNetBatch, kv_row: int | None, alphas_cumprod: torch.Tensor,
+                    lcm_scaling: tuple[float, float], lcm_active: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two previews of a denoising ``step`` (a ``GuidedStep``), as latents (SPEC §4):
+    x̂0 from the step's guided prediction, and the LCM one-step preview ẑ0 from one more UNet call
+    under ``row`` (the full condition; on the KV path reading encoder row ``kv_row``) with the
+    LCM-LoRA active (``lcm_active()``: a context manager the caller provides, which sets and
+    restores module state) and the boundary scalings ``lcm_scaling`` = (timestep_scaling, σ_data)."""
+    from .preview import ddpm_x0, lcm_x0
+
+    x0 = ddpm_x0(step.z_in, step.eps, alphas_cumprod, step.timestep)
+    with lcm_active():
+        eps_lcm = lcm_preview_eps(unet, step.z_in, step.timestep, row, step.ctx, kv_row)
+    return x0, lcm_x0(step.z_in, eps_lcm, alphas_cumprod, step.timestep, *lcm_scaling)
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ HYPER_REPO = "ByteDance/Hyper-SD"
 LIGHTNING_REPO = "ByteDance/SDXL-Lightning"
 LCM_LORA_REPO = "latent-consistency/lcm-lora-sdxl"
 TAESDXL_REPO = "madebyollin/taesdxl"
+VAE_FP16_FIX_REPO = "madebyollin/sdxl-vae-fp16-fix"  # optional: SDXL's VAE fine-tuned to run in float16
 
 _TOKENIZER_FILES = ("merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json")
 

@@ -153,3 +153,40 @@ def test_full_architecture_is_sdxl_at_its_real_size():
         clip = CLIPModel(CLIPConfig(text_config=a.clip_text, vision_config=a.vision, projection_dim=a.clip_projection))
         assert count(clip) == 986_109_441
         assert count(AutoencoderTiny(**a.taesd)) == 2_445_063
+
+
+def test_the_app_header_says_which_memory_mode_runs(engine, low_engine):
+    pytest.importorskip("gradio")
+    from lcmla.ui.common import _header
+
+    assert "cpu, every model in device memory" in _header(engine)
+    assert "low-VRAM mode" in _header(low_engine)
+
+
+def test_the_app_takes_the_memory_flag(monkeypatch):
+    pytest.importorskip("gradio")
+    from lcmla.ui.cli import parse_args
+
+    assert parse_args([]).memory == "auto"
+    assert parse_args(["--memory", "low"]).memory == "low"
+    monkeypatch.setenv("LCMLA_MEMORY", "full")
+    assert parse_args([]).memory == "full"
+
+
+def test_the_fp16_fix_vae_replaces_the_upcast_when_present(tiny_cache, tmp_path):
+    """In float16, SDXL's VAE is kept in float32 (it overflows in float16) unless
+    madebyollin/sdxl-vae-fp16-fix is on the machine: then that VAE runs in float16."""
+    from diffusers import AutoencoderKL
+
+    from lcmla.loading import load_components
+    from lcmla.presets import PRESETS
+    from lcmla.tiny import TINY_VAE, tiny_paths
+
+    fix = tmp_path / "madebyollin" / "sdxl-vae-fp16-fix"
+    AutoencoderKL(**{**TINY_VAE, "force_upcast": False}).save_pretrained(fix, safe_serialization=True)
+    paths = tiny_paths()
+    stock = load_components(PRESETS["tiny"], paths, dtype=torch.float16)
+    assert stock.pipe.vae.dtype == torch.float32 and stock.pipe.unet.dtype == torch.float16
+    fixed = load_components(PRESETS["tiny"], {**paths, "vae_fp16_fix": fix}, dtype=torch.float16)
+    assert fixed.pipe.vae.dtype == torch.float16 and not fixed.pipe.vae.config.force_upcast
+    assert fixed.pipe.vae.config.block_out_channels == TINY_VAE["block_out_channels"]

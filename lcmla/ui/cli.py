@@ -43,6 +43,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu, … (default: CUDA when present)")
     parser.add_argument("--face-models", default=None, help="insightface model folder (default: buffalo_l)")
     parser.add_argument("--download", action="store_true", help="download missing weights from the Hugging Face Hub")
+    parser.add_argument("--memory", choices=("auto", "full", "low"), default=os.environ.get("LCMLA_MEMORY") or "auto",
+                        help="full: every model on the GPU; low: model CPU offload + VAE tiling for 8-12 GB cards; "
+                             "auto (default, or $LCMLA_MEMORY): low when the GPU has less than 14 GiB free")
     parser.add_argument("--adapter", default=os.environ.get("LCMLA_ADAPTER") or None,
                         help="trained identity adapter (training's ip-adapter-faceid-plusv2_sdxl.safetensors) for "
                              "the Weights choice and Compare's trained column (default: $LCMLA_ADAPTER)")
@@ -71,7 +74,8 @@ def load_trained(args: argparse.Namespace, engine: Any) -> Trained | None:
             raise LcmlaError(f"{flag} {value}: no such file (training writes it into its --output-dir)")
     trained = Engine.load(engine.preset.name, device=str(engine.device), dtype=engine.dtype,
                           weights_dir=args.weights_dir or os.environ.get("LCMLA_WEIGHTS"),
-                          face_models=args.face_models, adapter=args.adapter, kv_encoder_lora=args.kv_lora)
+                          face_models=args.face_models, adapter=args.adapter, kv_encoder_lora=args.kv_lora,
+                          memory=engine.memory_mode)
     return Trained(trained, args.adapter, args.kv_lora)
 
 
@@ -80,7 +84,7 @@ def load_engine(args: argparse.Namespace) -> tuple[Any, str | None]:
     from lcmla import Engine  # imports torch: only here, never at import time
 
     kwargs = {"device": args.device, "weights_dir": args.weights_dir or os.environ.get("LCMLA_WEIGHTS"),
-              "allow_download": args.download, "face_models": args.face_models}
+              "allow_download": args.download, "face_models": args.face_models, "memory": args.memory}
     try:
         return Engine.load(args.preset, **kwargs), None
     except MissingWeightsError as exc:
@@ -89,7 +93,7 @@ def load_engine(args: argparse.Namespace) -> tuple[Any, str | None]:
         log.warning("%s", exc)
         notice = (f"The weights of the `{args.preset}` preset are not on this machine, so the app runs the offline "
                   f"`tiny` preset instead. {exc}")
-        return Engine.load("tiny", device=args.device), notice
+        return Engine.load("tiny", device=args.device, memory=args.memory), notice
 
 
 def main(argv: Sequence[str] | None = None) -> int:

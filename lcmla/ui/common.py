@@ -242,12 +242,20 @@ def _header(engine: Any, trained: Trained | None = None) -> str:
         "attention manipulation) and **LCM-Lookahead** (LCM previews, KV path). Upload a face photo, write a "
         "prompt, press Generate. Every knob of both papers is below.",
         f"**Model:** `{p.name}` — {p.title} · {p.steps} steps · {p.width}×{p.height} · face backend: "
-        f"{engine.faces.backend}{_providers(engine)} · lcmla {__version__}",
+        f"{engine.faces.backend}{_providers(engine)} · {_memory_text(engine)} · lcmla {__version__}",
     ]
     if trained is not None:
         lines.append(f"**Trained weights:** {_trained_text(trained)} — pick them with *Weights* in Generate; "
                      "Compare adds a column for them.")
     return "\n\n".join(lines)
+
+
+def _memory_text(engine: Any) -> str:
+    """Where the model runs and how it holds memory (lcmla.memory's modes)."""
+    device = str(getattr(engine, "device", "cpu"))
+    if getattr(engine, "memory_mode", "full") == "low":
+        return f"{device}, low-VRAM mode (models offloaded to CPU memory between uses, VAE tiling)"
+    return f"{device}, every model in device memory"
 
 
 def _providers(engine: Any) -> str:
@@ -330,10 +338,12 @@ class Context:
         steps = settings.guidance.steps or self.preset.steps
         total = steps * settings.output.num_images
 
+        done = [0]  # a running count: the engine batches images, so their steps arrive interleaved
+
         def report(info: Any) -> None:
-            done = info.image_index * info.num_steps + info.step + 1
-            progress((done, max(total, done)), desc=f"image {info.image_index + 1}/{settings.output.num_images} · "
-                                                     f"step {info.step + 1}/{info.num_steps}")
+            done[0] += 1
+            progress((done[0], max(total, done[0])), desc=f"step {info.step + 1}/{info.num_steps} · "
+                                                          f"image {info.image_index + 1}/{settings.output.num_images}")
 
         return report
 
