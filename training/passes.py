@@ -12,7 +12,9 @@ fixes, both here:
   gradients) and ON on every adapter they activate (the frozen LCM-LoRA and FaceID LoRA would
   get gradients, costing backward time and memory for nothing);
 - :meth:`PassSwitcher.checkpoint_function` is a ``gradient_checkpointing_func`` for diffusers that
-  records the pass state at forward time and re-applies it while the block is recomputed.
+  records the pass state at forward time and applies it when the block is recomputed (and leaves
+  it applied: the next recomputed block is usually of the same pass, and every pass sets its own
+  state before it runs).
 """
 
 from __future__ import annotations
@@ -110,13 +112,22 @@ class PassSwitcher:
             if before is not None:
                 self.set(before)
 
+    @contextlib.contextmanager
+    def _recomputing(self, state: PassState) -> Iterator[None]:
+        """``state`` for a block recomputed in backward, left applied afterwards: backward recomputes
+        the blocks of one pass one after another, so only the first of them pays for peft's
+        ``set_adapters`` (a walk over every UNet module). Safe because every forward pass calls
+        :meth:`set` before it runs, and nothing between backward and the next pass reads the state."""
+        self.set(state)
+        yield
+
     def checkpoint_function(self) -> Callable:
         """A ``gradient_checkpointing_func`` that recomputes each block under its own pass state."""
         from torch.utils.checkpoint import checkpoint
 
         def run(module, *args):
             state = self.current
-            ctx = lambda: (contextlib.nullcontext(), self.applied(state))  # noqa: E731 - forward, recompute
+            ctx = lambda: (contextlib.nullcontext(), self._recomputing(state))  # noqa: E731 - forward, recompute
             return checkpoint(module.__call__, *args, use_reentrant=False, context_fn=ctx)
 
         return run
