@@ -34,7 +34,6 @@ def test_full_size_flops_are_the_published_ones():
         cond = {"encoder_hidden_states": torch.randn(1, 77, 2048),
                 "added_cond_kwargs": {"text_embeds": torch.randn(1, 1280), "time_ids": torch.randn(1, 6)}}
         assert tflop(lambda: unet(z, torch.tensor(999), **cond)) == pytest.approx(6.76, rel=0.01)
-        del unet
         assert tflop(lambda: AutoencoderKL(**a.vae).decode(z)) == pytest.approx(10.5, rel=0.01)
         assert tflop(lambda: AutoencoderTiny(**a.taesd).decode(z)) == pytest.approx(0.57, rel=0.01)
 

@@ -12,6 +12,7 @@ from typing import Any
 import gradio as gr
 
 from lcmla.errors import LcmlaError, MissingWeightsError
+from lcmla.memory import MEMORY_MODES
 from lcmla.presets import PRESETS
 
 from .common import ASSETS, CSS, MAX_FILE_SIZE, Trained, _gpu, _theme, log
@@ -43,7 +44,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu, … (default: CUDA when present)")
     parser.add_argument("--face-models", default=None, help="insightface model folder (default: buffalo_l)")
     parser.add_argument("--download", action="store_true", help="download missing weights from the Hugging Face Hub")
-    parser.add_argument("--memory", choices=("auto", "full", "low"), default=os.environ.get("LCMLA_MEMORY") or "auto",
+    parser.add_argument("--memory", choices=MEMORY_MODES, default=os.environ.get("LCMLA_MEMORY") or "auto",
                         help="full: every model on the GPU; low: model CPU offload + VAE tiling for 8-12 GB cards; "
                              "auto (default, or $LCMLA_MEMORY): low when the GPU has less than 14 GiB free")
     parser.add_argument("--adapter", default=os.environ.get("LCMLA_ADAPTER") or None,
