@@ -28,6 +28,7 @@ ratios, measured in this run on this device:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -40,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from lcmla import Engine, GenerationSettings  # noqa: E402
+from lcmla.acceleration import COMPILE_MODES  # noqa: E402
 from lcmla.denoiser import UNetBatch, unet_forward  # noqa: E402
 from lcmla.methods import method_changes  # noqa: E402
 
@@ -154,6 +156,7 @@ def run_config(engine: Engine, name: str, settings: GenerationSettings, identity
             branches.append(sum(len(b) for b in res.branch_calls) / max(1, len(res.branch_calls)))
         wall = time.perf_counter() - t0
         if r == 0:
+            final["first_ms"] = (wall - timings.get("faces", 0.0)) * 1000  # compiles, when compiled
             continue  # warm-up
         unet_ms.append(timer.total / steps * 1000)
         e2e_ms.append((wall - timings.get("faces", 0.0)) * 1000)
@@ -175,7 +178,7 @@ def run_config(engine: Engine, name: str, settings: GenerationSettings, identity
                 res = engine.generate(many, identity)
                 per_batch[n].append(n / (time.perf_counter() - t0 - res.timings.get("faces", 0.0)))
     med = statistics.median
-    out = {"unet_ms_per_step": med(unet_ms), "e2e_ms_vae": med(e2e_ms), "steps": steps,
+    out = {"unet_ms_per_step": med(unet_ms), "e2e_ms_vae": med(e2e_ms), "steps": steps, "first_ms": final["first_ms"],
            "branches_per_step": med(branches) if branches else float("nan")}
     if taesd_ms:
         out["e2e_ms_taesd"] = med(e2e_ms) - med(decode_ms) + med(taesd_ms)
@@ -187,32 +190,11 @@ def run_config(engine: Engine, name: str, settings: GenerationSettings, identity
     return out
 
 
-def main(argv=None) -> int:
-    cuda = torch.cuda.is_available()
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", choices=("full", "tiny"), default="full" if cuda else "tiny")
-    ap.add_argument("--preset", default="hyper-sdxl-4step", help="scheduler, steps and guidance of this preset")
-    ap.add_argument("--size", type=int, default=None, help="square output size (default: 1024 full, 256 tiny)")
-    ap.add_argument("--device", default="cuda" if cuda else "cpu")
-    ap.add_argument("--dtype", default="bfloat16" if cuda else "float32")
-    ap.add_argument("--memory", choices=("auto", "full", "low"), default="full")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--batches", default="1,4,8" if cuda else "1,2", help="images per request for images/s")
-    ap.add_argument("--configs", default=",".join(CONFIGS))
-    ap.add_argument("--matmul-n", type=int, default=8192 if cuda else 1024)
-    ap.add_argument("--json", default=None, help="also write the figures here")
-    ap.add_argument("--face", default=str(ROOT / "assets" / "face.png"))
-    args = ap.parse_args(argv)
-    size = args.size or (1024 if args.arch == "full" else 256)
-    batches = [int(b) for b in args.batches.split(",") if b]
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = sorted(set(configs) - set(CONFIGS))
-    if unknown:
-        ap.error(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}")
-
+def run_mode(args, mode: str, size: int, batches: list[int], configs: list[str]) -> dict:
+    """Load the engine with compile ``mode``, run the configurations, print their table."""
     t0 = time.perf_counter()
     engine = Engine.load(args.preset, device=args.device, dtype=args.dtype, memory=args.memory,
-                         random_weights=args.arch)
+                         random_weights=args.arch, compile=mode, channels_last=args.channels_last)
     load_s = time.perf_counter() - t0
     dev = engine.device
     identity = engine.analyze_faces([args.face])
@@ -230,14 +212,16 @@ def main(argv=None) -> int:
         timer.close()
 
     env = (f"torch {torch.__version__}, device {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}, "
-           f"dtype {engine.dtype}, memory mode {engine.memory_mode}")
+           f"dtype {engine.dtype}, memory mode {engine.memory_mode}, compile {mode}"
+           f"{' (' + ', '.join(engine.compiled) + ')' if engine.compiled else ''}, "
+           f"channels_last {engine.channels_last}")
     print(f"{engine.preset.title}: {size}×{size}, {args.rounds} rounds; {env}; load {load_s:.1f} s")
     print(f"dense matmul rate: {rate / 1e12:.2f} TFLOP/s ({args.matmul_n}³, {engine.dtype})")
     scale = (size / 1024) ** 2
     for key, value in flops.items():
         print(f"FLOPs of one {key:12s}: {value / 1e12:8.3f} TFLOP  (published at 1024²: "
               f"{PUBLISHED_TFLOP_1024[key]:.2f}, × (size/1024)² = {PUBLISHED_TFLOP_1024[key] * scale:.3f})")
-    head = f"{'config':16s} {'br/step':>7s} {'UNet ms/step':>12s} {'UNet ms/img':>11s} {'×floor':>7s} {'e2e ms VAE':>10s} " \
+    head = f"{'config':16s} {'br/step':>7s} {'first s':>7s} {'UNet ms/step':>12s} {'UNet ms/img':>11s} {'×floor':>7s} {'e2e ms VAE':>10s} " \
            f"{'e2e ms TAESD':>12s} {'×floor':>7s} " + " ".join(f"{'img/s x' + str(n):>9s}" for n in batches) + \
            f" {'peak GiB':>8s}"
     print(head)
@@ -245,7 +229,7 @@ def main(argv=None) -> int:
         br = r["branches_per_step"] if name != "previews" else 1.0
         unet_floor = br * flops["unet"] / rate * 1000
         taesd_floor = unet_floor * r["steps"] + flops.get("taesd_decode", 0) / rate * 1000
-        row = (f"{name:16s} {br:7.2f} {r['unet_ms_per_step']:12.1f} {r['unet_ms_per_step'] * r['steps']:11.1f} "
+        row = (f"{name:16s} {br:7.2f} {r['first_ms'] / 1000:7.1f} {r['unet_ms_per_step']:12.1f} {r['unet_ms_per_step'] * r['steps']:11.1f} "
                f"{r['unet_ms_per_step'] / unet_floor:7.2f} "
                f"{r['e2e_ms_vae']:10.1f} {r.get('e2e_ms_taesd', float('nan')):12.1f} "
                f"{r.get('e2e_ms_taesd', float('nan')) / taesd_floor:7.2f} "
@@ -258,9 +242,60 @@ def main(argv=None) -> int:
               f"end to end (VAE) {theirs['e2e_ms_vae'] / ours['e2e_ms_vae']:.2f}× (goal ≥ 1.5 on a GPU)")
     print("goals (full size, 1024², 4 steps, H100): plain ≤ 60 ms UNet/image, AM2+DCG ≤ 180 ms; end to end with TAESD "
           "≤ 1.6× the floor; peak ≤ 10 GB for AM2+DCG in fp16; low-VRAM mode ≤ 8 GB")
+    del engine, timer
+    return {"env": env, "matmul_flops_per_s": rate, "flops": flops, "results": results}
+
+
+def main(argv=None) -> int:
+    cuda = torch.cuda.is_available()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", choices=("full", "tiny"), default="full" if cuda else "tiny")
+    ap.add_argument("--preset", default="hyper-sdxl-4step", help="scheduler, steps and guidance of this preset")
+    ap.add_argument("--size", type=int, default=None, help="square output size (default: 1024 full, 256 tiny)")
+    ap.add_argument("--device", default="cuda" if cuda else "cpu")
+    ap.add_argument("--dtype", default="bfloat16" if cuda else "float32")
+    ap.add_argument("--memory", choices=("auto", "full", "low"), default="full")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batches", default="1,4,8" if cuda else "1,2", help="images per request for images/s")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--matmul-n", type=int, default=8192 if cuda else 1024)
+    ap.add_argument("--compile", default="none",
+                    help="comma-separated compile modes, each a run with its own engine (none, am, unet; "
+                         "lcmla.acceleration); the ratios to the first are printed")
+    ap.add_argument("--channels-last", dest="channels_last", default=None, action=argparse.BooleanOptionalAction,
+                    help="convolutions in NHWC (default: on CUDA only)")
+    ap.add_argument("--json", default=None, help="also write the figures here")
+    ap.add_argument("--face", default=str(ROOT / "assets" / "face.png"))
+    args = ap.parse_args(argv)
+    size = args.size or (1024 if args.arch == "full" else 256)
+    batches = [int(b) for b in args.batches.split(",") if b]
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = sorted(set(configs) - set(CONFIGS))
+    if unknown:
+        ap.error(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}")
+    compile_modes = [m.strip() for m in args.compile.split(",") if m.strip()]
+    if not compile_modes or set(compile_modes) - set(COMPILE_MODES):
+        ap.error(f"--compile takes modes from {', '.join(COMPILE_MODES)}")
+
+    runs = {}
+    for mode in compile_modes:
+        runs[mode] = run_mode(args, mode, size, batches, configs)
+        if len(compile_modes) > 1:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    if len(runs) > 1:
+        eager = compile_modes[0]
+        print(f"compiled vs {eager}: UNet ms/step ratio (< 1 is faster), first request (compile warm-up) in s")
+        for mode in compile_modes[1:]:
+            for name in configs:
+                ours, base = runs[mode]["results"][name], runs[eager]["results"][name]
+                print(f"  {mode:5s} {name:16s} UNet {ours['unet_ms_per_step'] / base['unet_ms_per_step']:5.2f}×  "
+                      f"end to end {ours['e2e_ms_vae'] / base['e2e_ms_vae']:5.2f}×  "
+                      f"first request {ours['first_ms'] / 1000:7.1f} s (vs {base['first_ms'] / 1000:.1f} s)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"env": env, "size": size, "matmul_flops_per_s": rate, "flops": flops,
-                                               "results": results}, indent=2))
+        first = runs[compile_modes[0]]
+        Path(args.json).write_text(json.dumps({**first, "size": size, "runs": runs}, indent=2))
     return 0
 
 

@@ -20,6 +20,7 @@ from .errors import LcmlaError
 from .fastface import FASTFACE_PRESETS
 from .methods import METHODS, method_changes
 from .knobs import KNOB, KNOBS, cli_flags, cli_help, parse_cli
+from .acceleration import COMPILE_MODES
 from .memory import MEMORY_MODES
 from .presets import DEFAULT_PRESET, PRESETS, RANDOM_ARCHITECTURES
 from .settings import GenerationSettings
@@ -68,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--memory", choices=MEMORY_MODES, default="auto",
                      help="full: every model on the device; low: model CPU offload + VAE tiling for 8-12 GB cards; "
                           "auto (default): low when the GPU has less than 14 GiB free")
+    gen.add_argument("--compile", choices=COMPILE_MODES, default="none",
+                     help="torch.compile: am (FastFace's identity branch fused) or unet (that and the UNet); the "
+                          "first image of each size compiles (seconds to minutes), later ones are faster on a GPU")
     gen.add_argument("--random-weights", choices=RANDOM_ARCHITECTURES, default=None,
                      help="run the preset on a random-weights build of SDXL's full (or tiny) architecture, built once "
                           "on this machine: for speed and memory measurements only, the images are patterns")
@@ -171,11 +175,15 @@ def _generate(args: argparse.Namespace) -> int:
         adapter=args.adapter,
         memory=args.memory,
         random_weights=args.random_weights,
+        compile=args.compile,
     )
     if engine.preset.random_weights:
         print(f"note: {engine.preset.title}: random weights, so the images are patterns, not photos.", file=sys.stderr)
     if engine.memory_mode == "low":
         print("note: low-VRAM mode (models offloaded to CPU memory between uses, VAE tiling)", file=sys.stderr)
+    if engine.compiled:
+        print(f"note: compiled with torch.compile ({', '.join(engine.compiled)}): the first image of each size "
+              "compiles first", file=sys.stderr)
     bar = None
     callback = None
     if not args.quiet:

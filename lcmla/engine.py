@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from .acceleration import apply_channels_last, apply_compile, check_compile_mode
 from .attention.context import AMPlan, AttentionContext, KVCache, MapStore
 from .denoiser import ConditionSet, GuidedDenoiser, GuidedStep, UNetBatch
 from .errors import LcmlaError
@@ -132,6 +133,8 @@ class Engine:
         #: samples (images × guidance branches) one UNet call may hold when batching images
         self.max_unet_batch = 12
         self._offload_hooks: list[Any] = []
+        self.compiled: tuple[str, ...] = ()  # what lcmla.acceleration compiled at load ("AM identity branch", "UNet")
+        self.channels_last = False
         self.components = components
         self.pipe = components.pipe
         self.faces = faces
@@ -162,6 +165,8 @@ class Engine:
         memory: str = "auto",
         random_weights: str | None = None,
         batch_images: bool | None = None,
+        compile: str = "none",
+        channels_last: bool | None = None,
     ) -> "Engine":
         """Load a preset. ``device`` defaults to CUDA when present; ``dtype`` to float16 on CUDA.
 
@@ -182,6 +187,9 @@ class Engine:
         loaded through this same path): speed and memory figures without any real weights; the
         result says random_weights, as the tiny preset's does. ``batch_images``: the images of a
         request share UNet calls (default: on CUDA only; see ``Engine.batch_images``).
+        ``compile``: "none", "am" (the FastFace identity branch compiled) or "unet" (that and the UNet;
+        the first request of each size compiles), see ``lcmla.acceleration``. ``channels_last``: the
+        UNet's and VAE's convolutions in NHWC (default: on CUDA only).
         """
         from .loading import adapter_kind, load_adapter_state_dict, load_components
         from .presets import random_weights_preset
@@ -202,6 +210,7 @@ class Engine:
                 exclude = ("faceid",)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = _parse_dtype(dtype, device)
+        check_compile_mode(compile)
         memory_mode = choose_memory_mode(memory, device, free_device_memory(device))
         if face_models is not None or p.face_backend == "insightface":
             # face models first: they are the cheapest to check and a common miss
@@ -229,6 +238,10 @@ class Engine:
             load_kv_encoder_lora(engine.pipe, kv_encoder_lora)
         if batch_images is not None:
             engine.batch_images = bool(batch_images)
+        if channels_last if channels_last is not None else torch.device(device).type == "cuda":
+            apply_channels_last(engine.pipe.unet, engine.pipe.vae, components.taesd)
+            engine.channels_last = True
+        engine.compiled = tuple(apply_compile(engine.pipe.unet, compile))
         if memory_mode == "low":
             pipe = engine.pipe
             engine._offload_hooks = enable_low_vram(

@@ -23,7 +23,7 @@ from torch import nn
 
 from .context import AttentionContext, block_kind
 from .kv_copy import KVCopyLoRA, kv_copy_projection
-from .transforms import adain_blend, scale_power, scheduled_softmask
+from .transforms import adain_blend_mixtures, am_transform, identity_attention, identity_probs, quantile_positions
 
 
 def _heads(x: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
@@ -79,6 +79,9 @@ class SelfAttnProcessor(_Base):
         super().__init__(name)
         self.kv_copy: KVCopyLoRA | None = None
 
+    # opaque to torch.compile (lcmla.acceleration): a compiled UNet calls the processors eagerly, so
+    # the per-request context never enters a guard (0.4 µs a call when nothing is compiled)
+    @torch.compiler.disable
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  lcmla: AttentionContext | None = None):
         residual = hidden_states
@@ -148,6 +151,9 @@ class IdentityAttnProcessor(_Base):
         super().__init__(name)
         self.to_k_ip = to_k_ip  # the very modules diffusers loaded: no copy, no reload
         self.to_v_ip = to_v_ip
+        #: the transformed identity branch: None = ``transforms.identity_attention`` run eagerly;
+        #: ``lcmla.acceleration`` sets its compiled form (a load-time choice, never per request)
+        self.am_attention = None
 
     @classmethod
     def take_over(cls, name: str, stock) -> "IdentityAttnProcessor":
@@ -156,6 +162,9 @@ class IdentityAttnProcessor(_Base):
             raise ValueError(f"{name}: lcmla supports exactly one IP-Adapter (found {len(stock.to_k_ip)})")
         return cls(name, stock.to_k_ip, stock.to_v_ip)
 
+    # opaque to torch.compile (lcmla.acceleration): a compiled UNet calls the processors eagerly, so
+    # the per-request context never enters a guard (0.4 µs a call when nothing is compiled)
+    @torch.compiler.disable
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  lcmla: AttentionContext | None = None):
         residual = hidden_states
@@ -183,55 +192,51 @@ class IdentityAttnProcessor(_Base):
         return self._finish(attn, out, residual, shape)
 
     def _identity_branch(self, attn, query, ip_key, ip_value, batch, ctx: AttentionContext | None) -> torch.Tensor:
-        """Ã V′ for the identity tokens: fused when nothing is asked, explicit probabilities otherwise."""
+        """Ã V′ for the identity tokens: fused SDPA when nothing is asked; the transformed branch
+        (``identity_attention``, compiled when the engine was loaded with ``compile``) otherwise;
+        explicit probabilities kept when the maps are captured."""
         active = ctx is not None and ctx.am.active(self.block, ctx.step)
         capture = ctx is not None and ctx.capture is not None
         if not active:
             ip_out = F.scaled_dot_product_attention(query, ip_key, ip_value, attn_mask=None, dropout_p=0.0, is_causal=False)
             if capture:  # the maps are computed on the side; the output above is untouched
-                probs = self._probs(attn, query, ip_key)
+                probs = identity_probs(query, ip_key, attn.scale)
                 i = ctx.capture_index
                 ctx.capture.record(self.name, ctx.step, probs[i], probs[i])
             return _merge(ip_out, batch).to(query.dtype)
 
-        probs = self._probs(attn, query, ip_key)  # (B, heads, Q, T)
-        new = self._transform(probs, ctx)
-        ip_out = torch.matmul(new, ip_value)  # (B, heads, Q, d)
-        if ctx.am.mode == "am2" and ctx.am.am2_adain:
+        am = self.am_arguments(ctx, queries=query.shape[2], tokens=ip_key.shape[2])
+        if not capture:
+            ip_out = (self.am_attention or identity_attention)(query, ip_key, ip_value, attn.scale, **am)
+            return _merge(ip_out, batch).to(query.dtype)
+        probs = identity_probs(query, ip_key, attn.scale)  # (B, heads, Q, T)
+        new = am_transform(probs, **am)
+        if am["mode"] == "am2" and am["adain"]:
             # AdaIN on the output too, against the untransformed output A·V′, with statistics per
             # head over head_dim, before the heads are merged (SPEC §3 step 7; the authors' axis)
-            ref = torch.matmul(probs, ip_value)
-            ip_out = adain_blend(ip_out, ref, ctx.am.adain_weight, dim=-1)
-        if capture:
-            i = ctx.capture_index
-            ctx.capture.record(self.name, ctx.step, probs[i], new[i])
+            ip_out = adain_blend_mixtures(new, probs, ip_value, am["adain_weight"])  # (B, heads, Q, d)
+        else:
+            ip_out = torch.matmul(new, ip_value)
+        i = ctx.capture_index
+        ctx.capture.record(self.name, ctx.step, probs[i], new[i])
         return _merge(ip_out, batch).to(query.dtype)
 
-    @staticmethod
-    def _probs(attn, query: torch.Tensor, ip_key: torch.Tensor) -> torch.Tensor:
-        """A = softmax(Q K′ᵀ / √d) over the identity tokens: (B, heads, Q, T)."""
-        scores = torch.matmul(query, ip_key.transpose(-1, -2)) * attn.scale
-        return scores.softmax(dim=-1)
-
-    def _transform(self, probs: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        """Ã on the chosen tokens; other tokens keep A (AM2's AdaIN then sees all tokens)."""
+    def am_arguments(self, ctx: AttentionContext, queries: int, tokens: int) -> dict:
+        """``am_transform``'s keywords for this layer at ``ctx.step``, for ``queries`` positions and
+        ``tokens`` identity tokens: plain Python values resolved here, so that a compiled branch
+        gets floats as graph inputs (a new knob value does not recompile) and no index arithmetic
+        on them (the chosen tokens as bools, the quantile's positions as ints)."""
         am, step = ctx.am, ctx.step
+        args = dict(mode=am.mode, chosen=tuple(t in am.tokens for t in range(tokens)), cap=am.cap)
         if am.mode == "am1":
-            s = am.am1_scale_up if self.block == "up" else am.am1_scale_down
-            new = scale_power(probs, s, am.am1_power, am.cap)
+            args.update(am1_scale=am.am1_scale_up if self.block == "up" else am.am1_scale_down,
+                        am1_power=am.am1_power)
         else:
             k = min(step, len(am.am2_sharpness) - 1)
-            new = scheduled_softmask(probs, am.am2_sharpness[k], am.am2_quantile, am.am2_scale[k], am.cap,
-                                     invert_first_token=True, group=ctx.am_group)
-        n_tok = probs.shape[-1]
-        chosen = [t for t in am.tokens if t < n_tok]
-        if len(chosen) < n_tok:
-            mask = torch.zeros(n_tok, dtype=torch.bool, device=probs.device)
-            mask[chosen] = True
-            new = torch.where(mask, new, probs)
-        if am.mode == "am2" and am.am2_adain:
-            new = adain_blend(new, probs, am.adain_weight, dim=-1)  # over the token axis
-        return new
+            args.update(sharpness=am.am2_sharpness[k], quantile=am.am2_quantile, am2_scale=am.am2_scale[k],
+                        adain=am.am2_adain, adain_weight=am.adain_weight, group=ctx.am_group,
+                        quantile_at=quantile_positions(queries, am.am2_quantile))
+        return args
 
 
 _UNET_BLOCKS = ("down_blocks", "mid_block", "up_blocks")

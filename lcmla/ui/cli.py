@@ -12,6 +12,7 @@ from typing import Any
 import gradio as gr
 
 from lcmla.errors import LcmlaError, MissingWeightsError
+from lcmla.acceleration import COMPILE_MODES
 from lcmla.memory import MEMORY_MODES
 from lcmla.presets import PRESETS
 
@@ -47,6 +48,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory", choices=MEMORY_MODES, default=os.environ.get("LCMLA_MEMORY") or "auto",
                         help="full: every model on the GPU; low: model CPU offload + VAE tiling for 8-12 GB cards; "
                              "auto (default, or $LCMLA_MEMORY): low when the GPU has less than 14 GiB free")
+    parser.add_argument("--compile", choices=COMPILE_MODES, default=os.environ.get("LCMLA_COMPILE") or "none",
+                        help="torch.compile: am (FastFace's identity branch) or unet (that and the UNet); the first "
+                             "request of each size compiles (default: none, or $LCMLA_COMPILE)")
     parser.add_argument("--adapter", default=os.environ.get("LCMLA_ADAPTER") or None,
                         help="trained identity adapter (training's ip-adapter-faceid-plusv2_sdxl.safetensors) for "
                              "the Weights choice and Compare's trained column (default: $LCMLA_ADAPTER)")
@@ -76,7 +80,7 @@ def load_trained(args: argparse.Namespace, engine: Any) -> Trained | None:
     trained = Engine.load(engine.preset.name, device=str(engine.device), dtype=engine.dtype,
                           weights_dir=args.weights_dir or os.environ.get("LCMLA_WEIGHTS"),
                           face_models=args.face_models, adapter=args.adapter, kv_encoder_lora=args.kv_lora,
-                          memory=engine.memory_mode)
+                          memory=engine.memory_mode, compile=args.compile)
     return Trained(trained, args.adapter, args.kv_lora)
 
 
@@ -85,7 +89,8 @@ def load_engine(args: argparse.Namespace) -> tuple[Any, str | None]:
     from lcmla import Engine  # imports torch: only here, never at import time
 
     kwargs = {"device": args.device, "weights_dir": args.weights_dir or os.environ.get("LCMLA_WEIGHTS"),
-              "allow_download": args.download, "face_models": args.face_models, "memory": args.memory}
+              "allow_download": args.download, "face_models": args.face_models, "memory": args.memory,
+              "compile": args.compile}
     try:
         return Engine.load(args.preset, **kwargs), None
     except MissingWeightsError as exc:
@@ -94,7 +99,7 @@ def load_engine(args: argparse.Namespace) -> tuple[Any, str | None]:
         log.warning("%s", exc)
         notice = (f"The weights of the `{args.preset}` preset are not on this machine, so the app runs the offline "
                   f"`tiny` preset instead. {exc}")
-        return Engine.load("tiny", device=args.device, memory=args.memory), notice
+        return Engine.load("tiny", device=args.device, memory=args.memory, compile=args.compile), notice
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -254,8 +254,13 @@ def _memory_text(engine: Any) -> str:
     """Where the model runs and how it holds memory (lcmla.memory's modes)."""
     device = str(getattr(engine, "device", "cpu"))
     if getattr(engine, "memory_mode", "full") == "low":
-        return f"{device}, low-VRAM mode (models offloaded to CPU memory between uses, VAE tiling)"
-    return f"{device}, every model in device memory"
+        text = f"{device}, low-VRAM mode (models offloaded to CPU memory between uses, VAE tiling)"
+    else:
+        text = f"{device}, every model in device memory"
+    compiled = getattr(engine, "compiled", ())
+    if compiled:  # lcmla.acceleration
+        text += f", torch.compile ({', '.join(compiled)}; the first request of each size compiles)"
+    return text
 
 
 def _providers(engine: Any) -> str:

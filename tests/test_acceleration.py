@@ -1,0 +1,152 @@
+"""torch.compile of the AM identity branch and of the UNet, and the channels-last format
+(lcmla.acceleration): the same images as the eager engine, no recompiles when a knob changes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from util import make_settings, px
+
+from lcmla import Engine
+from lcmla.acceleration import COMPILE_MODES, compiled_identity_attention
+from lcmla.attention.processors import IdentityAttnProcessor
+from lcmla.attention.transforms import (adain_blend, adain_blend_mixtures, am_transform, identity_attention, identity_probs,
+                                       quantile_positions)
+from lcmla.errors import LcmlaError
+
+SMALL = dict(output__width=64, output__height=64)
+AM2 = dict(mode="am2", chosen=(True, False, True, False), sharpness=3.0, quantile=0.7, am2_scale=1.5, adain=True, adain_weight=0.4,
+           cap=10.0, group=3)
+
+
+def _qkv(b=3, heads=4, q=64, t=4, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, heads, q, d, generator=g), torch.randn(b, heads, t, d, generator=g),
+            torch.randn(b, heads, t, d, generator=g))
+
+
+def test_identity_attention_is_the_transform_then_the_output_adain():
+    """The one function the engine compiles is A → Ã (only tokens 0 and 2 here) → Ã V′, then the
+    output AdaIN against A V′ per head over head_dim (SPEC §3 step 7), written out by hand."""
+    q, k, v = _qkv()
+    probs = (q @ k.transpose(-1, -2) / np.sqrt(8)).softmax(-1)
+    new = am_transform(probs, **AM2)
+    assert torch.allclose(identity_probs(q, k, 8 ** -0.5), probs, atol=1e-6)
+    by_hand = adain_blend(new @ v, probs @ v, 0.4, dim=-1)  # the output AdaIN over the (B, H, Q, d) outputs
+    assert torch.allclose(identity_attention(q, k, v, 8 ** -0.5, **AM2), by_hand, atol=1e-5)
+    # and computed from the mixtures (one matmul): equal in float64 to rounding
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    p64 = identity_probs(q64, k64, 8 ** -0.5)
+    n64 = am_transform(p64, **AM2)
+    assert torch.allclose(adain_blend_mixtures(n64, p64, v64, 0.4), adain_blend(n64 @ v64, p64 @ v64, 0.4, dim=-1),
+                          rtol=1e-12, atol=1e-12)
+    nan = n64.clone()
+    nan[0, 0, 3] = float("nan")  # a NaN row keeps x, as adain_blend does
+    got = adain_blend_mixtures(nan, p64, v64, 0.4)
+    assert got[0, 0, 3].isnan().all() and not got[0, 0, 2].isnan().any()
+    # token 1 and 3 are not chosen: before the AdaIN over tokens they keep A
+    plain = am_transform(probs, **{**AM2, "adain": False})
+    assert torch.equal(plain[..., 1], probs[..., 1]) and torch.equal(plain[..., 3], probs[..., 3])
+    assert not torch.allclose(plain[..., 0], probs[..., 0])
+
+
+def test_the_compiled_identity_branch_equals_the_eager_one():
+    """The compiled branch, called as the processors call it (the quantile's positions resolved in
+    Python), equals the eager one for AM2 and AM1, at new knob values and new shapes too — with
+    quantiles that fall between two sorted values (0.5 of 64 queries: 31.5)."""
+    fused = compiled_identity_attention
+    cases = [({**AM2, "quantile": 0.5}, dict()), ({**AM2, "sharpness": 7.0, "am2_scale": 0.8, "adain_weight": 0.9}, dict()),
+             ({**AM2, "quantile": 0.35, "group": 1}, dict(b=2, heads=2, q=16)),
+             (dict(mode="am1", chosen=(True, True, False, True), am1_scale=1.3, am1_power=1.2, cap=10.0), dict(b=2))]
+    for am, shape in cases:
+        q, k, v = _qkv(**shape)
+        if am["mode"] == "am2":
+            am = {**am, "quantile_at": quantile_positions(q.shape[2], am["quantile"])}
+        with torch.no_grad():  # as the engine runs it
+            eager = identity_attention(q, k, v, 8 ** -0.5, **am)
+            assert torch.allclose(fused(q, k, v, 8 ** -0.5, **am), eager, rtol=1e-4, atol=1e-5), am
+
+
+def test_unknown_compile_mode_is_a_clear_error(tiny_cache):
+    with pytest.raises(LcmlaError, match="compile mode 'fast' is not one of none, am, unet"):
+        Engine.load("tiny", device="cpu", compile="fast")
+    assert COMPILE_MODES == ("none", "am", "unet")
+
+
+@pytest.fixture(scope="module")
+def am_engine(tiny_cache):
+    return Engine.load("tiny", device="cpu", compile="am")
+
+
+def test_compile_am_gives_the_eager_images_and_knobs_do_not_recompile(engine, am_engine, face_path):
+    """Loaded with compile="am", every targeted identity layer runs the compiled branch; the images
+    equal the eager engine's (≤ 1 grey level); after the first two values of d_k and s_k (static,
+    then dynamic), new values of the knobs reuse the compiled graphs."""
+    import torch._dynamo.utils as dyn
+
+    torch._dynamo.reset()  # count this engine's graphs only (other tests compiled the same functions)
+    assert am_engine.compiled == ("AM identity branch",) and engine.compiled == ()
+    procs = [p for p in am_engine.pipe.unet.attn_processors.values() if isinstance(p, IdentityAttnProcessor)]
+    assert procs and all(p.am_attention is compiled_identity_attention for p in procs)
+    assert all(p.am_attention is None for p in engine.pipe.unet.attn_processors.values()
+               if isinstance(p, IdentityAttnProcessor))
+
+    def request(sharpness, scale, adain_weight):
+        return make_settings(**SMALL, attention__mode="am2", attention__targets=("down", "mid", "up"),
+                             attention__am2_sharpness=sharpness, attention__am2_scale=scale,
+                             attention__adain_weight=adain_weight, guidance__dcg=True)
+
+    first = request((5.0, 4.0, 3.0, 2.0), (1.5, 1.4, 1.3, 1.2), 0.5)
+    for settings in (first, request((6.0, 5.5, 3.5, 2.5), (1.7, 1.1, 1.3, 1.25), 0.3)):
+        a = engine.generate(settings, face_path).images[0]
+        b = am_engine.generate(settings, face_path).images[0]
+        assert np.abs(px(a) - px(b)).max() <= 1
+    graphs = dyn.counters["stats"]["unique_graphs"]
+    again = am_engine.generate(request((9.0, 8.0, 1.0, 0.5), (2.0, 0.9, 1.05, 1.6), 0.8), face_path).images[0]
+    assert dyn.counters["stats"]["unique_graphs"] == graphs, "a new knob value recompiled the AM branch"
+    assert np.abs(px(again) - px(engine.generate(request((9.0, 8.0, 1.0, 0.5), (2.0, 0.9, 1.05, 1.6), 0.8),
+                                                 face_path).images[0])).max() <= 1
+
+
+def test_compile_unet_gives_the_eager_images(engine, tiny_cache, face_path):
+    """compile="unet": the UNet compiled in place (state-dict keys and module paths unchanged, the
+    processors eager inside it); the plain and the KV path (its encoder pass with the LoRAs off:
+    another graph) give the eager engine's images."""
+    compiled = Engine.load("tiny", device="cpu", compile="unet")
+    assert compiled.compiled == ("AM identity branch", "UNet")
+    assert set(compiled.pipe.unet.state_dict()) == set(engine.pipe.unet.state_dict())
+    for changes in ({}, {"lookahead__kv": True}):
+        settings = make_settings(**SMALL, guidance__steps=2, **changes)
+        a = engine.generate(settings, face_path).images[0]
+        b = compiled.generate(settings, face_path).images[0]
+        assert np.abs(px(a) - px(b)).max() <= 1, changes
+
+
+def test_channels_last_gives_the_same_pixels(engine, tiny_cache, face_path):
+    nhwc = Engine.load("tiny", device="cpu", channels_last=True)
+    assert nhwc.channels_last and not engine.channels_last
+    conv = nhwc.pipe.unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    settings = make_settings(**SMALL)
+    a = engine.generate(settings, face_path).images[0]
+    b = nhwc.generate(settings, face_path).images[0]
+    assert np.abs(px(a) - px(b)).max() <= 1
+
+
+def test_the_cli_and_the_app_take_the_compile_flag(monkeypatch):
+    from lcmla.cli import build_parser
+
+    assert build_parser().parse_args(["generate", "--face", "a.png", "--prompt", "x", "--compile", "am"]).compile == "am"
+    pytest.importorskip("gradio")
+    from lcmla.ui.cli import parse_args
+    from lcmla.ui.common import _memory_text
+
+    assert parse_args([]).compile == "none"
+    monkeypatch.setenv("LCMLA_COMPILE", "unet")
+    assert parse_args([]).compile == "unet"
+
+    class Fake:
+        device, memory_mode, compiled = "cuda", "full", ("AM identity branch", "UNet")
+
+    assert "torch.compile (AM identity branch, UNet" in _memory_text(Fake())
