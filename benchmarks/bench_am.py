@@ -5,7 +5,8 @@ At 1024² the identity cross-attention that AM targets (down and up blocks, the 
 10 layers at the 64² level (10 heads, 4096 queries) and 50 at the 32² level (20 heads, 1024
 queries), head_dim 64, over FaceID-Plus-v2's 4 identity tokens, with every guidance branch of the
 step in the batch. Per configuration it prints ms per layer at each level, ms per step over the
-60 targeted layers, and the ratios: eager / SDPA, compiled / SDPA and eager / compiled. The
+60 targeted layers, and the ratios: eager / SDPA, compiled / SDPA, eager / compiled, and for AM2
+the authors' kernels (``authors_way.py``, min–max pooled over the batch as theirs) / ours. The
 compiled branch is ``lcmla.acceleration.compiled_identity_attention`` (what ``--compile am``
 installs), called with the arguments the processors resolve.
 
@@ -23,10 +24,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # authors_way
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from authors_way import authors_identity_attention  # noqa: E402
 from lcmla.acceleration import compiled_identity_attention  # noqa: E402
 from lcmla.attention.transforms import identity_attention, quantile_positions  # noqa: E402
 
@@ -72,10 +75,10 @@ def main(argv=None) -> int:
     print(f"identity branch at SDXL 1024² shapes; batch {args.branches}, {TOKENS} tokens, head_dim {HEAD_DIM}; "
           f"torch {torch.__version__}, {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, {dtype}")
     print(f"{'mode':5s} {'level':5s} {'layers':>6s} {'SDPA ms':>8s} {'eager ms':>9s} {'compiled ms':>11s} "
-          f"{'first call s':>12s} {'max |diff|':>10s}")
+          f"{'authors ms':>10s} {'first call s':>12s} {'max |diff|':>10s}")
     with torch.no_grad():
         for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
-            per_step = {"sdpa": 0.0, "eager": 0.0, "compiled": 0.0}
+            per_step = {"sdpa": 0.0, "eager": 0.0, "compiled": 0.0, "authors": 0.0}
             for level, layers, heads, queries in LEVELS:
                 shape = (args.branches, heads, queries, HEAD_DIM)
                 q = torch.randn(shape, generator=g).to(device, dtype)
@@ -91,15 +94,22 @@ def main(argv=None) -> int:
                 diff = (got.float() - identity_attention(q, k, v, scale, **am).float()).abs().max().item()
                 ms = {"sdpa": timed(lambda: F.scaled_dot_product_attention(q, k, v), device, args.repeats),
                       "eager": timed(lambda: identity_attention(q, k, v, scale, **am), device, args.repeats),
-                      "compiled": timed(lambda: compiled_identity_attention(q, k, v, scale, **am), device, args.repeats)}
+                      "compiled": timed(lambda: compiled_identity_attention(q, k, v, scale, **am), device, args.repeats),
+                      "authors": float("nan")}
+                if mode == "am2":  # theirs pools the min–max over the batch: ours with group = batch
+                    pooled = {**am, "group": args.branches}
+                    ms["authors"] = timed(lambda: authors_identity_attention(q, k, v, scale, **pooled), device,
+                                          args.repeats)
                 for key in per_step:
                     per_step[key] += layers * ms[key]
                 print(f"{mode:5s} {level:5s} {layers:6d} {ms['sdpa']:8.3f} {ms['eager']:9.3f} {ms['compiled']:11.3f} "
-                      f"{first:12.1f} {diff:10.2e}")
+                      f"{ms['authors']:10.3f} {first:12.1f} {diff:10.2e}")
             sd, ea, co = per_step["sdpa"], per_step["eager"], per_step["compiled"]
             print(f"{mode:5s} per step over {sum(lv[1] for lv in LEVELS)} layers: SDPA {sd:.1f} ms, eager {ea:.1f} ms, "
                   f"compiled {co:.1f} ms; eager/SDPA {ea / sd:.2f}×, compiled/SDPA {co / sd:.2f}×, "
-                  f"eager/compiled {ea / co:.2f}×")
+                  f"eager/compiled {ea / co:.2f}×"
+                  + (f"; authors' kernels {per_step['authors']:.1f} ms, authors'/ours {per_step['authors'] / min(ea, co):.2f}×"
+                     if mode == "am2" else ""))
     return 0
 
 

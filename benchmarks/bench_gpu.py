@@ -18,7 +18,10 @@ ratios, measured in this run on this device:
   forward, one VAE decode and one TAESD decode at the size) divided by the dense matmul rate this
   device reaches in this run (bf16/fp16 on CUDA, float32 on the CPU); the published figures at
   1024² (UNet 6.76 TFLOP per forward, VAE decode 10.5, TAESD 0.57) are printed beside ours;
-- to the authors' way, for AM2+DCG.
+- to the authors' way, for AM2+DCG: their pipeline's schedule (three branches at every step, AM2's
+  min–max pooled over them) with their kernels in every targeted layer (``authors_way.py``:
+  explicit softmax, a sort-based float32 quantile, full-tensor AdaINs, two host synchronisations
+  per layer).
 
     python benchmarks/bench_gpu.py                       # CUDA: full size, 1024², bf16
     python benchmarks/bench_gpu.py --arch tiny --size 128 --batches 1,2 --rounds 1   # CPU smoke run
@@ -37,6 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # authors_way
 
 import torch  # noqa: E402
 
@@ -47,6 +51,28 @@ from lcmla.methods import method_changes  # noqa: E402
 
 PUBLISHED_TFLOP_1024 = {"unet": 6.76, "vae_decode": 10.5, "taesd_decode": 0.57}
 CONFIGS = ("plain", "dcg", "am2+dcg", "authors am2+dcg", "kv", "previews")
+
+
+class AuthorsKernels:
+    """While active, every identity layer computes its transformed branch the authors' way
+    (``authors_way.authors_identity_attention``, through the processors' ``am_attention`` hook)."""
+
+    def __init__(self, unet):
+        from lcmla.attention.processors import IdentityAttnProcessor
+
+        self.procs = [p for p in unet.attn_processors.values() if isinstance(p, IdentityAttnProcessor)]
+
+    def __enter__(self):
+        from authors_way import authors_identity_attention
+
+        self.saved = [p.am_attention for p in self.procs]
+        for p in self.procs:
+            p.am_attention = authors_identity_attention
+        return self
+
+    def __exit__(self, *exc):
+        for p, fn in zip(self.procs, self.saved):
+            p.am_attention = fn
 
 
 def config_settings(name: str, base: GenerationSettings, preset: str) -> GenerationSettings:
@@ -206,8 +232,12 @@ def run_mode(args, mode: str, size: int, batches: list[int], configs: list[str])
     results = {}
     try:
         for name in configs:
-            results[name] = run_config(engine, name, config_settings(name, base, args.preset), identity, timer,
-                                       args.rounds, batches)
+            settings = config_settings(name, base, args.preset)
+            if name == "authors am2+dcg":
+                with AuthorsKernels(engine.pipe.unet):
+                    results[name] = run_config(engine, name, settings, identity, timer, args.rounds, batches)
+            else:
+                results[name] = run_config(engine, name, settings, identity, timer, args.rounds, batches)
     finally:
         timer.close()
 

@@ -62,3 +62,26 @@ def test_bench_gpu_runs_on_the_cpu_at_tiny_size(tiny_cache, tmp_path, capsys):
     for r in results.values():
         assert r["unet_ms_per_step"] > 0 and r["e2e_ms_vae"] > 0
     assert results["plain"]["images_per_s_x2"] > 0
+
+
+def test_the_authors_kernels_compute_our_am2():
+    """bench_gpu's "authors' way" runs their operations (authors_way.py), not different
+    mathematics: on one image's three branches it equals our AM2 + output AdaIN with the min–max
+    pooled over the branches, to the float16 rounding of their quantile."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from authors_way import authors_identity_attention
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from lcmla.attention.transforms import identity_attention, quantile_positions
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(3, 4, 256, 16, generator=g), torch.randn(3, 4, 4, 16, generator=g), torch.randn(3, 4, 4, 16, generator=g)
+    am = dict(mode="am2", chosen=(True,) * 4, sharpness=7.5, quantile=0.65, am2_scale=1.55, adain=True,
+              adain_weight=0.7, cap=10.0, group=3, quantile_at=quantile_positions(256, 0.65))
+    ours = identity_attention(q, k, v, 0.25, **am)
+    theirs = authors_identity_attention(q, k, v, 0.25, **am)
+    assert torch.allclose(theirs, ours, atol=5e-3)
+    assert not torch.allclose(theirs, identity_attention(q, k, v, 0.25, **{**am, "group": 1}), atol=5e-3)
+    with pytest.raises(ValueError, match="AM2 on every identity token"):
+        authors_identity_attention(q, k, v, 0.25, **{**am, "chosen": (True, False, True, True)})
