@@ -73,7 +73,7 @@ def test_compare_adds_the_trained_column_and_equals_generate(client, engine, fac
 
 def test_report_view(client, reports):
     c, _ = client
-    choices = c.predict(api_name="/list_reports")
+    c.predict(api_name="/list_reports")  # the refresh button answers (its choices are a dropdown update)
     chosen = str((reports / "eval-tiny").resolve())
     plots, table, text = c.predict(chosen, api_name="/open_report")
     assert [p["caption"] for p in plots] == ["pareto-dlib", "grid-lookahead"]

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from training.datagen.identities import draw_identity, image_seed, plan_images, select_templates, templates

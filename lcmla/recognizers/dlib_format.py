@@ -118,7 +118,7 @@ def _layer(r: _Reader) -> Layer:
                                    "stride": (sy, sx), "padding": (py, px), "kernel": (nr, nc)})
     if name == "affine_":
         params = r.tensor().reshape(-1)
-        gamma, beta = r.alias(), r.alias()
+        gamma, _beta = r.alias(), r.alias()  # beta: read past (its alias is not needed)
         mode = r.int()
         k = gamma[1] if gamma[1] > 1 else gamma[3]
         return Layer("affine", None, {"gamma": params[:k], "beta": params[k:2 * k], "mode": mode})
@@ -140,7 +140,7 @@ def _layer(r: _Reader) -> Layer:
     if name.startswith("add_prev"):
         return Layer("add_prev")
     if name == "fc_2":
-        n_out, n_in = r.int(), r.int()
+        n_out, _n_in = r.int(), r.int()  # the input count is implied by the weights
         params = r.tensor().reshape(-1)
         weights, biases = r.alias(), r.alias()
         bias_mode = r.int()
