@@ -151,11 +151,15 @@ def adain_blend_mixtures(mix: torch.Tensor, ref_mix: torch.Tensor, value: torch.
     mix, ref_mix: (B, heads, Q, T); value: (B, heads, T, d) → (B, heads, Q, d).
     """
     d = value.shape[-1]
-    means = value.mean(dim=-1)  # (B, H, T)
-    centred = value - means.unsqueeze(-1)
+    # the statistics are small tensors: in float32 at least, whatever the model's dtype
+    work = torch.promote_types(value.dtype, torch.float32)
+    v32 = value.to(work)
+    means = v32.mean(dim=-1)  # (B, H, T)
+    centred = v32 - means.unsqueeze(-1)
     gram = torch.matmul(centred, centred.transpose(-1, -2)) / max(d - 1, 1)  # (B, H, T, T)
 
     def sd_mean(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (B, H, Q, 1) each
+        a = a.to(work)
         mu = (a * means.unsqueeze(-2)).sum(dim=-1, keepdim=True)
         var = (torch.matmul(a, gram) * a).sum(dim=-1, keepdim=True).clamp_min(0.0)
         return var.sqrt(), mu
@@ -168,7 +172,8 @@ def adain_blend_mixtures(mix: torch.Tensor, ref_mix: torch.Tensor, value: torch.
     bad = alpha.isnan() | beta.isnan()
     alpha, beta = torch.where(bad, 1.0, alpha), torch.where(bad, 0.0, beta)
     ones = torch.ones_like(value[..., :1, :])  # (B, H, 1, d)
-    return torch.matmul(torch.cat([mix * alpha, beta], dim=-1), torch.cat([value, ones], dim=-2))
+    rows = torch.cat([mix * alpha.to(mix.dtype), beta.to(mix.dtype)], dim=-1)  # (B, H, Q, T + 1)
+    return torch.matmul(rows, torch.cat([value, ones], dim=-2))
 
 
 def am_transform(
