@@ -90,7 +90,9 @@ class UNetTimer:
 
     def __init__(self, unet, device: torch.device):
         self.device, self.total, self.calls, self._t0 = device, 0.0, 0, 0.0
-        self._handles = [unet.register_forward_pre_hook(self._pre), unet.register_forward_hook(self._post)]
+        # opaque to dynamo: with --compile unet the hooks run inside the compiled module's call
+        self._handles = [unet.register_forward_pre_hook(torch.compiler.disable(self._pre)),
+                         unet.register_forward_hook(torch.compiler.disable(self._post))]
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
