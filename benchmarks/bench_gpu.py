@@ -11,7 +11,9 @@ Per configuration (plain 4-step, DCG, AM2+DCG, the KV path, previews, and the au
 AM2+DCG: three branches at every step with AM2's min–max pooled over them, SPEC §3) it prints:
 UNet ms per step (every UNet call of the step, the KV-encoder pass included), end-to-end ms per
 image (faces excluded: conditions + denoise + decode) with the full VAE and with TAESD, images/s
-at each ``--batches`` size, and peak device memory (``torch.cuda.max_memory_allocated``). Then the
+at each ``--batches`` size, and peak device memory (``torch.cuda.max_memory_allocated``) with one
+image per request and at the largest batch. The configurations alternate round by round (each
+round starting one further along), so a drift of the machine's speed falls on all alike. Then the
 ratios, measured in this run on this device:
 
 - to the FLOP floor: the FLOPs of our own graph (``torch.utils.flop_counter`` over one UNet
@@ -31,6 +33,7 @@ ratios, measured in this run on this device:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import statistics
@@ -158,64 +161,110 @@ def graph_flops(engine: Engine, width: int, height: int) -> dict[str, int]:
     return out
 
 
-def run_config(engine: Engine, name: str, settings: GenerationSettings, identity, timer: UNetTimer, rounds: int,
-               batches: list[int]) -> dict[str, float]:
-    """Median figures of one configuration over ``rounds`` runs (after one warm-up run)."""
-    dev = engine.device
-    steps = None
-    unet_ms, e2e_ms, decode_ms, taesd_ms, branches = [], [], [], [], []
-    per_batch: dict[int, list[float]] = {n: [] for n in batches}
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    final = {}
+class ConfigRun:
+    """One configuration's requests and figures. ``run_configs`` calls ``once`` round by round,
+    alternating the configurations, so that a drift of the machine's speed during the run falls
+    on all of them alike."""
 
-    def keep_last(info) -> None:
-        final["latents"] = info.latents
+    def __init__(self, engine: Engine, name: str, settings: GenerationSettings, identity, timer: UNetTimer):
+        self.engine, self.name, self.settings, self.identity, self.timer = engine, name, settings, identity, timer
+        self.unet_ms, self.e2e_ms, self.decode_ms, self.taesd_ms, self.branches = [], [], [], [], []
+        self.per_batch: dict[int, list[float]] = {}
+        self.peaks: dict[int, float] = {}  # images per request → peak device memory (GiB)
+        self.first_ms = float("nan")
+        self.steps = 0
 
-    for r in range(rounds + 1):
-        timer.reset()
+    def _kernels(self):
+        return AuthorsKernels(self.engine.pipe.unet) if self.name == "authors am2+dcg" else contextlib.nullcontext()
+
+    def _sync(self) -> None:
+        if self.engine.device.type == "cuda":
+            torch.cuda.synchronize(self.engine.device)
+
+    def _peak(self, images: int) -> None:
+        dev = self.engine.device
+        if dev.type == "cuda":
+            self.peaks[images] = max(self.peaks.get(images, 0.0), torch.cuda.max_memory_allocated(dev) / 2**30)
+            torch.cuda.reset_peak_memory_stats(dev)
+
+    def once(self, record: bool) -> None:
+        """One single-image request (the first one, ``record`` False, is the warm-up)."""
+        engine, final = self.engine, {}
+        if engine.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(engine.device)
+        self.timer.reset()
         t0 = time.perf_counter()
-        if name == "previews":
-            res = engine.previews(settings, identity)
-            timings, steps = res.timings, res.settings.guidance.steps
-        else:
-            res = engine.generate(settings, identity, callback=keep_last)
-            timings, steps = res.timings, res.settings.guidance.steps
-            branches.append(sum(len(b) for b in res.branch_calls) / max(1, len(res.branch_calls)))
-        wall = time.perf_counter() - t0
-        if r == 0:
-            final["first_ms"] = (wall - timings.get("faces", 0.0)) * 1000  # compiles, when compiled
-            continue  # warm-up
-        unet_ms.append(timer.total / steps * 1000)
-        e2e_ms.append((wall - timings.get("faces", 0.0)) * 1000)
-        decode_ms.append(timings["decode"] * 1000)
-        if name != "previews" and engine.components.taesd is not None and "latents" in final:
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
+        with self._kernels():
+            if self.name == "previews":
+                res = engine.previews(self.settings, self.identity)
+            else:
+                res = engine.generate(self.settings, self.identity,
+                                      callback=lambda info: final.__setitem__("latents", info.latents))
+        wall = (time.perf_counter() - t0 - res.timings.get("faces", 0.0)) * 1000
+        self._peak(1)
+        self.steps = res.settings.guidance.steps
+        if not record:
+            self.first_ms = wall  # compiles, when compiled
+            return
+        if self.name != "previews":
+            self.branches.append(sum(len(b) for b in res.branch_calls) / max(1, len(res.branch_calls)))
+        self.unet_ms.append(self.timer.total / self.steps * 1000)
+        self.e2e_ms.append(wall)
+        self.decode_ms.append(res.timings["decode"] * 1000)
+        if self.name != "previews" and engine.components.taesd is not None and "latents" in final:
+            self._sync()
             t1 = time.perf_counter()
             engine._decode_tiny(final["latents"])
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            taesd_ms.append((time.perf_counter() - t1) * 1000)
-    if name != "previews":
-        for n in batches:
-            many = settings.replace(output__num_images=n)
-            engine.generate(many, identity)  # warm-up at this batch size
-            for _ in range(rounds):
-                t0 = time.perf_counter()
-                res = engine.generate(many, identity)
-                per_batch[n].append(n / (time.perf_counter() - t0 - res.timings.get("faces", 0.0)))
-    med = statistics.median
-    out = {"unet_ms_per_step": med(unet_ms), "e2e_ms_vae": med(e2e_ms), "steps": steps, "first_ms": final["first_ms"],
-           "branches_per_step": med(branches) if branches else float("nan")}
-    if taesd_ms:
-        out["e2e_ms_taesd"] = med(e2e_ms) - med(decode_ms) + med(taesd_ms)
-    for n, v in per_batch.items():
-        if v:
+            self._sync()
+            self.taesd_ms.append((time.perf_counter() - t1) * 1000)
+
+    def batch_once(self, images: int, record: bool) -> None:
+        """One request of ``images`` images (images/s)."""
+        if self.name == "previews":
+            return
+        many = self.settings.replace(output__num_images=images)
+        t0 = time.perf_counter()
+        with self._kernels():
+            res = self.engine.generate(many, self.identity)
+        self._peak(images)
+        if record:
+            self.per_batch.setdefault(images, []).append(
+                images / (time.perf_counter() - t0 - res.timings.get("faces", 0.0)))
+
+    def summary(self) -> dict[str, float]:
+        med = statistics.median
+        out = {"unet_ms_per_step": med(self.unet_ms), "e2e_ms_vae": med(self.e2e_ms), "steps": self.steps,
+               "first_ms": self.first_ms, "branches_per_step": med(self.branches) if self.branches else float("nan")}
+        if self.taesd_ms:
+            out["e2e_ms_taesd"] = med(self.e2e_ms) - med(self.decode_ms) + med(self.taesd_ms)
+        for n, v in self.per_batch.items():
             out[f"images_per_s_x{n}"] = med(v)
-    if dev.type == "cuda":
-        out["peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
-    return out
+        if self.peaks:
+            out["peak_gib"] = self.peaks.get(1, float("nan"))  # one image per request
+            out["peak_gib_max"] = max(self.peaks.values())  # the largest batch
+        return out
+
+
+def run_configs(runs: list[ConfigRun], rounds: int, batches: list[int]) -> dict[str, dict[str, float]]:
+    """Every configuration's warm-up, then ``rounds`` rounds that alternate the configurations
+    (each round starting one further along), then the same per batch size."""
+
+    def rotated(r: int) -> list[ConfigRun]:
+        k = r % len(runs)
+        return runs[k:] + runs[:k]
+
+    for run in runs:
+        run.once(record=False)
+    for r in range(rounds):
+        for run in rotated(r):
+            run.once(record=True)
+    for n in batches:
+        for run in runs:
+            run.batch_once(n, record=False)  # warm-up at this batch size
+        for r in range(rounds):
+            for run in rotated(r):
+                run.batch_once(n, record=True)
+    return {run.name: run.summary() for run in runs}
 
 
 def run_mode(args, mode: str, size: int, batches: list[int], configs: list[str]) -> dict:
@@ -231,15 +280,9 @@ def run_mode(args, mode: str, size: int, batches: list[int], configs: list[str])
     rate = matmul_rate(dev, engine.dtype, args.matmul_n)
     flops = graph_flops(engine, size, size)
     timer = UNetTimer(engine.pipe.unet, dev)
-    results = {}
     try:
-        for name in configs:
-            settings = config_settings(name, base, args.preset)
-            if name == "authors am2+dcg":
-                with AuthorsKernels(engine.pipe.unet):
-                    results[name] = run_config(engine, name, settings, identity, timer, args.rounds, batches)
-            else:
-                results[name] = run_config(engine, name, settings, identity, timer, args.rounds, batches)
+        runs = [ConfigRun(engine, name, config_settings(name, base, args.preset), identity, timer) for name in configs]
+        results = run_configs(runs, args.rounds, batches)
     finally:
         timer.close()
 
@@ -255,7 +298,7 @@ def run_mode(args, mode: str, size: int, batches: list[int], configs: list[str])
               f"{PUBLISHED_TFLOP_1024[key]:.2f}, × (size/1024)² = {PUBLISHED_TFLOP_1024[key] * scale:.3f})")
     head = f"{'config':16s} {'br/step':>7s} {'first s':>7s} {'UNet ms/step':>12s} {'UNet ms/img':>11s} {'×floor':>7s} {'e2e ms VAE':>10s} " \
            f"{'e2e ms TAESD':>12s} {'×floor':>7s} " + " ".join(f"{'img/s x' + str(n):>9s}" for n in batches) + \
-           f" {'peak GiB':>8s}"
+           f" {'peak GiB':>8s} {'peak max':>8s}"
     print(head)
     for name, r in results.items():
         br = r["branches_per_step"] if name != "previews" else 1.0
@@ -266,8 +309,9 @@ def run_mode(args, mode: str, size: int, batches: list[int], configs: list[str])
                f"{r['e2e_ms_vae']:10.1f} {r.get('e2e_ms_taesd', float('nan')):12.1f} "
                f"{r.get('e2e_ms_taesd', float('nan')) / taesd_floor:7.2f} "
                + " ".join(f"{r.get(f'images_per_s_x{n}', float('nan')):9.2f}" for n in batches)
-               + f" {r.get('peak_gib', float('nan')):8.2f}")
+               + f" {r.get('peak_gib', float('nan')):8.2f} {r.get('peak_gib_max', float('nan')):8.2f}")
         print(row)
+    print("peak GiB: one image per request; peak max: the largest --batches size")
     if "am2+dcg" in results and "authors am2+dcg" in results:
         ours, theirs = results["am2+dcg"], results["authors am2+dcg"]
         print(f"authors' way / ours for AM2+DCG: UNet {theirs['unet_ms_per_step'] / ours['unet_ms_per_step']:.2f}×, "
