@@ -25,6 +25,7 @@ if [ "${1:-}" = "--wheels" ]; then
   exit 0
 fi
 
+case "${1:-1}" in 1 | 2) ;; *) echo "usage: $0 --wheels | 1 | 2" >&2; exit 2 ;; esac
 OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -60,5 +61,4 @@ case "${1:-1}" in
     step bench_gpu_compile 280 python3 benchmarks/bench_gpu.py --compile none,am,unet --configs "plain,am2+dcg" \
       --batches 1,4 --rounds 2 --json "$OUT/bench_gpu_compile.json"
     ;;
-  *) echo "usage: $0 --wheels | 1 | 2" >&2; exit 2 ;;
 esac
