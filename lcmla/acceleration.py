@@ -5,15 +5,16 @@
 - ``none``: everything eager (the default);
 - ``am``: FastFace's transformed identity branch (softmax, AM1/AM2, Ã V′ and the output AdaIN,
   ``transforms.identity_attention``) compiled into a few fused kernels, so AM costs little over the
-  fused SDPA it replaces; its Python scalars (d_k, s_k, λ …) are graph inputs, so a new value of a
-  knob does not recompile;
+  fused SDPA it replaces; its Python scalars (d_k, s_k, the AdaIN weight …) are graph inputs, so a
+  new value of a knob does not recompile (tested);
 - ``unet``: ``am`` plus the UNet itself compiled in place (``nn.Module.compile``: the state dict, the
   LoRA adapters and every module path stay as they are). lcmla's attention processors stay eager
   (the compiled graph calls them: ``torch.compiler.disable``), so the per-request attention context
   never enters a guard; what is compiled is everything between them (resnets, norms, feed-forwards,
   projections). A graph is specialised on the latent size and batch and on the module state a
-  request sets (FreeU on/off, which LoRA adapters are active); a second value of a LoRA scale or of
-  the FreeU factors makes it dynamic once, after which new values reuse it.
+  request sets (FreeU on/off, which LoRA adapters are active). A float attribute such as a LoRA
+  scale or a FreeU factor is a constant in the first graph; dynamo's automatic-dynamic rule makes
+  it an input when a second value arrives (one recompile), and later values reuse that graph.
 
 Warm-up: the first request of each new shape (size, images × branches) compiles. Measured by
 ``benchmarks/bench_gpu.py --compile`` (it prints the first request's time beside the steady state).
