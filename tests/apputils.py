@@ -24,24 +24,31 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class CountingEngine:
+class PassThrough:
+    """A wrapper of the real engine: what a subclass does not define is the engine's own."""
+
+    def __init__(self, inner: Any):
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class CountingEngine(PassThrough):
     """The real engine, counting the requests that run the model (so a test can tell a redraw
     from a new generation). Everything else is passed through."""
 
     def __init__(self, engine: Any):
-        self._engine = engine
+        super().__init__(engine)
         self.calls: list[str] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         self.calls.append("generate")
-        return self._engine.generate(*args, **kwargs)
+        return self._inner.generate(*args, **kwargs)
 
     def previews(self, *args: Any, **kwargs: Any) -> Any:
         self.calls.append("previews")
-        return self._engine.previews(*args, **kwargs)
+        return self._inner.previews(*args, **kwargs)
 
 
 @contextmanager

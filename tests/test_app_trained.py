@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 import pytest
-from apputils import kv_lora, reports, serve, trained_adapter  # noqa: F401 - first: puts app.py on sys.path; shared fixtures
+from apputils import PassThrough, kv_lora, reports, serve, trained_adapter  # noqa: F401 - first: puts app.py on sys.path; shared fixtures
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
@@ -177,13 +177,7 @@ def test_previews_stop_when_the_client_leaves(engine, face_path):
     has no per-step hook (``on_step``): the frames alone stop it."""
     computed: list[int] = []
 
-    class Spy:
-        def __init__(self, inner):
-            self._inner = inner
-
-        def __getattr__(self, name):
-            return getattr(self._inner, name)
-
+    class Spy(PassThrough):
         def previews(self, settings, faces, steps=None, callback=None):
             def counted(frame):
                 computed.append(frame.step)
@@ -211,13 +205,7 @@ def test_previews_of_a_late_step_stop_at_the_next_step(engine, face_path):
     steps_run: list[int] = []
     frames: list[int] = []
 
-    class Spy:
-        def __init__(self, inner):
-            self._inner = inner
-
-        def __getattr__(self, name):
-            return getattr(self._inner, name)
-
+    class Spy(PassThrough):
         def previews(self, settings, faces, steps=None, callback=None, on_step=None):
             def frame(f):
                 frames.append(f.step)

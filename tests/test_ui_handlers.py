@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from apputils import ROOT  # noqa: F401 - puts the repository root on sys.path
+from apputils import ROOT, PassThrough  # noqa: F401 - puts the repository root on sys.path
 
 from lcmla import GenerationSettings
 from lcmla.methods import METHOD_LABELS, METHODS, method_changes
@@ -67,15 +67,12 @@ def test_attention_handler_and_redraw(ctx, ui):
     assert "after AM they no longer sum to 1" in attention.UNITS_CAPTION
 
 
-class _Recording:
+class _Recording(PassThrough):
     """An engine that records the settings of each generate call, then runs the real engine."""
 
     def __init__(self, inner):
-        self._inner = inner
+        super().__init__(inner)
         self.settings: list[GenerationSettings] = []
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
 
     def generate(self, settings, faces=None, **kwargs):
         self.settings.append(settings)
