@@ -23,7 +23,7 @@ from torch import nn
 
 from .context import AttentionContext, block_kind
 from .kv_copy import KVCopyLoRA, kv_copy_projection
-from .transforms import adain_blend_mixtures, am_transform, identity_attention, identity_probs, quantile_positions
+from .transforms import am_transform, identity_attention, identity_probs, quantile_positions, transformed_output
 
 
 def _heads(x: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
@@ -209,14 +209,10 @@ class IdentityAttnProcessor(_Base):
         if not capture:
             ip_out = (self.am_attention or identity_attention)(query, ip_key, ip_value, attn.scale, **am)
             return _merge(ip_out, batch).to(query.dtype)
+        # the same computation as identity_attention, keeping A and Ã for the maps
         probs = identity_probs(query, ip_key, attn.scale)  # (B, heads, Q, T)
         new = am_transform(probs, **am)
-        if am["mode"] == "am2" and am["adain"]:
-            # AdaIN on the output too, against the untransformed output A·V′, with statistics per
-            # head over head_dim, before the heads are merged (SPEC §3 step 7; the authors' axis)
-            ip_out = adain_blend_mixtures(new, probs, ip_value, am["adain_weight"])  # (B, heads, Q, d)
-        else:
-            ip_out = torch.matmul(new, ip_value)
+        ip_out = transformed_output(probs, new, ip_value, **am)  # (B, heads, Q, d)
         i = ctx.capture_index
         ctx.capture.record(self.name, ctx.step, probs[i], new[i])
         return _merge(ip_out, batch).to(query.dtype)

@@ -228,7 +228,13 @@ def identity_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     head over head_dim (SPEC §3 step 7; :func:`adain_blend_mixtures`, one matmul). ``am``: :func:`am_transform`'s keywords.
     query (B, heads, Q, d), key/value (B, heads, T, d) → (B, heads, Q, d)."""
     probs = identity_probs(query, key, softmax_scale)
-    new = am_transform(probs, **am)
+    return transformed_output(probs, am_transform(probs, **am), value, **am)
+
+
+def transformed_output(probs: torch.Tensor, new: torch.Tensor, value: torch.Tensor, **am) -> torch.Tensor:
+    """Ã V′ from the identity probabilities A and their transform Ã; for AM2 with AdaIN, blended
+    against A V′ per head over head_dim (SPEC §3 step 7, :func:`adain_blend_mixtures`).
+    probs/new (B, heads, Q, T), value (B, heads, T, d) → (B, heads, Q, d)."""
     if am["mode"] == "am2" and am.get("adain", False):
         return adain_blend_mixtures(new, probs, value, am["adain_weight"])
     return torch.matmul(new, value)
