@@ -28,10 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # authors_way
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 from authors_way import authors_identity_attention  # noqa: E402
+from lcmla import GenerationSettings  # noqa: E402
 from lcmla.acceleration import compiled_identity_attention  # noqa: E402
-from lcmla.attention.transforms import identity_attention, quantile_positions  # noqa: E402
+from lcmla.attention.context import AMPlan, AttentionContext  # noqa: E402
+from lcmla.attention.processors import IdentityAttnProcessor  # noqa: E402
+from lcmla.attention.transforms import identity_attention  # noqa: E402
+from lcmla.methods import method_changes  # noqa: E402
 
 #: (name, layers targeted at 1024² with targets down + up, heads, queries)
 LEVELS = (("64²", 10, 10, 4096), ("32²", 50, 20, 1024))
@@ -39,12 +44,14 @@ TOKENS, HEAD_DIM = 4, 64
 
 
 def am_arguments(mode: str, queries: int, step: int = 1) -> dict:
-    """What the processors pass at this step for the FastFace presets' defaults (SPEC §3)."""
-    if mode == "am1":
-        return dict(mode="am1", chosen=(True,) * TOKENS, am1_scale=1.55, am1_power=1.3, cap=10.0)
-    sharp, scale = (7.5, 5.0, 5.0, 5.0)[step], (1.0, 1.55, 1.55, 1.55)[step]
-    return dict(mode="am2", chosen=(True,) * TOKENS, sharpness=sharp, quantile=0.65, am2_scale=scale, adain=True,
-                adain_weight=0.7, cap=10.0, group=1, quantile_at=quantile_positions(queries, 0.65))
+    """What the processors pass at this step for the FastFace preset of ``mode`` (am1+dcg or
+    am2+dcg on hyper-sdxl-4step): its settings resolved by ``IdentityAttnProcessor.am_arguments``."""
+    preset = "hyper-sdxl-4step"
+    settings = GenerationSettings(prompt="a face", preset=preset).replace_dotted(method_changes(f"{mode}+dcg", preset))
+    plan = AMPlan.from_settings(settings.attention, 4)
+    layer = IdentityAttnProcessor("down_blocks.2.attentions.0.transformer_blocks.0.attn2.processor",
+                                  nn.ModuleList(), nn.ModuleList())
+    return layer.am_arguments(AttentionContext(ip_scale=1.0, am=plan, step=step), queries=queries, tokens=TOKENS)
 
 
 def timed(fn, device: torch.device, repeats: int) -> float:
