@@ -93,7 +93,7 @@ class UNetTimer:
 
     def __init__(self, unet, device: torch.device):
         self.device, self.total, self.calls, self._t0 = device, 0.0, 0, 0.0
-        # opaque to dynamo: with --compile unet the hooks run inside the compiled module's call
+        # opaque to dynamo, so that no compiled region ever traces the timer
         self._handles = [unet.register_forward_pre_hook(torch.compiler.disable(self._pre)),
                          unet.register_forward_hook(torch.compiler.disable(self._post))]
 

@@ -7,17 +7,28 @@
   ``transforms.identity_attention``) compiled into a few fused kernels, so AM costs little over the
   fused SDPA it replaces; its Python scalars (d_k, s_k, the AdaIN weight …) are graph inputs, so a
   new value of a knob does not recompile (tested);
-- ``unet``: ``am`` plus the UNet itself compiled in place (``nn.Module.compile``: the state dict, the
-  LoRA adapters and every module path stay as they are). lcmla's attention processors stay eager
-  (the compiled graph calls them: ``torch.compiler.disable``), so the per-request attention context
-  never enters a guard; what is compiled is everything between them (resnets, norms, feed-forwards,
-  projections). A graph is specialised on the latent size and batch and on the module state a
-  request sets (FreeU on/off, which LoRA adapters are active). A float attribute such as a LoRA
-  scale or a FreeU factor is a constant in the first graph; dynamo's automatic-dynamic rule makes
-  it an input when a second value arrives (one recompile), and later values reuse that graph.
+- ``unet``: ``am`` plus regional compilation of the UNet (the PyTorch recipe diffusers'
+  ``compile_repeated_blocks`` follows): every ``BasicTransformerBlock`` (diffusers' own
+  ``UNet2DConditionModel._repeated_blocks``) and every ``ResnetBlock2D`` is compiled in place
+  (``nn.Module.compile``: the state dict, the LoRA adapters and every module path stay as they
+  are); the glue between them (time embedding, up/down-sampling, FreeU) stays eager. lcmla's
+  attention processors stay eager inside the compiled blocks (``torch.compiler.disable``), so the
+  per-request attention context never enters a guard. The regions are compiled with
+  ``dynamic=True``: the batch (images × branches) and the latent size are symbols from the first
+  call, so a new size or image count reuses the graphs (a batch of one is its own graph: dynamo
+  specialises sizes 0 and 1); weight shapes stay static, so each resnet width gets kernels of its
+  own. SDXL's UNet then needs 38 graphs in all, 19 for a batch of one and 19 for larger batches
+  (counted on its real architecture with dynamo alone). ``ResnetBlock2D.forward`` alone holds 26
+  of them (12 widths and the mid block's, each at batch one and above): dynamo's default limit is
+  8 graphs per code object, past which a block silently runs eagerly, so the regions get
+  :data:`RECOMPILE_LIMIT` (tested: no compiled block falls back). A module-state change a request makes inside a block (which LoRA adapters
+  are active) is a guard, so it compiles once more; a float attribute such as a LoRA scale is a
+  constant in the first graph and, by dynamo's automatic-dynamic rule, an input from its second
+  value on.
 
-Warm-up: the first request of each new shape (size, images × branches) compiles. Measured by
-``benchmarks/bench_gpu.py --compile`` (it prints the first request's time beside the steady state).
+Warm-up: the first request compiles (and the first with a batch of one or with another module
+state); measured by ``benchmarks/bench_gpu.py --compile``, which prints the first request's time
+beside the steady state.
 
 ``channels_last`` (default on CUDA): the UNet's and VAE's convolutions run in NHWC, which cuDNN's
 fastest fp16/bf16 kernels want; the tensors a user sees are unchanged.
@@ -30,9 +41,17 @@ from typing import Any
 
 from .errors import LcmlaError
 
-__all__ = ["COMPILE_MODES", "apply_channels_last", "apply_compile", "compiled_identity_attention"]
+__all__ = ["COMPILE_MODES", "RECOMPILE_LIMIT", "apply_channels_last", "apply_compile", "compile_regions",
+           "compiled_identity_attention"]
 
 COMPILE_MODES = ("none", "am", "unet")
+
+# The UNet blocks compile="unet" compiles, by class name, besides diffusers' own repeated blocks.
+REGION_CLASSES = ("ResnetBlock2D",)
+# Graphs one compiled code object may hold before dynamo runs it eagerly (its default is 8): SDXL's
+# ResnetBlock2D.forward needs 26 (its widths × {batch 1, batch > 1}); the rest is room for the
+# LoRA on/off states a request sets.
+RECOMPILE_LIMIT = 64
 
 
 def check_compile_mode(mode: str) -> str:
@@ -75,10 +94,21 @@ def apply_compile(unet: Any, mode: str) -> list[str]:
         if isinstance(proc, IdentityAttnProcessor):
             proc.am_attention = compiled_identity_attention
     done.append("AM identity branch")
-    if mode == "unet":  # lcmla's processors are opaque to dynamo (torch.compiler.disable on __call__)
-        unet.compile(dynamic=None)
+    if mode == "unet":
+        compile_regions(unet)
         done.append("UNet")
     return done
+
+
+def compile_regions(unet: Any) -> int:
+    """Compile, in place, every block of ``unet`` whose class is one of diffusers' repeated blocks
+    (``unet._repeated_blocks``) or of :data:`REGION_CLASSES` (see the module docstring). Returns
+    how many blocks were compiled."""
+    names = set(getattr(unet, "_repeated_blocks", ()) or ()) | set(REGION_CLASSES)
+    blocks = [module for module in unet.modules() if type(module).__name__ in names]
+    for block in blocks:
+        block.compile(dynamic=True, recompile_limit=RECOMPILE_LIMIT)
+    return len(blocks)
 
 
 def apply_channels_last(*modules: Any) -> None:

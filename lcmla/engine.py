@@ -187,9 +187,10 @@ class Engine:
         loaded through this same path): speed and memory figures without any real weights; the
         result says random_weights, as the tiny preset's does. ``batch_images``: the images of a
         request share UNet calls (default: on CUDA only; see ``Engine.batch_images``).
-        ``compile``: "none", "am" (the FastFace identity branch compiled) or "unet" (that and the UNet;
-        the first request of each size compiles), see ``lcmla.acceleration``. ``channels_last``: the
-        UNet's and VAE's convolutions in NHWC (default: on CUDA only).
+        ``compile``: "none", "am" (the FastFace identity branch compiled) or "unet" (that and the
+        UNet's transformer and resnet blocks; the first request compiles), see
+        ``lcmla.acceleration``. ``channels_last``: the UNet's and VAE's convolutions in NHWC
+        (default: on CUDA only).
         """
         from .loading import adapter_kind, load_adapter_state_dict, load_components
         from .presets import random_weights_preset

@@ -110,17 +110,33 @@ def test_compile_am_gives_the_eager_images_and_knobs_do_not_recompile(engine, am
 
 
 def test_compile_unet_gives_the_eager_images(engine, tiny_cache, face_path):
-    """compile="unet": the UNet compiled in place (state-dict keys and module paths unchanged, the
-    processors eager inside it); the plain and the KV path (its encoder pass with the LoRAs off:
-    another graph) give the eager engine's images."""
-    compiled = Engine.load("tiny", device="cpu", compile="unet")
+    """compile="unet": every transformer and resnet block compiled in place (state-dict keys and
+    module paths unchanged, the processors eager inside them); the plain and the KV path (its
+    encoder pass with the LoRAs off: another module state) give the eager engine's images with no
+    block past its recompile limit (dynamo is told to fail instead of silently running it
+    eagerly), and a new size and image count reuse the graphs (batch and size are symbols)."""
+    import torch._dynamo.utils as dyn
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+
+    compiled = Engine.load("tiny", device="cpu", compile="unet", batch_images=True)  # images × branches per call
     assert compiled.compiled == ("AM identity branch", "UNet")
     assert set(compiled.pipe.unet.state_dict()) == set(engine.pipe.unet.state_dict())
-    for changes in ({}, {"lookahead__kv": True}):
-        settings = make_settings(**SMALL, guidance__steps=2, **changes)
-        a = engine.generate(settings, face_path).images[0]
-        b = compiled.generate(settings, face_path).images[0]
-        assert np.abs(px(a) - px(b)).max() <= 1, changes
+    blocks = [m for m in compiled.pipe.unet.modules() if isinstance(m, (BasicTransformerBlock, ResnetBlock2D))]
+    assert blocks and all(m._compiled_call_impl is not None for m in blocks)
+    assert compiled.pipe.unet._compiled_call_impl is None  # the glue between the blocks stays eager
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for changes in ({}, {"lookahead__kv": True}):
+            settings = make_settings(**SMALL, guidance__steps=2, **changes)
+            a = engine.generate(settings, face_path).images[0]
+            b = compiled.generate(settings, face_path).images[0]
+            assert np.abs(px(a) - px(b)).max() <= 1, changes
+        graphs = dyn.counters["stats"]["unique_graphs"]
+        settings = make_settings(output__width=96, output__height=64, output__num_images=2, guidance__steps=1,
+                                 lookahead__kv=True)
+        a, b = (e.generate(settings, face_path).images for e in (engine, compiled))
+    assert dyn.counters["stats"]["unique_graphs"] == graphs, "a new size or image count recompiled"
+    assert all(np.abs(px(x) - px(y)).max() <= 1 for x, y in zip(a, b))
 
 
 def test_channels_last_gives_the_same_pixels(engine, tiny_cache, face_path):
