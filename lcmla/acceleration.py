@@ -69,9 +69,11 @@ def _compiled(mode: str):
     # dynamic: the layers' shapes (heads, queries, images × branches) and the knobs' floats are
     # symbols from the first call, so neither a new level nor a new d_k, s_k or AdaIN weight
     # recompiles; a structural change (tokens chosen, pooling, a quantile's positions, grad mode)
-    # does. Past dynamo's recompile limit (8 graphs per mode) a call runs eagerly: the same
-    # result, never a failure.
-    return torch.compile(getattr(transforms, f"identity_attention_{mode}"), dynamic=True)
+    # does: SDXL's two targeted levels, a batch of one, and each set of chosen tokens a user tries
+    # are graphs of their own, so the function may hold RECOMPILE_LIMIT of them instead of
+    # dynamo's 8; past that a call runs eagerly: the same result, never a failure.
+    return torch.compile(getattr(transforms, f"identity_attention_{mode}"), dynamic=True,
+                         recompile_limit=RECOMPILE_LIMIT)
 
 
 def compiled_identity_attention(query, key, value, softmax_scale: float, **am):
