@@ -137,7 +137,9 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, repeats: int =
 def count_flops(fn) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    # eager even when the engine is compiled: dynamo, meeting a compiled block under the counter's
+    # dispatch mode, would mark its code skipped for good and the timed requests would run eagerly
+    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter, torch.no_grad():
         fn()
     return int(counter.get_total_flops())
 

@@ -38,6 +38,33 @@ def test_full_size_flops_are_the_published_ones():
         assert tflop(lambda: AutoencoderTiny(**a.taesd).decode(z)) == pytest.approx(0.57, rel=0.01)
 
 
+def test_counting_flops_leaves_a_compiled_module_compiled():
+    """bench_gpu counts FLOPs on the engine it then times: a compiled block first met under the
+    FLOP counter must still compile at its next call (dynamo would otherwise skip its code for good,
+    and --compile unet would time the eager UNet)."""
+    import torch._dynamo.utils as dyn
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_gpu import count_flops
+
+    class Block(torch.nn.Module):  # a module of our own: dynamo does not trace torch.nn's containers at top level
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return torch.nn.functional.silu(self.linear(x))
+
+    torch._dynamo.reset()
+    dyn.counters.clear()
+    block, x = Block(), torch.randn(2, 8)
+    block.compile(backend="eager")
+    assert count_flops(lambda: block(x)) == 2 * 2 * 8 * 8
+    with torch.no_grad():
+        block(x)
+    assert dyn.counters["stats"]["unique_graphs"] == 1, "the block was not compiled after the FLOP count"
+
+
 def test_bench_gpu_runs_on_the_cpu_at_tiny_size(tiny_cache, tmp_path, capsys):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
