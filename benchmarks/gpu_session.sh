@@ -11,7 +11,7 @@
 # the GPU, low-VRAM memory), bench_am.txt, weights.txt (SDXL's random full-size weights, ~9 GB,
 # written once to ~/.cache/lcmla/random-full-v1), bench_gpu.txt/.json (1024², bf16, eager: the
 # table of benchmarks/README.md), bench_gpu_low.txt (the low-VRAM mode). Part 2 (needs part 1's
-# weights, so the machine still warm): bench_gpu_compile.txt (eager vs --compile am vs unet).
+# weights, so the machine still warm): bench_gpu_compile.txt (eager vs --compile unet).
 # Part 3: bench_train.txt (bench_train.py --full: SDXL training steps at 1024², bf16, batch 1/2/4,
 # checkpointing off/on; the identity loss uses the dlib models that --wheels puts in .whl/site).
 # Every file lands in $OUT (or ./gpu-out); each step has its own time limit.
@@ -73,8 +73,10 @@ case "${1:-1}" in
     step bench_gpu_low 60 python3 benchmarks/bench_gpu.py --memory low --configs plain,am2+dcg --batches 1 --rounds 1
     ;;
   2)
-    step bench_gpu_compile 280 python3 benchmarks/bench_gpu.py --compile none,am,unet --configs "plain,am2+dcg" \
-      --batches 1,4 --rounds 2 --json "$OUT/bench_gpu_compile.json"
+    # unet (which includes am) against eager, side by side: SDXL's 38 block graphs compile at the
+    # first plain (batch one) and the first AM2 + DCG request (larger batches); single-image requests only
+    step bench_gpu_compile 300 python3 benchmarks/bench_gpu.py --compile none,unet --configs "plain,am2+dcg" \
+      --batches "" --rounds 2 --json "$OUT/bench_gpu_compile.json"
     ;;
   3)
     step bench_train 540 python3 benchmarks/bench_train.py --full --rounds 2
