@@ -282,11 +282,13 @@ def run_mode(args, mode: str, size: int, batches: list[int], configs: list[str])
     rate = matmul_rate(dev, engine.dtype, args.matmul_n)
     flops = graph_flops(engine, size, size)
     timer = UNetTimer(engine.pipe.unet, dev)
+    graphs_before = _graphs_compiled()
     try:
         runs = [ConfigRun(engine, name, config_settings(name, base, args.preset), identity, timer) for name in configs]
         results = run_configs(runs, args.rounds, batches)
     finally:
         timer.close()
+    graphs = _graphs_compiled() - graphs_before  # graphs this mode's engine added (none when eager)
 
     env = (f"torch {torch.__version__}, device {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}, "
            f"dtype {engine.dtype}, memory mode {engine.memory_mode}, compile {mode}"
@@ -314,6 +316,8 @@ def run_mode(args, mode: str, size: int, batches: list[int], configs: list[str])
                + f" {r.get('peak_gib', float('nan')):8.2f} {r.get('peak_gib_max', float('nan')):8.2f}")
         print(row)
     print("peak GiB: one image per request; peak max: the largest --batches size")
+    if engine.compiled:
+        print(f"dynamo graphs compiled by this engine's requests: {graphs} (the warm-up the 'first s' column pays)")
     if "am2+dcg" in results and "authors am2+dcg" in results:
         ours, theirs = results["am2+dcg"], results["authors am2+dcg"]
         print(f"authors' way / ours for AM2+DCG: UNet {theirs['unet_ms_per_step'] / ours['unet_ms_per_step']:.2f}×, "
@@ -321,7 +325,14 @@ def run_mode(args, mode: str, size: int, batches: list[int], configs: list[str])
     print("goals (full size, 1024², 4 steps, H100): plain ≤ 60 ms UNet/image, AM2+DCG ≤ 180 ms; end to end with TAESD "
           "≤ 1.6× the floor; peak ≤ 10 GB for AM2+DCG in fp16; low-VRAM mode ≤ 8 GB")
     del engine, timer
-    return {"env": env, "matmul_flops_per_s": rate, "flops": flops, "results": results}
+    return {"env": env, "matmul_flops_per_s": rate, "flops": flops, "results": results, "graphs_compiled": graphs}
+
+
+def _graphs_compiled() -> int:
+    """Graphs dynamo has compiled in this process so far."""
+    import torch._dynamo.utils
+
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
 def main(argv=None) -> int:
