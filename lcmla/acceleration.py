@@ -21,10 +21,10 @@
   (counted on its real architecture with dynamo alone). ``ResnetBlock2D.forward`` alone holds 26
   of them (12 widths and the mid block's, each at batch one and above): dynamo's default limit is
   8 graphs per code object, past which a block silently runs eagerly, so the regions get
-  :data:`RECOMPILE_LIMIT` (tested: no compiled block falls back). A module-state change a request makes inside a block (which LoRA adapters
-  are active) is a guard, so it compiles once more; a float attribute such as a LoRA scale is a
-  constant in the first graph and, by dynamo's automatic-dynamic rule, an input from its second
-  value on.
+  :data:`RECOMPILE_LIMIT` (tested: no compiled block falls back). A module-state change a
+  request makes inside a block (which LoRA adapters are active) is a guard, so it compiles once
+  more; a float attribute such as a LoRA scale is a constant in the first graph and, by dynamo's
+  automatic-dynamic rule, an input from its second value on.
 
 Warm-up: the first request compiles (and the first with a batch of one or with another module
 state); measured by ``benchmarks/bench_gpu.py --compile``, which prints the first request's time
@@ -50,7 +50,7 @@ COMPILE_MODES = ("none", "am", "unet")
 REGION_CLASSES = ("ResnetBlock2D",)
 # Graphs one compiled code object may hold before dynamo runs it eagerly (its default is 8): SDXL's
 # ResnetBlock2D.forward needs 26 (its widths × {batch 1, batch > 1}); the rest is room for the
-# LoRA on/off states a request sets.
+# LoRA on/off states a request sets and, for the AM branch, the sets of chosen tokens.
 RECOMPILE_LIMIT = 64
 
 
@@ -66,12 +66,12 @@ def _compiled(mode: str):
 
     from .attention import transforms
 
-    # dynamic: the layers' shapes (heads, queries, images × branches) and the knobs' floats are
-    # symbols from the first call, so neither a new level nor a new d_k, s_k or AdaIN weight
-    # recompiles; a structural change (tokens chosen, pooling, a quantile's positions, grad mode)
-    # does: SDXL's two targeted levels, a batch of one, and each set of chosen tokens a user tries
-    # are graphs of their own, so the function may hold RECOMPILE_LIMIT of them instead of
-    # dynamo's 8; past that a call runs eagerly: the same result, never a failure.
+    # dynamic: the layers' shapes (heads, queries, images × branches), the quantile's positions and
+    # the knobs' floats are symbols from the first call, so neither a new level or size nor a new
+    # d_k, s_k or AdaIN weight recompiles; a structural change (tokens chosen, AdaIN on or off,
+    # pooling, grad mode) and a batch of one do: each set of chosen tokens a user tries is a graph
+    # of its own, so the function may hold RECOMPILE_LIMIT of them instead of dynamo's 8; past that
+    # a call runs eagerly: the same result, never a failure.
     return torch.compile(getattr(transforms, f"identity_attention_{mode}"), dynamic=True,
                          recompile_limit=RECOMPILE_LIMIT)
 

@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "auto (default): low when the GPU has less than 14 GiB free")
     gen.add_argument("--compile", choices=COMPILE_MODES, default="none",
                      help="torch.compile: am (FastFace's identity branch fused) or unet (that and the UNet); the "
-                          "first image of each size compiles (seconds to minutes), later ones are faster on a GPU")
+                          "first image compiles (seconds to minutes; other sizes and image counts reuse its graphs), "
+                          "later ones are faster on a GPU")
     gen.add_argument("--random-weights", choices=RANDOM_ARCHITECTURES, default=None,
                      help="run the preset on a random-weights build of SDXL's full (or tiny) architecture, built once "
                           "on this machine: for speed and memory measurements only, the images are patterns")
@@ -182,8 +183,8 @@ def _generate(args: argparse.Namespace) -> int:
     if engine.memory_mode == "low":
         print("note: low-VRAM mode (models offloaded to CPU memory between uses, VAE tiling)", file=sys.stderr)
     if engine.compiled:
-        print(f"note: compiled with torch.compile ({', '.join(engine.compiled)}): the first image of each size "
-              "compiles first", file=sys.stderr)
+        print(f"note: compiled with torch.compile ({', '.join(engine.compiled)}): the first image "
+              "compiles first (seconds to minutes)", file=sys.stderr)
     bar = None
     callback = None
     if not args.quiet:

@@ -193,10 +193,11 @@ def am_transform(
     quantile_at: tuple[int, int, float] | None = None,
 ) -> torch.Tensor:
     """Ã: one AM transform of one layer at one step, FastFace §3.2 (SPEC §3), on the tokens
-    ``chosen`` marks (one bool per identity token; None: all); the other tokens keep A. AM1 is :func:`scale_power` with this layer's scale;
-    AM2 is :func:`scheduled_softmask` with this step's d_k and s_k, then (``adain``) the AdaIN
-    blend against A over the token axis, which sees all tokens. A compiled caller passes
-    ``quantile_at`` (:func:`quantile_positions` of Q and the quantile).
+    ``chosen`` marks (one bool per identity token; None: all); the other tokens keep A. AM1 is
+    :func:`scale_power` with this layer's scale; AM2 is :func:`scheduled_softmask` with this
+    step's d_k and s_k, then (``adain``) the AdaIN blend against A over the token axis, which sees
+    all tokens. A compiled caller passes ``quantile_at`` (:func:`quantile_positions` of Q and the
+    quantile).
     probs: (B, heads, Q, T) → (B, heads, Q, T)."""
     if mode == "am1":
         new = scale_power(probs, am1_scale, am1_power, cap)
@@ -225,7 +226,8 @@ def identity_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         A = softmax(Q K′ᵀ · softmax_scale);  Ã = am_transform(A);  out = Ã V′
 
     and, for AM2 with AdaIN, the output blended against the untransformed A V′ with statistics per
-    head over head_dim (SPEC §3 step 7; :func:`adain_blend_mixtures`, one matmul). ``am``: :func:`am_transform`'s keywords.
+    head over head_dim (SPEC §3 step 7; :func:`adain_blend_mixtures`, one matmul). ``am``:
+    :func:`am_transform`'s keywords.
     query (B, heads, Q, d), key/value (B, heads, T, d) → (B, heads, Q, d)."""
     probs = identity_probs(query, key, softmax_scale)
     return transformed_output(probs, am_transform(probs, **am), value, **am)

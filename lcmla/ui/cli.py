@@ -50,7 +50,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "auto (default, or $LCMLA_MEMORY): low when the GPU has less than 14 GiB free")
     parser.add_argument("--compile", choices=COMPILE_MODES, default=os.environ.get("LCMLA_COMPILE") or "none",
                         help="torch.compile: am (FastFace's identity branch) or unet (that and the UNet); the first "
-                             "request of each size compiles (default: none, or $LCMLA_COMPILE)")
+                             "requests compile, later sizes and image counts reuse their graphs (default: none, or "
+                             "$LCMLA_COMPILE)")
     parser.add_argument("--adapter", default=os.environ.get("LCMLA_ADAPTER") or None,
                         help="trained identity adapter (training's ip-adapter-faceid-plusv2_sdxl.safetensors) for "
                              "the Weights choice and Compare's trained column (default: $LCMLA_ADAPTER)")

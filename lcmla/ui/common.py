@@ -259,7 +259,7 @@ def _memory_text(engine: Any) -> str:
         text = f"{device}, every model in device memory"
     compiled = getattr(engine, "compiled", ())
     if compiled:  # lcmla.acceleration
-        text += f", torch.compile ({', '.join(compiled)}; the first request of each size compiles)"
+        text += f", torch.compile ({', '.join(compiled)}; the first requests compile)"
     return text
 
 
