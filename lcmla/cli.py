@@ -21,7 +21,7 @@ from .fastface import FASTFACE_PRESETS
 from .methods import METHODS, method_changes
 from .knobs import KNOB, KNOBS, cli_flags, cli_help, parse_cli
 from .acceleration import COMPILE_MODES
-from .memory import MEMORY_MODES
+from .memory import MEMORY_MODES, MEMORY_NOTES
 from .presets import DEFAULT_PRESET, PRESETS, RANDOM_ARCHITECTURES
 from .settings import GenerationSettings
 
@@ -67,8 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", help="cpu, cuda, cuda:1, … (default: cuda when present)")
     gen.add_argument("--dtype", help="float32, float16 or bfloat16 (default: float16 on CUDA)")
     gen.add_argument("--memory", choices=MEMORY_MODES, default="auto",
-                     help="full: every model on the device; low: model CPU offload + VAE tiling for 8-12 GB cards; "
-                          "auto (default): low when the GPU has less than 14 GiB free")
+                     help="full: every model on the device; balanced: the text and image encoders offloaded to CPU "
+                          "memory between requests, for 12-16 GB cards; low: every model offloaded + VAE tiling, for "
+                          "8-12 GB cards; auto (default): by the GPU's free memory (full from 14 GiB, balanced from "
+                          "11.2 GiB, else low)")
     gen.add_argument("--compile", choices=COMPILE_MODES, default="none",
                      help="torch.compile: am (FastFace's identity branch fused) or unet (that and the UNet); the "
                           "first image compiles (seconds to minutes; other sizes and image counts reuse its graphs), "
@@ -180,8 +182,8 @@ def _generate(args: argparse.Namespace) -> int:
     )
     if engine.preset.random_weights:
         print(f"note: {engine.preset.title}: random weights, so the images are patterns, not photos.", file=sys.stderr)
-    if engine.memory_mode == "low":
-        print("note: low-VRAM mode (models offloaded to CPU memory between uses, VAE tiling)", file=sys.stderr)
+    if engine.memory_mode in MEMORY_NOTES:
+        print(f"note: {MEMORY_NOTES[engine.memory_mode]}", file=sys.stderr)
     if engine.compiled:
         print(f"note: compiled with torch.compile ({', '.join(engine.compiled)}): the first image "
               "compiles first (seconds to minutes)", file=sys.stderr)

@@ -40,7 +40,8 @@ from .guidance import BRANCH_CONDITIONS, DecoupledGuidance, Guidance, guidance_f
 from .images import as_photo_list
 from .lookahead import (decode_tiny, encode_reference, encoder_rows, frame_reference, framing_used, kv_reference_images,
                         preview_latents, reference_latents)
-from .memory import choose_memory_mode, enable_low_vram, free_device_memory, out_of_memory_error, release_cached_memory
+from .memory import (OFFLOAD_MODES, choose_memory_mode, enable_balanced, enable_low_vram, free_device_memory,
+                     out_of_memory_error, release_cached_memory)
 from .preview import PreviewFrame, PreviewResult
 from .presets import Preset, get_preset
 from .sampling import StepInfo, sample
@@ -123,7 +124,7 @@ class Engine:
     def __init__(self, preset: Preset, components: Any, faces: FaceAnalyzer, *, device: str, dtype: torch.dtype,
                  memory_mode: str = "full"):
         self.preset = preset
-        self.memory_mode = memory_mode  # "full" | "low" (lcmla.memory)
+        self.memory_mode = memory_mode  # "full" | "balanced" | "low" (lcmla.memory)
         #: whether the images of a request share UNet calls with their guidance branches (images ×
         #: branches, see ``images_per_call``): on by default on CUDA, where it raises throughput;
         #: image i then equals seed + i run alone to within float rounding (≤ 1 grey level) instead of
@@ -180,8 +181,9 @@ class Engine:
         (see ``lcmla.kv_lora``) for the KV path. ``adapter``: an IP-Adapter checkpoint instead of the
         preset's FaceID-Plus-v2 — a trained one (``training/``) or IP-Adapter Plus-Face (e.g.
         converted from the LCM-Lookahead authors' checkpoint by ``lcmla.convert``). ``memory``: "full"
-        (every model on the device), "low" (model offload + VAE tiling, for 8–12 GB cards) or
-        "auto" (low when the CUDA device has less than ``lcmla.memory.LOW_VRAM_BELOW_GIB`` free).
+        (every model on the device), "balanced" (the encoders offloaded, for 12–16 GB cards), "low"
+        (every model offloaded + VAE tiling, for 8–12 GB cards) or "auto" (by the CUDA device's free
+        memory, ``lcmla.memory.choose_memory_mode``).
         ``random_weights``: "full" or "tiny" runs the preset's scheduler, steps and size on a
         random-weights build of that architecture (``lcmla.tiny``, written once per machine and
         loaded through this same path): speed and memory figures without any real weights; the
@@ -230,7 +232,7 @@ class Engine:
             paths = resolve_preset(p, variant=variant, weights_dir=weights_dir, allow_download=allow_download,
                                    exclude=exclude)
             paths.update(_optional_paths(p, weights_dir))
-        components = load_components(p, paths, device="cpu" if memory_mode == "low" else device, dtype=dtype,
+        components = load_components(p, paths, device="cpu" if memory_mode in OFFLOAD_MODES else device, dtype=dtype,
                                      variant=variant, lcm_lora=bool(p.lcm_lora) or "lcm_lora" in paths, adapter=adapter)
         engine = cls(p, components, faces, device=device, dtype=dtype, memory_mode=memory_mode)
         if kv_encoder_lora is not None:
@@ -248,10 +250,15 @@ class Engine:
             engine._offload_hooks = enable_low_vram(
                 [pipe.text_encoder, pipe.text_encoder_2, components.image_encoder, pipe.unet, pipe.vae, components.taesd],
                 pipe.vae, device)
+        elif memory_mode == "balanced":
+            pipe = engine.pipe
+            engine._offload_hooks = enable_balanced([pipe.text_encoder, pipe.text_encoder_2, components.image_encoder],
+                                                    [pipe.unet, pipe.vae, components.taesd], device)
         return engine
 
     def _offload_all(self) -> None:
-        """Low-VRAM mode: every model back in CPU memory at the end of a request."""
+        """Offloading modes: every offloaded model back in CPU memory (once a request's conditions
+        are computed, and at its end)."""
         for hook in self._offload_hooks:
             hook.offload()
 
@@ -504,6 +511,7 @@ class Engine:
                                   self._identity_conditions(identity, settings.lookahead.reference_framing),
                                   self._time_ids(settings))
         kv_setup = self._kv_setup(settings, references) if references is not None else None
+        self._offload_all()  # the encoders are done: in the offloading modes they leave the device now
         timings["conditions"] = time.perf_counter() - t0
         all_latents, seeds, maps, calls = [], [], [], []
         t1 = time.perf_counter()
@@ -630,6 +638,7 @@ class Engine:
         """The reference latents and the encoder rows' conditions (``lookahead.encoder_rows``)."""
         rows = encoder_rows(self._text_conditions(settings.lookahead.kv_prompt),  # "null": SDXL's empty-prompt zeros
                             self._identity_conditions(None)["null"], self._time_ids(settings))
+        self._offload_all()  # offloading modes: no encoder beside the VAE's encode of the reference
         return {"latents": reference_latents(self.pipe, references, self.dtype, self.device), "rows": rows}
 
     @contextlib.contextmanager

@@ -1,19 +1,26 @@
-"""GPU memory: the engine's memory mode, the low-VRAM mode, and out-of-memory as a user error.
+"""GPU memory: the engine's memory mode, the low-VRAM modes, and out-of-memory as a user error.
 
-Two modes (``Engine.load(memory=...)``, ``--memory``):
+Three modes (``Engine.load(memory=...)``, ``--memory``):
 
 - ``full``: every model lives on the device (the fast path);
+- ``balanced``: for 12–16 GB cards. The UNet, the VAE and TAESD live on the device; the two text
+  encoders and the CLIP image encoder stay in CPU memory, each moving to the device only while it
+  computes a request's conditions, and all back before the first denoising step (accelerate's
+  ``cpu_offload_with_hook``). The decode is the full mode's, untiled: the images are the same;
 - ``low``: for 8–12 GB cards. Each model (text encoders, CLIP image encoder, UNet, VAE, TAESD)
   stays in CPU memory and moves to the device only while it runs, the previous one going back
-  (accelerate's ``cpu_offload_with_hook``, the mechanism of diffusers' ``enable_model_cpu_offload``;
-  the UNet stays on the device for all steps of a request); the VAE decodes in tiles and one image
-  at a time (diffusers' ``enable_tiling``/``enable_slicing``).
+  (the mechanism of diffusers' ``enable_model_cpu_offload``; the UNet stays on the device for all
+  steps of a request); the VAE decodes in tiles and one image at a time (diffusers'
+  ``enable_tiling``/``enable_slicing``; at 1024² and below SDXL's VAE decodes in one tile).
 
-``auto`` (the default) picks ``low`` on a CUDA device whose free memory at load time is below
-:data:`LOW_VRAM_BELOW_GIB`, ``full`` otherwise (always ``full`` on the CPU, where offloading has
-nothing to save). A request that runs out of device memory raises :class:`OutOfMemoryError`
-(an ``LcmlaError``): the message names the size and suggests the low-VRAM mode or a smaller size,
-the allocator's cache is emptied, and the next request runs normally.
+``auto`` (the default) picks by the free memory of a CUDA device at load time: ``full`` from
+:data:`BALANCED_BELOW_GIB` up, ``balanced`` from :data:`LOW_VRAM_BELOW_GIB` up, ``low`` below
+(always ``full`` on the CPU, where offloading has nothing to save). The thresholds are the peaks
+``benchmarks/predict_memory.py`` predicts for SDXL at 1024² in float16 (every configuration;
+benchmarks/README.md) plus about 1.3 GiB for kernel workspaces and the allocator's fragmentation.
+A request that runs out of device memory raises :class:`OutOfMemoryError` (an ``LcmlaError``):
+the message names the size and suggests a lower mode or a smaller size, the allocator's cache is
+emptied, and the next request runs normally.
 """
 
 from __future__ import annotations
@@ -22,14 +29,25 @@ from typing import Any
 
 from .errors import LcmlaError
 
-__all__ = ["LOW_VRAM_BELOW_GIB", "MEMORY_MODES", "OutOfMemoryError", "choose_memory_mode", "enable_low_vram",
-           "free_device_memory", "is_out_of_memory", "out_of_memory_error", "release_cached_memory"]
+__all__ = ["BALANCED_BELOW_GIB", "LOW_VRAM_BELOW_GIB", "MEMORY_MODES", "MEMORY_NOTES", "OFFLOAD_MODES", "OutOfMemoryError",
+           "choose_memory_mode", "enable_balanced", "enable_low_vram", "free_device_memory", "is_out_of_memory",
+           "out_of_memory_error", "release_cached_memory"]
 
-MEMORY_MODES = ("auto", "full", "low")
-#: ``auto`` offloads below this much free device memory: SDXL's UNet, both text encoders, the
-#: CLIP-H image encoder, the VAE (float32) and FaceID-Plus-v2 take about 8.7 GB in float16, and
-#: AM2 + DCG at 1024² (three branches in one call) needs about 3 GB more at its peak.
-LOW_VRAM_BELOW_GIB = 14.0
+MEMORY_MODES = ("auto", "full", "balanced", "low")
+#: the modes that keep some models in CPU memory (their weights are loaded there)
+OFFLOAD_MODES = ("balanced", "low")
+#: how the CLI and the app name an offloading mode
+MEMORY_NOTES = {
+    "balanced": "balanced memory mode (text and image encoders in CPU memory between requests)",
+    "low": "low-VRAM mode (models offloaded to CPU memory between uses, VAE tiling)",
+}
+#: ``auto`` chooses ``balanced`` below this much free device memory. Predicted at 1024² in float16:
+#: the models hold 9.55 GiB (UNet with FaceID-Plus-v2 and its LoRAs 6.4, text encoders 1.5, CLIP-H
+#: 1.2, the float32 VAE 0.3) and the VAE's float32 decode adds 3.0 GiB: a 12.6 GiB peak.
+BALANCED_BELOW_GIB = 14.0
+#: ``auto`` chooses ``low`` below this much free device memory: ``balanced`` peaks at 9.9 GiB (the
+#: UNet, VAE and TAESD resident, plus the decode), ``low`` at 7.3 GiB (the UNet and its activations).
+LOW_VRAM_BELOW_GIB = 11.2
 
 
 class OutOfMemoryError(LcmlaError):
@@ -37,15 +55,18 @@ class OutOfMemoryError(LcmlaError):
 
 
 def choose_memory_mode(requested: str, device: str, free_bytes: int | None) -> str:
-    """The memory mode to run: ``requested`` unless it is ``auto``; ``auto`` → ``low`` on a CUDA
-    ``device`` with less than LOW_VRAM_BELOW_GIB free (``free_bytes``; None: unknown → ``full``)."""
+    """The memory mode to run: ``requested`` unless it is ``auto``; ``auto`` on a CUDA ``device``
+    with ``free_bytes`` free → ``low`` below LOW_VRAM_BELOW_GIB, ``balanced`` below
+    BALANCED_BELOW_GIB, ``full`` otherwise (None: unknown → ``full``; the CPU → ``full``)."""
     if requested not in MEMORY_MODES:
         raise LcmlaError(f"memory mode {requested!r} is not one of {', '.join(MEMORY_MODES)}")
     if requested != "auto":
         return requested
     if not str(device).startswith("cuda") or free_bytes is None:
         return "full"
-    return "low" if free_bytes < LOW_VRAM_BELOW_GIB * 2**30 else "full"
+    if free_bytes < LOW_VRAM_BELOW_GIB * 2**30:
+        return "low"
+    return "balanced" if free_bytes < BALANCED_BELOW_GIB * 2**30 else "full"
 
 
 def free_device_memory(device: str) -> int | None:
@@ -61,9 +82,10 @@ def free_device_memory(device: str) -> int | None:
     return int(free)
 
 
-def enable_low_vram(modules: list[Any], vae: Any, device: str) -> list[Any]:
-    """Offload ``modules`` (in the order a request uses them) to the CPU, each moved to ``device``
-    while it runs; tile and slice the ``vae``'s decode. Returns the offload hooks."""
+def _offload_chain(modules: list[Any], device: str) -> list[Any]:
+    """Each of ``modules`` (in the order a request uses them) to CPU memory, moved to ``device``
+    when its forward starts, the previous one of the chain going back then. Returns the hooks
+    (``hook.offload()`` sends a model back)."""
     from accelerate import cpu_offload_with_hook
 
     hooks, previous = [], None
@@ -73,9 +95,26 @@ def enable_low_vram(modules: list[Any], vae: Any, device: str) -> list[Any]:
         module.to("cpu")
         _, previous = cpu_offload_with_hook(module, device, prev_module_hook=previous)
         hooks.append(previous)
+    return hooks
+
+
+def enable_low_vram(modules: list[Any], vae: Any, device: str) -> list[Any]:
+    """The ``low`` mode: offload ``modules`` (in the order a request uses them) to the CPU, each
+    moved to ``device`` while it runs; tile and slice the ``vae``'s decode. Returns the hooks."""
+    hooks = _offload_chain(modules, device)
     vae.enable_tiling()
     vae.enable_slicing()
     return hooks
+
+
+def enable_balanced(encoders: list[Any], resident: list[Any], device: str) -> list[Any]:
+    """The ``balanced`` mode: the ``encoders`` (text encoders, image encoder) offloaded as in the
+    low mode; the ``resident`` models (UNet, VAE, TAESD) moved to ``device`` for good. Returns the
+    encoders' hooks (the engine sends them all back once a request's conditions are computed)."""
+    for module in resident:
+        if module is not None:
+            module.to(device)
+    return _offload_chain(encoders, device)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -109,7 +148,10 @@ def out_of_memory_error(exc: BaseException, device: str, *, width: int, height: 
         return None
     said = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
     tries = ["a smaller size", "fewer images per request"]
-    if mode != "low":
+    if mode == "full":
+        tries.insert(0, "the balanced or the low-VRAM mode (--memory balanced or --memory low, or "
+                        "Engine.load(..., memory='balanced'))")
+    elif mode == "balanced":
         tries.insert(0, "the low-VRAM mode (--memory low, or Engine.load(..., memory='low'))")
     return OutOfMemoryError(
         f"out of memory on {device} generating {images} image(s) at {width}×{height}: try "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numpy as np
 import pytest
 import torch
@@ -9,7 +10,7 @@ from util import make_settings, px
 
 from lcmla import Engine
 from lcmla.errors import LcmlaError, SettingsError
-from lcmla.memory import LOW_VRAM_BELOW_GIB, OutOfMemoryError, choose_memory_mode, is_out_of_memory
+from lcmla.memory import BALANCED_BELOW_GIB, LOW_VRAM_BELOW_GIB, OutOfMemoryError, choose_memory_mode, is_out_of_memory
 from lcmla.presets import get_preset, random_weights_preset
 
 GIB = 2**30
@@ -22,9 +23,14 @@ SMALL = dict(output__width=64, output__height=64)
         ("auto", "cpu", None, "full"),  # nothing to offload to on the CPU
         ("auto", "cuda", None, "full"),  # free memory unknown: do not guess low
         ("auto", "cuda", int(LOW_VRAM_BELOW_GIB * GIB) - 1, "low"),
-        ("auto", "cuda:1", int(LOW_VRAM_BELOW_GIB * GIB), "full"),
+        ("auto", "cuda:1", math.ceil(LOW_VRAM_BELOW_GIB * GIB), "balanced"),
+        ("auto", "cuda", int(BALANCED_BELOW_GIB * GIB) - 1, "balanced"),
+        ("auto", "cuda:1", math.ceil(BALANCED_BELOW_GIB * GIB), "full"),
+        ("auto", "cuda", 8 * GIB, "low"),
+        ("auto", "cuda", 12 * GIB, "balanced"),
         ("auto", "cuda", 80 * GIB, "full"),
         ("low", "cpu", None, "low"),  # asked for: granted, whatever the device
+        ("balanced", "cpu", None, "balanced"),
         ("full", "cuda", 1 * GIB, "full"),
     ],
 )
@@ -33,7 +39,7 @@ def test_memory_mode_choice(requested, device, free, expected):
 
 
 def test_memory_mode_rejects_unknown_names():
-    with pytest.raises(LcmlaError, match="memory mode 'tiny' is not one of auto, full, low"):
+    with pytest.raises(LcmlaError, match="memory mode 'tiny' is not one of auto, full, balanced, low"):
         choose_memory_mode("tiny", "cpu", None)
 
 
@@ -62,6 +68,62 @@ def test_low_vram_mode_gives_the_same_pixels(engine, low_engine, face_path):
             assert np.abs(px(x) - px(y)).max() <= 1
 
 
+@pytest.fixture(scope="module")
+def balanced_engine(tiny_cache):
+    return Engine.load("tiny", device="cpu", memory="balanced")
+
+
+def test_balanced_mode_offloads_the_encoders_only_and_gives_the_same_pixels(engine, balanced_engine, face_path):
+    """Balanced: hooks on the two text encoders and the image encoder only (the UNet, the VAE and
+    TAESD stay put, the VAE untiled); images equal the full mode's, plain and KV, two at once."""
+    pipe = balanced_engine.pipe
+    hooked = [h.model for h in balanced_engine._offload_hooks]
+    assert hooked == [pipe.text_encoder, pipe.text_encoder_2, balanced_engine.components.image_encoder]
+    for model in (pipe.unet, pipe.vae, balanced_engine.components.taesd):
+        assert not hasattr(model, "_hf_hook")
+    assert not pipe.vae.use_tiling and not pipe.vae.use_slicing
+    for changes in ({}, {"lookahead__kv": True}):
+        settings = make_settings(**SMALL, output__num_images=2, **changes)
+        a = engine.generate(settings, face_path).images
+        b = balanced_engine.generate(settings, face_path).images
+        for x, y in zip(a, b):
+            assert np.array_equal(px(x), px(y))
+
+
+@pytest.mark.parametrize("mode", ["balanced", "low"])
+def test_the_encoders_leave_the_device_before_the_first_step(mode, balanced_engine, low_engine, face_path):
+    """In both offloading modes every offloaded encoder is sent back once the conditions are
+    computed, before the first UNet call: the denoising never holds an encoder (without a face
+    the low mode's chain alone would have left the second text encoder there)."""
+    eng = {"balanced": balanced_engine, "low": low_engine}[mode]
+    events = []
+    encoders = {id(m) for m in (eng.pipe.text_encoder, eng.pipe.text_encoder_2, eng.components.image_encoder)}
+    for hook in eng._offload_hooks:
+        if id(hook.model) in encoders:
+            hook.offload = lambda _off=hook.offload, _m=hook.model: (events.append(("offload", id(_m))), _off())
+    handle = eng.pipe.unet.register_forward_pre_hook(lambda *_: events.append(("unet", None)))
+    try:
+        for faces in (face_path, None):
+            events.clear()
+            eng.generate(make_settings(**SMALL), faces)
+            first_unet = events.index(("unet", None))
+            assert {m for e, m in events[:first_unet] if e == "offload"} == encoders
+    finally:
+        handle.remove()
+        for hook in eng._offload_hooks:
+            hook.__dict__.pop("offload", None)
+
+
+def test_out_of_memory_in_balanced_mode_suggests_the_low_one(balanced_engine, face_path):
+    handle, _ = _raise_once(balanced_engine.pipe.unet, torch.OutOfMemoryError("CUDA out of memory"))
+    try:
+        with pytest.raises(OutOfMemoryError) as info:
+            balanced_engine.generate(make_settings(**SMALL), face_path)
+    finally:
+        handle.remove()
+    assert "the low-VRAM mode (--memory low" in str(info.value) and "balanced" not in str(info.value)
+
+
 def _raise_once(module, error):
     calls = {"n": 0}
 
@@ -84,7 +146,8 @@ def test_out_of_memory_is_a_user_error_and_the_next_request_runs(engine, face_pa
         handle.remove()
     message = str(info.value)
     assert calls["n"] == 2
-    assert "1 image(s) at 64×64" in message and "low-VRAM mode" in message and "smaller size" in message
+    assert "1 image(s) at 64×64" in message and "smaller size" in message
+    assert "the balanced or the low-VRAM mode (--memory balanced or --memory low" in message
     assert "Tried to allocate 20.00 GiB" in message  # what the device said
     assert isinstance(info.value, LcmlaError) and info.value.__context__ is None  # no frames kept alive
     assert engine._lock.acquire(blocking=False)  # the lock was released
@@ -155,12 +218,13 @@ def test_full_architecture_is_sdxl_at_its_real_size():
         assert count(AutoencoderTiny(**a.taesd)) == 2_445_063
 
 
-def test_the_app_header_says_which_memory_mode_runs(engine, low_engine):
+def test_the_app_header_says_which_memory_mode_runs(engine, low_engine, balanced_engine):
     pytest.importorskip("gradio")
     from lcmla.ui.common import _header
 
     assert "cpu, every model in device memory" in _header(engine)
     assert "low-VRAM mode" in _header(low_engine)
+    assert "balanced memory mode (text and image encoders in CPU memory" in _header(balanced_engine)
 
 
 def test_the_app_takes_the_memory_flag(monkeypatch):
@@ -169,6 +233,7 @@ def test_the_app_takes_the_memory_flag(monkeypatch):
 
     assert parse_args([]).memory == "auto"
     assert parse_args(["--memory", "low"]).memory == "low"
+    assert parse_args(["--memory", "balanced"]).memory == "balanced"
     monkeypatch.setenv("LCMLA_MEMORY", "full")
     assert parse_args([]).memory == "full"
 

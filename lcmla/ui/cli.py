@@ -46,8 +46,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--face-models", default=None, help="insightface model folder (default: buffalo_l)")
     parser.add_argument("--download", action="store_true", help="download missing weights from the Hugging Face Hub")
     parser.add_argument("--memory", choices=MEMORY_MODES, default=os.environ.get("LCMLA_MEMORY") or "auto",
-                        help="full: every model on the GPU; low: model CPU offload + VAE tiling for 8-12 GB cards; "
-                             "auto (default, or $LCMLA_MEMORY): low when the GPU has less than 14 GiB free")
+                        help="full: every model on the GPU; balanced: the text and image encoders offloaded to CPU "
+                             "memory between requests, for 12-16 GB cards; low: every model offloaded + VAE tiling, "
+                             "for 8-12 GB cards; auto (default, or $LCMLA_MEMORY): by the GPU's free memory (full "
+                             "from 14 GiB, balanced from 11.2 GiB, else low)")
     parser.add_argument("--compile", choices=COMPILE_MODES, default=os.environ.get("LCMLA_COMPILE") or "none",
                         help="torch.compile: am (FastFace's identity branch) or unet (that and the UNet); the first "
                              "requests compile, later sizes and image counts reuse their graphs (default: none, or "

@@ -21,6 +21,7 @@ import gradio as gr
 from lcmla import __version__
 
 from lcmla.knobs import KNOB_NAMES, Knob, preset_settings, settings_from_ui, settings_to_ui
+from lcmla.memory import MEMORY_NOTES
 from lcmla.methods import METHOD_LABELS, METHODS
 from lcmla.presets import Preset
 from lcmla.settings import GenerationSettings
@@ -253,8 +254,9 @@ def _header(engine: Any, trained: Trained | None = None) -> str:
 def _memory_text(engine: Any) -> str:
     """Where the model runs and how it holds memory (lcmla.memory's modes)."""
     device = str(getattr(engine, "device", "cpu"))
-    if getattr(engine, "memory_mode", "full") == "low":
-        text = f"{device}, low-VRAM mode (models offloaded to CPU memory between uses, VAE tiling)"
+    mode = getattr(engine, "memory_mode", "full")
+    if mode in MEMORY_NOTES:
+        text = f"{device}, {MEMORY_NOTES[mode]}"
     else:
         text = f"{device}, every model in device memory"
     compiled = getattr(engine, "compiled", ())
