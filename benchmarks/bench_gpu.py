@@ -25,9 +25,9 @@ ratios, measured in this run on this device:
   explicit softmax, a sort-based float32 quantile, full-tensor AdaINs, two host synchronisations
   per layer).
 
-    python benchmarks/bench_gpu.py                       # CUDA: full size, 1024², bf16
+    python benchmarks/bench_gpu.py                       # CUDA: full size, 1024², float16
     python benchmarks/bench_gpu.py --arch tiny --size 128 --batches 1,2 --rounds 1   # CPU smoke run
-    python benchmarks/bench_gpu.py --memory low          # the low-VRAM mode's figures
+    python benchmarks/bench_gpu.py --memory low          # the low-VRAM mode's figures (or balanced)
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ import torch  # noqa: E402
 
 from lcmla import Engine, GenerationSettings  # noqa: E402
 from lcmla.acceleration import COMPILE_MODES  # noqa: E402
+from lcmla.memory import MEMORY_MODES  # noqa: E402
 from lcmla.denoiser import UNetBatch, unet_forward  # noqa: E402
 from lcmla.methods import method_changes  # noqa: E402
 
@@ -342,8 +343,9 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="hyper-sdxl-4step", help="scheduler, steps and guidance of this preset")
     ap.add_argument("--size", type=int, default=None, help="square output size (default: 1024 full, 256 tiny)")
     ap.add_argument("--device", default="cuda" if cuda else "cpu")
-    ap.add_argument("--dtype", default="bfloat16" if cuda else "float32")
-    ap.add_argument("--memory", choices=("auto", "full", "low"), default="full")
+    ap.add_argument("--dtype", default="float16" if cuda else "float32",
+                    help="default: the engine's (float16 on CUDA, its VAE decoding in float32; float32 on the CPU)")
+    ap.add_argument("--memory", choices=MEMORY_MODES, default="full")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batches", default="1,4,8" if cuda else "1,2", help="images per request for images/s")
     ap.add_argument("--configs", default=",".join(CONFIGS))

@@ -9,8 +9,9 @@
 #
 # Part 1: env.txt, tests.txt (tests/test_cuda.py: a real OOM, compiled AM / channels-last / bf16 on
 # the GPU, low-VRAM memory), bench_am.txt, weights.txt (SDXL's random full-size weights, ~9 GB,
-# written once to ~/.cache/lcmla/random-full-v1), bench_gpu.txt/.json (1024², bf16, eager: the
-# table of benchmarks/README.md), bench_gpu_low.txt (the low-VRAM mode). Part 2 (needs part 1's
+# written once to ~/.cache/lcmla/random-full-v1), bench_gpu.txt/.json (1024², float16, eager: the
+# table of benchmarks/README.md), bench_gpu_balanced.txt and bench_gpu_low.txt (the offloading
+# modes' peaks, beside predict_memory.py's in benchmarks/README.md). Part 2 (needs part 1's
 # weights, so the machine still warm): bench_gpu_compile.txt (eager vs --compile unet).
 # Part 3: bench_train.txt (bench_train.py --full: SDXL training steps at 1024², bf16, batch 1/2/4,
 # checkpointing off/on; the identity loss uses the dlib models that --wheels puts in .whl/site).
@@ -66,11 +67,13 @@ transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__v
 
 case "${1:-1}" in
   1)
-    step tests 100 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
-    step bench_am 60 python3 benchmarks/bench_am.py
+    step tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+    step bench_am 50 python3 benchmarks/bench_am.py
     step weights 200 python3 -c "from lcmla.tiny import ensure_random_weights; print(ensure_random_weights('full'))"
+    # float16, the engine's CUDA default: the VAE decodes in float32, as the memory goal assumes
     step bench_gpu 150 python3 benchmarks/bench_gpu.py --rounds 2 --json "$OUT/bench_gpu.json"
-    step bench_gpu_low 60 python3 benchmarks/bench_gpu.py --memory low --configs plain,am2+dcg --batches 1 --rounds 1
+    step bench_gpu_balanced 50 python3 benchmarks/bench_gpu.py --memory balanced --configs am2+dcg,kv --batches "" --rounds 1
+    step bench_gpu_low 50 python3 benchmarks/bench_gpu.py --memory low --configs am2+dcg,kv --batches "" --rounds 1
     ;;
   2)
     # unet (which includes am) against eager, side by side: SDXL's 38 block graphs compile at the

@@ -636,9 +636,11 @@ class Engine:
     @torch.no_grad()
     def _kv_setup(self, settings: GenerationSettings, references: list) -> dict[str, Any]:
         """The reference latents and the encoder rows' conditions (``lookahead.encoder_rows``)."""
+        null = self._identity_conditions(None)["null"]  # the image encoder is still there from the request's
+        self._offload_all()  # offloading modes: it leaves before the text encoders come back for the KV prompt
         rows = encoder_rows(self._text_conditions(settings.lookahead.kv_prompt),  # "null": SDXL's empty-prompt zeros
-                            self._identity_conditions(None)["null"], self._time_ids(settings))
-        self._offload_all()  # offloading modes: no encoder beside the VAE's encode of the reference
+                            null, self._time_ids(settings))
+        self._offload_all()  # and no encoder stays beside the VAE's encode of the reference
         return {"latents": reference_latents(self.pipe, references, self.dtype, self.device), "rows": rows}
 
     @contextlib.contextmanager

@@ -46,7 +46,8 @@ MEMORY_NOTES = {
 #: 1.2, the float32 VAE 0.3) and the VAE's float32 decode adds 3.0 GiB: a 12.6 GiB peak.
 BALANCED_BELOW_GIB = 14.0
 #: ``auto`` chooses ``low`` below this much free device memory: ``balanced`` peaks at 9.9 GiB (the
-#: UNet, VAE and TAESD resident, plus the decode), ``low`` at 7.3 GiB (the UNet and its activations).
+#: UNet, VAE and TAESD resident, plus the decode), ``low`` at 7.0 GiB (the UNet and its activations;
+#: 8.0 on the KV path, whose K/V cache sits beside them).
 LOW_VRAM_BELOW_GIB = 11.2
 
 
