@@ -203,9 +203,7 @@ def follow_offload(tracker: LiveBytes, engine: Engine):
     saved = []
     for user_hook in engine._offload_hooks:
         model, hook = user_hook.model, user_hook.hook
-        pre, off = hook.pre_forward, user_hook.offload
-
-        size = module_bytes(model)
+        pre, off, size = hook.pre_forward, user_hook.offload, module_bytes(model)
 
         def pre_forward(module, *args, _pre=pre, _hook=hook, _model=model, _size=size, **kwargs):
             previous = getattr(_hook.prev_module_hook, "model", None)
@@ -230,8 +228,9 @@ def follow_offload(tracker: LiveBytes, engine: Engine):
 
 
 def predict_request(engine: Engine, settings: GenerationSettings, identity, *, allocate_only: bool = True,
-                    previews: bool = False) -> dict:
-    """Run one request under :class:`LiveBytes`; returns the predicted peak and its parts (bytes):
+                    compute_below: int = COMPUTE_BELOW, previews: bool = False) -> dict:
+    """Run one request under :class:`LiveBytes` (``allocate_only``, ``compute_below``: its
+    arguments); returns the predicted peak and its parts (bytes):
     ``resident`` (the weights that never leave the device in this memory mode), ``phase_peaks``
     (the peak while each model ran), ``peak_phase``."""
     import gc
@@ -239,7 +238,8 @@ def predict_request(engine: Engine, settings: GenerationSettings, identity, *, a
     gc.collect()
     hooked = {id(h.model) for h in engine._offload_hooks}
     resident = module_bytes(*(m for m in engine_models(engine).values() if id(m) not in hooked))
-    tracker = LiveBytes(allocate_only=allocate_only, resident=resident, device=engine.device.type)
+    tracker = LiveBytes(allocate_only=allocate_only, compute_below=compute_below, resident=resident,
+                        device=engine.device.type)
     t0 = time.perf_counter()
     with follow_phases(tracker, engine), follow_offload(tracker, engine), tracker:
         if previews:

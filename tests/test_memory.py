@@ -114,14 +114,20 @@ def test_the_encoders_leave_the_device_before_the_first_step(mode, balanced_engi
             hook.__dict__.pop("offload", None)
 
 
-def test_out_of_memory_in_balanced_mode_suggests_the_low_one(balanced_engine, face_path):
-    handle, _ = _raise_once(balanced_engine.pipe.unet, torch.OutOfMemoryError("CUDA out of memory"))
+def _out_of_memory_message(eng, face_path) -> str:
+    """The user error of a request whose second UNet call runs out of memory."""
+    handle, _ = _raise_once(eng.pipe.unet, torch.OutOfMemoryError("CUDA out of memory"))
     try:
         with pytest.raises(OutOfMemoryError) as info:
-            balanced_engine.generate(make_settings(**SMALL), face_path)
+            eng.generate(make_settings(**SMALL), face_path)
     finally:
         handle.remove()
-    assert "the low-VRAM mode (--memory low" in str(info.value) and "balanced" not in str(info.value)
+    return str(info.value)
+
+
+def test_out_of_memory_in_balanced_mode_suggests_the_low_one(balanced_engine, face_path):
+    message = _out_of_memory_message(balanced_engine, face_path)
+    assert "the low-VRAM mode (--memory low" in message and "balanced" not in message
 
 
 def _raise_once(module, error):
@@ -157,13 +163,8 @@ def test_out_of_memory_is_a_user_error_and_the_next_request_runs(engine, face_pa
 
 
 def test_out_of_memory_in_low_mode_does_not_suggest_it_again(low_engine, face_path):
-    handle, _ = _raise_once(low_engine.pipe.unet, torch.OutOfMemoryError("CUDA out of memory"))
-    try:
-        with pytest.raises(OutOfMemoryError) as info:
-            low_engine.generate(make_settings(**SMALL), face_path)
-    finally:
-        handle.remove()
-    assert "low-VRAM" not in str(info.value) and "smaller size" in str(info.value)
+    message = _out_of_memory_message(low_engine, face_path)
+    assert "low-VRAM" not in message and "smaller size" in message
 
 
 def test_other_errors_pass_through(engine, face_path):
