@@ -6,7 +6,8 @@ not on their values, so it can be followed on the CPU: :class:`LiveBytes`, a dis
 every storage an operator creates and takes it off when its last tensor dies. The weights on the
 device are counted apart: the models that never move in the engine's memory mode (every model in
 ``full``; the UNet, VAE and TAESD in ``balanced``; none in ``low``), and the offloaded ones while
-accelerate's hooks would hold them there (:func:`follow_offload`).
+accelerate's hooks would hold them there (:func:`follow_offload`); the low-VRAM mode's KV K/V
+parked in host memory are not counted while they are there (:func:`follow_parking`).
 
 A full-size request is far too slow to compute on two CPU cores, and the values do not matter, so
 with ``allocate_only`` every operator whose outputs are large (over :data:`COMPUTE_BELOW` bytes)
@@ -79,6 +80,7 @@ class LiveBytes(TorchDispatchMode):
         self.phase_peaks: dict[str, int] = {}
         self._sizes: dict[int, int] = {}  # storage data_ptr → bytes, for the live ones
         self.allocated_only = 0  # operators that allocated instead of computing (a sanity figure)
+        self._untracked = False
 
     # ---- counting ---------------------------------------------------------------------------------
 
@@ -112,6 +114,16 @@ class LiveBytes(TorchDispatchMode):
         self.phase = phase
         self._note_peak()
 
+    @contextlib.contextmanager
+    def untracked(self):
+        """Operators run here compute for real and their outputs are not counted (what the device
+        would keep elsewhere, e.g. a copy in host memory)."""
+        self._untracked = True
+        try:
+            yield
+        finally:
+            self._untracked = False
+
     # ---- dispatch ---------------------------------------------------------------------------------
 
     def _allocate(self, func, args, kwargs, force: bool = False):
@@ -136,6 +148,8 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self._untracked:
+            return func(*args, **kwargs)
         out, aliasing = None, _aliases(func)
         if self.allocate_only and not aliasing and not _data_dependent(func):
             out = self._allocate(func, args, kwargs)
@@ -227,6 +241,34 @@ def follow_offload(tracker: LiveBytes, engine: Engine):
             del hook.pre_forward, user_hook.offload
 
 
+class _FollowedParking:
+    """The engine's :class:`~lcmla.attention.context.HostParking` as it acts on CUDA, followed on
+    the CPU: a parked tensor is a host copy the tracker does not count (its device original goes
+    when nothing else holds it), an unparked one a new device tensor."""
+
+    def __init__(self, tracker: LiveBytes):
+        self.tracker = tracker
+
+    def park(self, t: torch.Tensor) -> torch.Tensor:
+        with self.tracker.untracked():
+            return t.clone()
+
+    def unpark(self, t: torch.Tensor) -> torch.Tensor:
+        return t.clone()
+
+
+@contextlib.contextmanager
+def follow_parking(tracker: LiveBytes, engine: Engine):
+    """In the low-VRAM mode, count the KV cache's parked K/V as off the device (``_FollowedParking``)."""
+    saved = engine.kv_parking
+    if saved is not None:
+        engine.kv_parking = _FollowedParking(tracker)
+    try:
+        yield
+    finally:
+        engine.kv_parking = saved
+
+
 def predict_request(engine: Engine, settings: GenerationSettings, identity, *, allocate_only: bool = True,
                     compute_below: int = COMPUTE_BELOW, previews: bool = False) -> dict:
     """Run one request under :class:`LiveBytes` (``allocate_only``, ``compute_below``: its
@@ -241,7 +283,7 @@ def predict_request(engine: Engine, settings: GenerationSettings, identity, *, a
     tracker = LiveBytes(allocate_only=allocate_only, compute_below=compute_below, resident=resident,
                         device=engine.device.type)
     t0 = time.perf_counter()
-    with follow_phases(tracker, engine), follow_offload(tracker, engine), tracker:
+    with follow_phases(tracker, engine), follow_offload(tracker, engine), follow_parking(tracker, engine), tracker:
         if previews:
             engine.previews(settings, identity)
         else:

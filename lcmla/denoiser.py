@@ -164,6 +164,9 @@ class GuidedDenoiser:
         cache = None
         if rows:
             cache = self.kv_encoder(t, rows)  # images × rows encoder rows, image-major
+            # only this call reads it unless on_guided (previews) reads it after: each layer's K/V
+            # then leaves as soon as it is read (the low-VRAM KV path's peak sits in the up blocks)
+            cache.release_on_read = self.on_guided is None
             r = len(rows)
             kv_index = tuple(-1 if i < 0 else j * r + i for j in range(images) for i in kv_index)
         ctx = dataclasses.replace(

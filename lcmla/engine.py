@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from .acceleration import apply_channels_last, apply_compile, check_compile_mode
-from .attention.context import AMPlan, AttentionContext, KVCache, MapStore
+from .attention.context import AMPlan, AttentionContext, HostParking, KVCache, MapStore
 from .denoiser import ConditionSet, GuidedDenoiser, GuidedStep, UNetBatch
 from .errors import LcmlaError
 from .faces import EMBEDDING_DIM, FaceAnalyzer, FaceIdentity, onnx_providers
@@ -134,6 +134,9 @@ class Engine:
         #: samples (images × guidance branches) one UNet call may hold when batching images
         self.max_unet_batch = 12
         self._offload_hooks: list[Any] = []
+        #: the low-VRAM mode parks the KV path's reference K/V in CPU memory between the encoder
+        #: pass and the layer that reads them (``KVCache.parking``)
+        self.kv_parking = HostParking(device) if memory_mode == "low" else None
         self.compiled: tuple[str, ...] = ()  # what lcmla.acceleration compiled at load ("AM identity branch", "UNet")
         self.channels_last = False
         self.components = components
@@ -666,7 +669,7 @@ class Engine:
         batch = UNetBatch.cat([kv_setup["rows"][r] for r in rows])
         with self._encoder_pass_state(settings):
             return encode_reference(self.pipe.unet, kv_setup["latents"], batch, t, noise, self._alphas_cumprod(),
-                                    KVCache(), kv_copy_scale=settings.lookahead.kv_lora_scale)
+                                    KVCache(parking=self.kv_parking), kv_copy_scale=settings.lookahead.kv_lora_scale)
 
     # ---- decoding ----------------------------------------------------------------------------------
 

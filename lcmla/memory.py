@@ -11,7 +11,9 @@ Three modes (``Engine.load(memory=...)``, ``--memory``):
   stays in CPU memory and moves to the device only while it runs, the previous one going back
   (the mechanism of diffusers' ``enable_model_cpu_offload``; the UNet stays on the device for all
   steps of a request); the VAE decodes in tiles and one image at a time (diffusers'
-  ``enable_tiling``/``enable_slicing``; at 1024² and below SDXL's VAE decodes in one tile).
+  ``enable_tiling``/``enable_slicing``; at 1024² and below SDXL's VAE decodes in one tile); on the
+  KV path the encoder pass's reference K/V wait in pinned host memory until their layer reads them
+  (``lcmla.attention.context.HostParking``).
 
 ``auto`` (the default) picks by the free memory of a CUDA device at load time: ``full`` from
 :data:`BALANCED_BELOW_GIB` up, ``balanced`` from :data:`LOW_VRAM_BELOW_GIB` up, ``low`` below
@@ -47,7 +49,7 @@ MEMORY_NOTES = {
 BALANCED_BELOW_GIB = 14.0
 #: ``auto`` chooses ``low`` below this much free device memory: ``balanced`` peaks at 9.9 GiB (the
 #: UNet, VAE and TAESD resident, plus the decode), ``low`` at 7.0 GiB (the UNet and its activations;
-#: 8.0 on the KV path, whose K/V cache sits beside them).
+#: 7.2 on the KV path, whose reference K/V wait in host memory: ``Engine.kv_parking``).
 LOW_VRAM_BELOW_GIB = 11.2
 
 

@@ -1,8 +1,9 @@
 """Checks that need a CUDA device (skipped elsewhere; `benchmarks/gpu_session.sh` runs them on a lent
 GPU): a real out-of-memory error is a user error and the next request runs; the compiled AM
 branch, channels-last and bfloat16 on the GPU give the eager float32 images; the low-VRAM mode
-holds less device memory than the balanced one, which holds less than the full one; the CPU's
-memory prediction (benchmarks/predict_memory.py) matches the allocator."""
+holds less device memory than the balanced one, which holds less than the full one, and parks
+the KV path's reference K/V in pinned host memory without changing an image; the CPU's memory
+prediction (benchmarks/predict_memory.py) matches the allocator."""
 
 from __future__ import annotations
 
@@ -75,6 +76,25 @@ def test_the_low_vram_mode_holds_less_device_memory(tiny_cache, face_path):
         peaks[mode] = torch.cuda.max_memory_allocated() - base
         del eng
     assert peaks["low"] < peaks["balanced"] < peaks["full"], peaks
+
+
+def test_the_low_mode_parks_the_kv_cache_in_host_memory(tiny_cache, face_path):
+    """HostParking on CUDA: a parked tensor is a pinned host copy, back on the device equal; the
+    low-VRAM KV path (parking, the cache released layer by layer) gives the full mode's image to
+    within a grey level."""
+    from lcmla.attention.context import HostParking
+
+    parking = HostParking("cuda")
+    t = torch.randn(2, 1000, 64, device="cuda", dtype=torch.float16)
+    host = parking.park(t)
+    assert host.device.type == "cpu" and host.is_pinned()
+    back = parking.unpark(host)
+    assert back.device.type == "cuda" and torch.equal(back, t)
+    settings = make_settings(**SMALL, lookahead__kv=True)
+    low = Engine.load("tiny", device="cuda", dtype="float32", memory="low")
+    full = Engine.load("tiny", device="cuda", dtype="float32", memory="full")
+    a, b = (eng.generate(settings, face_path).images[0] for eng in (low, full))
+    assert np.abs(px(a) - px(b)).max() <= 1
 
 
 @pytest.mark.parametrize("name", ["plain", "am2+dcg", "kv"])

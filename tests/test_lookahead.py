@@ -103,6 +103,78 @@ def test_kv_drop_is_training_only_and_fixed_per_cache():
     assert torch.equal(cache.read("x")[0], kept) and torch.equal(again, kept)
 
 
+class _CopyParking:
+    """A parking that really moves: each park a copy (as into host memory), each unpark another."""
+
+    def __init__(self):
+        self.parked, self.unparked = 0, 0
+
+    def park(self, t):
+        self.parked += 1
+        return t.clone()
+
+    def unpark(self, t):
+        self.unparked += 1
+        return t.clone()
+
+
+def test_release_on_read_frees_each_layer_once_read_and_refuses_a_second_read():
+    k = torch.randn(2, 10, 8)
+    cache = KVCache(rows=2, release_on_read=True)
+    cache.record("a", k, k * 2)
+    cache.record("b", k, k)
+    got = cache.read("a")
+    assert torch.equal(got[1], (k * 2).reshape(2, -1, 8)) and set(cache.store) == {"b"}
+    with pytest.raises(RuntimeError, match="layer a read twice"):
+        cache.read("a")
+    assert cache.read("unrecorded") is None
+    kept = KVCache(rows=2)  # the default (training, previews): the cache stays whole
+    kept.record("a", k, k)
+    assert torch.equal(kept.read("a")[0], kept.read("a")[0]) and len(kept) == 1
+
+
+def test_parked_kv_comes_back_for_its_layer():
+    from lcmla.attention.context import HostParking
+
+    k = torch.randn(1, 10, 8)
+    parking = _CopyParking()
+    cache = KVCache(parking=parking)
+    cache.record("a", k, -k)
+    assert parking.parked == 2 and cache.store["a"][0].data_ptr() != k.data_ptr()
+    key, value = cache.read("a")
+    assert parking.unparked == 2 and torch.equal(key, k) and torch.equal(value, -k)
+    cpu = HostParking("cpu")  # nothing to save off CUDA: the same tensor
+    assert cpu.park(k) is k and cpu.unpark(k) is k
+
+
+def test_the_kv_path_releases_its_cache_unless_previews_read_it_and_the_low_mode_parks_it(engine, face_path,
+                                                                                       monkeypatch):
+    """The denoiser's call is the cache's last reader on the KV path, so each layer's K/V go once
+    read; previews read it once more (the LCM preview's call), so then it stays whole. Parking the
+    K/V (the low-VRAM mode's, here copying) and releasing them change no pixel."""
+    caches = []
+    encode = engine._encode_reference
+
+    def spy(*args, **kwargs):
+        caches.append(encode(*args, **kwargs))
+        return caches[-1]
+
+    monkeypatch.setattr(engine, "_encode_reference", spy)
+    settings = _settings(lookahead__kv=True)
+    plain = engine.generate(settings, [face_path])
+    assert caches and all(c.release_on_read and not c.store and c.released for c in caches)
+    layers = len(caches[0].released)
+    caches.clear()
+    engine.previews(settings, [face_path])
+    assert caches and all(not c.release_on_read and len(c) == layers for c in caches)
+    parking = _CopyParking()
+    monkeypatch.setattr(engine, "kv_parking", parking)
+    parked = engine.generate(settings, [face_path])
+    steps = len(parked.branch_calls)
+    assert parking.parked == parking.unparked == 2 * layers * steps
+    assert np.array_equal(_px(parked.images[0]), _px(plain.images[0]))
+
+
 # ---- guidance and previews, by hand -------------------------------------------------------------
 
 

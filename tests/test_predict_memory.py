@@ -119,6 +119,37 @@ def test_the_offloading_modes_count_only_the_models_on_the_device(engines):
     assert r["low"]["peak"] < r["balanced"]["peak"] < r["full"]["peak"]
 
 
+def test_the_low_modes_parked_kv_cache_is_off_the_device(engines, monkeypatch):
+    """The low-VRAM KV path parks the encoder pass's K/V in host memory: the prediction follows
+    that (a parked tensor is not counted, an unparked one is), so the UNet's peak drops by about
+    the cache; allocating only still gives the computed peak to the byte."""
+    from bench_gpu import config_settings
+
+    from lcmla import GenerationSettings
+
+    (by_mode, identity) = engines
+    low = by_mode["low"]
+    assert low.kv_parking is not None and by_mode["full"].kv_parking is None
+    s = config_settings("kv", GenerationSettings(prompt="a pencil drawing of a face", preset="tiny").replace(
+        output__width=96, output__height=64), "tiny")
+    parked = pm.predict_request(low, s, identity, allocate_only=False)
+    assert pm.predict_request(low, s, identity, allocate_only=True, compute_below=1)["peak"] == parked["peak"]
+    sizes = []
+    encode = low._encode_reference
+
+    def spy(*args, **kwargs):  # the whole cache's bytes, before the denoiser reads (and releases) it
+        cache = encode(*args, **kwargs)
+        sizes.append(sum(t.untyped_storage().nbytes() for kv in cache.store.values() for t in kv))
+        return cache
+
+    monkeypatch.setattr(low, "_encode_reference", spy)
+    monkeypatch.setattr(low, "kv_parking", None)
+    whole = pm.predict_request(low, s, identity, allocate_only=False)
+    assert sizes and sizes[0] > 0
+    saved = whole["phase_peaks"]["unet"] - parked["phase_peaks"]["unet"]
+    assert 0.5 * sizes[0] < saved <= sizes[0], (saved, sizes[0])
+
+
 def test_the_command_prints_a_row_per_mode_and_config(capsys):
     assert pm.main(["--arch", "tiny", "--size", "64", "--configs", "plain", "--memory", "full,balanced,low",
                     "--images", "1,2"]) == 0

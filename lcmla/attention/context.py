@@ -116,6 +116,31 @@ def block_kind(name: str) -> str:
     return "up"
 
 
+class HostParking:
+    """Tensors parked in CPU memory between their recording and their use on ``device``.
+
+    The low-VRAM mode's KV path: the KV-encoder pass's keys and values (0.8 GiB for SDXL's two
+    encoder rows at 1024² in float16) would otherwise sit on the device beside the denoiser's
+    activations. :meth:`park` copies a tensor into pinned host memory and lets the device copy go;
+    :meth:`unpark` copies it back when its layer reads it. Both copies are asynchronous on the
+    current stream, so they keep their order with the kernels around them (the device block a park
+    frees is reused only by work queued after the copy) and the host never waits. On a device that
+    is not CUDA there is nothing to save: both return the tensor as it is.
+    """
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+
+    def park(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda" or t.device.type != "cuda":
+            return t
+        host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+        return host.copy_(t, non_blocking=True)
+
+    def unpark(self, t: torch.Tensor) -> torch.Tensor:
+        return t if t.device == self.device else t.to(self.device, non_blocking=True)
+
+
 @dataclass
 class KVCache:
     """LCM-Lookahead's extended self-attention cache (SPEC §4): one KV-encoder pass's keys and values.
@@ -128,6 +153,11 @@ class KVCache:
     in ``AttentionContext.kv_index``). ``drop_rate`` (training: 0.05) drops that fraction of the
     reference tokens; the mask of a layer is drawn once per cache, so a pass (and its
     gradient-checkpointing recomputation) always sees the same tokens. It is 0 at inference.
+    ``release_on_read`` (inference, when nothing reads the cache after the denoiser's UNet call)
+    hands each layer's K/V back once that layer has read them, so the cache shrinks as the call
+    goes down and up the UNet instead of sitting whole beside the up blocks' activations.
+    ``parking`` (a :class:`HostParking`; the low-VRAM mode) keeps the recorded K/V in CPU memory,
+    each layer's coming back to the device when that layer reads them.
     """
 
     rows: int = 1
@@ -135,6 +165,9 @@ class KVCache:
     generator: torch.Generator | None = None
     store: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    release_on_read: bool = False
+    released: set[str] = field(default_factory=set)
+    parking: HostParking | None = None
 
     def record(self, name: str, key: torch.Tensor, value: torch.Tensor) -> None:
         """key/value: (rows·photos, N, C) → stored as (rows, photos·N', C), N' the kept tokens."""
@@ -147,11 +180,23 @@ class KVCache:
                 keep = self.masks[name] = (draw >= self.drop_rate).nonzero().flatten()
             idx = keep.to(k.device)
             k, v = k.index_select(1, idx), v.index_select(1, idx)
+        if self.parking is not None:
+            k, v = self.parking.park(k), self.parking.park(v)
         self.store[name] = (k, v)
 
     def read(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(rows, N_ref, C) keys and values of layer ``name``, or None when it recorded nothing."""
-        return self.store.get(name)
+        """(rows, N_ref, C) keys and values of layer ``name``, or None when it recorded nothing
+        (with ``release_on_read``, a second read of a layer is an error: its K/V are gone)."""
+        if not self.release_on_read:
+            kv = self.store.get(name)
+        elif name in self.released:
+            raise RuntimeError(f"KV cache: layer {name} read twice, but its K/V were released after the first read")
+        else:
+            self.released.add(name)
+            kv = self.store.pop(name, None)
+        if kv is None or self.parking is None:
+            return kv
+        return self.parking.unpark(kv[0]), self.parking.unpark(kv[1])
 
     def __len__(self) -> int:
         return len(self.store)
