@@ -165,7 +165,7 @@ class GuidedDenoiser:
         if rows:
             cache = self.kv_encoder(t, rows)  # images × rows encoder rows, image-major
             # only this call reads it unless on_guided (previews) reads it after: each layer's K/V
-            # then leaves as soon as it is read (the low-VRAM KV path's peak sits in the up blocks)
+            # then leave as soon as that layer has read them, so the cache shrinks through the call
             cache.release_on_read = self.on_guided is None
             r = len(rows)
             kv_index = tuple(-1 if i < 0 else j * r + i for j in range(images) for i in kv_index)
