@@ -9,7 +9,7 @@ import torch
 from util import make_settings, px
 
 from lcmla import Engine
-from lcmla.acceleration import COMPILE_MODES, compiled_identity_attention
+from lcmla.acceleration import COMPILE_MODES, compile_regions, compiled_identity_attention
 from lcmla.attention.processors import IdentityAttnProcessor
 from lcmla.attention.transforms import (adain_blend, adain_blend_mixtures, am_transform, identity_attention, identity_probs,
                                        quantile_positions)
@@ -115,7 +115,11 @@ def test_compile_unet_gives_the_eager_images(engine, tiny_cache, face_path):
     module paths unchanged, the processors eager inside them); the plain and the KV path (its
     encoder pass with the LoRAs off: another module state) give the eager engine's images with no
     block past its recompile limit (dynamo is told to fail instead of silently running it
-    eagerly), and a new size and image count reuse the graphs (batch and size are symbols)."""
+    eagerly), and a new size and image count reuse the graphs (batch and size are symbols).
+
+    The requests run the regions through dynamo and AOT autograd (the ``aot_eager`` backend): the
+    graphs, guards and recompiles are the engine's, only inductor's C++ codegen is left out (minutes
+    of gcc on two cores). Inductor's kernels for the same two blocks are the next test's."""
     import torch._dynamo.utils as dyn
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
@@ -126,6 +130,8 @@ def test_compile_unet_gives_the_eager_images(engine, tiny_cache, face_path):
     blocks = [m for m in compiled.pipe.unet.modules() if isinstance(m, (BasicTransformerBlock, ResnetBlock2D))]
     assert blocks and all(m._compiled_call_impl is not None for m in blocks)
     assert compiled.pipe.unet._compiled_call_impl is None  # the glue between the blocks stays eager
+    assert compile_regions(compiled.pipe.unet, backend="aot_eager") == len(blocks)  # the same regions
+    torch._dynamo.reset()
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
         for changes in ({}, {"lookahead__kv": True}):
             settings = make_settings(**SMALL, guidance__steps=2, **changes)
@@ -133,11 +139,63 @@ def test_compile_unet_gives_the_eager_images(engine, tiny_cache, face_path):
             b = compiled.generate(settings, face_path).images[0]
             assert np.abs(px(a) - px(b)).max() <= 1, changes
         graphs = dyn.counters["stats"]["unique_graphs"]
+        assert graphs > len({type(m) for m in blocks})  # the blocks did run compiled
         settings = make_settings(output__width=96, output__height=64, output__num_images=2, guidance__steps=1,
                                  lookahead__kv=True)
         a, b = (e.generate(settings, face_path).images for e in (engine, compiled))
     assert dyn.counters["stats"]["unique_graphs"] == graphs, "a new size or image count recompiled"
     assert all(np.abs(px(x) - px(y)).max() <= 1 for x, y in zip(a, b))
+
+
+class _Regions(torch.nn.ModuleList):
+    """Blocks taken out of the UNet, with its list of repeated block classes for compile_regions."""
+
+    _repeated_blocks = ("BasicTransformerBlock",)
+
+
+def test_inductor_compiles_the_unets_blocks_to_their_eager_outputs(engine):
+    """compile_regions with inductor (the engine's backend) on copies of the tiny UNet's first
+    resnet block and first transformer block (lcmla's processors inside, the identity tokens in
+    its cross-attention): its kernels give the eager outputs, at a second batch and size too,
+    which reuse the graphs."""
+    import copy
+
+    import torch._dynamo.utils as dyn
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+
+    unet = engine.pipe.unet
+    resnet = next(m for m in unet.modules() if isinstance(m, ResnetBlock2D))
+    block = next(m for m in unet.modules() if isinstance(m, BasicTransformerBlock))
+    eager = _Regions([copy.deepcopy(resnet), copy.deepcopy(block)])
+    fused = copy.deepcopy(eager)
+    assert compile_regions(fused) == 2
+
+    def features(layer):  # (LoRA-wrapped layers keep theirs on the base layer)
+        return getattr(layer, "base_layer", layer).weight.shape[1]
+
+    g = torch.Generator().manual_seed(0)
+    width, text_dim = features(block.attn2.to_q), features(block.attn2.to_k)
+    ip_dim, temb_dim = features(block.attn2.processor.to_k_ip[0]), features(resnet.time_emb_proj)
+
+    def inputs(batch, h, w):
+        x = torch.randn(batch, resnet.in_channels, h, w, generator=g)
+        temb = torch.randn(batch, temb_dim, generator=g)
+        tokens = torch.randn(batch, h * w, width, generator=g)
+        text = (torch.randn(batch, 7, text_dim, generator=g), [torch.randn(batch, 1, 4, ip_dim, generator=g)])
+        return x, temb, tokens, text
+
+    torch._dynamo.reset()
+    with torch.no_grad(), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for n, (batch, h, w) in enumerate(((2, 8, 12), (3, 6, 10))):
+            x, temb, tokens, text = inputs(batch, h, w)
+            pairs = ((eager[0], fused[0], (x, temb), {}), (eager[1], fused[1], (tokens,), {"encoder_hidden_states": text}))
+            for e, f, args, kwargs in pairs:
+                assert torch.allclose(f(*args, **kwargs), e(*args, **kwargs), rtol=1e-4, atol=1e-4), type(e).__name__
+            if n == 0:
+                graphs = dyn.counters["stats"]["unique_graphs"]
+                assert graphs >= 2
+    assert dyn.counters["stats"]["unique_graphs"] == graphs, "a new batch or size recompiled"
 
 
 def test_channels_last_gives_the_same_pixels(engine, tiny_cache, face_path):
