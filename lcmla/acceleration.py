@@ -18,8 +18,8 @@
   call, so a new size or image count reuses the graphs (a batch of one is its own graph: dynamo
   specialises sizes 0 and 1; and when the first request is square, duck sizing ties the first
   resnet graph's height to its width, so the first non-square size compiles that one graph
-  again: measured on the tiny UNet, 19 graphs then 20); weight shapes stay static, so each resnet width gets kernels of its
-  own. SDXL's UNet then needs 38 graphs in all, 19 for a batch of one and 19 for larger batches
+  again: measured on the tiny UNet, 19 graphs then 20); weight shapes stay static, so each
+  resnet width gets kernels of its own. SDXL's UNet then needs 38 graphs in all, 19 for a batch of one and 19 for larger batches
   (counted on its real architecture with dynamo alone). ``ResnetBlock2D.forward`` alone holds 26
   of them (12 widths and the mid block's, each at batch one and above): dynamo's default limit is
   8 graphs per code object, past which a block silently runs eagerly, so the regions get
