@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from training.datagen.identities import draw_identity, image_seed, plan_images, select_templates, templates
@@ -106,6 +107,26 @@ def test_filter_reasons_by_construction(face_path):
     one_photo = [cands[0], Candidate(styl[0], 2, 6, "s", ImageOps.posterize(me, 4))]
     kept, rej = filter_identity(ident, one_photo, cfg, haar.detect)
     assert kept == [] and rej == {"too_few_plain": 2}
+
+
+def test_agreeing_photos_leave_each_out_and_drop_strangers_first():
+    """A photo is judged by the others only: two or three unrelated faces never agree (with itself
+    in the mean each would score 1/√2 or 1/√3), and one stranger among a few photos is dropped
+    without dragging the matching ones below τ."""
+    from training.datagen.generate import agreeing_photos
+
+    rng = np.random.default_rng(0)
+    unit = lambda v: v / np.linalg.norm(v)  # noqa: E731
+    strangers = [unit(v) for v in rng.normal(size=(3, 512))]
+    assert agreeing_photos(strangers[:2], 0.5) == {} and agreeing_photos(strangers, 0.5) == {}
+    me = unit(rng.normal(size=512))
+    photos = [unit(me + 0.3 * unit(rng.normal(size=512))) for _ in range(3)] + [strangers[0]]
+    # all four in one mean: the stranger pulls each true photo to ≈ 0.8 < 0.85
+    assert min(float(p @ unit(sum(photos) - p)) for p in photos[:3]) < 0.85
+    sims = agreeing_photos(photos, 0.85)
+    assert sorted(sims) == [0, 1, 2] and min(sims.values()) >= 0.85
+    assert sims[0] == pytest.approx(float(photos[0] @ unit(photos[1] + photos[2])))
+    assert agreeing_photos(photos[:1], 0.0) == {}
 
 
 def _kill_when(out: Path, line_wanted, env) -> list[str]:

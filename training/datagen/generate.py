@@ -2,10 +2,11 @@
 
 For each identity: render its plain photos (the references) and stylized images with SDXL-Turbo
 (1 step, no guidance; a detailed subject description keeps one identity across seeds), detect the
-face in each, and keep the images whose identity embedding agrees with the centroid of the
-identity's plain photos (cos ≥ τ_plain for photos, a lower τ_style for styles). Identities left
-with fewer than two plain photos are dropped. Rejections are counted per reason:
-``render_error``, ``no_face``, ``low_similarity``, ``too_few_plain``.
+face in each, and keep the images whose identity embedding agrees with the identity's other
+images: a plain photo needs cos ≥ τ_plain with the mean of the other agreeing photos
+(:func:`agreeing_photos`), a stylized image cos ≥ τ_style (lower) with the mean of the agreeing
+photos. Identities left with fewer than two agreeing plain photos are dropped. Rejections are
+counted per reason: ``render_error``, ``no_face``, ``low_similarity``, ``too_few_plain``.
 
 Rendering and face analysis are injected (``render(prompt, seed) -> PIL``,
 ``analyze(image) -> [DetectedFace, …]`` largest first), so the pipeline runs with any model.
@@ -85,9 +86,29 @@ def render_candidates(identity: Identity, cfg: GenConfig, render: Render) -> lis
     return out
 
 
+def agreeing_photos(units: Sequence[np.ndarray], tau: float) -> dict[int, float]:
+    """The photos that agree with the identity's other photos (SPEC §5), as {index: cosine}.
+
+    A photo's agreement is the cosine of its unit embedding with the mean of the OTHER photos'
+    (leave-one-out: with itself in the mean a photo would score ≥ 1/√n for free, and two photos
+    would always agree). While the least agreeing photo scores below ``tau`` it is dropped and the
+    rest are judged again, so a stranger among a few photos does not drag the others down with it.
+    Empty when fewer than two photos agree. ``units``: (D,) each, unit norm.
+    """
+    idx = list(range(len(units)))
+    while len(idx) >= 2:
+        total = np.sum([units[i] for i in idx], axis=0)  # (D,)
+        sims = {i: float(units[i] @ _unit(total - units[i])) for i in idx}
+        worst = min(idx, key=sims.__getitem__)
+        if sims[worst] >= tau:
+            return sims
+        idx.remove(worst)
+    return {}
+
+
 def filter_identity(identity: Identity, candidates: Sequence[Candidate], cfg: GenConfig,
                     analyze: Analyze) -> tuple[list[Sample], Counter]:
-    """Detect, compare with the plain photos' centroid and keep (see the module docstring)."""
+    """Detect, compare with the other plain photos' centroid and keep (see the module docstring)."""
     rejected: Counter = Counter()
     found = []
     for c in candidates:
@@ -102,12 +123,18 @@ def filter_identity(identity: Identity, candidates: Sequence[Candidate], cfg: Ge
             rejected["no_face"] += 1
             continue
         found.append((c, faces[0]))
-    plain = [_unit(face.embedding) for c, face in found if not c.template.stylized]
-    centroid = _unit(np.mean(plain, axis=0)) if plain else None
+    units = [_unit(face.embedding) for _, face in found]  # (D,) each
+    plain_at = [i for i, (c, _) in enumerate(found) if not c.template.stylized]
+    agreeing = agreeing_photos([units[i] for i in plain_at], cfg.tau_plain)  # {position in plain_at: cos}
+    photo_sim = {plain_at[j]: sim for j, sim in agreeing.items()}
+    centroid = _unit(np.sum([units[i] for i in photo_sim], axis=0)) if len(photo_sim) >= 2 else None  # (D,)
     kept: list[Sample] = []
-    for c, face in found:
-        sim = float(_unit(face.embedding) @ centroid) if centroid is not None else float("nan")
-        if centroid is None or sim < (cfg.tau_style if c.template.stylized else cfg.tau_plain):
+    for i, ((c, face), u) in enumerate(zip(found, units)):
+        if centroid is None:  # fewer than two agreeing photos: nothing to judge by, identity dropped
+            rejected["too_few_plain"] += 1
+            continue
+        sim = float(u @ centroid) if c.template.stylized else photo_sim.get(i)
+        if sim is None or (c.template.stylized and sim < cfg.tau_style):
             rejected["low_similarity"] += 1
             continue
         key = f"{identity.key}-{c.template.slug}-{c.k:02d}"
@@ -119,9 +146,6 @@ def filter_identity(identity: Identity, candidates: Sequence[Candidate], cfg: Ge
             "similarity": round(sim, 6), "backend": cfg.backend, "is_recognizer": cfg.is_recognizer,
         }
         kept.append(Sample(key, c.image, record, np.asarray(face.embedding, np.float32), face.crop))
-    if sum(not s.record["stylized"] for s in kept) < 2:
-        rejected["too_few_plain"] += len(kept)
-        return [], rejected
     return kept, rejected
 
 
