@@ -118,6 +118,19 @@ def test_identity_loss_is_zero_for_identical_images(face_path, other_face):
     assert x.grad[0].abs().sum() > 0 and x.grad[1].abs().sum() < x.grad[0].abs().sum()
 
 
+def test_the_loss_is_the_mean_over_the_previews_with_a_face(face_path, other_face):
+    """A preview without a face is skipped: the loss of [a, b] with b faceless is a's loss alone."""
+    canonical = _canonical_landmarks()
+    calls = iter([canonical, None])  # preview 0: a face; preview 1: none
+    loss_fn = IdentityLoss(TinyRecognizer(), lambda image: next(calls))
+    x = torch.cat([_pixels(Image.open(face_path)), _pixels(Image.open(other_face))])
+    ref = torch.nn.functional.normalize(torch.randn(2, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    both, found = loss_fn(x, ref)
+    alone, _ = IdentityLoss(TinyRecognizer(), fixed_landmarks(canonical))(x[:1], ref[:1])
+    assert found.tolist() == [True, False] and alone.item() > 0.1
+    assert both.item() == pytest.approx(alone.item(), rel=1e-5)
+
+
 def test_samples_without_a_face_contribute_zero_and_keep_the_graph(face_path):
     loss_fn = IdentityLoss(TinyRecognizer(), lambda image: None)
     a = _pixels(Image.open(face_path)).requires_grad_(True)

@@ -5,7 +5,7 @@ insightface's ArcFace converted from ONNX). Five landmarks are detected on the d
 without gradient; the face is aligned to the recognizer's template by a similarity transform
 applied with ``affine_grid``/``grid_sample``, so the loss reaches the preview's pixels, the TAESD
 decoder's input ẑ0, the UNet's prediction and the trained weights. Samples where no face is found
-contribute 0 and keep the graph.
+are skipped: the loss is the mean over the others (as the authors' IDLoss), and the graph is kept.
 """
 
 from __future__ import annotations
@@ -64,15 +64,17 @@ class IdentityLoss:
 
     def __call__(self, previews: torch.Tensor, reference: torch.Tensor,
                  reference_found: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss, found): loss = mean over the batch of found_i·(1 − cos(ID(preview_i), ref_i)),
-        found_i = a face in preview i (and in reference i when ``reference_found`` is given)."""
+        """(loss, found): loss = the mean of 1 − cos(ID(preview_i), ref_i) over the samples i with
+        found_i = a face in preview i (and in reference i when ``reference_found`` is given); the
+        others are skipped (SPEC §4), not counted as zero, so λ does not shrink with the detector's
+        misses. 0, with the graph kept, when no face is found."""
         lm, found = self.detect(previews)
         if reference_found is not None:
             found = found & reference_found.cpu()
         emb = self.embed(previews, lm)
         dist = 1.0 - F.cosine_similarity(emb, reference.to(emb.device, emb.dtype), dim=-1)  # (B,)
         mask = found.to(dist.device, dist.dtype)
-        return (dist * mask).sum() / previews.shape[0], found
+        return (dist * mask).sum() / mask.sum().clamp(min=1), found
 
 
 def landmark_fn_from_analyzer(analyzer) -> LandmarkFn:
