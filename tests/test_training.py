@@ -32,8 +32,9 @@ def test_timestep_sampler_matches_its_distribution():
     observed = torch.bincount(draws // 50, minlength=20).double()
     expected = probs.reshape(20, 50).sum(1) * 40000
     assert chisquare(observed.numpy(), expected.numpy()).pvalue > 1e-3
-    capped = timestep_probabilities(1000, 0.2, t_max=500)
+    capped = timestep_probabilities(500, 0.2)  # the lookahead's own range: the whole cosine over it
     assert len(capped) == 500 and sample_timesteps(capped, 1000, torch.Generator().manual_seed(1)).max() < 500
+    assert capped[499] / capped[0] == pytest.approx((1 - 0.2 * math.cos(math.pi * 499 / 500)) / 0.8)
 
 
 def test_lora_scale_sampler_matches_its_distribution():

@@ -7,7 +7,7 @@ per layer; the text and the identity condition are each dropped in 10 % of the s
 text is SDXL's zero embedding, the null identity the zero ID embedding with CLIP of an all-zero
 input, as at inference).
 
-L_LH: at t ~ p(t) ∝ 1 − 0.2·cos(πt/T) (t below ``lookahead_max_t``), the same UNet with the
+L_LH: at t ~ p(t) ∝ 1 − 0.2·cos(πt/M), t < M = ``lookahead_max_t`` (≤ T), the same UNet with the
 LCM-LoRA at scale α (α = 1 with probability 0.5, else U(0.1, 1)) and the KV path predicts ε; the
 one-step preview ẑ0 (``lcmla.preview.lcm_x0``, LCM-Lookahead Eq. 3) is decoded by TAESD WITH
 gradient, and the identity loss compares it with the reference (``training.identity_loss``).
@@ -88,8 +88,8 @@ class Objective:
         self.num_timesteps = int(sched.num_train_timesteps)
         self.acp = self.pipe.scheduler.alphas_cumprod
         self.p_t = timestep_probabilities(self.num_timesteps, self.config.t_alpha)
-        self.p_t_lookahead = timestep_probabilities(self.num_timesteps, self.config.t_alpha_lookahead,
-                                                    min(self.config.lookahead_max_t, self.num_timesteps))
+        self.p_t_lookahead = timestep_probabilities(min(self.config.lookahead_max_t, self.num_timesteps),
+                                                    self.config.t_alpha_lookahead)
 
     # ---- pass states ---------------------------------------------------------------------------
 

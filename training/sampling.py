@@ -11,13 +11,14 @@ import math
 import torch
 
 
-def timestep_probabilities(num_timesteps: int, alpha: float, t_max: int | None = None) -> torch.Tensor:
+def timestep_probabilities(t_max: int, alpha: float) -> torch.Tensor:
     """Timestep annealing / importance sampling (Huang et al., ReVersion; LCM-Lookahead §3.3):
-    p(t) ∝ 1 − α·cos(π t / T) for t ∈ [0, t_max), favouring noisy steps; T = ``num_timesteps``.
-    α = 0.5 for the diffusion loss, 0.2 for the lookahead path (SPEC §4). → (t_max,) float64, sums to 1."""
-    t_max = num_timesteps if t_max is None else t_max
+    p(t) ∝ 1 − α·cos(π t / t_max) for t ∈ [0, t_max), favouring noisy steps. α = 0.5 for the
+    diffusion loss over the scheduler's T timesteps, 0.2 for the lookahead path over its own range
+    (SPEC §4; the authors' importance_sampling_fn(t, lcm_max_timestep, 0.2): a lookahead range
+    below T keeps the whole cosine, not its first part). → (t_max,) float64, sums to 1."""
     t = torch.arange(t_max, dtype=torch.float64)
-    w = 1.0 - alpha * torch.cos(math.pi * t / num_timesteps)
+    w = 1.0 - alpha * torch.cos(math.pi * t / t_max)
     return w / w.sum()
 
 

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("objective")
     _flag(g, "lookahead-weight", type=float, default=1e-3, help="λ of the lookahead identity loss (0: off)")
     _flag(g, "lookahead-batch-size", type=int, default=1, help="samples per step that also get the lookahead loss")
-    _flag(g, "lookahead-max-timestep", type=int, default=1000, help="timesteps of the lookahead loss are below this")
+    _flag(g, "lookahead-max-timestep", type=int, default=1000, help="timesteps of the lookahead loss are below this (M: p(t) ∝ 1 − 0.2·cos(πt/M))")
     _flag(g, "no-kv", action="store_true", help="train without the KV path (adapter only)")
     _flag(g, "text-drop", type=float, default=0.1, help="probability to drop the text condition")
     _flag(g, "identity-drop", type=float, default=0.1, help="probability to drop the identity condition")
