@@ -144,6 +144,9 @@ def test_cli_user_errors(shards, tmp_path):
     assert r.returncode == 2 and "holds no manifest.jsonl" in r.stderr
     r = _run(_args(shards, tmp_path / "o", extra=("--train", "adapter,wings")))
     assert r.returncode == 2 and "unknown trainable part 'wings'" in r.stderr
+    r = _run(_args(shards, tmp_path / "o", extra=("--validation-steps", "2", "--resolution", "56")))
+    assert r.returncode == 2 and "output.width must be in [64, 2048] (got 56)" in r.stderr and "--resolution" in r.stderr
+    assert not (tmp_path / "o").exists()  # refused before any work
     r = _run(["train", "--help"])
     assert r.returncode == 0 and "--gradient-checkpointing" in r.stdout and "--resume-from-checkpoint" in r.stdout
 
@@ -152,11 +155,14 @@ def test_bf16_with_validation(shards, tmp_path):
     """bf16 autocast on CPU: the float32 trained tensors meet a bf16 UNet in training and in the
     validation engine (which runs under the same autocast)."""
     out = tmp_path / "bf16"
-    r = _run(_args(shards, out, steps=2, extra=("--mixed-precision", "bf16", "--validation-steps", "2")))
+    r = _run(_args(shards, out, steps=2, extra=("--mixed-precision", "bf16", "--validation-steps", "2",
+                                                "--reference-framing", "face", "--resolution", "72")))
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "validation" / "step-000002.png").is_file()
     record = json.loads((out / "validation" / "scores.jsonl").read_text())
     assert record["step"] == 2 and len(record["scores"]) == 2  # 1 face x 2 prompts x 1 seed
+    # validation generates as the run trains: its framing and resolution
+    assert record["settings"] == {"width": 72, "height": 72, "reference_framing": "face", "kv": True}
     args = json.loads((out / "training_args.json").read_text())
     assert args["mixed_precision"] == "bf16"
     assert load_file(str(out / "kv_encoder_lora.safetensors"))  # exported after a bf16 run

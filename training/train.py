@@ -120,6 +120,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
         if getattr(args, name) < 1:
             build_parser().error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.validation_steps:  # validation generates as the run trains: found now, not after N steps
+        from lcmla.settings import GenerationSettings
+
+        from .validate import training_overrides
+
+        try:
+            GenerationSettings().replace(**training_overrides(args))
+        except ValueError as exc:
+            build_parser().error(f"--validation-steps generates at the training settings, and {exc}: "
+                                 "change --resolution or leave validation off")
     return args
 
 

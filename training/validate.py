@@ -12,6 +12,15 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_PROMPTS = ("A pencil drawing of a face", "An oil painting of a face")
 
 
+def training_overrides(args) -> dict[str, Any]:
+    """The generation settings that make validation see what training sees: the reference framing
+    of the KV encoder and, when given, the training resolution (square, as the training crops)."""
+    out: dict[str, Any] = {"lookahead__reference_framing": args.reference_framing}
+    if args.resolution:
+        out.update(output__width=args.resolution, output__height=args.resolution)
+    return out
+
+
 @dataclass
 class Validator:
     """Generates the validation grid from the trainer's own modules (no copy)."""
@@ -22,6 +31,7 @@ class Validator:
     seeds: list[int]
     id_loss: Any = None
     kv: bool = True
+    overrides: dict[str, Any] = field(default_factory=dict)  # settings the run trained with (``a__b`` paths)
     history: list[dict] = field(default_factory=list)
 
     @classmethod
@@ -36,7 +46,7 @@ class Validator:
         paths = args.validation_faces or [str(ASSETS / "face.png")]
         identities = [(Path(p).stem, engine.analyze_faces([p])) for p in paths]
         return cls(engine, identities, list(args.validation_prompts or DEFAULT_PROMPTS), list(args.validation_seeds),
-                   id_loss, kv=not args.no_kv)
+                   id_loss, kv=not args.no_kv, overrides=training_overrides(args))
 
     def _score(self, reference, image) -> float | None:
         """Cosine between the recognizer embeddings of the reference photo and the image."""
@@ -70,8 +80,9 @@ class Validator:
             for prompt in self.prompts:
                 for seed in self.seeds:
                     s = GenerationSettings(prompt=prompt, preset=self.engine.preset.name).replace(
-                        output__seed=seed, lookahead__kv=self.kv)
-                    image = self.engine.generate(s, identity).images[0]
+                        output__seed=seed, lookahead__kv=self.kv, **self.overrides)
+                    result = self.engine.generate(s, identity)
+                    image, ran = result.images[0], result.settings
                     cells.append((name, prompt, seed, image, self._score(identity, image)))
         cols = len(self.prompts) * len(self.seeds)
         rows = len(self.identities)
@@ -87,7 +98,9 @@ class Validator:
         path = folder / f"step-{step:06d}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
-        record = {"step": step, "scores": [{"face": n, "prompt": p, "seed": s, "id": sc} for n, p, s, _, sc in cells]}
+        ran_with = {"width": image.width, "height": image.height, "reference_framing": ran.lookahead.reference_framing,
+                    "kv": ran.lookahead.kv}  # what the last image ran with (all share the settings)
+        record = {"step": step, "settings": ran_with, "scores": [{"face": n, "prompt": p, "seed": s, "id": sc} for n, p, s, _, sc in cells]}
         self.history.append(record)
         with (folder / "scores.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
