@@ -284,6 +284,7 @@ def test_dropout_one_gives_the_null_conditions(face_path, other_face, engine):
     batch = collate(_pairs(face_path, other_face))
     cond, rows = objective.conditions(batch, torch.Generator().manual_seed(0))
     assert not cond.prompt_embeds.any() and not cond.text_embeds.any() and not cond.image_embeds.any()
+    assert not rows.prompt_embeds.any() and not rows.text_embeds.any()  # the encoder's text goes with it
     null = engine._identity_conditions(None)["null"]
     assert torch.allclose(cond.clip_embeds, null[1].expand_as(cond.clip_embeds), atol=1e-6)
     text = engine._text_conditions("a pencil drawing of a face")["null"]  # SDXL's empty prompt: zeros
@@ -292,6 +293,27 @@ def test_dropout_one_gives_the_null_conditions(face_path, other_face, engine):
     objective.config = keep
     cond2, _ = objective.conditions(batch, torch.Generator().manual_seed(0))
     assert cond2.prompt_embeds.any() and cond2.image_embeds.any()
+
+
+def test_the_kv_encoder_reads_each_references_own_prompt(face_path, other_face):
+    """LCM-Lookahead §4.5: in training the encoder is conditioned on the prompt that made its
+    reference (compressed to "a face"), the denoiser on the target's; --kv-prompt fixes one."""
+    import dataclasses
+
+    comps, trainables, objective, collate = _kit()
+    own = ["a photo of a face in a forest", "a close-up photo of a face"]
+    pairs = [dataclasses.replace(p, reference_prompt=q) for p, q in zip(_pairs(face_path, other_face), own)]
+    batch = collate(pairs)
+    with torch.no_grad():
+        cond, rows = objective.conditions(batch, torch.Generator().manual_seed(0), dropout=False)
+        embeds, pooled = objective._text(own)
+        target_embeds, _ = objective._text([p.prompt for p in pairs])
+        assert torch.equal(rows.prompt_embeds, embeds) and torch.equal(rows.text_embeds, pooled)
+        assert torch.equal(cond.prompt_embeds, target_embeds)
+        assert not torch.equal(rows.prompt_embeds[0], rows.prompt_embeds[1])
+        objective.config = dataclasses.replace(objective.config, kv_prompt="a photo of a face")
+        _, fixed = objective.conditions(batch, torch.Generator().manual_seed(0), dropout=False)
+        assert torch.equal(fixed.prompt_embeds, objective._text(["a photo of a face"] * 2)[0])
 
 
 def test_exported_adapter_round_trips_and_changes_the_engine(face_path, other_face, tmp_path, engine):

@@ -1,7 +1,8 @@
 """Training pairs → batches: a deterministic, rank-sharded, resumable order, and the collation.
 
 A pair is a plain ("photo") image of an identity as the reference and another image of the same
-identity as the target, with the target's prompt compressed to "a face" (LCM-Lookahead §4.4).
+identity as the target, each with the prompt that made it compressed to "a face" (LCM-Lookahead
+§4.4-4.5: the denoiser reads the target's, the KV encoder the reference's).
 The reference's identity embedding and aligned face crop were computed when the data was made.
 """
 
@@ -26,6 +27,7 @@ class PairSample:
     target: Image.Image
     prompt: str  # the target's prompt, subject compressed to "a face"
     key: str = ""
+    reference_prompt: str = "a photo of a face"  # the reference's own prompt, compressed likewise
 
 
 def batch_order(n_samples: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1) -> list[list[int]]:
@@ -91,4 +93,5 @@ class Collate:
         clip = self.clip_processor(images=[s.reference_crop.convert("RGB") for s in samples], return_tensors="pt").pixel_values
         ids = torch.stack([torch.as_tensor(np.asarray(s.reference_embedding, np.float32)).reshape(-1) for s in samples])
         dev = self.device
-        return TrainBatch(target.to(dev), reference.to(dev), clip.to(dev), ids.to(dev), [s.prompt for s in samples])
+        return TrainBatch(target.to(dev), reference.to(dev), clip.to(dev), ids.to(dev), [s.prompt for s in samples],
+                          reference_prompts=[s.reference_prompt for s in samples])

@@ -1,11 +1,13 @@
 """The training objective of one batch (SPEC §4): L = L_diffusion + λ·α·L_LH.
 
 L_diffusion: ε-MSE of the denoiser at t ~ p(t) ∝ 1 − 0.5·cos(πt/T); the reference latent noised to
-the same t with the same noise feeds the KV-encoder pass (its own LoRA, no FaceID LoRA, no FreeU),
-one encoder row per sample (sample i attends to reference i), 5 % of the reference tokens dropped
-per layer; the text and the identity condition are each dropped in 10 % of the samples (the null
-text is SDXL's zero embedding, the null identity the zero ID embedding with CLIP of an all-zero
-input, as at inference).
+the same t with the same noise feeds the KV-encoder pass (its own LoRA, no FaceID LoRA, no FreeU)
+under the prompt that made the reference, compressed to "a face" (LCM-Lookahead §4.5; the
+denoiser reads the target's), one encoder row per sample (sample i attends to reference i), 5 % of
+the reference tokens dropped per layer; the text and the identity condition are each dropped in
+10 % of the samples, the text in the denoiser and the encoder together (the null text is SDXL's
+zero embedding, the null identity the zero ID embedding with CLIP of an all-zero input, as at
+inference, where ε_kv reads the null-text encoder row).
 
 L_LH: at t ~ p(t) ∝ 1 − 0.2·cos(πt/M), t < M = ``lookahead_max_t`` (≤ T), the same UNet with the
 LCM-LoRA at scale α (α = 1 with probability 0.5, else U(0.1, 1)) and the KV path predicts ε; the
@@ -55,7 +57,7 @@ class ObjectiveConfig:
     lcm_min_scale: float = 0.1
     ip_scale: float = 1.0  # λ of the decoupled cross-attention while training
     faceid_lora_scale: float = 1.0
-    kv_prompt: str = "a photo of a face"
+    kv_prompt: str | None = None  # the KV encoder's prompt; None: each reference's own (LCM-Lookahead §4.5)
 
 
 @dataclass
@@ -67,6 +69,7 @@ class TrainBatch:
     clip_pixels: torch.Tensor  # (B, 3, 224, 224): the reference's aligned face crop, CLIP-normalised
     id_embeds: torch.Tensor  # (B, 512): the reference's identity embedding
     prompts: list[str]  # the targets' prompts with the subject compressed to "a face"
+    reference_prompts: list[str] | None = None  # the references' (None: ObjectiveConfig.kv_prompt for all)
     reference_id: torch.Tensor | None = None  # (B, D) recognizer embedding of the reference (no grad)
     reference_found: torch.Tensor | None = None  # (B,) bool
 
@@ -152,9 +155,11 @@ class Objective:
             image_embeds=ids * keep_i[:, None, None],
             clip_embeds=torch.where(id_off[:, None, None, None], null_clip, clip).to(dtype),
         )
-        kv_embeds, kv_pooled = self._text([self.config.kv_prompt])
-        encoder = UNetBatch(kv_embeds.to(dtype).expand(b, -1, -1), kv_pooled.to(dtype).expand(b, -1), time_ids,
-                            torch.zeros_like(ids), null_clip.to(dtype))
+        # the encoder reads the prompt that made its reference (the paper's §4.5; the authors' code),
+        # its text dropped with the denoiser's: ε_kv at inference reads the null-text encoder row
+        kv_embeds, kv_pooled = self._text(reference_prompts(batch, self.config.kv_prompt))
+        encoder = UNetBatch(kv_embeds.to(dtype) * keep_t[:, None, None], kv_pooled.to(dtype) * keep_t[:, None],
+                            time_ids, torch.zeros_like(ids), null_clip.to(dtype))
         return denoiser, encoder
 
     # ---- passes --------------------------------------------------------------------------------
@@ -210,6 +215,15 @@ class Objective:
         return loss, logs
 
 
+def reference_prompts(batch: TrainBatch, fixed: str | None) -> list[str]:
+    """The KV encoder's prompt per sample: ``fixed`` for all when given, else each reference's own
+    (a batch without them: "a photo of a face", the inference prompt)."""
+    if fixed is not None:
+        return [fixed] * len(batch.prompts)
+    return list(batch.reference_prompts or ["a photo of a face"] * len(batch.prompts))
+
+
 def _head(batch: TrainBatch, n: int) -> TrainBatch:
+    refs = None if batch.reference_prompts is None else list(batch.reference_prompts[:n])
     return TrainBatch(batch.target[:n], batch.reference[:n], batch.clip_pixels[:n], batch.id_embeds[:n],
-                      list(batch.prompts[:n]))
+                      list(batch.prompts[:n]), reference_prompts=refs)

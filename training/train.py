@@ -70,7 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "lookahead-batch-size", type=int, default=1, help="samples per step that also get the lookahead loss")
     _flag(g, "lookahead-max-timestep", type=int, default=1000, help="timesteps of the lookahead loss are below this (M: p(t) ∝ 1 − 0.2·cos(πt/M))")
     _flag(g, "no-kv", action="store_true", help="train without the KV path (adapter only)")
-    _flag(g, "text-drop", type=float, default=0.1, help="probability to drop the text condition")
+    _flag(g, "kv-prompt", default=None,
+          help="the KV encoder's prompt in training (default: each reference's own prompt, compressed to "
+               "'a face', as the paper; inference uses lookahead.kv_prompt, 'a photo of a face')")
+    _flag(g, "text-drop", type=float, default=0.1,
+          help="probability to drop the text condition (the denoiser's and the KV encoder's together)")
     _flag(g, "identity-drop", type=float, default=0.1, help="probability to drop the identity condition")
     _flag(g, "kv-drop", type=float, default=0.05, help="fraction of reference K/V tokens dropped")
     _flag(g, "id-network", default="auto", choices=("auto", "arcface", "dlib"),
@@ -351,7 +355,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         config=ObjectiveConfig(lambda_lookahead=args.lookahead_weight, kv=not args.no_kv, text_drop=args.text_drop,
                                identity_drop=args.identity_drop, kv_drop=args.kv_drop,
                                lookahead_batch=args.lookahead_batch_size,
-                               lookahead_max_t=args.lookahead_max_timestep),
+                               lookahead_max_t=args.lookahead_max_timestep, kv_prompt=args.kv_prompt),
         identity_loss=id_loss, lcm_boundary=boundary,
     )
     optimizer = torch.optim.AdamW(trainables.groups(args.learning_rate, args.lora_learning_rate),

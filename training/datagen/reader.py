@@ -144,7 +144,8 @@ class PairDataset:
                     reference=self.samples.image(ref), reference_box=tuple(r_rec["box"]),
                     reference_crop=self.samples.image(ref, "crop.png"),
                     reference_embedding=self.samples.embedding(ref), target=self.samples.image(tgt),
-                    prompt=t_rec["compressed_prompt"], key=f"{r_rec['key']}>{t_rec['key']}")
+                    prompt=t_rec["compressed_prompt"], key=f"{r_rec['key']}>{t_rec['key']}",
+                    reference_prompt=r_rec["compressed_prompt"])
             except (OSError, ValueError, SyntaxError):
                 self.skipped["corrupt"] += 1
         raise ValueError("every training pair is corrupt")
