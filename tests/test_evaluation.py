@@ -309,6 +309,36 @@ def test_face_fail_count_in_the_summary():
     assert rec["ffc_x"] == 1 and rec["id_x"] == pytest.approx(0.6) and rec["n"] == 3
 
 
+def test_a_reference_without_a_face_is_not_a_face_failure(tmp_path):
+    """FFC counts generated images without a face; an image with a face whose identity's reference
+    photos have none for that recognizer is unscored, reported apart, not blamed on the method."""
+    def row(seed, ident, value, found):
+        return {"method": "m", "scale": 0.5, "prompt_set": "s", "prompt": "p", "seed": seed, "identity": ident,
+                "seconds": 1.0, "image": "x.png",
+                "metrics": {"id": {"x": value}, "face_found": {"x": found}, "clip_t": 20.0}}
+
+    rows = [row(0, "a", 0.5, True), row(1, "a", None, False), row(0, "b", None, True), row(1, "b", None, True)]
+    rec = next(r for r in summarize(rows) if r["prompt_set"] == "all")
+    assert (rec["ffc_x"], rec["noref_x"], rec["n"]) == (1, 2, 4) and rec["id_x"] == pytest.approx(0.5)
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    text = write_report(tmp_path, rows, {}).read_text()
+    assert "ID x: 2 images with a face are not scored" in text
+
+
+def test_reference_photos_are_read_upright(tmp_path, face_path):
+    """A phone photo stored sideways with an EXIF orientation is scored upright, as the engine reads it."""
+    from lcmla.evaluation.run import load_reference_photos
+
+    upright = Image.open(face_path).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    upright.rotate(90, expand=True).save(tmp_path / "side.jpg", exif=exif, quality=95)
+    photo = load_reference_photos([("a", (str(tmp_path / "side.jpg"),))])["a"][0]
+    assert photo.size == upright.size
+    diff = np.abs(np.asarray(photo, np.float32) - np.asarray(upright, np.float32)).mean()
+    assert diff < 8, diff
+
+
 def test_cli_evaluate(tmp_path, face_path):
     from lcmla.cli import main
 

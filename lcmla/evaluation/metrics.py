@@ -1,7 +1,8 @@
 """The metrics of both papers (SPEC §6), one small function or class each.
 
 - ID: cosine of face-recognition embeddings, reference vs generated (largest face); an image with
-  no face has no score and counts in the face-fail count (FFC). Several recognizers can score the
+  no face has no score and counts in the face-fail count (FFC); one whose identity's reference
+  photos have no face for that recognizer has no score either, reported apart. Several recognizers can score the
   same images: insightface ``buffalo_l`` (FastFace's; the network FaceID conditions on), dlib's
   ResNet (offline, independent of the conditioning network), the Haar stand-in (tiny preset:
   meaningless, labelled so).

@@ -45,8 +45,9 @@ def summarize(rows: Sequence[dict]) -> list[dict[str, Any]]:
     for (method, scale, pset), group in sorted(_groups(rows).items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != ALL, kv[0][2])):
         rec: dict[str, Any] = {"method": method, "scale": scale, "prompt_set": pset, "n": len(group)}
         for s in scorers:
-            m, ci, n = mean_ci([r["metrics"]["id"].get(s) for r in group])
-            rec[f"id_{s}"], rec[f"id_{s}_ci"], rec[f"ffc_{s}"] = m, ci, len(group) - n
+            m, ci, _ = mean_ci([r["metrics"]["id"].get(s) for r in group])
+            rec[f"id_{s}"], rec[f"id_{s}_ci"] = m, ci
+            rec[f"ffc_{s}"], rec[f"noref_{s}"] = face_fail_counts(group, s)
         for metric in OPTIONAL_METRICS:
             values = [r["metrics"].get(metric) for r in group]
             if any(v is not None for v in values):
@@ -55,6 +56,21 @@ def summarize(rows: Sequence[dict]) -> list[dict[str, Any]]:
         rec["seconds_per_image"] = sum(seconds) / len(seconds) if seconds else float("nan")
         out.append(rec)
     return out
+
+
+def face_fail_counts(rows: Sequence[dict], scorer: str) -> tuple[int, int]:
+    """(FFC, unscored): the images where ``scorer`` finds no face (SPEC §6's face-fail count), and
+    the images with a face but no ID because it found none in the identity's reference photos
+    (not the method's failure, so not in the FFC)."""
+    ffc = unscored = 0
+    for r in rows:
+        found = r["metrics"].get("face_found", {}).get(scorer)
+        scored = r["metrics"]["id"].get(scorer) is not None
+        if found is None:  # a row written before face_found existed: no ID meant no face
+            found = scored
+        ffc += not found
+        unscored += bool(found) and not scored
+    return ffc, unscored
 
 
 def write_summary(records: Sequence[dict], path: Path) -> Path:
@@ -196,6 +212,11 @@ def write_report(folder: str | Path, rows: Sequence[dict] | None = None, config:
         cells += [_pm(r.get(m), r.get(f"{m}_ci")) for m in ("clip_t", "face_style", *extra)]
         lines.append("| " + " | ".join(cells) + " |")
     notes = list((config or {}).get("notes") or [])
+    for s in scorers:
+        unscored = sum(r.get(f"noref_{s}", 0) for r in records if r["prompt_set"] == ALL)
+        if unscored:
+            notes.append(f"ID {s}: {unscored} images with a face are not scored because {s} finds no face in "
+                         "their identity's reference photos (not counted in FFC); give photos where it finds one.")
     if notes:
         lines += ["", "## Metrics not computed", ""] + [f"- {n}" for n in notes]
     lines += ["", "## Pareto fronts", ""] + [f"![{p.stem}]({p.name})" for p in plots]

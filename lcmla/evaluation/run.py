@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 from PIL import Image
 
 from ..errors import LcmlaError
+from ..images import load_image
 from .metrics import IdentityScorer, id_score, reference_embedding, style_part
 
 #: FastFace's sweep of the identity strength λ (SPEC §6).
@@ -274,6 +275,12 @@ def _save_png(image: Image.Image, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def load_reference_photos(identities: Sequence[tuple[str, Sequence[str]]]) -> dict[str, list[Image.Image]]:
+    """Each identity's reference photos as the engine reads them: upright by their EXIF orientation
+    (a phone photo stored on its side would otherwise give the recognizers a sideways face)."""
+    return {name: [load_image(p) for p in paths] for name, paths in identities}
+
+
 @dataclass
 class Evaluation:
     """Runs a grid with one or two engines ("base", and "trained" for ``trained:`` methods)."""
@@ -307,7 +314,7 @@ class Evaluation:
         cells = config.cells()
         share = procs.share(cells)
         todo = [c for c in share if c.key not in done]
-        photos = {name: [Image.open(p).convert("RGB") for p in paths] for name, paths in config.identities}
+        photos = load_reference_photos(config.identities)
         refs = ({(s.name, name): reference_embedding(s, imgs) for s in self.scorers for name, imgs in photos.items()}
                 if todo else {})
         identities: dict[tuple[str, str], Any] = {}
