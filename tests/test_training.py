@@ -375,3 +375,46 @@ def test_diffusers_load_ip_adapter_reads_the_exported_file_directly(tmp_path):
         proc, mine = procs[name], comps.pipe.unet.attn_processors[name]
         assert torch.equal(proc.to_k_ip[0].weight.float(), mine.to_k_ip[0].weight.float()), name
         assert torch.equal(proc.to_v_ip[0].weight.float(), mine.to_v_ip[0].weight.float()), name
+
+
+class _FlakyPairs:
+    """Pairs whose every fifth read is corrupt (skipped, counted, the next one taken), as PairDataset."""
+
+    def __init__(self, n):
+        from collections import Counter
+
+        self.n, self.skipped = n, Counter()
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if i % 5 == 4:
+            self.skipped["corrupt"] += 1
+            i = (i + 1) % self.n
+        return f"pair-{i}"
+
+
+def test_dataloader_workers_read_the_same_batches_in_the_same_order():
+    """--dataloader-num-workers reads ahead in worker processes: the same batches, in order, from a
+    resumed cursor too, and the samples the workers skipped are counted in the main process."""
+    from training.data import iterate_batches, load_batches
+
+    def take(workers, start_batch, n=7):
+        pairs = _FlakyPairs(23)
+        order = iterate_batches(len(pairs), 3, 5, 0, start_batch)
+        it = load_batches(pairs, list, order, workers)
+        got = [next(it) for _ in range(n)]
+        it.close()
+        return got, dict(pairs.skipped)
+
+    main, skipped = take(0, 2)
+    assert [(e, i) for e, i, _ in main] == [(0, 2), (0, 3), (0, 4), (0, 5), (0, 6), (1, 0), (1, 1)]
+    order = iterate_batches(23, 3, 5, 0, 2)
+    indices = [next(order)[2] for _ in range(7)]
+    assert [b for _, _, b in main] == [[f"pair-{(i + 1) % 23 if i % 5 == 4 else i}" for i in idx] for idx in indices]
+    assert skipped["corrupt"] == sum(i % 5 == 4 for idx in indices for i in idx) > 0
+    ahead, skipped2 = take(2, 2)
+    assert ahead == main
+    # every batch a worker handed out is counted; the ones it read ahead and were never used are not
+    assert skipped2 == skipped

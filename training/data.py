@@ -8,8 +8,9 @@ The reference's identity embedding and aligned face crop were computed when the 
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -53,6 +54,43 @@ def iterate_batches(n_samples: int, batch_size: int, seed: int, start_epoch: int
         for i in range(skip, len(batches)):
             yield epoch, i, batches[i]
         epoch, skip = epoch + 1, 0
+
+
+class _BatchReader:
+    """A map-style dataset whose items are batch descriptors (epoch, index, sample indices): reads
+    and collates one batch, and returns the skipped-sample counts it met while reading."""
+
+    def __init__(self, pairs, collate: Callable[[list], Any]):
+        self.pairs, self.collate = pairs, collate
+
+    def __getitem__(self, item: tuple[int, int, list[int]]):
+        epoch, index, idx = item
+        before = Counter(self.pairs.skipped)
+        batch = self.collate([self.pairs[i] for i in idx])
+        return epoch, index, batch, dict(Counter(self.pairs.skipped) - before)
+
+
+def _as_is(item):
+    return item
+
+
+def load_batches(pairs, collate: Callable[[list], Any], order: Iterable[tuple[int, int, list[int]]],
+                 num_workers: int = 0, pin_memory: bool = False) -> Iterator[tuple[int, int, Any]]:
+    """(epoch, batch index, collated batch) in ``order``'s order, read in the main process
+    (``num_workers`` 0) or ahead of the step by a ``torch.utils.data.DataLoader``'s worker
+    processes (the same batches in the same order: the reading is deterministic; the data cursor a
+    checkpoint keeps is the batch handed out, not the ones read ahead). Samples a worker skips as
+    corrupt are added to ``pairs.skipped`` here, as if read in this process."""
+    reader = _BatchReader(pairs, collate)
+    if num_workers <= 0:
+        for epoch, index, idx in order:
+            yield epoch, index, reader[(epoch, index, idx)][2]
+        return
+    loader = torch.utils.data.DataLoader(reader, sampler=order, batch_size=None, num_workers=num_workers,
+                                         collate_fn=_as_is, pin_memory=pin_memory)
+    for epoch, index, batch, skipped in loader:
+        pairs.skipped.update(skipped)
+        yield epoch, index, batch
 
 
 def _square(image: Image.Image, size: int) -> Image.Image:

@@ -73,6 +73,13 @@ class TrainBatch:
     reference_id: torch.Tensor | None = None  # (B, D) recognizer embedding of the reference (no grad)
     reference_found: torch.Tensor | None = None  # (B,) bool
 
+    def to(self, device, non_blocking: bool = False) -> "TrainBatch":
+        """The same batch with its tensors on ``device`` (one read by a DataLoader worker on CPU)."""
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return TrainBatch(move(self.target), move(self.reference), move(self.clip_pixels), move(self.id_embeds),
+                          list(self.prompts), self.reference_prompts, move(self.reference_id),
+                          move(self.reference_found))
+
 
 @dataclass
 class Objective:

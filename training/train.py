@@ -63,8 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "resolution", type=int, default=None, help="training resolution (default: the preset's width)")
     _flag(g, "reference-framing", default="photo", choices=("photo", "face"),
           help="how the KV encoder sees the reference (as lookahead.reference_framing at inference)")
-    _flag(g, "train-batch-size", type=int, default=4, help="pairs per process per step")
-    _flag(g, "dataloader-num-workers", type=int, default=0, help="(reading is lazy; 0 reads in the main process)")
+    _flag(g, "train-batch-size", type=int, default=4, help="pairs per process per step (the paper: 8 in all on 2 GPUs, i.e. 4 per process)")
+    _flag(g, "dataloader-num-workers", type=int, default=0,
+          help="worker processes that read and collate the next batches while the GPU trains (0: the main "
+               "process reads each batch when it is needed); the batches and their order do not change")
     g = p.add_argument_group("objective")
     _flag(g, "lookahead-weight", type=float, default=1e-3, help="λ of the lookahead identity loss (0: off)")
     _flag(g, "lookahead-batch-size", type=int, default=1, help="samples per step that also get the lookahead loss")
@@ -124,6 +126,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
         if getattr(args, name) < 1:
             build_parser().error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.dataloader_num_workers < 0:
+        build_parser().error("--dataloader-num-workers must be 0 (read in the main process) or more")
     if args.validation_steps:  # validation generates as the run trains: found now, not after N steps
         from lcmla.settings import GenerationSettings
 
@@ -310,7 +314,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from lcmla.attention.processors import install_processors
 
     from .checkpoints import TrainState, load_checkpoint, params_digest, resolve_resume, save_checkpoint
-    from .data import Collate, iterate_batches
+    from .data import Collate, iterate_batches, load_batches
     from .model import export_weights, setup_trainables
     from .objective import Objective, ObjectiveConfig
     from .passes import PassSwitcher
@@ -368,7 +372,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     skipped_at_open = dict(pairs.skipped)
     accelerator.print(f"{len(pairs)} training pairs; skipped (corrupt or face-less): {_skipped_text(skipped_at_open)}")
     resolution = args.resolution or preset.width
-    collate = Collate(resolution, comps.clip_processor, framing=args.reference_framing, device=device)
+    workers = args.dataloader_num_workers
+    collate = Collate(resolution, comps.clip_processor, framing=args.reference_framing,
+                      device="cpu" if workers else device)  # a worker collates on CPU; the step moves it
     generator = torch.Generator().manual_seed(args.seed * 9973 + accelerator.process_index)
     state = TrainState()
     resume = resolve_resume(out, args.resume_from_checkpoint)
@@ -394,8 +400,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         training_meta["random_weights"] = args.random_weights or "tiny"
     export = lambda folder: export_weights(pipe, args.parts, folder, training={**training_meta, "step": state.global_step})  # noqa: E731
 
-    batches = iterate_batches(len(pairs), args.train_batch_size, args.seed, state.epoch, state.batch_in_epoch,
-                              accelerator.process_index, accelerator.num_processes)
+    order = iterate_batches(len(pairs), args.train_batch_size, args.seed, state.epoch, state.batch_in_epoch,
+                            accelerator.process_index, accelerator.num_processes)
+    batches = load_batches(pairs, collate, order, workers, pin_memory=bool(workers) and device.type == "cuda")
     bar = tqdm(total=args.max_train_steps, initial=state.global_step, desc="training",
                disable=not accelerator.is_local_main_process)
     metrics = (out / "logs" / "metrics.jsonl").open("a") if accelerator.is_main_process else None
@@ -407,8 +414,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             loss_sum, logs = 0.0, {}
             finite = True
             for _ in range(args.gradient_accumulation_steps):
-                epoch, index, idx = next(batches)
-                batch = collate([pairs[i] for i in idx])
+                epoch, index, batch = next(batches)
+                batch = batch.to(device, non_blocking=True)
                 if id_loss is not None:
                     batch.reference_id, batch.reference_found = id_loss.reference(batch.reference)
                 with accelerator.autocast():
@@ -455,6 +462,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                     validator.run(state.global_step, out / "validation")
                 switcher.current = None  # the engine changed module state: re-apply at the next pass
     finally:
+        batches.close()  # stops the DataLoader's workers
         bar.close()
         if metrics is not None:
             metrics.close()
