@@ -1,5 +1,6 @@
 """FastFace AM transforms against hand computations (Eq. 8, 9, 10; SPEC §3)."""
 
+import pytest
 import torch
 
 from lcmla.attention import adain_blend, minmax_norm, scale_power, scheduled_softmask
@@ -124,3 +125,15 @@ def test_quantile_matches_torch_quantile():
     a = torch.rand(2, 3, 37, 4)
     for p in (0.0, 0.3, 0.65, 1.0):
         assert torch.allclose(quantile_over_queries(a, p), torch.quantile(a, p, dim=2, keepdim=True), atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_softmask_of_a_flat_map_is_finite_in_every_dtype(dtype):
+    """Sharpness 0 makes sigmoid(·) constant: its range is 0, norm(M) is 0 (Ã = 0 on every token),
+    not 0 · (1/ε) = 0 · inf = NaN in half precision."""
+    probs = torch.rand(2, 3, 16, 4).softmax(-1).to(dtype)
+    out = scheduled_softmask(probs, 0.0, 0.65, 1.55)
+    assert out.dtype == dtype and torch.equal(out, torch.zeros_like(out))
+    sharp = scheduled_softmask(probs, 7.5, 0.65, 1.55).double()
+    ref = scheduled_softmask(probs.double(), 7.5, 0.65, 1.55)
+    assert torch.isfinite(sharp).all() and (sharp - ref).abs().max() < (0.01 if dtype == torch.float16 else 0.08)

@@ -138,11 +138,12 @@ def _am2_attn2_by_hand(attn, stock, hidden, enc, lam, d, qa, s, w, pooled, per_h
     return attn.to_out[0](merge(text_out) + lam * hs)
 
 
-@pytest.mark.parametrize("pooled", [False, True])
-def test_am2_attn2_output_equals_spec_by_hand(pooled):
+@pytest.mark.parametrize(("pooled", "step", "d", "s"), [(False, 1, 5.0, 1.55), (True, 1, 5.0, 1.55), (False, 0, 7.5, 1.0)])
+def test_am2_attn2_output_equals_spec_by_hand(pooled, step, d, s):
     """The whole attn2 output under AM2, per-head output AdaIN included, against the equations
     written out (4 heads, 3 samples = one image's DCG branches); ``pooled`` is the authors-exact
-    scope (min–max over the image's branches)."""
+    scope (min–max over the image's branches). Step 0 reads the schedules' first entries
+    (d 7.5, s 1.0), the later steps their plateau (5, 1.55)."""
     from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
 
     torch.manual_seed(5)
@@ -153,17 +154,45 @@ def test_am2_attn2_output_equals_spec_by_hand(pooled):
     hidden = torch.randn(3, 64, 64, dtype=torch.float64)  # 3 samples, 8x8 grid
     enc = (torch.randn(3, 7, 32, dtype=torch.float64), [torch.randn(3, 1, 4, 32, dtype=torch.float64)])
     ours = IdentityAttnProcessor.take_over("up_blocks.0.attentions.0.transformer_blocks.0.attn2.processor", stock)
-    s = AttentionSettings(mode="am2")
-    ctx = AttentionContext(ip_scale=0.8, am=AMPlan.from_settings(s, 4), step=1, am_group=3 if pooled else 1)
+    ctx = AttentionContext(ip_scale=0.8, am=AMPlan.from_settings(AttentionSettings(mode="am2"), 4), step=step,
+                           am_group=3 if pooled else 1)
     out = _run(attn, ours, hidden, enc, ctx)
     with torch.no_grad():
-        hand = _am2_attn2_by_hand(attn, stock, hidden, enc, 0.8, 5.0, 0.65, 1.55, 0.7, pooled)
+        hand = _am2_attn2_by_hand(attn, stock, hidden, enc, 0.8, d, 0.65, s, 0.7, pooled)
     assert torch.allclose(out, hand, atol=1e-10, rtol=0)
     with torch.no_grad():  # the test tells the axes and the scopes apart
-        merged = _am2_attn2_by_hand(attn, stock, hidden, enc, 0.8, 5.0, 0.65, 1.55, 0.7, pooled, per_head=False)
+        merged = _am2_attn2_by_hand(attn, stock, hidden, enc, 0.8, d, 0.65, s, 0.7, pooled, per_head=False)
         other_scope = _run(attn, ours, hidden, enc, dataclasses.replace(ctx, am_group=1 if pooled else 3))
     assert not torch.allclose(out, merged, atol=1e-4)
     assert not torch.allclose(out, other_scope, atol=1e-4)
+
+
+@pytest.mark.parametrize(("block", "scale"), [("down_blocks.1", 1.55), ("up_blocks.0", 1.45)])
+def test_am1_attn2_output_equals_spec_by_hand(block, scale):
+    """AM1 with its defaults on a down and an up layer: text + λ·min(s·A^1.3, 10)·V′ written out,
+    s = 1.55 in the down blocks and 1.45 in the up blocks (FastFace's am1 config)."""
+    from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
+
+    torch.manual_seed(6)
+    attn = Attention(query_dim=64, cross_attention_dim=32, heads=4, dim_head=16).double().eval()
+    stock = IPAdapterAttnProcessor2_0(hidden_size=64, cross_attention_dim=32, num_tokens=(4,), scale=0.8).double()
+    torch.nn.init.normal_(stock.to_k_ip[0].weight)
+    torch.nn.init.normal_(stock.to_v_ip[0].weight)
+    hidden = torch.randn(2, 64, 64, dtype=torch.float64)
+    text, ip = torch.randn(2, 7, 32, dtype=torch.float64), torch.randn(2, 1, 4, 32, dtype=torch.float64)
+    ours = IdentityAttnProcessor.take_over(f"{block}.attentions.0.transformer_blocks.0.attn2.processor", stock)
+    ctx = AttentionContext(ip_scale=0.8, am=AMPlan.from_settings(AttentionSettings(mode="am1"), 4), step=0)
+    out = _run(attn, ours, hidden, (text, [ip]), ctx)
+    with torch.no_grad():
+        b, heads = 2, attn.heads
+        split = lambda x: x.view(b, -1, heads, x.shape[-1] // heads).transpose(1, 2)  # noqa: E731
+        merge = lambda y: y.transpose(1, 2).reshape(b, -1, heads * y.shape[-1])  # noqa: E731
+        q = split(attn.to_q(hidden))
+        text_out = torch.softmax(q @ split(attn.to_k(text)).transpose(-1, -2) * attn.scale, -1) @ split(attn.to_v(text))
+        a = torch.softmax(q @ split(stock.to_k_ip[0](ip[:, 0])).transpose(-1, -2) * attn.scale, -1)
+        new = torch.clamp(scale * a.pow(1.3), max=10.0)
+        hand = attn.to_out[0](merge(text_out) + 0.8 * merge(new @ split(stock.to_v_ip[0](ip[:, 0]))))
+    assert torch.allclose(out, hand, atol=1e-10, rtol=0)
 
 
 def test_am2_adain_switch(attn_case):

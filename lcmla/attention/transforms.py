@@ -25,13 +25,15 @@ def scale_power(probs: torch.Tensor, scale: float | torch.Tensor, power: float, 
 
 def _minmax_stats(x: torch.Tensor, group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """min and 1/(max − min) over heads and queries per token, per sample (``group`` = 1) or per
-    consecutive group of ``group`` samples: (B, 1, 1, T) each."""
+    consecutive group of ``group`` samples: (B, 1, 1, T) each. The reciprocal is at least float32
+    whatever x's dtype: a flat map (range below EPS, e.g. AM2's sigmoid at sharpness 0) gives 1/EPS = 1e6,
+    which float16 would round to inf and 0 · inf to NaN."""
     b, t = x.shape[0], x.shape[-1]
     if b % group:
         raise ValueError(f"a batch of {b} samples does not split into groups of {group}")
     flat = x.reshape(b // group, -1, t)  # (B/group, group·heads·Q, T)
     lo, hi = torch.aminmax(flat, dim=1, keepdim=True)  # (B/group, 1, T) each
-    inv = (hi - lo).clamp_min(EPS).reciprocal()
+    inv = (hi - lo).to(torch.promote_types(x.dtype, torch.float32)).clamp_min(EPS).reciprocal()  # see the docstring
     if group > 1:
         lo, inv = lo.repeat_interleave(group, dim=0), inv.repeat_interleave(group, dim=0)
     return lo.unsqueeze(1), inv.unsqueeze(1)
@@ -42,7 +44,7 @@ def minmax_norm(x: torch.Tensor, group: int = 1) -> torch.Tensor:
     token and every sample (``group`` = 1) or group of ``group`` consecutive samples.
     x: (B, heads, Q, T) → (B, heads, Q, T)."""
     lo, inv = _minmax_stats(x, group)
-    return (x - lo) * inv
+    return (x - lo).mul_(inv)  # in x's dtype (the float32 factor is applied element by element)
 
 
 def quantile_positions(n: int, p: float) -> tuple[int, int, float]:
@@ -99,7 +101,9 @@ def scheduled_softmask(
     # d·(norm(A) − q) = A·(d/range) − d·(lo/range + q): the affine parts are folded into small
     # (B, H, 1, T) tensors so the full-size map sees one fused multiply-add and the sigmoid.
     lo, inv = _minmax_stats(a, group)
-    m = torch.sigmoid(torch.addcmul(-sharpness * (lo * inv + q), a, sharpness * inv))
+    big = torch.finfo(a.dtype).max  # the folded factors are ≥ float32; in a's dtype they must stay finite
+    bias = (-sharpness * (lo.to(inv.dtype) * inv + q.to(inv.dtype))).clamp(-big, big).to(a.dtype)
+    m = torch.sigmoid(torch.addcmul(bias, a, (sharpness * inv).clamp(max=big).to(a.dtype)))
     lo2, inv2 = _minmax_stats(m, group)
     out = (m - lo2).mul_(scale * inv2).clamp_(max=cap)  # min(s · norm(M), cap)
     if invert_first_token:
