@@ -399,6 +399,10 @@ def test_other_pixels_are_never_served_from_the_cache(cli_engine, face_path, tmp
     rows = read_rows(out / "results.jsonl")
     assert len(rows) == 1 and rows[0]["settings"]["guidance"]["steps"] == 2 and rows[0]["key"] != first[0]["key"]
     assert len(list((out / "images").glob("*.png"))) == 1  # the old image went with --overwrite
+    # a typo with --overwrite is refused before the folder is touched: nothing is deleted
+    for bad, named in ((("--set", "guidance.steps=-1"), "--set: guidance.steps"), (("--scales", "nan"), "--scales nan")):
+        assert _evaluate(out, face_path, "--set", "guidance.steps=2", "--overwrite", *bad) == 2
+        assert named in capsys.readouterr().err and read_rows(out / "results.jsonl") == rows
     # the same pixels, one more seed: the cell it has is reused, one image is generated
     assert _evaluate(out, face_path, "--set", "guidance.steps=2", "--seeds", "0,1") == 0 and len(cli_engine) == 3
     again = read_rows(out / "results.jsonl")

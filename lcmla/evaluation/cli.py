@@ -147,6 +147,23 @@ def optional_scorers(args, clip, device: str) -> tuple[Any, Any, list[str]]:
     return aesthetic, imagereward, notes
 
 
+def check_grid_settings(preset: str, overrides: dict, scales) -> None:
+    """Every --set value and every --scales value as the grid will apply them, refused with the
+    flag's name before anything is loaded or deleted."""
+    from ..settings import GenerationSettings
+
+    base = GenerationSettings(preset=preset)
+    try:
+        base = base.replace_dotted(overrides)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise LcmlaError(f"--set: {exc}") from None
+    for scale in scales:
+        try:
+            base.replace_dotted({"identity.ip_adapter_scale": scale})
+        except (ValueError, KeyError, TypeError) as exc:
+            raise LcmlaError(f"--scales {scale:g}: {exc}") from None
+
+
 def evaluate_command(args) -> int:
     import torch
 
@@ -179,8 +196,18 @@ def evaluate_command(args) -> int:
     dtype = str(_parse_dtype(args.dtype, device or ("cuda" if torch.cuda.is_available() else "cpu"))).removeprefix("torch.")
     trained = {"adapter": args.trained_adapter, "kv_lora": args.trained_kv_lora}
     pixels = {**pixel_spec(preset.name, dtype, preset.random_weights, trained), "overrides": overrides}
+    # every setting is checked before the folder is touched: a typo must not cost old results
+    config = EvalConfig(methods=methods, identities=[identity_photos(f) for f in args.faces],
+                        prompts=load_prompts(args.prompts, args.max_prompts),
+                        seeds=_numbers(args.seeds, int, "--seeds"), scales=_numbers(args.scales, float, "--scales"),
+                        overrides=overrides, pixels={k: v for k, v in pixels.items() if k != "overrides"})
+    check_grid_settings(preset.name, overrides, config.scales)
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LcmlaError(f"cannot create the output folder {out} ({exc.strerror or exc}): pass a writable "
+                         "--output-dir") from None
     conflict = config_conflict(out, pixels)
     if conflict is not None and not overwrite:
         raise LcmlaError(f"{conflict}: its cells would not be reused and the report would mix the two. Use a new "
@@ -189,10 +216,6 @@ def evaluate_command(args) -> int:
         clear_outputs(out)
     if procs.barrier is not None:
         procs.barrier()  # nobody starts before the folder is cleared
-    config = EvalConfig(methods=methods, identities=[identity_photos(f) for f in args.faces],
-                        prompts=load_prompts(args.prompts, args.max_prompts),
-                        seeds=_numbers(args.seeds, int, "--seeds"), scales=_numbers(args.scales, float, "--scales"),
-                        overrides=overrides, pixels={k: v for k, v in pixels.items() if k != "overrides"})
     kw = dict(device=device, dtype=args.dtype, weights_dir=args.weights_dir, face_models=args.face_models)
     engine = Engine.load(args.preset, **kw)
     engines = {"base": engine}
