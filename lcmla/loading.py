@@ -187,7 +187,10 @@ def load_adapter_state_dict(path: str | Path, *, keep_lora: bool = False) -> dic
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            flat = load_file(str(path))
+            try:
+                flat = load_file(str(path))
+            except Exception as exc:  # noqa: BLE001 - safetensors' SafetensorError is no OSError/ValueError
+                raise ValueError(f"not a readable safetensors file ({exc})") from exc
             state: Any = {"image_proj": {}, "ip_adapter": {}}
             for key, value in flat.items():
                 part, _, rest = key.partition(".")
@@ -196,9 +199,12 @@ def load_adapter_state_dict(path: str | Path, *, keep_lora: bool = False) -> dic
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        # torch's own text for a refused pickle suggests weights_only=False: never repeat that advice
+        why = ("it holds Python objects besides tensors" if isinstance(exc, pickle.UnpicklingError)
+               else (str(exc).splitlines() or [type(exc).__name__])[0][:200])
         raise MissingWeightsError(
-            f"{path} is not a plain tensor checkpoint (refused by the safe loader: "
-            f"{type(exc).__name__}); delete it and download it again",
+            f"{path} is not a plain tensor checkpoint (refused by the safe loader: {why}); "
+            "delete it and download it again",
             missing=[str(path)],
         ) from exc
     ok = (

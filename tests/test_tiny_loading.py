@@ -382,6 +382,11 @@ def test_non_tensor_pickle_is_refused(paths: dict[str, Path], tmp_path: Path) ->
     with pytest.raises(MissingWeightsError, match="not a plain tensor checkpoint"):
         load_components(TINY, {**paths, "faceid": bad})
     assert not marker.exists()
+    # a zero-byte or garbled .safetensors is the same clear error (safetensors raised its own type)
+    for name, data in (("empty.safetensors", b""), ("garbage.safetensors", b"\0" * 100)):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(MissingWeightsError, match="not a plain tensor checkpoint.*not a readable safetensors"):
+            load_faceid_state_dict(tmp_path / name)
     torch.load(bad / FACEID_WEIGHTS, weights_only=False)  # the payload is real: an unsafe load runs it
     assert marker.is_dir()
 

@@ -145,11 +145,32 @@ def test_cli_user_errors(shards, tmp_path):
     assert r.returncode == 2 and "holds no manifest.jsonl" in r.stderr
     r = _run(_args(shards, tmp_path / "o", extra=("--train", "adapter,wings")))
     assert r.returncode == 2 and "unknown trainable part 'wings'" in r.stderr
-    r = _run(_args(shards, tmp_path / "o", extra=("--validation-steps", "2", "--resolution", "56")))
-    assert r.returncode == 2 and "output.width must be in [64, 2048] (got 56)" in r.stderr and "--resolution" in r.stderr
+    r = _run(_args(shards, tmp_path / "o", extra=("--validation-steps", "2", "--resolution", "2056")))
+    assert r.returncode == 2 and "output.width must be in [64, 2048] (got 2056)" in r.stderr and "--resolution" in r.stderr
     assert not (tmp_path / "o").exists()  # refused before any work
     r = _run(["train", "--help"])
     assert r.returncode == 0 and "--gradient-checkpointing" in r.stdout and "--resume-from-checkpoint" in r.stdout
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--learning-rate", "nan", "--learning-rate must be a finite number > 0 (got nan)"),
+    ("--learning-rate", "-1", "--learning-rate must be a finite number > 0"),
+    ("--lora-learning-rate", "0", "--lora-learning-rate must be a finite number > 0"),
+    ("--text-drop", "2", "--text-drop must be a finite number in [0, 1] (got 2.0)"),
+    ("--kv-drop", "-0.1", "--kv-drop must be a finite number in [0, 1]"),
+    ("--lookahead-weight", "inf", "--lookahead-weight must be a finite number ≥ 0"),
+    ("--resolution", "250", "--resolution must be a multiple of 8 of at least 64 (got 250)"),
+    ("--dataloader-num-workers", "-1", "--dataloader-num-workers must be 0"),
+])
+def test_numeric_flags_are_checked_before_any_work(flag, value, message, tmp_path, capsys):
+    """A learning rate of NaN trained to rc 0 and exported a NaN adapter; now each such flag is
+    refused at the start with its name and range."""
+    from training.train import parse_args
+
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--preset", "tiny", "--data", str(tmp_path), "--output-dir", str(tmp_path / "o"),
+                    "--max-train-steps", "1", flag, value])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_bf16_with_validation(shards, tmp_path):

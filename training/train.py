@@ -126,6 +126,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
         if getattr(args, name) < 1:
             build_parser().error(f"--{name.replace('_', '-')} must be at least 1")
+    import math
+
+    for name, low, open_low, high in (("learning_rate", 0.0, True, None), ("lora_learning_rate", 0.0, True, None),
+                                      ("max_grad_norm", 0.0, True, None), ("lookahead_weight", 0.0, False, None),
+                                      ("text_drop", 0.0, False, 1.0), ("identity_drop", 0.0, False, 1.0),
+                                      ("kv_drop", 0.0, False, 1.0)):
+        value = getattr(args, name)
+        bad = not math.isfinite(value) or value < low or (open_low and value == low) or (high is not None and value > high)
+        if bad:
+            want = f"in [{low:g}, {high:g}]" if high is not None else f"{'>' if open_low else '≥'} {low:g}"
+            build_parser().error(f"--{name.replace('_', '-')} must be a finite number {want} (got {value})")
+    if args.resolution is not None and (args.resolution < 64 or args.resolution % 8):
+        build_parser().error(f"--resolution must be a multiple of 8 of at least 64 (got {args.resolution}): "
+                             "the VAE halves the size three times")
     if args.dataloader_num_workers < 0:
         build_parser().error("--dataloader-num-workers must be 0 (read in the main process) or more")
     if args.validation_steps:  # validation generates as the run trains: found now, not after N steps
