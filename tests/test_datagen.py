@@ -294,6 +294,13 @@ def test_inspect_prints_statistics_and_contact_sheets(reference_run, tmp_path, c
     assert [p.stem for p in sheets] == ["shard-000000", "shard-000001"]
     assert main(["generate", "--identities", "1", "--output-dir", str(tmp_path / "x" / "y" / "z"), "--preset", "tiny"]) == 2
     assert main(["generate", "--identities", "1", "--styles", "nope", "--output-dir", str(tmp_path / "a"), "--preset", "tiny"]) == 2
+    capsys.readouterr()
+    # a shard size of 0 (a ZeroDivisionError) and thresholds no cosine reaches are refused before loading
+    for flag, value, said in (("--identities-per-shard", "0", "must be at least 1"),
+                              ("--tau-plain", "5", "must be in [-1, 1] (got 5.0)"), ("--tau-style", "nan", "(got nan)")):
+        assert main(["generate", "--identities", "1", "--output-dir", str(tmp_path / "a"), "--preset", "tiny",
+                     flag, value]) == 2
+        assert said in capsys.readouterr().err and not (tmp_path / "a").exists()
 
 
 def test_names_must_cover_every_identity(tmp_path):

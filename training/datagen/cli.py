@@ -69,6 +69,18 @@ def _state(device: str | None = None) -> tuple[int, int, str | None]:
     return state.process_index, state.num_processes, device or str(state.device)
 
 
+def check_filter_flags(args) -> None:
+    """Shard size and the agreement thresholds (cosines, so in [-1, 1]) before anything loads."""
+    import math
+
+    if args.identities_per_shard < 1:
+        raise ValueError(f"--identities-per-shard must be at least 1 (got {args.identities_per_shard})")
+    for flag in ("tau_plain", "tau_style"):
+        value = getattr(args, flag, None)
+        if value is not None and not (math.isfinite(value) and -1.0 <= value <= 1.0):
+            raise ValueError(f"--{flag.replace('_', '-')} is a cosine similarity: it must be in [-1, 1] (got {value})")
+
+
 def check_names(names: Sequence[str] | None, identities: int, path: str | None) -> None:
     """Each identity renders one name: more identities than names would repeat people as
     different identities, which the filtering and the training pairs cannot tell apart."""
@@ -95,6 +107,7 @@ def _generate(args) -> int:
     from .generate import GenConfig, generate
     from .identities import read_names, select_templates
 
+    check_filter_flags(args)
     if args.identities < 1 or args.images_per_identity < 2:
         raise ValueError("--identities must be ≥ 1 and --images-per-identity ≥ 2 (two plain photos per identity)")
     out = Path(args.output_dir)
@@ -138,6 +151,7 @@ def _inspect(args) -> int:
 def _import(args) -> int:
     from .importer import import_authors
 
+    check_filter_flags(args)
     analyzer = _analyzer(args.face_models)
     rank, world, _ = _state()
     totals = import_authors(args.source, args.output_dir, lambda image: analyzer.detect(image),
