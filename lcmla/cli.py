@@ -166,6 +166,9 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
 def _generate(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)  # validate before loading anything heavy
     from .engine import Engine
+    from .errors import check_output_dir
+
+    check_output_dir(args.out, "--out")  # refused now, not after the images are made
 
     engine = Engine.load(
         settings.preset,

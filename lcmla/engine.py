@@ -87,6 +87,26 @@ class Result:
         return paths
 
 
+def check_device(device: "str | torch.device") -> str:
+    """``device`` as torch names it, or a clear error: an unknown name, or CUDA on a machine (or a
+    torch build) without it, or a CUDA index it does not have."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LcmlaError(f"unknown device {device!r}: pass cpu, cuda or cuda:N (or another torch device type)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LcmlaError(f"device {device!r}: CUDA is not available here (torch {torch.__version__}"
+                             f"{', a CPU-only build' if torch.version.cuda is None else ''}); pass --device cpu "
+                             "or install a CUDA build of torch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise LcmlaError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"numbered from 0")
+    return str(dev)
+
+
 def resolve_settings(settings: GenerationSettings, preset: Preset) -> GenerationSettings:
     """Fill the preset's defaults into the fields the user left open (None)."""
     g, o = settings.guidance, settings.output
@@ -214,7 +234,7 @@ class Engine:
             sibling_lora = Path(adapter).with_name(Path(adapter).stem + "_lora.safetensors").is_file()
             if kind == "plus" or sibling_lora:
                 exclude = ("faceid",)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = _parse_dtype(dtype, device)
         check_compile_mode(compile)
         memory_mode = choose_memory_mode(memory, device, free_device_memory(device))

@@ -31,3 +31,23 @@ class MissingWeightsError(LcmlaError):
     def __init__(self, message: str, missing: list[str] | None = None):
         super().__init__(message)
         self.missing = list(missing or [])
+
+
+def check_output_dir(path, flag: str) -> None:
+    """Refuse, before any work, an output folder that cannot be made or written: a file in its
+    place, or a nearest existing folder above it that is not writable. Creates nothing."""
+    import os
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise LcmlaError(f"{flag} {p} is a file, not a folder: pass a folder (it is created if missing)")
+    probe = p
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise LcmlaError(f"{flag} {p} cannot be created: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise LcmlaError(f"{flag} {p} cannot be written: no write permission in {probe}; pass another folder")

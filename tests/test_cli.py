@@ -73,6 +73,34 @@ def test_cli_invalid_settings_exit_2_before_loading(flags, needle, face_path, ca
     assert code == 2 and needle in err and "Traceback" not in err
 
 
+def test_an_unusable_out_folder_is_refused_before_loading(face_path, tmp_path, capsys, monkeypatch):
+    """--out naming a file (or a folder under one) failed with a traceback after the images were made."""
+    import lcmla.engine
+
+    monkeypatch.setattr(lcmla.engine.Engine, "load", classmethod(lambda *a, **k: pytest.fail("loaded a model")))
+    (tmp_path / "afile").write_text("x")
+    for out, said in ((tmp_path / "afile", "is a file, not a folder"), (tmp_path / "afile" / "sub", "cannot be created")):
+        assert main(["generate", "--face", str(face_path), "--prompt", "a face", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "--out" in err and "Traceback" not in err
+
+
+def test_devices_are_checked_with_a_message():
+    import torch
+
+    from lcmla.engine import check_device
+
+    assert check_device("cpu") == "cpu"
+    with pytest.raises(LcmlaError, match="unknown device 'tpu': pass cpu, cuda"):
+        check_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(LcmlaError, match="CUDA is not available here.*--device cpu"):
+            check_device("cuda")
+    else:
+        with pytest.raises(LcmlaError, match="CUDA device"):
+            check_device(f"cuda:{torch.cuda.device_count()}")
+
+
 def test_cli_argparse_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as info:
         main(["generate", "--prompt", "x"])  # --face missing

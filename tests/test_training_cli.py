@@ -161,12 +161,16 @@ def test_cli_user_errors(shards, tmp_path):
     ("--lookahead-weight", "inf", "--lookahead-weight must be a finite number ≥ 0"),
     ("--resolution", "250", "--resolution must be a multiple of 8 of at least 64 (got 250)"),
     ("--dataloader-num-workers", "-1", "--dataloader-num-workers must be 0"),
+    ("--output-dir", "FILE", "--output-dir FILE is a file, not a folder"),
 ])
 def test_numeric_flags_are_checked_before_any_work(flag, value, message, tmp_path, capsys):
     """A learning rate of NaN trained to rc 0 and exported a NaN adapter; now each such flag is
     refused at the start with its name and range."""
     from training.train import parse_args
 
+    if value == "FILE":
+        (tmp_path / "FILE").write_text("x")
+        value, message = str(tmp_path / "FILE"), message.replace("FILE", str(tmp_path / "FILE"))
     with pytest.raises(SystemExit) as exc:
         parse_args(["--preset", "tiny", "--data", str(tmp_path), "--output-dir", str(tmp_path / "o"),
                     "--max-train-steps", "1", flag, value])

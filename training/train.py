@@ -140,6 +140,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.resolution is not None and (args.resolution < 64 or args.resolution % 8):
         build_parser().error(f"--resolution must be a multiple of 8 of at least 64 (got {args.resolution}): "
                              "the VAE halves the size three times")
+    from lcmla.errors import LcmlaError, check_output_dir
+
+    try:
+        check_output_dir(args.output_dir, "--output-dir")
+    except LcmlaError as exc:
+        build_parser().error(str(exc))
     if args.dataloader_num_workers < 0:
         build_parser().error("--dataloader-num-workers must be 0 (read in the main process) or more")
     if args.validation_steps:  # validation generates as the run trains: found now, not after N steps

@@ -113,6 +113,9 @@ def _generate(args) -> int:
     out = Path(args.output_dir)
     if not out.parent.exists():
         raise ValueError(f"the parent folder of --output-dir {out} does not exist")
+    from lcmla.errors import check_output_dir
+
+    check_output_dir(out, "--output-dir")
     plain, stylized = select_templates(args.styles.split(",") if args.styles else None)
     names = tuple(read_names(args.names)) if args.names else None
     check_names(names, args.identities, args.names)
@@ -152,6 +155,9 @@ def _import(args) -> int:
     from .importer import import_authors
 
     check_filter_flags(args)
+    from lcmla.errors import check_output_dir
+
+    check_output_dir(args.output_dir, "--output-dir")
     analyzer = _analyzer(args.face_models)
     rank, world, _ = _state()
     totals = import_authors(args.source, args.output_dir, lambda image: analyzer.detect(image),
