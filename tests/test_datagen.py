@@ -169,6 +169,26 @@ def test_kill_9_resume_gives_the_same_shards(reference_run, tmp_path):
     assert _snapshot(out) == _snapshot(out_ref) and set(read_manifest(out)) == set(read_manifest(out_ref))
 
 
+def test_a_rerun_with_other_settings_is_refused(reference_run, tmp_path):
+    """Resuming into a folder made with another seed or threshold kept its shards and reported
+    success; now the run names what differs. The same settings resume (nothing is remade)."""
+    import dataclasses
+    import shutil
+
+    from training.datagen.generate import generate
+
+    out_ref, _ = reference_run
+    out = tmp_path / "copy"
+    shutil.copytree(out_ref, out)
+    cfg, haar = datagen_fake.config(4, 2)
+    totals = generate(cfg, out, datagen_fake.fake_render(), haar.detect, log=lambda m: None)
+    assert totals["shards_kept"] == 2 and totals["shards_written"] == 0
+    for change, named in (({"tau_plain": 0.9}, "tau_plain: 0.5 then, 0.9 now"), ({"seed": 3}, "seed: 7 then, 3 now")):
+        with pytest.raises(ValueError, match="holds shards made with other settings") as exc:
+            generate(dataclasses.replace(cfg, **change), out, datagen_fake.fake_render(), haar.detect, log=lambda m: None)
+        assert named in str(exc.value) and "new --output-dir" in str(exc.value)
+
+
 def _listed(folder: Path) -> list[str]:
     """The shard of every manifest line, in order; every line must parse."""
     return [json.loads(line)["shard"] for line in (folder / "manifest.jsonl").read_text().splitlines()]

@@ -14,6 +14,8 @@ Rendering and face analysis are injected (``render(prompt, seed) -> PIL``,
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,6 +166,12 @@ def write_shards(cfg: GenConfig, out: Path, make_identity: Callable[[int], tuple
     mine = my_shards(n_shards(cfg.identities, cfg.identities_per_shard), rank, world)
     remove_stale_temporaries(out, {shard_name(s) for s in mine})
     manifest = read_manifest(out)
+    run = run_fingerprint(cfg)
+    for entry in manifest.values():
+        differs = fingerprint_differences(entry.get("run"), run)
+        if differs:
+            raise ValueError(f"{out} holds shards made with other settings ({differs}): a resumed run would mix "
+                             "the two. Use a new --output-dir, or delete this one to start again")
     totals = {"shards_written": 0, "shards_kept": 0, "samples": 0, "rejected": Counter()}
     for s in mine:
         name = shard_name(s)
@@ -185,7 +193,7 @@ def write_shards(cfg: GenConfig, out: Path, make_identity: Callable[[int], tuple
                  "samples": len(samples), "plain": sum(not x.record["stylized"] for x in samples),
                  "stylized": sum(x.record["stylized"] for x in samples),
                  "rejected": {r: rejected.get(r, 0) for r in REASONS}, "backend": cfg.backend,
-                 "is_recognizer": cfg.is_recognizer, "settings": cfg.settings}
+                 "is_recognizer": cfg.is_recognizer, "settings": cfg.settings, "run": run}
         append_manifest(out, entry)
         totals["shards_written"] += 1
         totals["samples"] += len(samples)
@@ -193,6 +201,24 @@ def write_shards(cfg: GenConfig, out: Path, make_identity: Callable[[int], tuple
         log(f"{name}: {len(samples)} samples from {len(kept_ids)} identities; rejected {dict(rejected)}")
     totals["rejected"] = dict(totals["rejected"])
     return totals
+
+
+def run_fingerprint(cfg: GenConfig) -> dict[str, Any]:
+    """What decides a shard's contents, recorded with it so that a resumed run can tell whether
+    it is the same run: the counts, seed, thresholds, templates, names, face backend and settings."""
+    return {"identities": cfg.identities, "images_per_identity": cfg.images_per_identity,
+            "identities_per_shard": cfg.identities_per_shard, "seed": cfg.seed, "tau_plain": cfg.tau_plain,
+            "tau_style": cfg.tau_style, "plain": [t.slug for t in cfg.plain], "stylized": [t.slug for t in cfg.stylized],
+            "names": hashlib.sha256("\n".join(cfg.names or ()).encode()).hexdigest()[:16],
+            "backend": cfg.backend, "settings": json.loads(json.dumps(cfg.settings, default=str))}
+
+
+def fingerprint_differences(recorded: dict | None, now: dict) -> str:
+    """'key: then → now' for each difference (empty when the same, or when nothing was recorded)."""
+    if not recorded:
+        return ""
+    keys = [k for k in now if recorded.get(k) != now[k]]
+    return "; ".join(f"{k}: {recorded.get(k)!r} then, {now[k]!r} now" for k in keys)
 
 
 def my_shards(total: int, rank: int, world: int) -> list[int]:
