@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lcmla.errors import LcmlaError
 from lcmla.evaluation.metrics import AnalyzerScorer, cosine, id_score, mean_ci, reference_embedding, style_part
 from lcmla.evaluation.report import pareto_points, summarize, write_report
 from lcmla.evaluation.run import Cell, EvalConfig, Evaluation, Processes, load_prompts, read_rows
@@ -54,6 +55,8 @@ def test_prompt_sets():
     assert len(lh) == 18 and lh[0] == ("lookahead", "A photo of a face")
     ff = load_prompts("fastface", max_prompts=2)
     assert [s for s, _ in ff] == ["realistic", "realistic", "style", "style"] and ";" in ff[-1][1]
+    with pytest.raises(LcmlaError, match="--max-prompts must be at least 1"):  # it wrote an empty report, rc 0
+        load_prompts("lookahead", max_prompts=0)
 
 
 def _clip(engine):

@@ -46,6 +46,8 @@ PROMPT_SETS = {"lookahead": "prompts.txt", "realistic": "prompts_realistic.txt",
 def load_prompts(spec: str, max_prompts: int | None = None) -> list[tuple[str, str]]:
     """(set, prompt) pairs: a named set ("lookahead" = LCM-Lookahead's 18, the default; "realistic",
     "style", "fastface" = both), or a text file with one prompt per line (a ';' marks a style prompt)."""
+    if max_prompts is not None and max_prompts < 1:
+        raise LcmlaError(f"--max-prompts must be at least 1 (got {max_prompts}), or left out for every prompt")
     names = ("realistic", "style") if spec == "fastface" else (spec,) if spec in PROMPT_SETS else ()
     out: list[tuple[str, str]] = []
     if names:
