@@ -389,6 +389,7 @@ def test_cli_generate_tiny_to_the_end_and_inspect_an_empty_shard(engine, tiny_ca
     assert done.returncode == 0, done.stderr[-3000:]
     totals = json.loads(done.stdout.strip().splitlines()[-1])
     assert totals["shards_written"] == 2 and totals["samples"] == 0 and totals["rejected"] == {"no_face": 4}
+    assert "warning: no sample was kept (rejected: no_face 4); the tiny preset's random weights" in done.stderr
     manifest = read_manifest(out)
     assert sorted(manifest) == ["shard-000000.tar", "shard-000001.tar"]
     assert all(e["samples"] == 0 and e["settings"]["random_weights"] for e in manifest.values())

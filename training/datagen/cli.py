@@ -138,6 +138,11 @@ def _generate(args) -> int:
                               "lora_scale": 0.0})
     totals = generate(cfg, out, render, lambda image: analyzer.detect(image), rank, world)
     print(json.dumps({"process": rank, **totals}))
+    if totals["shards_written"] and not totals["samples"]:
+        why = ", ".join(f"{k} {v}" for k, v in sorted(totals["rejected"].items()) if v) or "nothing rendered"
+        hint = ("the tiny preset's random weights draw no faces, so this is expected there"
+                if preset.random_weights else "lower --tau-plain/--tau-style or check the face models")
+        print(f"warning: no sample was kept (rejected: {why}); {hint}", file=sys.stderr)
     return 0
 
 
