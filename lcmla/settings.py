@@ -305,6 +305,11 @@ class OutputSettings(_Group):
         _check_int(self, "height", 64, 2048, optional=True, multiple_of=8)
         _check_int(self, "num_images", 1, 16)
         _check_int(self, "seed", 0, 2**63 - 1)
+        last = int(self.seed) + int(self.num_images) - 1  # image i uses seed + i: every one must be a valid seed
+        if last > 2**63 - 1:
+            raise SettingsError(f"output.seed {int(self.seed)} with {int(self.num_images)} images: image i uses seed + i, "
+                                f"and the last would be {last}, above 2**63 - 1; use a seed of at most "
+                                f"{2**63 - int(self.num_images)}")
 
 
 _GROUPS: dict[str, type] = {

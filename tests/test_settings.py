@@ -32,6 +32,7 @@ BAD = [
     ({"output": {"height": 4096}}, "output.height"),
     ({"output": {"num_images": 0}}, "output.num_images"),
     ({"output": {"seed": -5}}, "output.seed"),
+    ({"output": {"seed": 2**63 - 1, "num_images": 2}}, "output.seed 9223372036854775807 with 2 images"),
     ({"prompt": "   "}, "prompt"),
     ({"prompt": None}, "prompt"),
     ({"identity": {"bogus": 1}}, "identity.bogus"),
