@@ -135,8 +135,11 @@ def read_kv_lora_metadata(path: str | Path) -> dict[str, str]:
     except Exception as exc:  # not a safetensors file
         raise LcmlaError(f"{str(path)!r} is not a safetensors file ({exc})") from None
     if meta.get("format") != FORMAT:
+        with safe_open(str(path), framework="pt") as f:
+            adapter = any(k.startswith(("image_proj.", "ip_adapter.")) for k in f.keys())
         hint = (" (an LCM-Lookahead authors' checkpoint? convert it with `python -m lcmla convert-lookahead`)"
-                if path.suffix in (".pt", ".bin") else "")
+                if path.suffix in (".pt", ".bin") else
+                " (it is an IP-Adapter checkpoint: pass it with --adapter)" if adapter else "")
         raise LcmlaError(f"{str(path)!r} is not an lcmla KV-encoder LoRA (metadata format={meta.get('format')!r}){hint}")
     if meta.get("version") not in READABLE_VERSIONS:
         raise LcmlaError(f"{str(path)!r} has KV-encoder LoRA version {meta.get('version')!r}; this lcmla reads "

@@ -219,9 +219,15 @@ def load_adapter_state_dict(path: str | Path, *, keep_lora: bool = False) -> dic
         )
     )
     if not ok:
+        fix = "delete it and download it again"
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                if (f.metadata() or {}).get("format") == "lcmla-kv-encoder-lora":
+                    fix = "it is an lcmla KV-encoder LoRA: pass it with --kv-lora"
         raise MissingWeightsError(
-            f"{path} does not hold an IP-Adapter checkpoint ({{'image_proj', 'ip_adapter'}} of tensors); "
-            "delete it and download it again",
+            f"{path} does not hold an IP-Adapter checkpoint ({{'image_proj', 'ip_adapter'}} of tensors); {fix}",
             missing=[str(path)],
         )
     ip_adapter = state["ip_adapter"]

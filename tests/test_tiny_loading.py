@@ -446,3 +446,21 @@ def test_image_encoder_from_either_layout(paths: dict[str, Path], comps: Compone
         a, b = enc(x, output_hidden_states=True), again(x, output_hidden_states=True)
     torch.testing.assert_close(a.image_embeds, b.image_embeds, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a.hidden_states[-2], b.hidden_states[-2], rtol=1e-5, atol=1e-6)
+
+
+def test_an_adapter_and_a_kv_lora_swapped_name_the_right_flag(tmp_path: Path) -> None:
+    """Each of the two trained files given to the other's flag says which flag takes it."""
+    import torch
+
+    from lcmla.errors import LcmlaError
+    from lcmla.kv_lora import FORMAT, read_kv_lora_metadata
+
+    kv = tmp_path / "kv_encoder_lora.safetensors"
+    save_file({"down.lora_A.weight": torch.zeros(4, 8)}, str(kv), metadata={"format": FORMAT, "version": "2"})
+    adapter = tmp_path / "ip-adapter.safetensors"
+    save_file({"image_proj.proj.weight": torch.zeros(4, 8), "ip_adapter.1.to_k_ip.weight": torch.zeros(4, 8)},
+              str(adapter), metadata={"format": "pt"})
+    with pytest.raises(MissingWeightsError, match="KV-encoder LoRA: pass it with --kv-lora"):
+        load_faceid_state_dict(kv)
+    with pytest.raises(LcmlaError, match="IP-Adapter checkpoint: pass it with --adapter"):
+        read_kv_lora_metadata(adapter)
