@@ -124,7 +124,8 @@ def resolve_settings(settings: GenerationSettings, preset: Preset) -> Generation
     return settings.replace_dotted(changes) if changes else settings
 
 
-def request_notes(settings: GenerationSettings, guidance: Guidance, num_steps: int) -> list[str]:
+def request_notes(settings: GenerationSettings, guidance: Guidance, num_steps: int,
+                  identity_tokens: int | None = None) -> list[str]:
     """Plain-language notes on what a resolved request will do that its settings may not show."""
     notes = []
     if isinstance(guidance, DecoupledGuidance) and settings.guidance.dcg:
@@ -135,6 +136,13 @@ def request_notes(settings: GenerationSettings, guidance: Guidance, num_steps: i
                 f"b = {list(guidance.b)}: a = b = 1 at every step, so no decoupled guidance is applied "
                 "(only the rescale); use more steps or a constant schedule"
             )
+    am = settings.attention
+    if am.mode != "none" and am.steps is not None and not any(k < num_steps for k in am.steps):
+        notes.append(f"attention {am.mode}: attention.steps {list(am.steps)} are all past the last of the "
+                     f"{num_steps} step(s) (numbered from 0), so no attention manipulation is applied")
+    if am.mode != "none" and identity_tokens is not None and not any(t < identity_tokens for t in am.tokens):
+        notes.append(f"attention {am.mode}: attention.tokens {list(am.tokens)} are all past the adapter's "
+                     f"{identity_tokens} identity tokens (numbered from 0), so no attention manipulation is applied")
     return notes
 
 
@@ -521,7 +529,8 @@ class Engine:
             random_weights=self.preset.random_weights,
             attention_maps=maps,
             branch_calls=calls,
-            notes=request_notes(settings, guidance, settings.guidance.steps) + self._framing_notes(identity, settings),
+            notes=request_notes(settings, guidance, settings.guidance.steps, self._identity_tokens())
+            + self._framing_notes(identity, settings),
         )
 
     def _generate_locked(self, settings, identity, references, guidance, timings, callback, on_guided):
@@ -638,6 +647,15 @@ class Engine:
         return max(1, min(settings.output.num_images, self.max_unet_batch // max(1, widest)))
 
     # ---- LCM-Lookahead: the KV encoder's reference and pass ----------------------------------------
+
+    def _identity_tokens(self) -> int | None:
+        """How many identity tokens the loaded adapter's projection makes (FaceID-Plus-v2: 4; the
+        authors' Plus-Face: 16); None when the layer does not say."""
+        proj = self._id_proj
+        n = getattr(proj, "num_tokens", None)
+        if n is None and getattr(proj, "latents", None) is not None:
+            n = proj.latents.shape[1]  # a Resampler's learned queries
+        return None if n is None else int(n)
 
     @staticmethod
     def _framing_notes(identity: FaceIdentity | None, settings: GenerationSettings) -> list[str]:

@@ -191,3 +191,23 @@ def test_cli_prints_the_request_notes(tiny_cache, face_path, tmp_path, capsys):
     assert code == 0
     err = capsys.readouterr().err
     assert "note: DCG: the a/b schedule stretched to 2 step(s)" in err
+
+
+def test_attention_knobs_that_select_nothing_get_a_note():
+    """--attention-steps past the last step, or tokens past the adapter's, leave AM off: said so;
+    a selection that reaches anything gets no note."""
+    from lcmla.engine import request_notes
+    from lcmla.guidance import ClassicGuidance
+    from lcmla.settings import GenerationSettings
+
+    def notes(**changes):
+        s = GenerationSettings(prompt="a face").replace_dotted({"attention.mode": "am1", **changes})
+        return request_notes(s, ClassicGuidance(1.0), 4, identity_tokens=4)
+
+    assert notes() == [] and notes(**{"attention.steps": [3, 9]}) == [] and notes(**{"attention.tokens": [3, 7]}) == []
+    (past_steps,) = notes(**{"attention.steps": [99]})
+    assert "attention.steps [99] are all past the last of the 4 step(s)" in past_steps
+    (past_tokens,) = notes(**{"attention.tokens": [7]})
+    assert "attention.tokens [7] are all past the adapter's 4 identity tokens" in past_tokens
+    s = GenerationSettings(prompt="a face").replace_dotted({"attention.tokens": [7]})  # AM off: nothing to say
+    assert request_notes(s, ClassicGuidance(1.0), 4, identity_tokens=4) == []
