@@ -358,6 +358,9 @@ def test_cli_evaluate(tmp_path, face_path):
     assert "ImageReward: skipped — no ImageReward weights" in report and "Aesthetic score: not computed" in report
     assert "imagereward" not in rows[0]["metrics"]
     assert main(["evaluate", "--faces", str(face_path), "--methods", "nope", "--output-dir", str(out)]) == 2
+    # trained: methods without trained weights: refused before anything loads or is written
+    assert main(["evaluate", "--faces", str(face_path), "--methods", "trained:baseline",
+                 "--output-dir", str(tmp_path / "never")]) == 2 and not (tmp_path / "never").exists()
 
 
 @pytest.fixture

@@ -180,6 +180,9 @@ def evaluate_command(args) -> int:
     for m in methods:
         if m.removeprefix("trained:") not in METHODS:
             raise LcmlaError(f"unknown method {m!r}; choose from {', '.join(METHODS)} (or trained:NAME)")
+    if any(m.startswith("trained:") for m in methods) and not (args.trained_adapter or args.trained_kv_lora):
+        raise LcmlaError("the trained: methods need trained weights: pass --trained-adapter and/or --trained-kv-lora "
+                         "(the files `python -m training train` wrote)")
     overrides = {}
     for item in args.set:
         key, sep, value = item.partition("=")
