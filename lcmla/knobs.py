@@ -296,7 +296,9 @@ def cli_help(knob: Knob) -> str:
     """``--help`` text of a knob: its label, range or choices and info (the app's own words)."""
     parts = [knob.label]
     if knob.minimum is not None and knob.maximum is not None:
-        parts.append(f"{knob.minimum:g}…{knob.maximum:g}")
+        # the app's slider range; the settings may accept more (a value outside says its own range)
+        fmt = lambda v: str(int(v)) if float(v).is_integer() else f"{v:g}"  # noqa: E731
+        parts.append(f"{fmt(knob.minimum)}…{fmt(knob.maximum)} in the app")
     if knob.choices:
         parts.append("one of " + ", ".join(str(c[1] if isinstance(c, tuple) else c) for c in knob.choices))
     if knob.kind in ("floats", "targets", "tokens", "steps"):

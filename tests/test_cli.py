@@ -211,3 +211,13 @@ def test_attention_knobs_that_select_nothing_get_a_note():
     assert "attention.tokens [7] are all past the adapter's 4 identity tokens" in past_tokens
     s = GenerationSettings(prompt="a face").replace_dotted({"attention.tokens": [7]})  # AM off: nothing to say
     assert request_notes(s, ClassicGuidance(1.0), 4, identity_tokens=4) == []
+
+
+def test_help_ranges_say_they_are_the_apps_and_print_integers_whole():
+    """The knob ranges in --help are the app's sliders (the settings may accept more), and a large
+    integer bound prints whole, not as 9.0072e+15."""
+    from lcmla.knobs import KNOB, cli_help
+
+    assert "1…50 in the app" in cli_help(KNOB["guidance.steps"])
+    seed = cli_help(KNOB["output.seed"])
+    assert "e+" not in seed and "0…9007199254740991 in the app" in seed
