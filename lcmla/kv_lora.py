@@ -132,11 +132,11 @@ def read_kv_lora_metadata(path: str | Path) -> dict[str, str]:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
+            keys = list(f.keys())
     except Exception as exc:  # not a safetensors file
         raise LcmlaError(f"{str(path)!r} is not a safetensors file ({exc})") from None
     if meta.get("format") != FORMAT:
-        with safe_open(str(path), framework="pt") as f:
-            adapter = any(k.startswith(("image_proj.", "ip_adapter.")) for k in f.keys())
+        adapter = any(k.startswith(("image_proj.", "ip_adapter.")) for k in keys)
         hint = (" (an LCM-Lookahead authors' checkpoint? convert it with `python -m lcmla convert-lookahead`)"
                 if path.suffix in (".pt", ".bin") else
                 " (it is an IP-Adapter checkpoint: pass it with --adapter)" if adapter else "")

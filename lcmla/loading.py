@@ -223,8 +223,10 @@ def load_adapter_state_dict(path: str | Path, *, keep_lora: bool = False) -> dic
         if path.suffix == ".safetensors":
             from safetensors import safe_open
 
+            from .kv_lora import FORMAT as KV_LORA_FORMAT
+
             with safe_open(str(path), framework="pt") as f:
-                if (f.metadata() or {}).get("format") == "lcmla-kv-encoder-lora":
+                if (f.metadata() or {}).get("format") == KV_LORA_FORMAT:
                     fix = "it is an lcmla KV-encoder LoRA: pass it with --kv-lora"
         raise MissingWeightsError(
             f"{path} does not hold an IP-Adapter checkpoint ({{'image_proj', 'ip_adapter'}} of tensors); {fix}",

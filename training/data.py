@@ -81,12 +81,11 @@ def load_batches(pairs, collate: Callable[[list], Any], order: Iterable[tuple[in
     processes (the same batches in the same order: the reading is deterministic; the data cursor a
     checkpoint keeps is the batch handed out, not the ones read ahead). Samples a worker skips as
     corrupt are added to ``pairs.skipped`` here, as if read in this process."""
-    reader = _BatchReader(pairs, collate)
     if num_workers <= 0:
         for epoch, index, idx in order:
-            yield epoch, index, reader[(epoch, index, idx)][2]
+            yield epoch, index, collate([pairs[i] for i in idx])
         return
-    loader = torch.utils.data.DataLoader(reader, sampler=order, batch_size=None, num_workers=num_workers,
+    loader = torch.utils.data.DataLoader(_BatchReader(pairs, collate), sampler=order, batch_size=None, num_workers=num_workers,
                                          collate_fn=_as_is, pin_memory=pin_memory)
     for epoch, index, batch, skipped in loader:
         pairs.skipped.update(skipped)

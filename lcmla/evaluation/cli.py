@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import LcmlaError
+from ..errors import LcmlaError, check_output_dir
 
 
 def _numbers(text: str, cast, flag: str) -> list:
@@ -206,11 +206,8 @@ def evaluate_command(args) -> int:
                         overrides=overrides, pixels={k: v for k, v in pixels.items() if k != "overrides"})
     check_grid_settings(preset.name, overrides, config.scales)
     out = Path(args.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise LcmlaError(f"cannot create the output folder {out} ({exc.strerror or exc}): pass a writable "
-                         "--output-dir") from None
+    check_output_dir(out, "--output-dir")
+    out.mkdir(parents=True, exist_ok=True)
     conflict = config_conflict(out, pixels)
     if conflict is not None and not overwrite:
         raise LcmlaError(f"{conflict}: its cells would not be reused and the report would mix the two. Use a new "

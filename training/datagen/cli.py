@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from lcmla.errors import check_output_dir
+
 EXIT_USER_ERROR = 2
 
 
@@ -113,8 +115,6 @@ def _generate(args) -> int:
     out = Path(args.output_dir)
     if not out.parent.exists():
         raise ValueError(f"the parent folder of --output-dir {out} does not exist")
-    from lcmla.errors import check_output_dir
-
     check_output_dir(out, "--output-dir")
     plain, stylized = select_templates(args.styles.split(",") if args.styles else None)
     names = tuple(read_names(args.names)) if args.names else None
@@ -160,8 +160,6 @@ def _import(args) -> int:
     from .importer import import_authors
 
     check_filter_flags(args)
-    from lcmla.errors import check_output_dir
-
     check_output_dir(args.output_dir, "--output-dir")
     analyzer = _analyzer(args.face_models)
     rank, world, _ = _state()
