@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--random-weights", choices=RANDOM_ARCHITECTURES, default=None,
                      help="run the preset on a random-weights build of SDXL's full (or tiny) architecture, built once "
                           "on this machine: for speed and memory measurements only, the images are patterns")
-    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.add_argument("--quiet", action="store_true", help="no progress bars")
 
     conv = sub.add_parser("convert-lookahead", help="convert the LCM-Lookahead authors' model_ckpt.pt into an "
                           "IP-Adapter Plus-Face file and a KV-encoder LoRA that lcmla loads")
@@ -169,6 +169,12 @@ def _generate(args: argparse.Namespace) -> int:
     from .errors import check_output_dir
 
     check_output_dir(args.out, "--out")  # refused now, not after the images are made
+    if args.quiet:  # this process's own loading bars too (diffusers' and transformers')
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
 
     engine = Engine.load(
         settings.preset,
@@ -249,6 +255,9 @@ def _show(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .loading import quiet_torchvision_notice
+
+    quiet_torchvision_notice()
     try:
         if args.command == "generate":
             return _generate(args)

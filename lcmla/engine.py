@@ -23,6 +23,7 @@ sees another's values and every request fully states its own.
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -105,6 +106,19 @@ def check_device(device: "str | torch.device") -> str:
             raise LcmlaError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                              f"numbered from 0")
     return str(dev)
+
+
+# what diffusers and transformers log for a prompt over 77 tokens; the request's note says it instead
+_TRUNCATION_LOGGERS = ("diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl",
+                       "transformers.tokenization_utils_base", "transformers.tokenization_utils_tokenizers")
+_TRUNCATION_PREFIXES = ("The following part of your input was truncated because CLIP",
+                        "Token indices sequence length is longer than the specified maximum",
+                        "Ignoring clean_up_tokenization_spaces=True for BPE")  # diffusers' decode of the cut part
+
+
+def _clip_text(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters with an ellipsis (for quoting in a note)."""
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
 def resolve_settings(settings: GenerationSettings, preset: Preset) -> GenerationSettings:
@@ -313,13 +327,16 @@ class Engine:
     def _text_conditions(self, prompt: str, negative_prompt: str = "") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{"text": (embeds, pooled), "null": (embeds, pooled)}; (1, 77, D) and (1, D_pooled).
         An empty negative prompt gives SDXL's zero embeddings (``force_zeros_for_empty_prompt``)."""
-        prompt_embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
-            prompt=prompt,
-            device=self.device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=True,
-            negative_prompt=negative_prompt or None,
-        )
+        from .loading import quiet_messages
+
+        with quiet_messages(_TRUNCATION_LOGGERS, _TRUNCATION_PREFIXES):  # a request note says it (_prompt_notes)
+            prompt_embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
+                prompt=prompt,
+                device=self.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=True,
+                negative_prompt=negative_prompt or None,
+            )
         return {"text": (prompt_embeds, pooled), "null": (negative, negative_pooled)}
 
     @torch.no_grad()
@@ -478,7 +495,8 @@ class Engine:
 
         result = self._run(settings, faces, callback=on_step, on_guided=on_guided)
         timings = dict(result.timings, previews=spent[0])
-        return PreviewResult(frames=frames, image=result.images[0], settings=result.settings, timings=timings)
+        return PreviewResult(frames=frames, image=result.images[0], settings=result.settings, timings=timings,
+                             notes=list(result.notes))
 
     # ---- the shared request path ---------------------------------------------------------------
 
@@ -530,7 +548,7 @@ class Engine:
             attention_maps=maps,
             branch_calls=calls,
             notes=request_notes(settings, guidance, settings.guidance.steps, self._identity_tokens())
-            + self._framing_notes(identity, settings),
+            + self._framing_notes(identity, settings) + self._kv_lora_notes(settings) + self._prompt_notes(settings),
         )
 
     def _generate_locked(self, settings, identity, references, guidance, timings, callback, on_guided):
@@ -668,6 +686,35 @@ class Engine:
             return []
         return [f"KV reference: framing {asked!r} needs the photos and their face boxes; this identity holds only "
                 f"aligned face crops, so they were used whole ({used!r})"]
+
+    def _prompt_notes(self, settings: GenerationSettings) -> list[str]:
+        """A note for each prompt longer than the text encoders read (CLIP: 77 tokens with the start
+        and end tokens, so 75 of the prompt's), naming the words that were left out."""
+        tokenizer = self.pipe.tokenizer
+        room = tokenizer.model_max_length - 2
+        prompts = [("prompt", settings.prompt), ("negative_prompt", settings.negative_prompt)]
+        if settings.lookahead.kv:
+            prompts.append(("lookahead.kv_prompt", settings.lookahead.kv_prompt))
+        notes = []
+        for name, text in prompts:
+            tokens = tokenizer.tokenize(text or "")
+            if len(tokens) > room:
+                dropped = tokenizer.decode(tokenizer.convert_tokens_to_ids(tokens[room:]),
+                                           clean_up_tokenization_spaces=False)
+                dropped = re.sub(r" ([,.;:!?])", r"\1", dropped).strip()  # CLIP's BPE ends each piece with a space
+                notes.append(f"{name} is {len(tokens)} tokens and the text encoders read the first {room}, so "
+                             f"{_clip_text(dropped)!r} was left out; shorten it or move what matters to the front")
+        return notes
+
+    def _kv_lora_notes(self, settings: GenerationSettings) -> list[str]:
+        """A note when a KV-encoder LoRA is loaded but the request does not take the KV path,
+        which is the only place it acts."""
+        from .kv_lora import ADAPTER_NAME
+
+        if settings.lookahead.kv or ADAPTER_NAME not in self.adapters:
+            return []
+        return ["the loaded KV-encoder LoRA acts only on the KV path, and lookahead.kv is off, so it was not used; "
+                "pick --method lookahead-kv (or lookahead-released) or --set lookahead.kv=true to use it"]
 
     def _kv_references(self, identity: FaceIdentity, settings: GenerationSettings) -> list:
         """The KV encoder's reference images (``lookahead.kv_reference_images``) for a request."""

@@ -51,3 +51,18 @@ def check_output_dir(path, flag: str) -> None:
         raise LcmlaError(f"{flag} {p} cannot be created: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise LcmlaError(f"{flag} {p} cannot be written: no write permission in {probe}; pass another folder")
+
+
+def refuse_folder(path, what: str, suffixes: tuple[str, ...]) -> None:
+    """Refuse a folder where one file is wanted (``what``: e.g. "the IP-Adapter checkpoint"), naming
+    the files of ``suffixes`` in it that could be meant (a trainer's output folder holds several)."""
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        return
+    found = sorted(f.name for f in p.iterdir() if f.is_file() and f.name.endswith(suffixes))
+    if found:
+        shown = ", ".join(found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
+        raise LcmlaError(f"{what} {p} is a folder, not a file: pass one file in it ({shown})")
+    raise LcmlaError(f"{what} {p} is a folder, not a file, and holds no {'/'.join(suffixes)} file: pass the file itself")

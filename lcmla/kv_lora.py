@@ -30,7 +30,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import LcmlaError
+from .errors import LcmlaError, refuse_folder
 
 ADAPTER_NAME = "kv_encoder"
 FORMAT = "lcmla-kv-encoder-lora"
@@ -127,6 +127,7 @@ def read_kv_lora_metadata(path: str | Path) -> dict[str, str]:
     from safetensors import safe_open
 
     path = Path(path)
+    refuse_folder(path, "the KV-encoder LoRA", (".safetensors",))
     if not path.is_file():
         raise LcmlaError(f"KV-encoder LoRA {str(path)!r} does not exist; pass the .safetensors file the trainer wrote")
     try:

@@ -113,25 +113,52 @@ _BENIGN_LOGGERS = (
 )
 
 
-class _DropBenign(logging.Filter):
+class _DropPrefixes(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.getMessage()).startswith(_BENIGN_LOG_PREFIXES)
+        return not str(record.getMessage()).startswith(self.prefixes)
+
+
+@contextlib.contextmanager
+def quiet_messages(logger_names: tuple[str, ...], prefixes: tuple[str, ...]) -> Iterator[None]:
+    """Drop the log records of ``logger_names`` that start with one of ``prefixes`` while the block
+    runs (for messages lcmla reports itself, in its own words); every other record still shows."""
+    flt = _DropPrefixes(prefixes)
+    loggers = [logging.getLogger(name) for name in logger_names]
+    for logger in loggers:
+        logger.addFilter(flt)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(flt)
+
+
+# transformers 5 names its torchvision-backed image processors CLIPImageProcessor and so on and,
+# without torchvision, falls back to the PIL ones (the processors of transformers 4, which lcmla
+# uses) with a warning at diffusers' import that suggests installing torchvision: not needed here.
+_TORCHVISION_NOTICE = _DropPrefixes(("`CLIPImageProcessor` requires torchvision (not installed)",
+                                     "`SiglipImageProcessor` requires torchvision (not installed)"))
+
+
+def quiet_torchvision_notice() -> None:
+    """For lcmla's own entry points (CLI, app, trainer), called at their start, never at import:
+    drop transformers' "requires torchvision" fallback warning, the one message it logs at every
+    start that asks for a package lcmla does not need. Calling it again adds nothing."""
+    logger = logging.getLogger("transformers.utils.import_utils")
+    if _TORCHVISION_NOTICE not in logger.filters:
+        logger.addFilter(_TORCHVISION_NOTICE)
 
 
 @contextlib.contextmanager
 def _quiet_known_messages() -> Iterator[None]:
     """Silence only the known-benign load messages above; every other warning still shows."""
-    flt = _DropBenign()
-    loggers = [logging.getLogger(name) for name in _BENIGN_LOGGERS]
-    for logger in loggers:
-        logger.addFilter(flt)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            yield
-    finally:
-        for logger in loggers:
-            logger.removeFilter(flt)
+    with quiet_messages(_BENIGN_LOGGERS, _BENIGN_LOG_PREFIXES), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        yield
 
 
 def _require(paths: dict[str, Path], role: str, files: tuple[str, ...]) -> Path:
@@ -180,7 +207,10 @@ def load_adapter_state_dict(path: str | Path, *, keep_lora: bool = False) -> dic
 
     import torch
 
+    from .errors import refuse_folder
+
     path = Path(path)
+    refuse_folder(path, "the IP-Adapter checkpoint", (".safetensors", ".bin", ".pt"))
     if not path.is_file():
         raise MissingWeightsError(f"the IP-Adapter file {path} does not exist", missing=[str(path)])
     try:

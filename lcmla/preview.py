@@ -94,3 +94,4 @@ class PreviewResult:
     image: Any  # PIL: the final image (full VAE)
     settings: Any  # GenerationSettings, resolved
     timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # the request's notes (``Result.notes``)

@@ -405,6 +405,10 @@ def test_settings_json_endpoint_takes_a_prompt_and_names_another_preset(client, 
                                         prompt=other_prompt, api_name="/generate_from_settings")
     assert np.array_equal(_pixels(images[0]), _pixels(made))
     assert GenerationSettings.from_json(used).prompt == other_prompt and "prompt parameter" in info
+    assert "note:" not in info
+    _images, _used, info = client.predict(faces=[handle_file(str(face_path))], settings_json=stored.to_json(),
+                                          prompt="a pencil drawing of a face, " * 20, api_name="/generate_from_settings")
+    assert "note: prompt is" in info and "text encoders read the first 75" in info  # the engine's note
     # a blank prompt keeps the JSON's
     _images, used, _info = client.predict(faces=[handle_file(str(face_path))], settings_json=stored.to_json(),
                                           prompt="   ", api_name="/generate_from_settings")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -34,6 +35,9 @@ def test_cli_generate_and_reproduce(tiny_cache, face_path, tmp_path):
     r2 = _run(["generate", "--settings-from", str(files[1]), "--face", str(face_path), "--out", str(again),
                "--quiet"], tiny_cache)
     assert r2.returncode == 0, r2.stderr
+    # --quiet: no bars, not even the loaders'; and no "install torchvision" warning (lcmla needs none)
+    assert "Loading pipeline components" not in r2.stderr and "denoising" not in r2.stderr
+    assert "torchvision" not in r.stderr + r2.stderr
     from PIL import Image
 
     a = np.asarray(Image.open(files[1]).convert("RGB"))
@@ -183,14 +187,39 @@ def test_knob_flags_name_the_bad_value(argv, message):
         settings_from_args(build_parser().parse_args(["generate", "--face", "a.jpg", "--prompt", "p", *argv]))
 
 
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def test_cli_prints_the_request_notes(tiny_cache, face_path, tmp_path, capsys):
-    """A 2-step DCG request stretches the schedule to a = b = 1 everywhere: the CLI says so."""
-    code = main(["generate", "--face", str(face_path), "--prompt", "a face", "--fastface", "dcg", "--quiet",
-                 "--set", "guidance.steps=2", "--set", "output.width=64", "--set", "output.height=64",
-                 "--out", str(tmp_path)])
+    """A 2-step DCG request stretches the schedule to a = b = 1 everywhere: the CLI says so. A
+    prompt past CLIP's 77 tokens gets one lcmla note naming what was cut, instead of the warnings
+    diffusers and transformers log for it."""
+    long_prompt = "a face " + "with freckles and a hat " * 25
+    records = _Records()  # on the loggers themselves: diffusers' do not propagate to the root
+    loggers = [logging.getLogger(n) for n in ("diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl",
+                                               "transformers.tokenization_utils_base")]
+    for logger in loggers:
+        logger.addHandler(records)
+    try:
+        code = main(["generate", "--face", str(face_path), "--prompt", long_prompt, "--fastface", "dcg", "--quiet",
+                     "--set", "guidance.steps=2", "--set", "output.width=64", "--set", "output.height=64",
+                     "--out", str(tmp_path)])
+    finally:
+        for logger in loggers:
+            logger.removeHandler(records)
     assert code == 0
     err = capsys.readouterr().err
     assert "note: DCG: the a/b schedule stretched to 2 step(s)" in err
+    assert "note: prompt is" in err and "the text encoders read the first 75, so 'and a hat with" in err
+    assert "negative_prompt is" not in err  # the empty negative prompt is not noted
+    logged = " ".join(records.messages)
+    assert "truncated because CLIP" not in logged and "Token indices sequence length" not in logged
 
 
 def test_attention_knobs_that_select_nothing_get_a_note():

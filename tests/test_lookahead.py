@@ -357,9 +357,13 @@ def test_kv_encoder_lora_round_trip_and_encoder_only(engine, face_path, tmp_path
     loaded = kv_lora_state_dict(e2.pipe.unet)
     assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
     s = _settings()
-    assert np.array_equal(_px(e2.generate(s, [face_path]).images[0]), _px(engine.generate(s, [face_path]).images[0]))
+    plain = e2.generate(s, [face_path])  # the LoRA acts on the KV path only: off, the same image, and a note says so
+    assert np.array_equal(_px(plain.images[0]), _px(engine.generate(s, [face_path]).images[0]))
+    assert any("KV-encoder LoRA acts only on the KV path" in n for n in plain.notes)
     kv = s.replace(lookahead__kv=True)
-    assert not np.array_equal(_px(e2.generate(kv, [face_path]).images[0]), _px(engine.generate(kv, [face_path]).images[0]))
+    on = e2.generate(kv, [face_path])
+    assert not np.array_equal(_px(on.images[0]), _px(engine.generate(kv, [face_path]).images[0]))
+    assert not any("KV-encoder LoRA" in n for n in on.notes)
     bogus = tmp_path / "other.safetensors"
     from safetensors.torch import save_file
 

@@ -464,3 +464,13 @@ def test_an_adapter_and_a_kv_lora_swapped_name_the_right_flag(tmp_path: Path) ->
         load_faceid_state_dict(kv)
     with pytest.raises(LcmlaError, match="IP-Adapter checkpoint: pass it with --adapter"):
         read_kv_lora_metadata(adapter)
+    # a folder (the trainer's output, say) where one file is wanted: named as a folder, with its files
+    with pytest.raises(LcmlaError, match=r"IP-Adapter checkpoint .* is a folder, not a file: pass one file in it "
+                                         r"\(ip-adapter.safetensors, kv_encoder_lora.safetensors\)"):
+        load_faceid_state_dict(tmp_path)
+    with pytest.raises(LcmlaError, match=r"KV-encoder LoRA .* is a folder, not a file: pass one file in it"):
+        read_kv_lora_metadata(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(LcmlaError, match="holds no .safetensors file"):
+        read_kv_lora_metadata(empty)

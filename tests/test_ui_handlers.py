@@ -40,6 +40,28 @@ def test_generate_handler_equals_the_engine(ctx, ui, engine, face_path):
     assert len(files) == 1 and seed == 0 and "1 image" in info and used
 
 
+LONG_PROMPT = "a pencil drawing of a face, " * 20  # well past CLIP's 75 prompt tokens
+
+
+def test_the_engines_notes_reach_the_summaries(ctx, ui, engine, face_path):
+    """What the engine notes of a request (here: a prompt the text encoders cut, AM steps past the
+    last step) is in the Generate, Attention and Previews summaries, not only in the CLI's stderr."""
+    asked = {**ui, "prompt": LONG_PROMPT, "attention.mode": "am1", "attention.steps": "7"}
+    direct = engine.generate(ctx.request_settings(asked), [face_path])
+    assert len(direct.notes) == 2 and "all past the last" in direct.notes[0] and "left out" in direct.notes[1]
+    assert "of a face, a pencil" in direct.notes[1]  # the cut words as written, not as BPE pieces
+    info = generate.run_generate(ctx, asked, _quiet)[2]
+    assert info.count("_Note: ") == 2 and "text encoders read the first 75" in info and "all past the last" in info
+    state, *_, info = attention.run_attention(ctx, {**asked, "app.capture_mode": "as set in Generate"}, _quiet)
+    assert "text encoders read the first 75" in info and "all past the last" in info
+    assert "text encoders read the first 75" in attention.render_maps(state, "up", 0, "1", True)[3]  # a redraw too
+    *_, info = list(previews.run_previews(ctx, {**asked, "app.preview_lcm_scale": 1.0, "app.preview_steps": "0"},
+                                          _quiet))[-1]
+    assert "text encoders read the first 75" in info
+    plain = generate.run_generate(ctx, dict(ui), _quiet)[2]
+    assert "Note" not in plain  # a request with nothing to note has no note
+
+
 def test_one_click_configuration_and_png_settings(ctx, ui):
     changes = generate.preset_changes(ctx, "am2+dcg")
     assert changes["attention.mode"] == "am2" and changes["guidance.dcg"] is True
@@ -92,14 +114,17 @@ def test_compare_columns_are_the_named_methods(engine, ui):
         assert key in METHODS and METHOD_LABELS[key] in label  # a named method, under its own label
 
     ctx = Context(stock, trained)
-    *_, (gallery, rows, info) = compare.run_compare(ctx, {**ui, "output.seed": 5, "output.num_images": 3}, _quiet)
-    base = ctx.request_settings({**ui, "output.seed": 5}, {"output.num_images": 1})
+    asked = {**ui, "output.seed": 5, "output.num_images": 3, "prompt": LONG_PROMPT}
+    *_, (gallery, rows, info) = compare.run_compare(ctx, asked, _quiet)
+    base = ctx.request_settings({**asked, "output.num_images": 1}, {"output.num_images": 1})
     expected = [base.replace_dotted(method_changes(key, engine.preset.name)) for key, _label in COMPARE_METHODS]
     assert stock.settings == expected  # one image each, the method's changes on the user's settings
     assert trained_engine.settings == [base.replace_dotted(method_changes("lookahead-kv", engine.preset.name))]
     assert len({s.to_json() for s in expected}) == len(expected)  # four different configurations
     assert [r[0] for r in rows] == [label for _k, label, _w in runs] and len(gallery) == len(runs)
     assert "Seed 5" in info
+    # every column's request cut the prompt: the note is shown once, not under each column's name
+    assert info.count("text encoders read the first 75") == 1 and "_Note: prompt is" in info
     by_key = dict(zip((k for k, _ in COMPARE_METHODS), expected))
     assert by_key["baseline"].attention.mode == "none" and not by_key["baseline"].guidance.dcg
     assert by_key["am2+dcg"].attention.mode == "am2" and by_key["am2+dcg"].guidance.dcg

@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    from lcmla.loading import quiet_torchvision_notice
+
+    quiet_torchvision_notice()
     if command == "train":
         from .train import cli
 

@@ -45,6 +45,7 @@ def generate_from_settings(ctx: Context, faces: Any, settings_json: str, prompt:
                      f"{ctx.preset.name!r}, so the picture differs from one made with {asked!r}")
     if result.random_weights:
         notes.append("random weights (tiny preset): the images are patterns, not photos")
+    notes.extend(f"note: {n}" for n in result.notes)
     return ([(img, f"seed {seed}") for img, seed in zip(result.images, result.seeds)], s.to_json(), "; ".join(notes) + ".")
 
 

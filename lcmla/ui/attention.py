@@ -12,7 +12,7 @@ import gradio as gr
 from lcmla.errors import LcmlaError
 from lcmla.settings import AM_MODES
 
-from .common import ATTENTION_INPUTS, Context, _at_least, _face_paths, _gpu, named_handler, user_errors
+from .common import ATTENTION_INPUTS, Context, _at_least, _face_paths, _gpu, named_handler, notes_text, user_errors
 
 #: The tab's AM choice for a capture: the Generate tab's, or one of the modes.
 CAPTURE_MODES = ("as set in Generate", *AM_MODES)
@@ -111,6 +111,7 @@ def render_maps(state: Any, block: str, step: Any, token: Any, shared: bool):
             f"{float(after.max()):.3g}")
     if state["mode"] == "none":
         info += "  \n_AM is off, so before and after are the same map; pick am1 or am2 above._"
+    info += notes_text(state.get("notes", ()))
     return img_before, img_after, img_diff, info
 
 
@@ -129,7 +130,8 @@ def run_attention(ctx: Context, ui: dict[str, Any], progress: Any):
         if not result.attention_maps:
             raise LcmlaError("the engine returned no attention maps for this request")
     store = result.attention_maps[0]
-    state = {"store": store, "image": result.images[0], "mode": result.settings.attention.mode}
+    state = {"store": store, "image": result.images[0], "mode": result.settings.attention.mode,
+             "notes": list(result.notes)}
     steps = store.steps()
     n_tokens = int(next(iter(store.maps.values())).shape[1]) if store.maps else 4
     tokens = [str(t) for t in range(n_tokens)]

@@ -109,6 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     _gpu(lambda: None)  # on ZeroGPU Spaces, `spaces` must be imported before torch
+    from lcmla.loading import quiet_torchvision_notice
+
+    quiet_torchvision_notice()
     try:
         engine, notice = load_engine(args)
         trained = load_trained(args, engine)

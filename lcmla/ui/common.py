@@ -182,6 +182,17 @@ class _Outputs:
         return Path(tempfile.mkdtemp(prefix="req-", dir=self.root))
 
 
+def notes_text(notes: Sequence[str], prefix: str = "") -> str:
+    """The engine's request notes (``Result.notes``) as Markdown lines to append to a summary:
+    each on its own line, in italics, after ``prefix`` (a column's name); "" when there are none."""
+    return "".join(f"  \n_Note: {prefix}{_md_escape(n)}_" for n in notes)
+
+
+def _md_escape(text: str) -> str:
+    """``text`` with the characters Markdown would read as emphasis or markup escaped."""
+    return "".join("\\" + c if c in "\\`*_[]<>#|" else c for c in text)
+
+
 def _timings_text(timings: Mapping[str, float]) -> str:
     order = ("faces", "conditions", "denoise", "decode", "previews", "total")
     parts = [f"{k} {timings[k]:.2f} s" for k in order if k in timings]

@@ -23,6 +23,7 @@ from .common import (
     _face_paths,
     _gpu,
     named_handler,
+    notes_text,
     user_errors,
     with_context,
 )
@@ -83,6 +84,7 @@ def run_compare(ctx: Context, ui: dict[str, Any], progress: Any):
     paths = _face_paths(ui["app.faces"])
     shown: list[tuple[Any, str]] = []
     rows: list[list[Any]] = []
+    noted: dict[str, list[str]] = {}  # each engine request note: the columns it came from
     with user_errors("Compare"):
         base = ctx.request_settings(ui, {"output.num_images": 1})
         progress(0, desc="finding the face")
@@ -99,11 +101,15 @@ def run_compare(ctx: Context, ui: dict[str, Any], progress: Any):
             shown.append((result.images[0], f"{label}: {_similarity_text(score)}, {seconds:.1f} s"))
             branches = " ".join(str(len(b)) for b in result.branch_calls) or "—"
             rows.append([label, _similarity_text(score), round(seconds, 3), branches])
+            for n in result.notes:
+                noted.setdefault(n, []).append(label)
             yield shown, rows, f"{i + 1} of {len(runs)} done …"
     note = f"Seed {base.output.seed} · {base.output.width}×{base.output.height} · {base.guidance.steps} steps."
     if not ctx.stock.faces.is_recognizer:
         note += ("  \n_The face backend is the OpenCV stand-in: its embedding is not a face recognizer, so these "
                  "similarities compare pixels, not identities._")
+    for n, labels in noted.items():  # once each; named by column unless every column has it
+        note += notes_text([n], prefix="" if len(labels) == len(runs) else f"{', '.join(labels)}: ")
     yield shown, rows, note
 
 

@@ -27,6 +27,7 @@ from .common import (
     _trained_text,
     log,
     named_handler,
+    notes_text,
     user_errors,
     widget,
     with_context,
@@ -177,6 +178,7 @@ def run_generate(ctx: Context, ui: dict[str, Any], progress: Any):
             f"{s.output.width}×{s.output.height} · {s.guidance.steps} steps · {_timings_text(result.timings)}")
     if result.random_weights:
         info += "  \n_Random weights (tiny preset): the images are patterns, not photos._"
+    info += notes_text(result.notes)
     return (images, [str(f) for f in files], info, [(img, "used face") for img in used],
             s.output.seed, s.to_json())
 

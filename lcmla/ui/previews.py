@@ -24,6 +24,7 @@ from .common import (
     _gpu,
     _timings_text,
     log,
+    notes_text,
     named_handler,
     user_errors,
 )
@@ -193,6 +194,7 @@ def run_previews(ctx: Context, ui: dict[str, Any], progress: Any):
                         f"{_timings_text(getattr(result, 'timings', {}) or {})}")
                 if stretch:
                     info += f"  \n_Random weights: the previews are shown {STRETCHED} (stamped on each image)._"
+                info += notes_text(getattr(result, "notes", ()) or ())
                 yield _strip(frames, "x0", stretch), _strip(frames, "lcm", stretch), result.image, info
                 return
     finally:
