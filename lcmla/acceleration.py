@@ -108,7 +108,7 @@ def compile_regions(unet: Any, backend: str = "inductor") -> int:
     """Compile, in place, every block of ``unet`` whose class is one of diffusers' repeated blocks
     (``unet._repeated_blocks``) or of :data:`REGION_CLASSES` (see the module docstring), with
     ``torch.compile``'s ``backend`` (the engine's is inductor; the tests also run the regions
-    through ``aot_eager``: the same graphs and guards without inductor's codegen). Returns how many
+    through ``eager``: the same dynamo graphs and guards without inductor's codegen). Returns how many
     blocks were compiled."""
     names = set(getattr(unet, "_repeated_blocks", ()) or ()) | set(REGION_CLASSES)
     blocks = [module for module in unet.modules() if type(module).__name__ in names]
