@@ -16,6 +16,7 @@ import json
 import sys
 from typing import Any, Sequence
 
+from .argtypes import Number, add_flag
 from .errors import LcmlaError
 from .fastface import FASTFACE_PRESETS
 from .methods import METHODS, method_changes
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--scales", default="0.1,0.35,0.5,0.65,0.8,0.95", help="identity scales λ, comma-separated")
     ev.add_argument("--prompts", default="lookahead",
                     help="lookahead (LCM-Lookahead's 18, default), realistic, style, fastface (both), or a file")
-    ev.add_argument("--max-prompts", type=int, default=None, help="first N prompts of each set")
+    add_flag(ev, "--max-prompts", type=Number(int, 1), default=None, help="first N prompts of each set")
     ev.add_argument("--output-dir", required=True)
     ev.add_argument("--id-networks", default="auto",
                     help="identity recognizers: insightface, dlib, haar (stand-in), comma-separated; auto = "

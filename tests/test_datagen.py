@@ -316,8 +316,11 @@ def test_inspect_prints_statistics_and_contact_sheets(reference_run, tmp_path, c
     assert main(["generate", "--identities", "1", "--styles", "nope", "--output-dir", str(tmp_path / "a"), "--preset", "tiny"]) == 2
     capsys.readouterr()
     # a shard size of 0 (a ZeroDivisionError) and thresholds no cosine reaches are refused before loading
-    for flag, value, said in (("--identities-per-shard", "0", "must be at least 1"),
-                              ("--tau-plain", "5", "must be in [-1, 1] (got 5.0)"), ("--tau-style", "nan", "(got nan)")):
+    for flag, value, said in (("--identities-per-shard", "0", "--identities-per-shard: must be a whole number ≥ 1 (got 0)"),
+                              ("--tau-plain", "5", "--tau-plain: must be a finite number in [-1, 1] (got 5.0)"),
+                              ("--tau-style", "nan", "(got nan)"), ("--images-per-identity", "1", "≥ 2 (got 1)"),
+                              ("--steps", "0", "--steps: must be a whole number in [1, 200]"),
+                              ("--size", "100", "--size: must be a whole number, a multiple of 8, in [64, 2048] (got 100)")):
         assert main(["generate", "--identities", "1", "--output-dir", str(tmp_path / "a"), "--preset", "tiny",
                      flag, value]) == 2
         assert said in capsys.readouterr().err and not (tmp_path / "a").exists()

@@ -15,9 +15,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from lcmla.argtypes import Number, add_flag
 from lcmla.errors import check_output_dir
 
 EXIT_USER_ERROR = 2
+TAU = Number(float, -1, 1)  # the agreement thresholds are cosine similarities
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,18 +28,18 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="render identities with SDXL-Turbo, filter, write shards",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g.add_argument("--preset", default="sdxl-turbo", help="lcmla preset that renders (tiny: offline, random weights)")
-    g.add_argument("--identities", type=int, required=True)
-    g.add_argument("--images-per-identity", type=int, default=16, help="half plain photos (at least 2), half styles")
+    add_flag(g, "--identities", type=Number(int, 1), required=True)
+    add_flag(g, "--images-per-identity", type=Number(int, 2), default=16, help="half plain photos (at least 2), half styles")
     g.add_argument("--styles", default=None, help="comma-separated stylized templates (default: all)")
     g.add_argument("--names", default=None, help="a file of subject names, one per line, instead of drawn "
                    "descriptions (identity i renders name i: at least --identities names)")
     g.add_argument("--output-dir", required=True)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--identities-per-shard", type=int, default=8)
-    g.add_argument("--tau-plain", type=float, default=0.5, help="min cosine of a plain photo to the mean of the identity's other photos")
-    g.add_argument("--tau-style", type=float, default=0.3, help="min cosine of a stylized image to the mean of the kept photos")
-    g.add_argument("--steps", type=int, default=1, help="sampling steps (SDXL-Turbo: 1)")
-    g.add_argument("--size", type=int, default=None, help="image side (default: the preset's)")
+    add_flag(g, "--seed", type=Number(int, 0, 2**63 - 1), default=0)
+    add_flag(g, "--identities-per-shard", type=Number(int, 1), default=8)
+    add_flag(g, "--tau-plain", type=TAU, default=0.5, help="min cosine of a plain photo to the mean of the identity's other photos")
+    add_flag(g, "--tau-style", type=TAU, default=0.3, help="min cosine of a stylized image to the mean of the kept photos")
+    add_flag(g, "--steps", type=Number(int, 1, 200), default=1, help="sampling steps (SDXL-Turbo: 1)")
+    add_flag(g, "--size", type=Number(int, 64, 2048, multiple=8), default=None, help="image side (default: the preset's)")
     g.add_argument("--face-models", default=None, help="insightface pack (default buffalo_l; tiny: the Haar stand-in)")
     g.add_argument("--weights-dir", default=None)
     g.add_argument("--device", default=None)
@@ -47,9 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("import-authors", help="the LCM-Lookahead authors' data folder (metadata.json) → shards")
     a.add_argument("source")
     a.add_argument("--output-dir", required=True)
-    a.add_argument("--identities-per-shard", type=int, default=8)
-    a.add_argument("--tau-plain", type=float, default=0.5)
-    a.add_argument("--tau-style", type=float, default=0.3)
+    add_flag(a, "--identities-per-shard", type=Number(int, 1), default=8)
+    add_flag(a, "--tau-plain", type=TAU, default=0.5, help="as generate's")
+    add_flag(a, "--tau-style", type=TAU, default=0.3, help="as generate's")
     a.add_argument("--face-models", default=None, help="insightface pack (default buffalo_l); 'haar' for the stand-in")
     return p
 
@@ -69,18 +71,6 @@ def _state(device: str | None = None) -> tuple[int, int, str | None]:
 
     state = accelerate_state()
     return state.process_index, state.num_processes, device or str(state.device)
-
-
-def check_filter_flags(args) -> None:
-    """Shard size and the agreement thresholds (cosines, so in [-1, 1]) before anything loads."""
-    import math
-
-    if args.identities_per_shard < 1:
-        raise ValueError(f"--identities-per-shard must be at least 1 (got {args.identities_per_shard})")
-    for flag in ("tau_plain", "tau_style"):
-        value = getattr(args, flag, None)
-        if value is not None and not (math.isfinite(value) and -1.0 <= value <= 1.0):
-            raise ValueError(f"--{flag.replace('_', '-')} is a cosine similarity: it must be in [-1, 1] (got {value})")
 
 
 def check_names(names: Sequence[str] | None, identities: int, path: str | None) -> None:
@@ -109,9 +99,6 @@ def _generate(args) -> int:
     from .generate import GenConfig, generate
     from .identities import read_names, select_templates
 
-    check_filter_flags(args)
-    if args.identities < 1 or args.images_per_identity < 2:
-        raise ValueError("--identities must be ≥ 1 and --images-per-identity ≥ 2 (two plain photos per identity)")
     out = Path(args.output_dir)
     if not out.parent.exists():
         raise ValueError(f"the parent folder of --output-dir {out} does not exist")
@@ -159,7 +146,6 @@ def _inspect(args) -> int:
 def _import(args) -> int:
     from .importer import import_authors
 
-    check_filter_flags(args)
     check_output_dir(args.output_dir, "--output-dir")
     analyzer = _analyzer(args.face_models)
     rank, world, _ = _state()
@@ -174,7 +160,10 @@ def _import(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     from lcmla.errors import LcmlaError
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)  # flag ranges are checked here (lcmla.argtypes)
+    except SystemExit as exc:  # a bad flag (argparse printed it) or --help
+        return int(exc.code or 0)
     try:
         return {"generate": _generate, "inspect": _inspect, "import-authors": _import}[args.command](args)
     except (LcmlaError, ValueError, FileNotFoundError) as exc:
