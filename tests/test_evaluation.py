@@ -346,7 +346,7 @@ def test_cli_evaluate(tmp_path, face_path):
     from lcmla.cli import main
 
     out = tmp_path / "eval"
-    assert main(["evaluate", "--faces", str(face_path), "--methods", "baseline", "--seeds", "0", "--scales", "0.8",
+    assert main(["evaluate", "--faces", str(face_path), "--methods", "dcg", "--seeds", "0", "--scales", "0.8",
                  "--max-prompts", "1", "--output-dir", str(out), "--quiet", "--set", "guidance.steps=2",
                  "--imagereward", str(tmp_path / "no-imagereward")]) == 0
     rows = read_rows(out / "results.jsonl")
@@ -357,6 +357,10 @@ def test_cli_evaluate(tmp_path, face_path):
     assert "random CLIP" in report and "stand-in, not a face recognizer" in report
     assert "ImageReward: skipped — no ImageReward weights" in report and "Aesthetic score: not computed" in report
     assert "imagereward" not in rows[0]["metrics"]
+    # DCG's schedule stretched to 2 steps is a = b = 1 throughout: the engine's note is kept per image
+    # and the report says which methods' images it came with
+    assert len(rows[0]["notes"]) == 1 and rows[0]["notes"][0].startswith("DCG: the a/b schedule stretched to 2")
+    assert "## What the engine noted" in report and "- dcg (1 image): DCG: the a/b schedule stretched to 2" in report
     assert main(["evaluate", "--faces", str(face_path), "--methods", "nope", "--output-dir", str(out)]) == 2
     # trained: methods without trained weights: refused before anything loads or is written
     assert main(["evaluate", "--faces", str(face_path), "--methods", "trained:baseline",
@@ -507,3 +511,12 @@ def test_two_processes_under_accelerate(engine, tiny_cache, face_path, tmp_path)
     assert not list(out.glob("results.rank-*")) and (out / "report.md").is_file()
     assert "report.md" in outs[0][0] and outs[1][0].strip() == ""  # only the main process reports
     assert json.loads((out / "config.json").read_text())["processes"] == 2
+
+
+def test_request_notes_are_grouped_by_note():
+    from lcmla.evaluation.report import request_notes_by_method
+
+    rows = [{"method": "dcg", "notes": ["a", "b"]}, {"method": "am2+dcg", "notes": ["a"]},
+            {"method": "dcg", "notes": ["a"]}, {"method": "baseline", "notes": None}, {"method": "am1", "notes": []},
+            {"method": "baseline"}]  # None: scored from a PNG written before a kill; no key: an older results.jsonl
+    assert request_notes_by_method(rows) == {"a": (["dcg", "am2+dcg"], 3), "b": (["dcg"], 1)}

@@ -166,6 +166,19 @@ def labels(config: dict | None) -> dict[str, str]:
     return out
 
 
+def request_notes_by_method(rows: Sequence[dict]) -> dict[str, tuple[list[str], int]]:
+    """Each distinct engine note of the rows (``Result.notes``, stored per image): the methods
+    whose images it came with, and how many images; in the order first seen."""
+    found: dict[str, tuple[list[str], int]] = {}
+    for row in rows:
+        for n in row.get("notes") or ():
+            methods, count = found.get(n, ([], 0))
+            if row["method"] not in methods:
+                methods = [*methods, row["method"]]
+            found[n] = (methods, count + 1)
+    return found
+
+
 def write_report(folder: str | Path, rows: Sequence[dict] | None = None, config: dict | None = None) -> Path:
     """summary.csv, pareto-<recognizer>.png (+ .json), grid-<set>.png and report.md in ``folder``."""
     from .run import read_rows
@@ -219,6 +232,12 @@ def write_report(folder: str | Path, rows: Sequence[dict] | None = None, config:
                          "their identity's reference photos (not counted in FFC); give photos where it finds one.")
     if notes:
         lines += ["", "## Metrics not computed", ""] + [f"- {n}" for n in notes]
+    engine_notes = request_notes_by_method(rows)
+    if engine_notes:
+        lines += ["", "## What the engine noted", "",
+                  "What some requests did that their settings do not show (`notes` in results.jsonl):", ""]
+        lines += [f"- {', '.join(methods)} ({count} image{'s' * (count != 1)}): {n}"
+                  for n, (methods, count) in engine_notes.items()]
     lines += ["", "## Pareto fronts", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += ["", "## Images", ""] + [f"![{g.stem}]({g.name})" for g in grids]
     lines += ["", "Files: `results.jsonl` (one row per image: every setting and metric), `summary.csv`.", ""]

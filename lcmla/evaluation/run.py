@@ -331,18 +331,19 @@ class Evaluation:
             engine = self.engines[which]
             settings = self._settings(engine, cell, config.overrides)
             image_path = out / "images" / f"{cell.key}.png"
-            seconds = None
+            seconds, notes = None, None  # notes None: not known (the image was made before a kill)
             if image_path.is_file():  # written before a kill: score it, do not regenerate
                 image = Image.open(image_path).convert("RGB")
             else:
                 if (which, cell.identity) not in identities:
                     identities[(which, cell.identity)] = engine.analyze_faces(dict(config.identities)[cell.identity])
                 t0 = time.perf_counter()
-                image = engine.generate(settings, identities[(which, cell.identity)]).images[0]
+                result = engine.generate(settings, identities[(which, cell.identity)])
+                image, notes = result.images[0], list(result.notes)
                 seconds = time.perf_counter() - t0
                 _save_png(image, image_path)
             row = {"key": cell.key, **asdict(cell), "image": f"images/{cell.key}.png", "seconds": seconds,
-                   "process": [procs.rank, procs.world], "settings": settings.to_dict(),
+                   "process": [procs.rank, procs.world], "settings": settings.to_dict(), "notes": notes,
                    "metrics": self.score(cell, image, refs)}
             _append(mine, row)
             done.add(cell.key)
