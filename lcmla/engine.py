@@ -714,7 +714,7 @@ class Engine:
         if settings.lookahead.kv or ADAPTER_NAME not in self.adapters:
             return []
         return ["the loaded KV-encoder LoRA acts only on the KV path, and lookahead.kv is off, so it was not used; "
-                "pick --method lookahead-kv (or lookahead-released) or --set lookahead.kv=true to use it"]
+                "run the lookahead-kv (or lookahead-released) method, or switch lookahead.kv on, to use it"]
 
     def _kv_references(self, identity: FaceIdentity, settings: GenerationSettings) -> list:
         """The KV encoder's reference images (``lookahead.kv_reference_images``) for a request."""
