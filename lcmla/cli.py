@@ -171,11 +171,9 @@ def _generate(args: argparse.Namespace) -> int:
 
     check_output_dir(args.out, "--out")  # refused now, not after the images are made
     if args.quiet:  # this process's own loading bars too (diffusers' and transformers')
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
+        from .loading import disable_progress_bars
 
-        diffusers_logging.disable_progress_bar()
-        transformers_logging.disable_progress_bar()
+        disable_progress_bars()
 
     engine = Engine.load(
         settings.preset,

@@ -104,6 +104,8 @@ _BENIGN_LOG_PREFIXES = (
     "No LoRA keys associated to CLIPTextModel",
     "image_encoder is not loaded since `image_encoder_folder=None`",
     "There are modules in UNet2DConditionModel that should be kept in float32: [].",
+    # the VAE's deliberate float32 upcast at load (no module of it is kept apart in float32)
+    "There are modules in AutoencoderKL that should be kept in float32: [].",
 )
 _BENIGN_LOGGERS = (
     "diffusers.loaders.lora_base",
@@ -151,6 +153,16 @@ def quiet_torchvision_notice() -> None:
     logger = logging.getLogger("transformers.utils.import_utils")
     if _TORCHVISION_NOTICE not in logger.filters:
         logger.addFilter(_TORCHVISION_NOTICE)
+
+
+def disable_progress_bars() -> None:
+    """For entry points that print their own output (``generate --quiet``, the benchmarks' tables):
+    turn off diffusers' and transformers' loading bars in this process."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
 
 
 @contextlib.contextmanager
@@ -423,7 +435,8 @@ def _load(
         taesd_dir = _require(paths, "taesd", TAESD_FILES)
         taesd = AutoencoderTiny.from_pretrained(str(taesd_dir), dtype=dtype, local_files_only=True)
 
-    pipe.to(device)
+    # float16 runs on CPU in torch (slowly): diffusers' warning that it "will fail" is not true here
+    pipe.to(device, silence_dtype_warnings=True)
     modules = [pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, image_encoder, taesd]
     for module in modules:
         if module is not None:
