@@ -86,8 +86,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from lcmla.loading import disable_progress_bars, quiet_torchvision_notice
+    from lcmla.loading import quiet_console
 
-    quiet_torchvision_notice()  # the tables are the output: no loading bars or torchvision notice
-    disable_progress_bars()
+    quiet_console()
     main()

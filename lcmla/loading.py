@@ -165,6 +165,13 @@ def disable_progress_bars() -> None:
     transformers_logging.disable_progress_bar()
 
 
+def quiet_console() -> None:
+    """For scripts whose printed tables are their output (the benchmarks): neither loading bars
+    nor transformers' torchvision notice in between."""
+    quiet_torchvision_notice()
+    disable_progress_bars()
+
+
 @contextlib.contextmanager
 def _quiet_known_messages() -> Iterator[None]:
     """Silence only the known-benign load messages above; every other warning still shows."""

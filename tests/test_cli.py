@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from util import logged_messages
 
 from lcmla.cli import main, settings_from_args, build_parser
 from lcmla.errors import LcmlaError
@@ -187,38 +187,22 @@ def test_knob_flags_name_the_bad_value(argv, message):
         settings_from_args(build_parser().parse_args(["generate", "--face", "a.jpg", "--prompt", "p", *argv]))
 
 
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 def test_cli_prints_the_request_notes(tiny_cache, face_path, tmp_path, capsys):
     """A 2-step DCG request stretches the schedule to a = b = 1 everywhere: the CLI says so. A
     prompt past CLIP's 77 tokens gets one lcmla note naming what was cut, instead of the warnings
     diffusers and transformers log for it."""
     long_prompt = "a face " + "with freckles and a hat " * 25
-    records = _Records()  # on the loggers themselves: diffusers' do not propagate to the root
-    loggers = [logging.getLogger(n) for n in ("diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl",
-                                               "transformers.tokenization_utils_base")]
-    for logger in loggers:
-        logger.addHandler(records)
-    try:
+    with logged_messages("diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl",
+                         "transformers.tokenization_utils_base") as logged:
         code = main(["generate", "--face", str(face_path), "--prompt", long_prompt, "--fastface", "dcg", "--quiet",
                      "--set", "guidance.steps=2", "--set", "output.width=64", "--set", "output.height=64",
                      "--out", str(tmp_path)])
-    finally:
-        for logger in loggers:
-            logger.removeHandler(records)
     assert code == 0
     err = capsys.readouterr().err
     assert "note: DCG: the a/b schedule stretched to 2 step(s)" in err
     assert "note: prompt is" in err and "the text encoders read the first 75, so 'and a hat with" in err
     assert "negative_prompt is" not in err  # the empty negative prompt is not noted
-    logged = " ".join(records.messages)
+    logged = " ".join(logged)
     assert "truncated because CLIP" not in logged and "Token indices sequence length" not in logged
 
 

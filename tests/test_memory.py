@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import numpy as np
 import pytest
 import torch
-from util import make_settings, px
+from util import logged_messages, make_settings, px
 
 from lcmla import Engine
 from lcmla.errors import LcmlaError, SettingsError
@@ -240,17 +239,6 @@ def test_the_app_takes_the_memory_flag(monkeypatch):
     assert parse_args([]).memory == "full"
 
 
-class _DiffusersRecords(logging.Handler):
-    """The messages logged under diffusers (whose loggers do not propagate to pytest's caplog)."""
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 def test_the_fp16_fix_vae_replaces_the_upcast_when_present(tiny_cache, tmp_path):
     """In float16, SDXL's VAE is kept in float32 (it overflows in float16) unless
     madebyollin/sdxl-vae-fp16-fix is on the machine: then that VAE runs in float16."""
@@ -263,16 +251,12 @@ def test_the_fp16_fix_vae_replaces_the_upcast_when_present(tiny_cache, tmp_path)
     fix = tmp_path / "madebyollin" / "sdxl-vae-fp16-fix"
     AutoencoderKL(**{**TINY_VAE, "force_upcast": False}).save_pretrained(fix, safe_serialization=True)
     paths = tiny_paths()
-    said = _DiffusersRecords()
-    logging.getLogger("diffusers").addHandler(said)
-    try:
+    with logged_messages("diffusers") as said:
         stock = load_components(PRESETS["tiny"], paths, dtype=torch.float16)
-    finally:
-        logging.getLogger("diffusers").removeHandler(said)
     assert stock.pipe.vae.dtype == torch.float32 and stock.pipe.unet.dtype == torch.float16
     # float16 on the CPU runs (slowly): neither diffusers' "cannot run with `cpu` device" warning
     # (once per module) nor its note on the VAE's deliberate float32 cast reaches the user
-    assert not [m for m in said.messages if "cannot run with" in m or "kept in float32" in m], said.messages
+    assert not [m for m in said if "cannot run with" in m or "kept in float32" in m], said
     fixed = load_components(PRESETS["tiny"], {**paths, "vae_fp16_fix": fix}, dtype=torch.float16)
     assert fixed.pipe.vae.dtype == torch.float16 and not fixed.pipe.vae.config.force_upcast
     assert fixed.pipe.vae.config.block_out_channels == TINY_VAE["block_out_channels"]
