@@ -601,7 +601,8 @@ def test_encoder_pass_on_an_lcm_lora_backbone_runs_without_the_lcm_lora(face_pat
     noise = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(s.output.seed))
     acp = lcm._alphas_cumprod()
     # a UNet that never had the LCM-LoRA, the FaceID LoRA or FreeU
-    stock = UNet2DConditionModel.from_pretrained(random_weights_paths("tiny")["base"], subfolder="unet")
+    stock = UNet2DConditionModel.from_pretrained(random_weights_paths("tiny")["base"], subfolder="unet",
+                                                 local_files_only=True)
     stock.set_attn_processor({n: (SelfAttnProcessor(n) if n.endswith("attn1.processor") else p)
                               for n, p in stock.attn_processors.items()})
     plain = _plain_encoder_kv(stock, setup, step.kv_rows, noise, step.timestep, acp)
