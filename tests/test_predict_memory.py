@@ -102,7 +102,8 @@ def test_the_offloading_modes_count_only_the_models_on_the_device(engines):
     (by_mode, identity) = engines
     s = GenerationSettings(prompt="a pencil drawing of a face", preset="tiny").replace(
         output__width=96, output__height=64)
-    r = {mode: pm.predict_request(eng, s, identity) for mode, eng in by_mode.items()}
+    # computed (at this size faster than allocating; the two give the same peaks: the test above)
+    r = {mode: pm.predict_request(eng, s, identity, allocate_only=False) for mode, eng in by_mode.items()}
     w = {k: pm.module_bytes(m) for k, m in pm.engine_models(by_mode["low"]).items()}
     full_acts = {phase: peak - r["full"]["resident"] for phase, peak in r["full"]["phase_peaks"].items()}
     assert r["full"]["resident"] == sum(w.values())
