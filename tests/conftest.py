@@ -9,6 +9,11 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# pytest-xdist workers (pytest.ini: -n auto) share the cores: each one's torch, and the processes its
+# tests start, take their share of them instead of all of them each (set before torch is imported)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 FACE = ASSETS / "face.png"
