@@ -67,7 +67,8 @@ transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__v
 
 case "${1:-1}" in
   1)
-    step tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+    # one process, and no pytest-xdist on the device image: pytest.ini's -n options are dropped
+    step tests 90 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda.py
     step bench_am 50 python3 benchmarks/bench_am.py
     step weights 200 python3 -c "from lcmla.tiny import ensure_random_weights; print(ensure_random_weights('full'))"
     # float16, the engine's CUDA default: the VAE decodes in float32, as the memory goal assumes
