@@ -38,8 +38,11 @@ def test_preview_scale_is_not_the_backbone_lora_scale(engine, face_path):
     """An LCM-LoRA backbone (sdxl-lcm-lora) reads guidance.backbone_lora_scale; the previews'
     lookahead.lcm_lora_scale must not change its generation."""
     from lcmla import Engine
+    from lcmla.presets import PRESETS
 
-    preset = dataclasses.replace(engine.preset, lcm_lora=("latent-consistency/lcm-lora-sdxl", "x"))
+    # the tiny engine, declared an LCM-LoRA backbone as sdxl-lcm-lora is (its LoRA is the tiny one
+    # already loaded: nothing is read from the name)
+    preset = dataclasses.replace(engine.preset, lcm_lora=PRESETS["sdxl-lcm-lora"].lcm_lora)
     lcm_engine = Engine(preset, engine.components, engine.faces, device="cpu", dtype=engine.dtype)
     base = lcm_engine.generate(_settings(), [face_path])
     other_preview_scale = lcm_engine.generate(_settings(lookahead__lcm_lora_scale=0.1), [face_path])
