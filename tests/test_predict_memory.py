@@ -93,6 +93,24 @@ def test_allocating_without_computing_gives_the_computed_peak(engines, name):
     assert computed["resident"] == weights and computed["peak"] > weights
 
 
+def test_allocating_without_computing_holds_in_balanced_mode(engines):
+    """The full architecture's balanced-mode prediction allocates only: there the encoders move
+    on and off the device around their phases, and the allocated peaks still equal the computed
+    ones to the byte, phase by phase."""
+    from lcmla import GenerationSettings
+
+    (by_mode, identity) = engines
+    s = GenerationSettings(prompt="a pencil drawing of a face", preset="tiny").replace(
+        output__width=96, output__height=64, output__num_images=2)
+    computed = pm.predict_request(by_mode["balanced"], s, identity, allocate_only=False)
+    allocated = pm.predict_request(by_mode["balanced"], s, identity, allocate_only=True, compute_below=1)
+    assert allocated["allocated_only"] > 1000
+    assert allocated["resident"] == computed["resident"] < pm.module_bytes(
+        *pm.engine_models(by_mode["balanced"]).values())
+    assert allocated["phase_peaks"] == computed["phase_peaks"]
+    assert allocated["peak"] == computed["peak"]
+
+
 def test_the_offloading_modes_count_only_the_models_on_the_device(engines):
     """Low-VRAM: while the UNet runs only its weights are resident (the encoders went back), while
     the VAE decodes only the VAE's. Balanced: the UNet, VAE and TAESD always, an encoder only while
