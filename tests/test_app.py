@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -443,3 +444,20 @@ def test_settings_json_endpoint_over_the_rest_route(client, values, face_path):
     images, used, info = data
     assert len(images) == 1 and GenerationSettings.from_json(used).prompt == "a sketch of a face"
     assert GenerationSettings.from_json(used).output.seed == 13 and "seeds 13" in info
+
+
+def test_the_cache_clean_up_spares_the_example_photos(engine, tmp_path):
+    """The page's timed ``delete_cache`` clean-up removes files the app made, but not the examples'
+    cached copies: Gradio makes those once, at build time, and every example row would fail
+    after an hour without them."""
+    from gradio.route_utils import delete_files_created_by_app
+
+    demo = app.build_demo(engine)
+    cached = {f for s in demo.temp_file_sets for f in s if Path(f).name == "face.png"}
+    assert cached and all(Path(f).is_file() for f in cached)
+    made = tmp_path / "made-by-a-request.png"
+    made.write_bytes(b"x")
+    demo.temp_file_sets[0].add(str(made))
+    delete_files_created_by_app(demo, age=0)  # what the schedule runs, with every file past its age
+    assert all(Path(f).is_file() for f in cached)
+    assert not made.exists()  # the clean-up still runs for everything else

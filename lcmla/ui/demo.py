@@ -40,5 +40,9 @@ def build_demo(engine: Any, *, notice: str | None = None, trained: Trained | Non
         attention.wire(ctx, attention_tab, controls)
         compare.wire(ctx, compare_tab, controls)
         api.build(ctx)
+    # delete_cache's timed clean-up spares the paths in a component's keep_in_cache. What Gradio has
+    # cached by now (the examples' photos) it caches only once, while the page is built: without
+    # this every example row fails with a missing file after OUTPUT_TTL_S.
+    generate_tab.faces.keep_in_cache.update(f for files in demo.temp_file_sets for f in files)
     demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
     return demo
