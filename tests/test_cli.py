@@ -13,6 +13,7 @@ from util import logged_messages
 
 from lcmla.cli import main, settings_from_args, build_parser
 from lcmla.errors import LcmlaError
+from lcmla.presets import LIGHTNING_REPO
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,7 +140,7 @@ def test_missing_real_weights_message(monkeypatch, tmp_path, face_path, capsys):
                  "--face-models", str(packs), "--weights-dir", str(tmp_path / "w"), "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2
-    assert "sdxl_lightning_4step_unet.safetensors" in err and "hf download ByteDance/SDXL-Lightning" in err
+    assert "sdxl_lightning_4step_unet.safetensors" in err and f"hf download {LIGHTNING_REPO}" in err
     assert "ip-adapter-faceid-plusv2_sdxl.bin" in err and "Traceback" not in err
 
 

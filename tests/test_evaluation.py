@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -251,9 +252,9 @@ def test_aesthetic_scorer_by_hand(engine, face_path, tmp_path):
 
 
 def test_imagereward_is_skipped_with_the_reason(tmp_path, monkeypatch):
-    from lcmla.evaluation.metrics import ImageRewardScorer, Unavailable
+    from lcmla.evaluation.metrics import IMAGEREWARD_FETCH, ImageRewardScorer, Unavailable
 
-    with pytest.raises(Unavailable, match=r"no ImageReward weights: .*nowhere does not exist.*hf download THUDM/ImageReward"):
+    with pytest.raises(Unavailable, match=r"no ImageReward weights: .*nowhere does not exist.*" + re.escape(IMAGEREWARD_FETCH)):
         ImageRewardScorer.load(tmp_path / "nowhere")
     with pytest.raises(Unavailable, match="ImageReward.pt, .*med_config.json not found"):
         ImageRewardScorer.load(tmp_path)

@@ -413,12 +413,12 @@ def test_replacement_unet_and_fused_lora(paths: dict[str, Path], comps: Componen
     state["conv_out.weight"] = state["conv_out.weight"] * 2.0
     (tmp_path / "lightning").mkdir()
     save_file(state, str(tmp_path / "lightning" / "unet.safetensors"))
-    lightning = dataclasses.replace(TINY, unet_repo="x/lightning", unet_file="unet.safetensors")
+    lightning = dataclasses.replace(TINY, unet_repo=str(tmp_path / "lightning"), unet_file="unet.safetensors")
     loaded = load_components(lightning, {**paths, "unet": tmp_path / "lightning"})
     assert torch.equal(loaded.pipe.unet.conv_out.weight, state["conv_out.weight"])
     assert tuple(loaded.pipe.unet.peft_config) == ("faceid",)
 
-    hyper = dataclasses.replace(TINY, fuse_lora=("x/hyper", tiny.LCM_LORA_FILE, 0.5))
+    hyper = dataclasses.replace(TINY, fuse_lora=(str(paths["lcm_lora"]), tiny.LCM_LORA_FILE, 0.5))
     fused = load_components(hyper, {**paths, "fused_lora": paths["lcm_lora"]})
     assert tuple(fused.pipe.unet.peft_config) == ("faceid",)  # the fused LoRA left no adapter behind
     lcm = load_file(str(paths["lcm_lora"] / tiny.LCM_LORA_FILE))
