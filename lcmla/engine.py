@@ -46,7 +46,7 @@ from .memory import (OFFLOAD_MODES, choose_memory_mode, enable_balanced, enable_
 from .preview import PreviewFrame, PreviewResult
 from .presets import Preset, get_preset
 from .sampling import StepInfo, sample
-from .settings import GenerationSettings
+from .settings import GenerationSettings, check_preview_steps
 
 __all__ = ["Engine", "Result", "StepInfo"]
 
@@ -151,10 +151,16 @@ def request_notes(settings: GenerationSettings, guidance: Guidance, num_steps: i
                 "(only the rescale); use more steps or a constant schedule"
             )
     am = settings.attention
+    if am.mode != "none" and not am.targets:
+        notes.append(f"attention {am.mode}: no blocks are chosen (attention.targets is empty), so no attention "
+                     "manipulation is applied; tick down, mid or up (the authors target down and up)")
+    if am.mode != "none" and not am.tokens:
+        notes.append(f"attention {am.mode}: no identity tokens are chosen (attention.tokens is empty), so no "
+                     "attention manipulation is applied; tick the tokens to change (the authors change all of them)")
     if am.mode != "none" and am.steps is not None and not any(k < num_steps for k in am.steps):
         notes.append(f"attention {am.mode}: attention.steps {list(am.steps)} are all past the last of the "
                      f"{num_steps} step(s) (numbered from 0), so no attention manipulation is applied")
-    if am.mode != "none" and identity_tokens is not None and not any(t < identity_tokens for t in am.tokens):
+    if am.mode != "none" and am.tokens and identity_tokens is not None and not any(t < identity_tokens for t in am.tokens):
         notes.append(f"attention {am.mode}: attention.tokens {list(am.tokens)} are all past the adapter's "
                      f"{identity_tokens} identity tokens (numbered from 0), so no attention manipulation is applied")
     return notes
@@ -473,6 +479,7 @@ class Engine:
         settings = settings.replace(output__num_images=1)
         frames: list[PreviewFrame] = []
         wanted = None if steps is None else set(int(k) for k in steps)
+        check_preview_steps(wanted, settings.guidance.steps or self.preset.steps)
         lcm_scaling = self._lcm_boundary()
         spent = [0.0]
 

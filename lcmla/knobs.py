@@ -8,6 +8,7 @@ Pure Python (no gradio, no torch): ``app.py`` builds its widgets from :data:`KNO
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,15 +38,16 @@ def _parse_floats(text: Any, knob: Knob) -> list[float]:
     if isinstance(text, (list, tuple)):
         return [float(v) for v in text]
     parts = [p for p in str(text or "").replace(";", ",").replace(" ", ",").split(",") if p.strip()]
+    example = "0, 2" if knob.kind == "steps" else knob.placeholder  # a steps knob's placeholder is 'every step'
     try:
         values = [float(p) for p in parts]
     except ValueError:
         raise SettingsError(
             f"{knob.label} ({knob.name}): {str(text)!r} is not a list of numbers; write them separated by commas, "
-            f"e.g. {knob.placeholder!r}"
+            f"e.g. {example!r}"
         ) from None
     if not values:
-        raise SettingsError(f"{knob.label} ({knob.name}) is empty; write numbers separated by commas, e.g. {knob.placeholder!r}")
+        raise SettingsError(f"{knob.label} ({knob.name}) is empty; write numbers separated by commas, e.g. {example!r}")
     return values
 
 
@@ -71,6 +73,17 @@ def _parse_int(value: Any, knob: Knob) -> int:
     return int(number)
 
 
+def _parse_number_field(value: Any, knob: Knob) -> int:
+    """A whole-number field's value, within the knob's range (the app's number boxes leave the range
+    to this message, which names the control, rather than Gradio's generic one)."""
+    number = _parse_int(value, knob)
+    lo = -math.inf if knob.minimum is None else knob.minimum
+    hi = math.inf if knob.maximum is None else knob.maximum
+    if not lo <= number <= hi:
+        raise SettingsError(f"{knob.label} ({knob.name}) must be a whole number from {lo:.0f} to {hi:.0f} (got {number})")
+    return number
+
+
 def _parse_float(value: Any, knob: Knob) -> float:
     try:
         return float(value)
@@ -81,7 +94,7 @@ def _parse_float(value: Any, knob: Knob) -> float:
 # widget value → setting value, per kind
 _PARSE: dict[str, Callable[[Any, Knob], Any]] = {
     "text": lambda v, k: "" if v is None else str(v),
-    "int": _parse_int,
+    "int": _parse_number_field,
     "slider_int": _parse_int,
     "slider": _parse_float,
     "bool": lambda v, k: bool(v),

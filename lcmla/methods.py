@@ -53,6 +53,11 @@ LOOKAHEAD_CONFIGS: dict[str, dict[str, Any]] = {
     },
 }
 METHODS: tuple[str, ...] = (*FASTFACE_PRESETS, *LOOKAHEAD_CONFIGS)
+#: The knobs of the sampler a configuration runs on. Only ``lookahead-released`` sets them (the
+#: authors' DPM-Solver++, 50 steps, adapter scale 1.0); every other configuration runs on the
+#: backbone's own sampler and leaves them as they are. The app puts back the preset's own values
+#: of those the previous configuration set when the next one does not (see ``lcmla.ui.generate``).
+SAMPLER_KNOBS: tuple[str, ...] = ("guidance.scheduler", "guidance.steps", "identity.ip_adapter_scale")
 #: Short labels for buttons and plots.
 METHOD_LABELS: dict[str, str] = {
     "baseline": "Baseline", "am1": "AM1", "am2": "AM2", "dcg": "DCG", "am1+dcg": "AM1 + DCG",

@@ -52,8 +52,9 @@ def save_png(image, path: str | Path, settings: GenerationSettings, *, random_we
     return path
 
 
-def read_png_text(path_or_image) -> dict[str, str]:
-    """All text chunks of a PNG (path, bytes or PIL image)."""
+def read_png_text(path_or_image, name: str | None = None) -> dict[str, str]:
+    """All text chunks of a PNG (path, bytes or PIL image; messages call the file ``name``, by
+    default its path)."""
     from PIL import Image, UnidentifiedImageError
 
     if hasattr(path_or_image, "text") or hasattr(path_or_image, "info"):
@@ -64,16 +65,18 @@ def read_png_text(path_or_image) -> dict[str, str]:
             img.load()
             return {k: v for k, v in (getattr(img, "text", None) or img.info).items() if isinstance(v, str)}
     except FileNotFoundError:
-        raise ImageError(f"settings file {str(path_or_image)!r} does not exist") from None
+        raise ImageError(f"settings file {str(name or path_or_image)!r} does not exist") from None
     except (UnidentifiedImageError, OSError) as exc:
-        raise ImageError(f"{str(path_or_image)!r} is not a PNG image lcmla can read ({exc})") from None
+        raise ImageError(f"{str(name or path_or_image)!r} is not a PNG image lcmla can read ({exc})") from None
 
 
-def settings_from_png(path_or_image) -> GenerationSettings:
-    """The settings that reproduce a PNG made by lcmla (raises ``SettingsError`` for other PNGs)."""
-    text = read_png_text(path_or_image)
+def settings_from_png(path_or_image, name: str | None = None) -> GenerationSettings:
+    """The settings that reproduce a PNG made by lcmla (raises ``SettingsError`` for other PNGs;
+    its message calls the file ``name``, by default its path)."""
+    text = read_png_text(path_or_image, name)
     if KEY_SETTINGS not in text:
-        name = path_or_image if isinstance(path_or_image, (str, Path)) else "this image"
+        if name is None:
+            name = path_or_image if isinstance(path_or_image, (str, Path)) else "this image"
         raise SettingsError(
             f"{str(name)!r} holds no lcmla settings (it was not saved by lcmla, or its metadata was stripped); "
             "use a PNG downloaded from lcmla as it was written"

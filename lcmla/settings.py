@@ -50,6 +50,13 @@ def _check_float(obj: Any, name: str, lo: float, hi: float) -> None:
     object.__setattr__(obj, name, float(value))
 
 
+def _nearest_multiples(value: int, multiple_of: int, lo: int, hi: int) -> str:
+    """The multiples of ``multiple_of`` within [lo, hi] on either side of ``value``: '64 or 72'."""
+    below = value // multiple_of * multiple_of
+    found = [m for m in (below, below + multiple_of) if lo <= m <= hi]
+    return " or ".join(map(str, found)) or str(multiple_of)
+
+
 def _check_int(obj: Any, name: str, lo: int, hi: int, *, optional: bool = False, multiple_of: int = 1) -> None:
     value = getattr(obj, name)
     path = f"{obj._prefix}{name}"
@@ -63,7 +70,7 @@ def _check_int(obj: Any, name: str, lo: int, hi: int, *, optional: bool = False,
     if not lo <= value <= hi:
         raise SettingsError(f"{path} must be in [{lo}, {hi}] (got {value})")
     if value % multiple_of:
-        raise SettingsError(f"{path} must be a multiple of {multiple_of} (got {value}; try {value // multiple_of * multiple_of or multiple_of})")
+        raise SettingsError(f"{path} must be a multiple of {multiple_of} (got {value}; try {_nearest_multiples(value, multiple_of, lo, hi)})")
     object.__setattr__(obj, name, value)
 
 
@@ -443,3 +450,19 @@ def _plain(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_plain(v) for v in value]
     return value
+
+
+def check_preview_steps(wanted: "set[int] | None", num_steps: int) -> None:
+    """Refuse preview step indices outside the run's steps (0 … num_steps − 1), naming them."""
+    if wanted is None:
+        return
+    if not wanted:
+        raise SettingsError(f"no steps to preview were given; name step indices 0–{num_steps - 1} "
+                            f"(e.g. '0, {num_steps - 1}') or leave it empty for every step")
+    outside = sorted(k for k in wanted if not 0 <= k < num_steps)
+    if outside:
+        raise SettingsError(
+            f"steps to preview {', '.join(map(str, outside))} {'is' if len(outside) == 1 else 'are'} outside this "
+            f"run's {num_steps} steps: step indices count from 0, so choose among 0–{num_steps - 1} "
+            f"(e.g. '0, {num_steps - 1}'), or run more steps"
+        )

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from apputils import ROOT, CountingEngine, serve  # first: puts the repository root (app.py) on sys.path
 from gradio_client import Client, handle_file
-from gradio_client.exceptions import AppError
+from gradio_client.exceptions import AppError, ValidationError
 
 import app
 from lcmla import GenerationSettings, SettingsError, settings_from_png
@@ -238,9 +238,11 @@ def test_bad_inputs_give_messages_and_the_next_request_works(client, values, bad
         ({"app.faces": None}, r"Upload at least one photo"),
         ({"output.width": 100000}, r"greater than maximum"),
         ({"output.num_images": 0}, r"less than minimum"),
+        ({"output.width": 70}, r"Width \(output\.width\) must be a multiple of 8 \(got 70; try 64 or 72\)"),
+        ({"output.seed": -5}, r"Seed \(output\.seed\) must be a whole number from 0 to 9007199254740991 \(got -5\)"),
         ({"guidance.dcg_a": "1, banana"}, r"guidance\.dcg_a"),
         ({"guidance.dcg": True, "guidance.dcg_schedule": "linear"}, r"two values \(start, end\)"),
-        ({"prompt": "   "}, r"prompt must not be empty"),
+        ({"prompt": "   "}, r"Prompt \(prompt\) must not be empty"),
         ({"prompt": "x" * 5000}, r"at most 2000"),
     ]
     for changes, message in cases:
@@ -270,8 +272,15 @@ def test_one_click_configurations_and_settings_from_a_png(client, values):
     loaded = dict(zip(app.KNOB_NAMES, client.predict(handle_file(str(files[0])), api_name="/load_settings")))
     for name in ("attention.mode", "guidance.dcg", "output.seed", "identity.lora_scale", "prompt", "output.width"):
         assert loaded[name] == made[name], name
-    with pytest.raises(AppError, match="holds no lcmla settings"):
+    # refused by the box's validator, by the file's own name (not the server's temporary path)
+    with pytest.raises(ValidationError, match="'face.png' holds no lcmla settings") as refused:
         client.predict(handle_file(str(ROOT / "assets" / "face.png")), api_name="/load_settings")
+    assert "gradio" not in str(refused.value)
+    # after "as released" (DPM-Solver++, 50 steps, λ 1.0) a FastFace button puts the preset's sampler back
+    released = dict(zip(app.KNOB_NAMES, client.predict(api_name="/preset_lookahead_released")))
+    assert released["guidance.steps"] == 50
+    back = dict(zip(app.KNOB_NAMES, client.predict("DPMSolverMultistepScheduler", 50, 1.0, api_name="/preset_baseline")))
+    assert back["guidance.steps"] == values["guidance.steps"] and back["identity.ip_adapter_scale"] == values["identity.ip_adapter_scale"]
 
 
 def test_previews_stream_one_frame_per_step(client, values, counting):

@@ -111,6 +111,8 @@ def test_generate_then_every_tab(page, face_path):
     page.wait_for_selector("#downloads a, #downloads td", timeout=SLOW)
     assert "1 image" in page.locator("#run-info").inner_text()
     assert "lcmla-0" in page.locator("#downloads").inner_text()  # the PNG named by its seed
+    # the gallery shows that PNG itself (its own download button gives the settings with it)
+    assert page.locator("#gallery img").first.get_attribute("src").endswith("/lcmla-0.png")
     if os.environ.get("LCMLA_README_SCREENSHOT"):
         _save_readme_screenshot(page)
     _shot(page, "1-generate")
@@ -122,6 +124,16 @@ def test_generate_then_every_tab(page, face_path):
     _wait_checked(page, "#knob-attention-mode", "am2")
     _wait_checked(page, "#knob-guidance-dcg", "on")
     _shot(page, "2-configuration-am2-dcg")
+    page.click("#preset-baseline")
+    _wait_checked(page, "#knob-attention-mode", "none")
+    # "as released" runs 50 steps of DPM-Solver++; the next configuration puts the preset's 4 back
+    steps_box = page.locator("#knob-guidance-steps input[type=number]").first
+    page.click("#preset-lookahead-released")
+    page.wait_for_function(f"document.querySelector({'#knob-guidance-steps input[type=number]'!r}).value === '50'")
+    page.click("#preset-am2-dcg")
+    page.wait_for_function(f"document.querySelector({'#knob-guidance-steps input[type=number]'!r}).value === '4'")
+    assert "runs on the preset's own sampler" in "\n".join(page.locator("[data-testid='toast-body']").all_inner_texts())
+    assert steps_box.input_value() == "4"
     page.click("#preset-baseline")
     _wait_checked(page, "#knob-attention-mode", "none")
 
@@ -146,6 +158,16 @@ def test_generate_then_every_tab(page, face_path):
     page.wait_for_function(
         f"(document.querySelector('#map-after img') || {{}}).src && document.querySelector('#map-after img').src !== {before!r}",
         timeout=60_000)
+    # a step typed into the slider's box redraws too; one past the run says which steps exist
+    before = page.locator("#map-after img").get_attribute("src")
+    step_box = page.locator("#map-step input[type=number]").first
+    step_box.fill("2")
+    page.wait_for_function(f"document.querySelector('#map-after img').src !== {before!r}", timeout=60_000)
+    step_box.fill("7")
+    page.wait_for_function("document.querySelector('#map-info').innerText.includes('steps captured: 0, 1, 2, 3')",
+                           timeout=60_000)
+    step_box.fill("1")  # and the next redraw works
+    page.wait_for_function("document.querySelector('#map-info').innerText.includes('before:')", timeout=60_000)
     _shot(page, "4-attention-maps")
 
     # Compare: four labelled methods with identity similarity and time
@@ -162,6 +184,22 @@ def test_generate_then_every_tab(page, face_path):
     assert not _error_toasts(page)
 
 
+def test_a_png_without_settings_is_refused_on_its_box(page, tmp_path):
+    """The settings box names the file and why; no control is touched or marked as failed."""
+    from PIL import Image
+
+    plain = tmp_path / "holiday.png"
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(plain)
+    page.get_by_text("Load settings from a PNG").click()
+    page.locator("#settings-png input[type=file]").set_input_files(str(plain))
+    page.wait_for_function("document.querySelector('#settings-png').innerText.includes('holds no lcmla settings')")
+    shown = page.locator("#settings-png").inner_text()
+    assert "'holiday.png' holds no lcmla settings" in shown and "/tmp" not in shown
+    assert not _error_toasts(page)
+    assert page.evaluate("document.querySelectorAll('[id^=knob-] .error').length") == 0
+    _shot(page, "6-settings-png-refused")
+
+
 def test_bad_uploads_show_an_error_and_the_app_goes_on(page, face_path, tmp_path):
     from PIL import Image
 
@@ -170,7 +208,7 @@ def test_bad_uploads_show_an_error_and_the_app_goes_on(page, face_path, tmp_path
     _upload_face(page, text)
     page.wait_for_selector("[data-testid='toast-body'].error")
     assert "Invalid file type" in _error_toasts(page)
-    _shot(page, "6-error-text-file")
+    _shot(page, "7-error-text-file")
 
     grey = tmp_path / "grey.png"
     Image.new("RGB", (256, 256), (128, 128, 128)).save(grey)
@@ -180,7 +218,7 @@ def test_bad_uploads_show_an_error_and_the_app_goes_on(page, face_path, tmp_path
     page.wait_for_function(
         "[...document.querySelectorAll(\"[data-testid='toast-body'].error\")].some(t => t.innerText.includes('no face found'))",
         timeout=SLOW)
-    _shot(page, "7-error-no-face")
+    _shot(page, "8-error-no-face")
     assert _count(page, "#gallery img") == 0
 
     _upload_face(page, face_path)

@@ -5,12 +5,17 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import gradio as gr
 import numpy as np
 import pytest
+from PIL import Image
 from apputils import ROOT, PassThrough  # noqa: F401 - puts the repository root on sys.path
 
-from lcmla import GenerationSettings
-from lcmla.methods import METHOD_LABELS, METHODS, method_changes
+from lcmla import GenerationSettings, SettingsError
+from lcmla.knobs import KNOB
+from lcmla.methods import METHOD_LABELS, METHODS, SAMPLER_KNOBS, method_changes
+from lcmla.pngmeta import settings_from_png
+from lcmla.settings import OutputSettings
 from lcmla.ui import attention, compare, generate, previews
 from lcmla.ui.common import COMPARE_METHODS, GENERATE_INPUTS, Context, Trained, ui_defaults
 
@@ -36,7 +41,10 @@ def test_generate_handler_equals_the_engine(ctx, ui, engine, face_path):
     images, files, info, used, seed, settings_json = generate.run_generate(ctx, dict(ui), _quiet)
     settings = GenerationSettings.from_json(settings_json)
     direct = engine.generate(settings, [face_path])
-    assert np.array_equal(np.asarray(images[0][0]), np.asarray(direct.images[0]))
+    # the gallery shows the saved PNG, settings embedded (its own download button gives them)
+    assert images[0][0] == files[0] and settings_from_png(images[0][0]) == settings
+    with Image.open(images[0][0]) as shown:
+        assert np.array_equal(np.asarray(shown.convert("RGB")), np.asarray(direct.images[0]))
     assert len(files) == 1 and seed == 0 and "1 image" in info and used
 
 
@@ -164,3 +172,115 @@ def test_previews_strip_without_stretching():
 def test_every_generate_input_has_a_default(engine):
     assert set(ui_defaults(engine.preset)) == set(GENERATE_INPUTS)
     json.dumps({k: v for k, v in ui_defaults(engine.preset).items()})  # plain values, no widgets
+
+
+def _sampler(changes):
+    return {n: changes[n] for n in SAMPLER_KNOBS if n in changes}
+
+
+def test_leaving_the_released_configuration_puts_the_presets_sampler_back(ctx, ui):
+    """'LCM-Lookahead (as released)' sets DPM-Solver++, 50 steps and λ 1.0; the next configuration
+    (which runs on the backbone's own sampler) puts back the preset's own values of those the user
+    has not changed since, and says so; with nothing left by the last button, nothing is put back."""
+    own = {n: ui[n] for n in SAMPLER_KNOBS}
+    released, left, restored = generate.configuration_changes(ctx, "lookahead-released", None, own)
+    assert _sampler(released) == {"guidance.scheduler": "DPMSolverMultistepScheduler", "guidance.steps": 50,
+                                  "identity.ip_adapter_scale": 1.0} and restored == []
+    assert left == {"by": "lookahead-released", "values": _sampler(released)}
+    now = {**own, **_sampler(released)}
+    for key in ("baseline", "am2+dcg", "lookahead-kv"):
+        changes, leaves, restored = generate.configuration_changes(ctx, key, left, now)
+        assert _sampler(changes) == own and sorted(restored) == sorted(SAMPLER_KNOBS) and leaves is None, key
+    text = generate.restored_text(ctx, "baseline", left, restored, changes)
+    assert "Baseline runs on the preset's own sampler" in text and "LCM-Lookahead (as released)" in text
+    assert f"Steps: {own['guidance.steps']}" in text
+    # a knob the user changed after the released button is theirs: 12 steps stay
+    changes, _, restored = generate.configuration_changes(ctx, "baseline", left, {**now, "guidance.steps": 12})
+    assert "guidance.steps" not in changes and "guidance.steps" not in restored
+    assert changes["guidance.scheduler"] == own["guidance.scheduler"]
+    # without the released button before it, a configuration leaves the sampler knobs alone
+    changes, leaves, restored = generate.configuration_changes(ctx, "baseline", None, {**own, "guidance.steps": 12})
+    assert _sampler(changes) == {} and leaves is None and restored == []
+    # the button itself: the widget values and the state it keeps for the next click
+    controls = {n: n for n in KNOB}  # knob name → its widget (here the name stands in for it)
+    handler = generate._configuration(ctx, "baseline", controls, "state")
+    out = handler(left, *(now[n] for n in SAMPLER_KNOBS))
+    assert out["state"] is None and out["guidance.steps"] == own["guidance.steps"]
+
+
+def test_a_png_without_settings_is_refused_on_its_box_by_name(ctx, ui, tmp_path):
+    """The settings box's validator: a PNG without lcmla's settings is invalid, the message names
+    the file as uploaded (not the server's temporary path), and a PNG of lcmla is valid."""
+    folder = tmp_path / "gradio-upload-3f2a"
+    folder.mkdir()
+    plain = folder / "holiday.png"
+    Image.new("RGB", (16, 16)).save(plain)
+    refused = generate.check_settings_png(ctx, str(plain))
+    assert refused["is_valid"] is False and "'holiday.png' holds no lcmla settings" in refused["message"]
+    assert str(folder) not in refused["message"]
+    broken = folder / "broken.png"
+    broken.write_bytes(b"not a png")
+    refused = generate.check_settings_png(ctx, str(broken))
+    assert refused["is_valid"] is False and "'broken.png' is not a PNG image" in refused["message"]
+    assert generate.check_settings_png(ctx, None)["is_valid"] is True
+    _images, files, *_ = generate.run_generate(ctx, dict(ui), _quiet)
+    assert generate.check_settings_png(ctx, files[0]) == gr.validate(True, "")
+
+
+def test_preview_steps_outside_the_run_are_refused_before_running(ctx, ui):
+    """Steps to preview past the run (or negative) are refused with the run's range, before the
+    engine starts; a parse error's example is step numbers, not the placeholder."""
+    calls = []
+
+    class Counting(PassThrough):
+        def previews(self, *a, **k):
+            calls.append(1)
+            return self._inner.previews(*a, **k)
+
+    counting = Context(Counting(ctx.stock))
+    steps = ctx.preset.steps
+    for text, bad in ((f"0, {steps + 5}", f"{steps + 5} is outside"), ("-1", "-1 is outside")):
+        with pytest.raises(gr.Error, match=f"steps to preview {bad} this run's {steps} steps.*0–{steps - 1}"):
+            list(previews.run_previews(counting, {**ui, "app.preview_lcm_scale": 1.0, "app.preview_steps": text}, _quiet))
+    assert calls == []
+    with pytest.raises(gr.Error, match=r"e\.g\. '0, 2'"):
+        list(previews.run_previews(counting, {**ui, "app.preview_lcm_scale": 1.0, "app.preview_steps": "first"}, _quiet))
+    with pytest.raises(SettingsError, match="outside this run's 4 steps"):  # the engine's own check (API, CLI)
+        ctx.stock.previews(ctx.request_settings(ui), [ui["app.faces"][0]], steps=[9])
+
+
+def test_am_with_nothing_to_change_says_so(ctx, ui):
+    """AM with no blocks or no tokens ticked changes nothing: the request says so, in plain words."""
+    no_blocks = generate.run_generate(ctx, {**ui, "attention.mode": "am1", "attention.targets": []}, _quiet)[2]
+    assert "no blocks are chosen (attention.targets is empty)" in no_blocks and "tick down, mid or up" in no_blocks
+    no_tokens = generate.run_generate(ctx, {**ui, "attention.mode": "am2", "attention.tokens": []}, _quiet)[2]
+    assert "no identity tokens are chosen (attention.tokens is empty)" in no_tokens
+    assert "all past" not in no_tokens  # not "tokens [] are all past the adapter's 4 identity tokens"
+
+
+def test_the_maps_say_where_am_left_them_alone():
+    state = {"mode": "am2", "targets": ["down", "up"], "am_steps": [1, 2]}
+    assert "Mid blocks are not among this capture's AM targets (down, up)" in attention.untouched_note(state, "mid", 1)
+    assert "Mid blocks" in attention.untouched_note(state, "mid_block.attentions.0.transformer_blocks.0.attn2.processor", 1)
+    assert "at steps 1, 2 only" in attention.untouched_note(state, "up", 0)
+    assert attention.untouched_note(state, "up", 1) == attention.untouched_note(state, "all", 2) == ""
+    assert "AM is off" in attention.untouched_note({**state, "mode": "none"}, "up", 1)
+
+
+def test_messages_name_the_control_and_fit_the_box():
+    from lcmla.ui.common import labelled
+
+    with pytest.raises(SettingsError) as err:
+        OutputSettings(width=70)
+    assert labelled(str(err.value)).startswith("Width (output.width) must be a multiple of 8 (got 70; try 64 or 72)")
+    assert labelled("Width (output.width) is empty") == "Width (output.width) is empty"  # not twice
+    assert labelled("prompt must not be empty") == "Prompt (prompt) must not be empty"
+    with pytest.raises(SettingsError, match=r"Seed \(output\.seed\) must be a whole number from 0 to 9007199254740991 \(got -5\)"):
+        KNOB["output.seed"].parse(-5)
+    assert KNOB["output.seed"].parse(5) == 5
+
+
+def test_the_reports_table_is_hidden_until_a_report_has_one(ctx):
+    plots, table, text = compare.show_report(ctx, None)
+    assert plots == [] and table is None and text == "Pick a report."
+    assert compare.report_table_shown(None)["visible"] is False and compare.report_table_shown("/r")["visible"] is True

@@ -18,14 +18,16 @@ def overlay_heatmap(image, attn_map, *, title: str | None = None, alpha: float =
     arr = attn_map.detach().float().cpu().numpy() if hasattr(attn_map, "detach") else np.asarray(attn_map, dtype=float)
     base = np.asarray(image.convert("RGB"))
     h, w = base.shape[:2]
+    # the title goes under the picture: a web page's image label sits over its top-left corner
+    strip = 0.3 / (h / dpi + 0.3) if title else 0.0  # the title's share of the figure's height
     fig = Figure(figsize=(w / dpi * 1.25, h / dpi + (0.3 if title else 0)), dpi=dpi)
-    ax = fig.add_axes((0.0, 0.0, 0.8, 1.0 if not title else 0.9))
+    ax = fig.add_axes((0.0, strip, 0.8, 1.0 - strip))
     ax.imshow(base, extent=(0, w, h, 0))
     im = ax.imshow(arr, cmap=cmap, alpha=alpha, extent=(0, w, h, 0), interpolation="bilinear",
                    vmin=vmin if vmin is not None else float(arr.min()), vmax=vmax if vmax is not None else float(arr.max()))
     ax.set_axis_off()
     if title:
-        ax.set_title(title, fontsize=8)
+        fig.text(0.4, strip / 2, title, fontsize=8, ha="center", va="center")
     cax = fig.add_axes((0.83, 0.1, 0.04, 0.8))
     bar = fig.colorbar(im, cax=cax)
     if label:

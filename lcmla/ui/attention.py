@@ -109,10 +109,28 @@ def render_maps(state: Any, block: str, step: Any, token: Any, shared: bool):
             f"captured over {len(store.steps())} steps · map {tuple(before.shape)} · "
             f"before: {float(before.min()):.3g}…{float(before.max()):.3g}, after: {float(after.min()):.3g}…"
             f"{float(after.max()):.3g}")
-    if state["mode"] == "none":
-        info += "  \n_AM is off, so before and after are the same map; pick am1 or am2 above._"
+    info += untouched_note(state, block, k)
     info += notes_text(state.get("notes", ()))
     return img_before, img_after, img_diff, info
+
+
+def untouched_note(state: dict[str, Any], block: str, step: int) -> str:
+    """Why the before and after maps of a choice are the same, where AM left it untouched: AM off,
+    a kind of block or a layer outside the targets, or a step outside AM's steps."""
+    if state["mode"] == "none":
+        return "  \n_AM is off, so before and after are the same map; pick am1 or am2 above._"
+    targets = tuple(state.get("targets", ("down", "mid", "up")))
+    from lcmla.attention.context import block_kind
+
+    kind = None if block == "all" else block if block in ("down", "mid", "up") else block_kind(block)
+    if kind is not None and kind not in targets:
+        return (f"  \n_{kind.capitalize()} blocks are not among this capture's AM targets ({', '.join(targets)}), so "
+                "before and after are the same map; tick it under Blocks in the Generate tab to include it._")
+    am_steps = state.get("am_steps")
+    if am_steps is not None and step not in am_steps:
+        return (f"  \n_AM is applied at steps {', '.join(map(str, am_steps))} only, so at step {step} before and "
+                "after are the same map._")
+    return ""
 
 
 def run_attention(ctx: Context, ui: dict[str, Any], progress: Any):
@@ -130,8 +148,9 @@ def run_attention(ctx: Context, ui: dict[str, Any], progress: Any):
         if not result.attention_maps:
             raise LcmlaError("the engine returned no attention maps for this request")
     store = result.attention_maps[0]
-    state = {"store": store, "image": result.images[0], "mode": result.settings.attention.mode,
-             "notes": list(result.notes)}
+    am = result.settings.attention
+    state = {"store": store, "image": result.images[0], "mode": am.mode, "targets": list(am.targets),
+             "am_steps": None if am.steps is None else list(am.steps), "notes": list(result.notes)}
     steps = store.steps()
     n_tokens = int(next(iter(store.maps.values())).shape[1]) if store.maps else 4
     tokens = [str(t) for t in range(n_tokens)]
@@ -151,8 +170,12 @@ def wire(ctx: Context, tab: SimpleNamespace, controls: dict[str, Any]) -> None:
                            t.map_info],
                           api_name="attention_maps", concurrency_id="engine", show_progress_on=[t.map_after])
     selectors = [t.maps_state, t.map_block, t.map_step, t.map_token, t.map_shared]
+    # the step slider redraws on .input: dragging (coalesced by always_last) and typing into its box alike
     for event, name in ((t.map_block.input, "render_maps"), (t.map_token.input, None), (t.map_shared.input, None),
-                        (t.map_step.release, None)):
+                        (t.map_step.input, None)):
+        # preprocess=False: the values as sent, so a step typed past the slider's range gets
+        # render_maps' "no maps for that choice … steps captured" instead of Gradio's range error
+        # (which would also refuse every later redraw while the box holds it)
         event(render_maps, selectors, [t.map_before, t.map_after, t.map_diff, t.map_info], api_name=name,
               api_visibility="public" if name else "undocumented", concurrency_limit=4,
-              trigger_mode="always_last", show_progress="minimal")
+              trigger_mode="always_last", show_progress="minimal", preprocess=False)

@@ -20,7 +20,7 @@ import gradio as gr
 
 from lcmla import __version__
 
-from lcmla.knobs import KNOB_NAMES, Knob, preset_settings, settings_from_ui, settings_to_ui
+from lcmla.knobs import KNOB, KNOB_NAMES, Knob, preset_settings, settings_from_ui, settings_to_ui
 from lcmla.memory import MEMORY_NOTES
 from lcmla.methods import METHOD_LABELS, METHODS
 from lcmla.presets import Preset
@@ -72,10 +72,18 @@ def user_errors(what: str) -> Iterator[None]:
     except gr.Error:
         raise
     except ValueError as exc:  # LcmlaError and its subclasses are ValueErrors
-        raise gr.Error(str(exc), title=f"{what}: please check the input", print_exception=False) from None
+        raise gr.Error(labelled(str(exc)), title=f"{what}: please check the input", print_exception=False) from None
     except Exception as exc:  # a bug or a resource problem: log it, tell the user, keep serving
         log.exception("%s failed", what)
         raise gr.Error(f"{what} failed unexpectedly ({type(exc).__name__}: {exc})", title=f"{what} failed") from None
+
+
+def labelled(message: str) -> str:
+    """A message that opens with a setting's dotted name, opened with its control's label too:
+    'output.width must be …' → 'Width (output.width) must be …' (the words the page shows)."""
+    head = message.split(" ", 1)[0]
+    knob = KNOB.get(head)
+    return message if knob is None else f"{knob.label} ({head}){message[len(head):]}"
 
 
 def api_param(name: str) -> str:
@@ -373,8 +381,8 @@ def widget(knob: Knob, value: Any) -> gr.components.Component:
         common["info"] = knob.info
     if knob.kind in ("text", "floats", "steps"):
         return gr.Textbox(lines=knob.lines, max_lines=max(knob.lines, 4), placeholder=knob.placeholder or None, **common)
-    if knob.kind == "int":
-        return gr.Number(precision=0, minimum=knob.minimum, maximum=knob.maximum, **common)
+    if knob.kind == "int":  # its range is checked with the knob's own message (knobs._parse_int), not Gradio's
+        return gr.Number(precision=0, **common)
     if knob.kind in ("slider", "slider_int", "face_index"):
         return gr.Slider(knob.minimum, knob.maximum, step=knob.step, **common)
     if knob.kind in ("bool", "scope"):

@@ -61,7 +61,8 @@ def layout(ctx: Context) -> SimpleNamespace:
                                       columns=2, height=420, format="png", interactive=False,
                                       object_fit="contain", elem_id="report-plots")
             report_table = gr.Dataframe(label="summary.csv (mean and 95 % CI per method and scale)",
-                                        interactive=False, elem_id="report-summary", wrap=True)
+                                        interactive=False, elem_id="report-summary", wrap=True,
+                                        visible=False)  # shown with a report's table (empty, it shows headers "1 2 3")
             report_md = gr.Markdown("", label="report.md", elem_id="report-md")
     return SimpleNamespace(compare_btn=compare_btn, compare_gallery=compare_gallery, compare_table=compare_table,
                            compare_info=compare_info, report_choice=report_choice, report_refresh=report_refresh,
@@ -157,6 +158,11 @@ def read_report(folder: str, roots: Sequence[str | os.PathLike]) -> tuple[list[t
     return images, table, text
 
 
+def report_table_shown(folder: str | None) -> Any:
+    """The summary table is shown once a report is chosen (empty, Gradio draws headers "1 2 3")."""
+    return gr.update(visible=bool(folder))
+
+
 def show_report(ctx: Context, folder: str | None):
     """A finished evaluation report: its plots and grids, summary table and report.md."""
     if not folder:
@@ -173,7 +179,8 @@ def wire(ctx: Context, tab: SimpleNamespace, controls: dict[str, Any]) -> None:
                           api_name="compare", concurrency_id="engine", show_progress_on=[tab.compare_gallery])
     tab.report_choice.change(with_context(show_report, ctx), tab.report_choice,
                              [tab.report_plots, tab.report_table, tab.report_md], api_name="open_report",
-                             concurrency_limit=4)
+                             concurrency_limit=4).then(
+        report_table_shown, tab.report_choice, tab.report_table, api_visibility="private", show_progress="hidden")
 
     def list_reports():
         """The evaluation reports in the --reports folders, found again (a new run may have finished)."""

@@ -3,6 +3,7 @@ from a PNG; and its handlers (plain functions of the request context and the inp
 
 from __future__ import annotations
 
+import inspect
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,8 +12,8 @@ from typing import Any
 import gradio as gr
 
 from lcmla.errors import SettingsError
-from lcmla.knobs import KNOB, KNOB_NAMES, settings_to_ui
-from lcmla.methods import method_changes
+from lcmla.knobs import KNOB, KNOB_NAMES, preset_settings, settings_to_ui
+from lcmla.methods import METHOD_LABELS, SAMPLER_KNOBS, method_changes
 from lcmla.pngmeta import settings_from_png
 
 from .common import (
@@ -25,6 +26,7 @@ from .common import (
     _gpu,
     _timings_text,
     _trained_text,
+    api_param,
     log,
     named_handler,
     notes_text,
@@ -153,9 +155,12 @@ def layout(ctx: Context, controls: dict[str, Any], defaults: dict[str, Any]) -> 
                 if examples:
                     gr.Examples(examples=examples, inputs=[faces, controls["prompt"]], label="Examples",
                                 cache_examples=False, examples_per_page=6)
+        # what the last configuration button set of the sampler knobs (see configuration_changes);
+        # inside the tab: a component between the tabs themselves shifts Gradio's tab labels
+        sampler_left = gr.State(None)
     return SimpleNamespace(faces=faces, faces_found=faces_found, generate_btn=generate_btn, gallery=gallery,
                            run_info=run_info, downloads=downloads, settings_json=settings_json,
-                           settings_png=settings_png, preset_buttons=preset_buttons)
+                           settings_png=settings_png, preset_buttons=preset_buttons, sampler_left=sampler_left)
 
 
 # ---- handlers ------------------------------------------------------------------------------------
@@ -172,7 +177,8 @@ def run_generate(ctx: Context, ui: dict[str, Any], progress: Any):
         result = engine.generate(settings, paths, callback=ctx.step_progress(progress, settings))
         files = result.save(ctx.outputs.new())
         used = [engine.faces.draw_boxes(path, [face], 0) for path, face in zip(paths, result.identity.faces)]
-    images = [(img, f"seed {seed}") for img, seed in zip(result.images, result.seeds)]
+    # the gallery shows the saved PNGs, so its own download button gives them with the settings embedded
+    images = [(str(f), f"seed {seed}") for f, seed in zip(files, result.seeds)]
     s = result.settings
     info = (f"**{len(images)} image{'s' * (len(images) > 1)}** · seeds {', '.join(map(str, result.seeds))} · "
             f"{s.output.width}×{s.output.height} · {s.guidance.steps} steps · {_timings_text(result.timings)}")
@@ -216,12 +222,54 @@ def preset_changes(ctx: Context, key: str) -> dict[str, Any]:
             if name in KNOB}
 
 
+def configuration_changes(ctx: Context, key: str, left: dict[str, Any] | None,
+                          current: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None, list[str]]:
+    """What one of the authors' configurations' buttons does, given what the last one left.
+
+    ``left`` is what the previously applied configuration set of :data:`SAMPLER_KNOBS` (``{"by":
+    key, "values": {knob: widget value}}``, or None) and ``current`` those widgets' values now.
+    Returns (widget values to set by knob name, what this one leaves for the next, the knobs put
+    back): a sampler knob the previous configuration set, that this one does not set and that
+    still holds that value (the user has not changed it since) goes back to the preset's own, so
+    Baseline after "LCM-Lookahead (as released)" runs the backbone's 4 steps again, not 50.
+    """
+    changes = preset_changes(ctx, key)
+    restored: list[str] = []
+    if left:
+        own = settings_to_ui(preset_settings(ctx.preset), ctx.preset)
+        for name, value in left["values"].items():
+            if name not in changes and current.get(name) == value:
+                changes[name] = own[name]
+                restored.append(name)
+    sets = {n: changes[n] for n in SAMPLER_KNOBS if n in changes and n not in restored}
+    return changes, ({"by": key, "values": sets} if sets else None), restored
+
+
+def restored_text(ctx: Context, key: str, left: dict[str, Any], restored: list[str], values: dict[str, Any]) -> str:
+    """The toast saying which sampler knobs went back to the preset's, and why."""
+    shown = "; ".join(f"{KNOB[n].label}: {values[n]}" for n in restored)
+    return (f"{METHOD_LABELS[key]} runs on the preset's own sampler, so what {METHOD_LABELS[left['by']]} set is "
+            f"back to the {ctx.preset.name} preset's: {shown}.")
+
+
+def check_settings_png(ctx: Context, path: str | None) -> Any:
+    """The PNG box's validator: a file that holds no lcmla settings is refused on the box itself,
+    named as the user knows it, and no control changes (Gradio runs the loader only when valid)."""
+    if not path:
+        return gr.validate(True, "")
+    try:
+        settings_from_png(path, name=Path(path).name)
+    except ValueError as exc:  # SettingsError, ImageError
+        return gr.validate(False, str(exc))
+    return gr.validate(True, "")
+
+
 def load_settings(ctx: Context, path: str | None) -> dict[str, Any]:
     """Every knob's widget value from the settings a PNG of lcmla carries ({} without a file)."""
     if not path:
         return {}
     with user_errors("Loading settings"):
-        settings = settings_from_png(path)
+        settings = settings_from_png(path, name=Path(path).name)
     if settings.preset != ctx.preset.name:
         gr.Warning(f"this PNG was made with the {settings.preset!r} preset; the app runs {ctx.preset.name!r}, "
                    "so the same settings give a different picture", title="Another preset")
@@ -242,8 +290,8 @@ def wire(ctx: Context, tab: SimpleNamespace, controls: dict[str, Any]) -> None:
     tab.faces.change(with_context(show_faces, ctx), [tab.faces, controls["identity.face_index"]], tab.faces_found,
                      api_name="detect_faces", concurrency_limit=4, show_progress="minimal")
     for key, button in tab.preset_buttons.items():
-        button.click(_configuration(ctx, key, controls), None, knob_components,
-                     api_name="preset_" + key.replace("+", "_").replace("-", "_"),
+        button.click(_configuration(ctx, key, controls, tab.sampler_left), [tab.sampler_left, *(controls[n] for n in SAMPLER_KNOBS)],
+                     [*knob_components, tab.sampler_left], api_name="preset_" + key.replace("+", "_").replace("-", "_"),
                      concurrency_limit=None, show_progress="hidden")
 
     def load_settings_png(path: str | None):
@@ -251,14 +299,23 @@ def wire(ctx: Context, tab: SimpleNamespace, controls: dict[str, Any]) -> None:
         return {controls[name]: value for name, value in load_settings(ctx, path).items()}
 
     tab.settings_png.upload(load_settings_png, tab.settings_png, knob_components, api_name="load_settings",
-                            concurrency_limit=4)
+                            validator=partial(check_settings_png, ctx), concurrency_limit=4)
 
 
-def _configuration(ctx: Context, key: str, controls: dict[str, Any]):
+def _configuration(ctx: Context, key: str, controls: dict[str, Any], left_state: Any):
     """The handler of one of the authors' configurations' buttons, named and documented after it."""
+    own = settings_to_ui(preset_settings(ctx.preset), ctx.preset)
 
-    def apply():
-        return {controls[n]: v for n, v in preset_changes(ctx, key).items() if n in controls}
+    def apply(left: Any, *current: Any):
+        changes, leaves, restored = configuration_changes(ctx, key, left, dict(zip(SAMPLER_KNOBS, current)))
+        if restored:
+            gr.Info(restored_text(ctx, key, left, restored, changes), title="The preset's own sampler")
+        return {**{controls[n]: v for n, v in changes.items() if n in controls}, left_state: leaves}
+
+    # the API names the sampler knobs it reads (defaults: the preset's own values)
+    apply.__signature__ = inspect.Signature([
+        inspect.Parameter("left", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        *(inspect.Parameter(api_param(n), inspect.Parameter.POSITIONAL_OR_KEYWORD, default=own[n]) for n in SAMPLER_KNOBS)])
 
     apply.__name__ = apply.__qualname__ = "preset_" + key.replace("+", "_").replace("-", "_")
     apply.__doc__ = (f"The knob values of the authors' configuration {APP_PRESETS[key]!r} ({key}): its guidance, AM, "

@@ -14,6 +14,7 @@ from typing import Any
 import gradio as gr
 
 from lcmla.knobs import Knob
+from lcmla.settings import check_preview_steps
 
 from .common import (
     PREVIEW_INPUTS,
@@ -129,6 +130,7 @@ def run_previews(ctx: Context, ui: dict[str, Any], progress: Any):
         scale = _PREVIEW_SCALE.parse(ui["app.preview_lcm_scale"])
         wanted = _PREVIEW_STEPS.parse(ui["app.preview_steps"])
         settings = ctx.request_settings(ui, {"output.num_images": 1, "lookahead.lcm_lora_scale": scale})
+        check_preview_steps(None if wanted is None else set(wanted), settings.guidance.steps or ctx.preset.steps)
     events: queue.Queue = queue.Queue()
     cancelled = threading.Event()  # set when the client leaves: the worker stops at its next step
 
