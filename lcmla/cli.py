@@ -60,8 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(trained by lcmla, or IP-Adapter Plus-Face)")
     gen.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="any setting by dotted name, value as JSON, e.g. --set attention.mode=am2 --set 'guidance.dcg_a=[1,2,2,1]'")
-    gen.add_argument("--settings-from", metavar="PNG", help="start from the settings embedded in a PNG made by lcmla")
+    gen.add_argument("--settings-from", metavar="PNG|JSON", help="start from the settings embedded in a PNG made by "
+                     "lcmla, or a .json of them (what `python -m lcmla show PNG` prints)")
     gen.add_argument("--out", default="outputs", help="output folder (default ./outputs)")
+    gen.add_argument("--overwrite", action="store_true",
+                     help="replace images of the same seeds already in --out (by default a new image whose "
+                     "name is taken gets the next free one, lcmla-SEED-1.png, …)")
     gen.add_argument("--weights-dir", help="folder with model repos as <org>/<name> (or env LCMLA_WEIGHTS)")
     gen.add_argument("--face-models", help="insightface model pack folder (default buffalo_l in ~/.insightface)")
     gen.add_argument("--download", action="store_true", help="download missing weights from the Hugging Face Hub")
@@ -138,11 +142,26 @@ def _parse_value(text: str) -> Any:
 def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
     """Start from defaults (or a PNG), then apply the flags that were given."""
     if args.settings_from:
+        from pathlib import Path
+
         from .pngmeta import settings_from_png
 
-        base = settings_from_png(args.settings_from)
+        src = Path(args.settings_from).expanduser()
+        if src.suffix.lower() == ".json":  # what `python -m lcmla show PNG > s.json` wrote
+            try:
+                text = src.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise LcmlaError(f"--settings-from {src}: cannot read it ({exc.strerror or exc})") from None
+            try:
+                base = GenerationSettings.from_json(text)
+            except ValueError as exc:
+                raise LcmlaError(f"--settings-from {src}: {exc}") from None
+        else:
+            base = settings_from_png(args.settings_from)
     else:
         prompt = getattr(args, _dest(KNOB["prompt"]))
+        if not prompt:  # --set prompt=… counts as giving it
+            prompt = next((v for k, _, v in (i.partition("=") for i in args.set) if k.strip() == "prompt"), None)
         if not prompt:
             raise LcmlaError("--prompt is required (or --settings-from PNG)")
         base = GenerationSettings(prompt=prompt)
@@ -170,6 +189,11 @@ def _generate(args: argparse.Namespace) -> int:
     from .errors import check_output_dir
 
     check_output_dir(args.out, "--out")  # refused now, not after the images are made
+    from pathlib import Path
+
+    for face in args.face:  # a missing photo, before minutes of loading (its contents are read later)
+        if not Path(face).expanduser().exists():
+            raise LcmlaError(f"--face {face}: no such file; pass the path of a photo of the face")
     if args.quiet:  # this process's own loading bars too (diffusers' and transformers')
         from .loading import disable_progress_bars
 
@@ -213,7 +237,12 @@ def _generate(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    for path in result.save(args.out):
+    try:
+        saved = result.save(args.out, overwrite=args.overwrite)
+    except OSError as exc:  # the folder went away or filled up while generating
+        raise LcmlaError(f"--out {args.out}: the images could not be written ({exc.strerror or exc}); "
+                         "pass another folder") from None
+    for path in saved:
         print(path)
     for note in result.notes:  # what the request did that its settings may not show
         print(f"note: {note}", file=sys.stderr)

@@ -51,7 +51,6 @@ def read_authors_checkpoint(path: str | Path) -> dict[str, Any]:
     ``torch.save``'s zip format (its default since torch 1.6) it is memory-mapped (``mmap=True``), so
     only the tensors that are converted are read from disk. The legacy format is read whole.
     """
-    import pickle
     import zipfile
 
     import torch
@@ -61,8 +60,14 @@ def read_authors_checkpoint(path: str | Path) -> dict[str, Any]:
         raise LcmlaError(f"{str(path)!r} does not exist; pass the authors' model_ckpt.pt")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise LcmlaError(f"{str(path)!r} is not a plain tensor checkpoint ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # noqa: BLE001 - any failure of the safe loader (a garbled pickle raises struct.error)
+        from .loading import file_kind, unreadable_reason
+
+        kind = file_kind(path)
+        if kind is not None:
+            raise LcmlaError(f"{str(path)!r} is {kind}, not a checkpoint; pass the authors' model_ckpt.pt") from None
+        raise LcmlaError(f"{str(path)!r} is not a plain tensor checkpoint (refused by the safe loader: "
+                         f"{unreadable_reason(exc)}); pass the authors' model_ckpt.pt") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not any(k.startswith(_ENC) for k in state) \

@@ -35,7 +35,7 @@ import torch
 from .acceleration import apply_channels_last, apply_compile, check_compile_mode
 from .attention.context import AMPlan, AttentionContext, HostParking, KVCache, MapStore
 from .denoiser import ConditionSet, GuidedDenoiser, GuidedStep, UNetBatch
-from .errors import LcmlaError
+from .errors import LcmlaError, MissingWeightsError
 from .faces import EMBEDDING_DIM, FaceAnalyzer, FaceIdentity, onnx_providers
 from .guidance import BRANCH_CONDITIONS, DecoupledGuidance, Guidance, guidance_for
 from .images import as_photo_list
@@ -74,8 +74,11 @@ class Result:
         """Settings that reproduce image ``index`` alone (its own seed, one image)."""
         return self.settings.replace(output__seed=self.seeds[index], output__num_images=1)
 
-    def save(self, outdir: str | Path, stem: str = "lcmla") -> list[Path]:
-        """Write each image as PNG with its reproducing settings embedded; returns the paths."""
+    def save(self, outdir: str | Path, stem: str = "lcmla", overwrite: bool = False) -> list[Path]:
+        """Write each image as PNG with its reproducing settings embedded, named by its seed
+        (``lcmla-7.png``); returns the paths. A name already taken gets the next free suffix
+        (``lcmla-7-1.png``), so nothing earlier is lost (a ``--settings-from`` PNG included),
+        unless ``overwrite``."""
         from .pngmeta import save_png
 
         out = Path(outdir)
@@ -83,6 +86,10 @@ class Result:
         paths = []
         for i, image in enumerate(self.images):
             path = out / f"{stem}-{self.seeds[i]}.png"
+            n = 0
+            while not overwrite and path.exists():
+                n += 1
+                path = out / f"{stem}-{self.seeds[i]}-{n}.png"
             save_png(image, path, self.image_settings(i), random_weights=self.random_weights)
             paths.append(path)
         return paths
@@ -266,11 +273,15 @@ class Engine:
         dtype = _parse_dtype(dtype, device)
         check_compile_mode(compile)
         memory_mode = choose_memory_mode(memory, device, free_device_memory(device))
-        if face_models is not None or p.face_backend == "insightface":
-            # face models first: they are the cheapest to check and a common miss
-            faces = FaceAnalyzer.insightface(name=str(face_models or "buffalo_l"), providers=onnx_providers(device))
-        else:
-            faces = FaceAnalyzer.haar()
+        # what is missing, the face models and the model files together, is reported in one message
+        faces_missing: MissingWeightsError | None = None
+        try:
+            if face_models is not None or p.face_backend == "insightface":
+                faces = FaceAnalyzer.insightface(name=str(face_models or "buffalo_l"), providers=onnx_providers(device))
+            else:
+                faces = FaceAnalyzer.haar()
+        except MissingWeightsError as exc:
+            faces_missing = exc
         if p.random_weights:
             from .tiny import random_weights_paths
 
@@ -280,9 +291,17 @@ class Engine:
             from .weights import resolve_preset
 
             variant = "fp16" if dtype in (torch.float16, torch.bfloat16) else None
-            paths = resolve_preset(p, variant=variant, weights_dir=weights_dir, allow_download=allow_download,
-                                   exclude=exclude)
+            try:
+                paths = resolve_preset(p, variant=variant, weights_dir=weights_dir, allow_download=allow_download,
+                                       exclude=exclude)
+            except MissingWeightsError as exc:
+                if faces_missing is None:
+                    raise
+                raise MissingWeightsError(f"{exc}\nAnd the face models: {faces_missing}",
+                                          exc.missing + faces_missing.missing) from None
             paths.update(_optional_paths(p, weights_dir))
+        if faces_missing is not None:
+            raise faces_missing
         components = load_components(p, paths, device="cpu" if memory_mode in OFFLOAD_MODES else device, dtype=dtype,
                                      variant=variant, lcm_lora=bool(p.lcm_lora) or "lcm_lora" in paths, adapter=adapter)
         engine = cls(p, components, faces, device=device, dtype=dtype, memory_mode=memory_mode)

@@ -35,8 +35,11 @@ class MissingWeightsError(LcmlaError):
 
 def check_output_dir(path, flag: str) -> None:
     """Refuse, before any work, an output folder that cannot be made or written: a file in its
-    place, or a nearest existing folder above it that is not writable. Creates nothing."""
+    place, or a nearest existing folder above it that is not writable. Leaves nothing behind (the
+    write test is a temporary file, deleted at once: permission bits do not tell for root, a
+    read-only file system or /proc)."""
     import os
+    import tempfile
     from pathlib import Path
 
     p = Path(path).expanduser()
@@ -51,6 +54,12 @@ def check_output_dir(path, flag: str) -> None:
         raise LcmlaError(f"{flag} {p} cannot be created: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise LcmlaError(f"{flag} {p} cannot be written: no write permission in {probe}; pass another folder")
+    try:
+        with tempfile.TemporaryFile(dir=probe, prefix=".lcmla-write-test-"):
+            pass
+    except OSError as exc:
+        raise LcmlaError(f"{flag} {p} cannot be written: {probe} refuses new files ({exc.strerror or exc}); "
+                         "pass another folder") from None
 
 
 def refuse_folder(path, what: str, suffixes: tuple[str, ...]) -> None:

@@ -64,6 +64,10 @@ def _parse_steps(text: Any, knob: Knob) -> list[int] | None:
 def _parse_int(value: Any, knob: Knob) -> int:
     if value is None or isinstance(value, str) and not value.strip():
         raise SettingsError(f"{knob.label} ({knob.name}) is empty; enter a whole number")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value.strip())  # exact: a float would round seeds past 2**53
     try:
         number = float(value)
     except (TypeError, ValueError):

@@ -159,10 +159,11 @@ def load_kv_encoder_lora(pipe, path: str | Path, adapter_name: str = ADAPTER_NAM
     state = load_file(str(path))
     lora = {k: v for k, v in state.items() if k.startswith("unet.")}
     copies = {k[len(KV_COPY_PREFIX):]: v for k, v in state.items() if k.startswith(KV_COPY_PREFIX)}
-    import warnings
+    from .loading import _quiet_known_messages
 
-    with warnings.catch_warnings():  # a second peft adapter on the UNet is the point
-        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+    # a second peft adapter on the UNet is the point, and the text encoders have no keys in it
+    # (diffusers says "No LoRA keys associated to CLIPTextModel…" once per encoder)
+    with _quiet_known_messages():
         pipe.load_lora_weights(lora, adapter_name=adapter_name)
     if copies:
         from .attention.kv_copy import add_kv_copy

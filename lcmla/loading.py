@@ -212,6 +212,33 @@ def adapter_kind(state: dict[str, dict[str, Any]]) -> str:
         f"{sorted(proj)[:4]}…); lcmla runs those two kinds", missing=[])
 
 
+#: The first bytes of files that are often passed where a checkpoint is wanted.
+_SIGNATURES = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+               (b"RIFF", "a WebP image (or another RIFF file)"), (b"%PDF", "a PDF document"),
+               (b"<!DOCTYPE html", "an HTML page (a download that saved a web page?)"), (b"<html", "an HTML page"),
+               (b"version https://git-lfs", "a Git LFS pointer, not the file itself (run `git lfs pull`)"))
+
+
+def file_kind(path: str | Path) -> str | None:
+    """What a file that is no checkpoint is, by its first bytes ("a PNG image"), or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(32)
+    except OSError:
+        return None
+    return next((kind for sig, kind in _SIGNATURES if head.startswith(sig)), None)
+
+
+def unreadable_reason(exc: BaseException) -> str:
+    """Why the safe loader refused a checkpoint, in one line. torch's own text for a refused
+    pickle suggests ``weights_only=False``, which would run the file's code: never repeat it."""
+    import pickle
+
+    if isinstance(exc, pickle.UnpicklingError):
+        return "it holds Python objects besides tensors, or is not a checkpoint at all"
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+
+
 def load_adapter_state_dict(path: str | Path, *, keep_lora: bool = False) -> dict[str, dict[str, Any]]:
     """Read an IP-Adapter checkpoint safely and check its layout.
 
@@ -222,8 +249,6 @@ def load_adapter_state_dict(path: str | Path, *, keep_lora: bool = False) -> dic
     checkpoints carry their LoRA inside (``*_lora.*`` keys); it is dropped unless ``keep_lora``
     (see the module docstring). Raises ``MissingWeightsError`` for a file of another layout.
     """
-    import pickle
-
     import torch
 
     from .errors import refuse_folder
@@ -247,12 +272,13 @@ def load_adapter_state_dict(path: str | Path, *, keep_lora: bool = False) -> dic
                     state[part][rest] = value
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
-        # torch's own text for a refused pickle suggests weights_only=False: never repeat that advice
-        why = ("it holds Python objects besides tensors" if isinstance(exc, pickle.UnpicklingError)
-               else (str(exc).splitlines() or [type(exc).__name__])[0][:200])
+    except Exception as exc:  # noqa: BLE001 - any failure of the safe loader (a garbled pickle raises struct.error)
+        kind = file_kind(path)
+        if kind is not None:
+            raise MissingWeightsError(f"{path} is {kind}, not an IP-Adapter checkpoint; pass the adapter's "
+                                      ".safetensors or .bin file", missing=[str(path)]) from exc
         raise MissingWeightsError(
-            f"{path} is not a plain tensor checkpoint (refused by the safe loader: {why}); "
+            f"{path} is not a plain tensor checkpoint (refused by the safe loader: {unreadable_reason(exc)}); "
             "delete it and download it again",
             missing=[str(path)],
         ) from exc

@@ -83,6 +83,8 @@ def test_an_unusable_out_folder_is_refused_before_loading(face_path, tmp_path, c
     import lcmla.engine
 
     monkeypatch.setattr(lcmla.engine.Engine, "load", classmethod(lambda *a, **k: pytest.fail("loaded a model")))
+    assert main(["generate", "--face", str(tmp_path / "nobody.jpg"), "--prompt", "a face", "--out", str(tmp_path)]) == 2
+    assert "--face " + str(tmp_path / "nobody.jpg") + ": no such file" in capsys.readouterr().err
     (tmp_path / "afile").write_text("x")
     for out, said in ((tmp_path / "afile", "is a file, not a folder"), (tmp_path / "afile" / "sub", "cannot be created")):
         assert main(["generate", "--face", str(face_path), "--prompt", "a face", "--out", str(out)]) == 2
@@ -142,6 +144,12 @@ def test_missing_real_weights_message(monkeypatch, tmp_path, face_path, capsys):
     assert code == 2
     assert "sdxl_lightning_4step_unet.safetensors" in err and f"hf download {LIGHTNING_REPO}" in err
     assert "ip-adapter-faceid-plusv2_sdxl.bin" in err and "Traceback" not in err
+    # without the face models too: both in the one message (it named only the face models)
+    code = main(["generate", "--face", str(face_path), "--prompt", "a face", "--preset", "sdxl-lightning-4step",
+                 "--face-models", str(tmp_path / "no-such-pack"), "--weights-dir", str(tmp_path / "w"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "sdxl_lightning_4step_unet.safetensors" in err and f"hf download {LIGHTNING_REPO}" in err
+    assert "And the face models: insightface face models not found" in err and "no-such-pack" in err
 
 
 def test_cli_fastface_and_kv_flags():
@@ -235,3 +243,70 @@ def test_help_ranges_say_they_are_the_apps_and_print_integers_whole():
     assert "1…50 in the app" in cli_help(KNOB["guidance.steps"])
     seed = cli_help(KNOB["output.seed"])
     assert "e+" not in seed and "0…9007199254740991 in the app" in seed
+
+
+def test_a_taken_name_gets_the_next_free_one_unless_overwrite(engine, face_path, tmp_path):
+    """Images are named by their seed; a second run of the same seed in the same folder (say over
+    its own --settings-from PNG) used to replace the first without a word."""
+    from lcmla import GenerationSettings
+    from lcmla.pngmeta import settings_from_png
+
+    small = {"output.width": 64, "output.height": 64, "output.seed": 7}
+    first = engine.generate(GenerationSettings(prompt="a face").replace_dotted(small), [face_path])
+    second = engine.generate(GenerationSettings(prompt="a drawing").replace_dotted(small), [face_path])
+    assert first.save(tmp_path) == [tmp_path / "lcmla-7.png"]
+    assert second.save(tmp_path) == [tmp_path / "lcmla-7-1.png"]
+    assert second.save(tmp_path) == [tmp_path / "lcmla-7-2.png"]
+    assert settings_from_png(tmp_path / "lcmla-7.png").prompt == "a face"  # the first is kept
+    assert second.save(tmp_path, overwrite=True) == [tmp_path / "lcmla-7.png"]
+    assert settings_from_png(tmp_path / "lcmla-7.png").prompt == "a drawing"
+    assert build_parser().parse_args(["generate", "--face", "x", "--overwrite"]).overwrite
+
+
+def test_seeds_are_read_exactly():
+    """A seed went through float(): 123456789012345678 became …680 and 2**63 − 2 overflowed."""
+    from lcmla.knobs import KNOB, parse_cli
+
+    for text in ("123456789012345678", "9007199254740993", str(2**63 - 2)):
+        assert parse_cli(KNOB["output.seed"], text) == int(text)
+    args = build_parser().parse_args(["generate", "--face", "x", "--prompt", "a", "--seed", str(2**63 - 2),
+                                      "--num-images", "2"])
+    assert settings_from_args(args).output.seed == 2**63 - 2
+    assert parse_cli(KNOB["output.seed"], "7.0") == 7  # a whole float is still a seed
+
+
+def test_a_prompt_given_with_set_counts():
+    args = build_parser().parse_args(["generate", "--face", "x", "--set", "prompt=hello there"])
+    assert settings_from_args(args).prompt == "hello there"
+    with pytest.raises(LcmlaError, match="--prompt is required"):
+        settings_from_args(build_parser().parse_args(["generate", "--face", "x", "--set", "output.seed=3"]))
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_folder_that_refuses_files_is_refused_before_loading(face_path, capsys, monkeypatch):
+    """os.access says yes to root everywhere; /proc takes no new file (nor does a read-only mount)."""
+    import lcmla.engine
+
+    monkeypatch.setattr(lcmla.engine.Engine, "load", classmethod(lambda *a, **k: pytest.fail("loaded a model")))
+    assert main(["generate", "--face", str(face_path), "--prompt", "a face", "--out", "/proc/lcmla-out"]) == 2
+    err = capsys.readouterr().err
+    assert "--out /proc/lcmla-out cannot be written: /proc refuses new files" in err and "Traceback" not in err
+
+
+def test_settings_from_the_json_that_show_prints(tmp_path, capsys):
+    from lcmla import GenerationSettings
+    from lcmla.pngmeta import save_png
+    from PIL import Image
+
+    made = GenerationSettings(prompt="an oil painting of a face").replace_dotted({"output.seed": 11,
+                                                                                   "identity.lora_scale": 0.6})
+    save_png(Image.new("RGB", (8, 8)), tmp_path / "a.png", made)
+    assert main(["show", str(tmp_path / "a.png")]) == 0
+    (tmp_path / "s.json").write_text(capsys.readouterr().out)
+    args = build_parser().parse_args(["generate", "--face", "x", "--settings-from", str(tmp_path / "s.json"),
+                                      "--steps", "3"])
+    assert settings_from_args(args) == made.replace_dotted({"guidance.steps": 3})
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(LcmlaError, match="--settings-from .*bad.json: settings are not valid JSON"):
+        settings_from_args(build_parser().parse_args(["generate", "--face", "x", "--settings-from",
+                                                      str(tmp_path / "bad.json")]))

@@ -173,6 +173,17 @@ def test_convert_refuses_other_files(tmp_path):
     torch.save(full, tmp_path / "full.pt")
     with pytest.raises(LcmlaError, match="kvcopy_lora_rank"):
         convert_lookahead_checkpoint(tmp_path / "full.pt", tmp_path / "out", unet_config=TINY_UNET)
+    # a photo passed by mistake is named as one, without torch's "weights_only=False" advice
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "me.png")
+    with pytest.raises(LcmlaError, match="'.*me.png' is a PNG image, not a checkpoint") as err:
+        convert_lookahead_checkpoint(tmp_path / "me.png", tmp_path / "out", unet_config=TINY_UNET)
+    assert "weights_only" not in str(err.value)
+    (tmp_path / "junk.pt").write_bytes(b"\x80\x02junk")
+    with pytest.raises(LcmlaError, match="not a plain tensor checkpoint \\(refused by the safe loader") as err:
+        convert_lookahead_checkpoint(tmp_path / "junk.pt", tmp_path / "out", unet_config=TINY_UNET)
+    assert "weights_only" not in str(err.value) and "\n" not in str(err.value)
 
 
 def test_cli_convert(tmp_path):

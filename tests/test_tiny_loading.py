@@ -387,6 +387,12 @@ def test_non_tensor_pickle_is_refused(paths: dict[str, Path], tmp_path: Path) ->
         (tmp_path / name).write_bytes(data)
         with pytest.raises(MissingWeightsError, match="not a plain tensor checkpoint.*not a readable safetensors"):
             load_faceid_state_dict(tmp_path / name)
+    # a photo given as the adapter is named as one (it was "holds Python objects besides tensors")
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "me.png")
+    with pytest.raises(MissingWeightsError, match="me.png is a PNG image, not an IP-Adapter checkpoint"):
+        load_faceid_state_dict(tmp_path / "me.png")
     torch.load(bad / FACEID_WEIGHTS, weights_only=False)  # the payload is real: an unsafe load runs it
     assert marker.is_dir()
 
