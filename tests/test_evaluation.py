@@ -343,13 +343,14 @@ def test_reference_photos_are_read_upright(tmp_path, face_path):
     assert diff < 8, diff
 
 
-def test_cli_evaluate(tmp_path, face_path):
+def test_cli_evaluate(tmp_path, face_path, capsys):
     from lcmla.cli import main
 
     out = tmp_path / "eval"
     assert main(["evaluate", "--faces", str(face_path), "--methods", "dcg", "--seeds", "0", "--scales", "0.8",
                  "--max-prompts", "1", "--output-dir", str(out), "--quiet", "--set", "guidance.steps=2",
                  "--imagereward", str(tmp_path / "no-imagereward")]) == 0
+    assert "Loading pipeline components" not in capsys.readouterr().err  # --quiet: the loaders' bars too
     rows = read_rows(out / "results.jsonl")
     assert len(rows) == 1 and rows[0]["settings"]["guidance"]["steps"] == 2
     config = json.loads((out / "config.json").read_text())
@@ -521,3 +522,43 @@ def test_request_notes_are_grouped_by_note():
             {"method": "dcg", "notes": ["a"]}, {"method": "baseline", "notes": None}, {"method": "am1", "notes": []},
             {"method": "baseline"}]  # None: scored from a PNG written before a kill; no key: an older results.jsonl
     assert request_notes_by_method(rows) == {"a": (["dcg", "am2+dcg"], 3), "b": (["dcg"], 1)}
+
+
+def test_set_cannot_override_the_grids_own_axes():
+    """--set output.seed=3 ran every cell at seed 3 while its row said seed 0 (and made the seeds'
+    cells identical, so their confidence intervals were wrong)."""
+    from lcmla.errors import LcmlaError
+    from lcmla.evaluation.cli import check_grid_settings
+
+    for key, flag in (("output.seed", "--seeds"), ("identity.ip_adapter_scale", "--scales"), ("prompt", "--prompts"),
+                      ("output.num_images", "one image per cell")):
+        with pytest.raises(LcmlaError, match=f"--set {key}: the grid sets it per cell \\({flag}\\)"):
+            check_grid_settings("tiny", {key: 3}, [0.5])
+    check_grid_settings("tiny", {"guidance.steps": 2}, [0.5])
+
+
+def test_a_report_with_nothing_scored_is_blank_labelled_and_says_why(tmp_path):
+    """No face in any image: summary.csv has blank cells (it wrote the literal "nan") and the
+    face-style column the report's table shows; the Pareto plot says why it has no points; the
+    report lists every column with its unit; the grid states identity, seed and λ."""
+    import csv
+
+    from lcmla.evaluation.report import COLUMNS
+
+    rows = [_row("baseline", 0.8, s, None, 25.0 + s) for s in range(2)]
+    for r in rows:
+        Image.new("RGB", (64, 64), (90, 90, 90)).save(tmp_path / r["image"])
+    report = write_report(tmp_path, rows).read_text()
+    with (tmp_path / "summary.csv").open(newline="") as f:
+        table = list(csv.DictReader(f))
+    assert table and all(rec["id_net"] == "" and rec["face_style"] == "" for rec in table)
+    assert "nan" not in (tmp_path / "summary.csv").read_text()
+    assert json.loads((tmp_path / "pareto-net.json").read_text()) == {}
+    plot = np.asarray(Image.open(tmp_path / "pareto-net.png").convert("L"))
+    h, w = plot.shape
+    assert (plot[h // 2 - 15: h // 2 + 15, w // 2 - 40: w // 2 + 40] < 150).any()  # the "no points" text
+    for column in COLUMNS:
+        assert f"- `{column}`:" in report
+    assert "cosine (−1…1" in report and "100 × cosine of the CLIP image and prompt" in report
+    grid = np.asarray(Image.open(tmp_path / "grid-realistic.png").convert("L"))
+    assert (grid[:16] < 128).any()  # the title line: identity · seed · λ

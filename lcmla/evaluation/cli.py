@@ -152,6 +152,12 @@ def check_grid_settings(preset: str, overrides: dict, scales) -> None:
     flag's name before anything is loaded or deleted."""
     from ..settings import GenerationSettings
 
+    axes = {"output.seed": "--seeds", "output.num_images": "one image per cell", "identity.ip_adapter_scale": "--scales",
+            "prompt": "--prompts", "preset": "--preset"}
+    for key in overrides:
+        if key in axes:
+            raise LcmlaError(f"--set {key}: the grid sets it per cell ({axes[key]}), so an override would give the "
+                             "cells another value than their rows record; drop it (use the flag instead)")
     base = GenerationSettings(preset=preset)
     try:
         base = base.replace_dotted(overrides)
@@ -217,6 +223,10 @@ def evaluate_command(args) -> int:
     if procs.barrier is not None:
         procs.barrier()  # nobody starts before the folder is cleared
     kw = dict(device=device, dtype=args.dtype, weights_dir=args.weights_dir, face_models=args.face_models)
+    if args.quiet:  # the loaders' bars too, as generate --quiet
+        from ..loading import disable_progress_bars
+
+        disable_progress_bars()
     engine = Engine.load(args.preset, **kw)
     engines = {"base": engine}
     if args.trained_adapter or args.trained_kv_lora:

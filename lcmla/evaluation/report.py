@@ -17,6 +17,21 @@ from .metrics import mean_ci
 ALL = "all"
 #: The metrics besides ID that a row may carry, summarised when any row of a group has them.
 OPTIONAL_METRICS = ("clip_t", "face_style", "aesthetic", "imagereward")
+#: The metrics whose columns the report always has (blank where not computed).
+ALWAYS_SHOWN = ("clip_t", "face_style")
+#: What each summary.csv column holds, and its unit (report.md lists them under the table).
+COLUMNS = {
+    "method, scale, prompt_set, n": "the cell group: method, identity scale λ, prompt set (all = every set), images",
+    "id_<net>, id_<net>_ci": "ID: cosine (−1…1, higher is closer) of the recognizer's embeddings of the "
+                            "reference and the image's largest face; mean and 95 % CI half-width",
+    "ffc_<net>": "face-fail count: images in which the recognizer finds no face (SPEC §6)",
+    "noref_<net>": "images with a face that are not scored: the recognizer finds no face in the identity's "
+                   "reference photos (not the method's failure, not in the FFC)",
+    "clip_t, clip_t_ci": "CLIP-T: 100 × cosine of the CLIP image and prompt embeddings (text alignment)",
+    "face_style, face_style_ci": "face-style: 100 × CLIP cosine of the face crop and the style part of the prompt",
+    "aesthetic, imagereward": "LAION's aesthetic predictor and ImageReward, as their models score (when computed)",
+    "seconds_per_image": "generation time per image on the machine that ran the grid, seconds",
+}
 
 
 def _groups(rows: Sequence[dict]) -> dict[tuple[str, float, str], list[dict]]:
@@ -52,6 +67,8 @@ def summarize(rows: Sequence[dict]) -> list[dict[str, Any]]:
             values = [r["metrics"].get(metric) for r in group]
             if any(v is not None for v in values):
                 rec[metric], rec[f"{metric}_ci"], _ = mean_ci(values)
+            elif metric in ALWAYS_SHOWN:  # the report's table has their columns: summary.csv too (blank)
+                rec[metric], rec[f"{metric}_ci"] = float("nan"), float("nan")
         seconds = [r["seconds"] for r in group if r.get("seconds") is not None]
         rec["seconds_per_image"] = sum(seconds) / len(seconds) if seconds else float("nan")
         out.append(rec)
@@ -81,7 +98,9 @@ def write_summary(records: Sequence[dict], path: Path) -> Path:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in records:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+            # a number not computed is a blank cell (it was the literal "nan")
+            w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else f"{v:.6g}" if isinstance(v, float) else v)
+                        for k, v in r.items()})
     return path
 
 
@@ -89,7 +108,8 @@ def pareto_points(records: Sequence[dict], scorer: str, prompt_set: str = ALL) -
     """method → [(scale, CLIP-T, ID)] sorted by scale: the points a Pareto plot draws."""
     out: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
     for r in records:
-        if r["prompt_set"] == prompt_set and "clip_t" in r and not math.isnan(r.get(f"id_{scorer}", float("nan"))):
+        if (r["prompt_set"] == prompt_set and not math.isnan(r.get("clip_t", float("nan")))
+                and not math.isnan(r.get(f"id_{scorer}", float("nan")))):
             out[r["method"]].append((r["scale"], r["clip_t"], r[f"id_{scorer}"]))
     return {m: sorted(v) for m, v in out.items()}
 
@@ -117,6 +137,10 @@ def pareto_plot(records: Sequence[dict], scorer: str, path: Path, note: str = ""
     ax.grid(alpha=0.3)
     if points:
         ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, f"no points: no cell has both an ID ({scorer}) and a CLIP-T score\n"
+                "(the recognizer found no face in any image, or CLIP-T was not computed)",
+                ha="center", va="center", transform=ax.transAxes, fontsize=9, color="0.3")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -136,12 +160,16 @@ def image_grid(rows: Sequence[dict], folder: Path, prompt_set: str, path: Path, 
     pick = [r for r in rows if r["scale"] == scale and r["identity"] == identity and r["seed"] == seed]
     methods = list(dict.fromkeys(r["method"] for r in pick))
     prompts = list(dict.fromkeys(r["prompt"] for r in pick))
-    label_w, head = 150, 34
-    sheet = Image.new("RGB", (label_w + cell * len(prompts), head + cell * len(methods)), "white")
+    import textwrap
+
+    label_w, title, head = 150, 18, 48
+    sheet = Image.new("RGB", (label_w + cell * len(prompts), title + head + cell * len(methods)), "white")
     draw = ImageDraw.Draw(sheet)
+    draw.text((4, 3), f"identity {identity} · seed {seed} · λ = {scale:g} · {prompt_set} prompts", fill="black")
     for j, p in enumerate(prompts):
-        draw.text((label_w + j * cell + 4, 4), p[:30], fill="black")
-        draw.text((label_w + j * cell + 4, 18), p[30:60], fill="black")
+        for k, line in enumerate(textwrap.wrap(p, width=max(8, cell // 7))[:3]):  # whole words, three lines
+            draw.text((label_w + j * cell + 4, title + 2 + 14 * k), line, fill="black")
+    head += title
     for i, m in enumerate(methods):
         draw.text((4, head + i * cell + cell // 2), m, fill="black")
         for j, p in enumerate(prompts):
@@ -193,7 +221,7 @@ def write_report(folder: str | Path, rows: Sequence[dict] | None = None, config:
     note = " — random weights: meaningless numbers" if meaningless else ""
     plots = [pareto_plot(records, s, folder / f"pareto-{s}.png", note, x_note=marks.get("clip_t", ""),
                          y_note=marks.get(f"id_{s}", ""))
-             for s in scorers if any("clip_t" in r for r in records)]
+             for s in scorers if any(not math.isnan(r.get("clip_t", float("nan"))) for r in records)]
     grids = [g for g in (image_grid(rows, folder, ps, folder / f"grid-{ps}.png")
                          for ps in dict.fromkeys(r["prompt_set"] for r in rows)) if g is not None]
     seconds = [r["seconds"] for r in rows if r.get("seconds") is not None]
@@ -224,6 +252,8 @@ def write_report(folder: str | Path, rows: Sequence[dict] | None = None, config:
         cells += [_pm(r[f"id_{s}"], r[f"id_{s}_ci"]) for s in scorers] + [str(r[f"ffc_{s}"]) for s in scorers]
         cells += [_pm(r.get(m), r.get(f"{m}_ci")) for m in ("clip_t", "face_style", *extra)]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Columns of `summary.csv` (one row per method, λ and prompt set; a blank cell: not computed):", ""]
+    lines += [f"- `{k}`: {v}" for k, v in COLUMNS.items()]
     notes = list((config or {}).get("notes") or [])
     for s in scorers:
         unscored = sum(r.get(f"noref_{s}", 0) for r in records if r["prompt_set"] == ALL)
