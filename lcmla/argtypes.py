@@ -55,3 +55,14 @@ def add_flag(parser, *names: str, **kwargs) -> None:
         text, described = kwargs.get("help"), kind.describe()
         kwargs["help"] = f"{text}; {described}" if text else described[0].upper() + described[1:]
     parser.add_argument(*names, **kwargs)
+
+
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)" after each help text, except where it says nothing or says it
+    twice: no default (None, a required flag) or a help text that already names its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or action.required or "default" in text or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)

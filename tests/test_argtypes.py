@@ -41,3 +41,18 @@ def test_the_parser_names_the_flag_and_the_help_shows_the_range(capsys):
     assert exc.value.code == 2 and "argument --rate: must be a finite number > 0 (got 0.0)" in capsys.readouterr().err
     shown = " ".join(p.format_help().split())
     assert "--rate RATE learning rate; a finite number > 0" in shown and "--n N A whole number ≥ 1" in shown
+
+
+def test_help_shows_a_default_once_and_never_none():
+    import argparse
+
+    from lcmla.argtypes import DefaultsHelp
+
+    p = argparse.ArgumentParser(formatter_class=DefaultsHelp)
+    p.add_argument("--steps", type=int, default=5, help="sampling steps")
+    p.add_argument("--names", default=None, help="a file of names")
+    p.add_argument("--styles", default="all", help="styles (default: all)")
+    p.add_argument("--count", type=int, required=True, help="how many")
+    text = " ".join(p.format_help().split())
+    assert "sampling steps (default: 5)" in text and "(default: None)" not in text
+    assert text.count("(default: all)") == 1 and "how many (default" not in text

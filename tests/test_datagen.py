@@ -401,3 +401,48 @@ def test_cli_generate_tiny_to_the_end_and_inspect_an_empty_shard(engine, tiny_ca
     pngs = sorted(sheets.glob("*.png"))
     assert [p.stem for p in pngs] == ["shard-000000", "shard-000001"]
     assert all(Image.open(p).size[1] > 0 for p in pngs)
+
+
+def test_sample_makes_real_face_pairs_the_trainer_reads(tmp_path, capsys):
+    """``datagen sample``: the two public-domain portraits, varied and stylized, through the same
+    filter and shards as generate; the trainer's reader finds pairs of one identity in it (a tiny
+    preset's render keeps none: its random weights draw no faces)."""
+    from training.datagen.cli import main
+    from training.datagen.reader import PairDataset
+    from training.datagen.sample import portrait, stylize, vary
+
+    out = tmp_path / "sample"
+    assert main(["sample", "--output-dir", str(out), "--images-per-identity", "6", "--size", "128"]) == 0
+    totals = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert totals["samples"] >= 8 and totals["shards_written"] == 1
+    manifest = read_manifest(out)
+    (entry,) = manifest.values()
+    assert entry["run"]["settings"]["source"] == "sample" and entry["kept_identities"] == [0, 1]
+    pairs = PairDataset([out])
+    names = {pairs[j].key.split(">")[0].split("-")[0] for j in range(len(pairs))}
+    assert len(pairs) >= 6 and len(names) == 2
+    # a rerun is the same run (the same shards are kept); other settings are refused by name
+    assert main(["sample", "--output-dir", str(out), "--images-per-identity", "6", "--size", "128"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["shards_kept"] == 1
+    assert main(["sample", "--output-dir", str(out), "--images-per-identity", "6", "--size", "96"]) == 2
+    assert "size" in capsys.readouterr().err
+    # the variations: deterministic per seed, different across seeds; styles change the picture
+    photo = portrait("Grace Hopper")
+    a, b = np.asarray(vary(photo, 1, 96)), np.asarray(vary(photo, 2, 96))
+    assert np.array_equal(a, np.asarray(vary(photo, 1, 96))) and not np.array_equal(a, b)
+    pencil = np.asarray(stylize(vary(photo, 1, 96), "a pencil drawing of Grace Hopper"))
+    assert pencil.shape == a.shape and np.abs(pencil[..., 0].astype(int) - pencil[..., 2]).max() <= 1  # grey
+
+
+def test_no_training_pairs_names_the_way_to_real_photos(tmp_path):
+    """Shards where no face was kept (what the tiny preset's render gives) name the way out."""
+    from PIL import Image
+
+    from training.datagen.generate import generate
+    from training.datagen.reader import PairDataset
+
+    cfg, haar = datagen_fake.config(identities=2, per_shard=2, images=2)
+    generate(cfg, tmp_path, lambda prompt, seed: Image.new("RGB", (96, 96), (120, 120, 120)), haar.detect,
+             log=lambda m: None)
+    with pytest.raises(ValueError, match="no training pairs .*`python -m training datagen sample --output-dir D`"):
+        PairDataset([tmp_path])

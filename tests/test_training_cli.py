@@ -268,3 +268,13 @@ def test_report_to_tensorboard_writes_event_files(shards, tmp_path):
     r = _run(_args(shards, out, steps=2, extra=("--report-to", "tensorboard", "--lookahead-weight", "0")))
     assert r.returncode == 0, r.stderr[-3000:]
     assert list((out / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_fp16_on_the_cpu_is_refused_with_the_way_out():
+    """It failed at the first step with "mat1 and mat2 must have the same dtype" (a traceback)."""
+    from training.train import TrainingError, check_precision
+
+    with pytest.raises(TrainingError, match="fp16 needs a CUDA GPU; on the CPU use --mixed-precision bf16 or no"):
+        check_precision("fp16", "cpu")
+    for ok in (("bf16", "cpu"), ("no", "cpu"), ("fp16", "cuda")):
+        check_precision(*ok)

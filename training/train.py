@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from lcmla.argtypes import Number, add_flag
+from lcmla.argtypes import DefaultsHelp, Number, add_flag
 
 EXIT_USER_ERROR = 2
 
@@ -49,7 +49,7 @@ def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training train", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelp)
     g = p.add_argument_group("model")
     _flag(g, "preset", default="tiny", help="lcmla preset to train on (tiny: offline, random weights)")
     _flag(g, "random-weights", default=None, choices=("tiny", "full"),
@@ -250,6 +250,14 @@ def _trackers(accelerator, args) -> None:
                             f"{_TRACKER_HINT}")
 
 
+def check_precision(mixed_precision: str, device_type: str) -> None:
+    """float16 training needs CUDA: the frozen weights are cast to float16, and on the CPU
+    accelerate's autocast does not run float16 matmuls, so the first step would fail deep in the
+    UNet (bfloat16 autocasts there)."""
+    if mixed_precision == "fp16" and device_type == "cpu":
+        raise TrainingError("--mixed-precision fp16 needs a CUDA GPU; on the CPU use --mixed-precision bf16 or no")
+
+
 def check_distributed(accelerator) -> None:
     """The trainer's multi-process support is DDP-style (see the module docstring): refuse
     DeepSpeed, FSDP and Megatron-LM configurations instead of failing deep inside a step."""
@@ -332,6 +340,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     check_distributed(accelerator)
+    check_precision(accelerator.mixed_precision, accelerator.device.type)
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     preset, comps = _load(args, str(device), weight_dtype)
@@ -385,6 +394,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if resume is not None:
         state = load_checkpoint(accelerator, resume, generator, named)
         accelerator.print(f"resumed from {resume} at step {state.global_step}")
+    elif args.resume_from_checkpoint == "latest":
+        accelerator.print(f"--resume-from-checkpoint latest: no checkpoint in {out} yet, so training starts at step 0")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "logs").mkdir(exist_ok=True)
@@ -517,7 +528,8 @@ def cli(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("interrupted; resume with --resume-from-checkpoint latest", file=sys.stderr)
+        print("interrupted; run the same command with --resume-from-checkpoint latest to continue from the last "
+              "checkpoint", file=sys.stderr)
         return 130
     for role, path in summary["files"].items():
         print(f"{role}: {path}")

@@ -1,8 +1,9 @@
-"""``python -m training datagen generate | inspect | import-authors`` (also under ``accelerate launch``).
+"""``python -m training datagen generate | sample | inspect | import-authors`` (also under ``accelerate launch``).
 
     python -m training datagen generate --preset sdxl-turbo --identities 1000 --images-per-identity 16 \\
         --output-dir data/faces
     accelerate launch -m training datagen generate ...      # the shards split over the processes
+    python -m training datagen sample --output-dir data/sample   # two public-domain portraits: try it on a CPU
     python -m training datagen inspect data/faces
     python -m training datagen import-authors their_data/ --output-dir data/imported
 """
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from lcmla.argtypes import Number, add_flag
+from lcmla.argtypes import DefaultsHelp, Number, add_flag
 from lcmla.errors import check_output_dir
 
 EXIT_USER_ERROR = 2
@@ -26,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training datagen", description="consistent-identity training data")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="render identities with SDXL-Turbo, filter, write shards",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsHelp)
     g.add_argument("--preset", default="sdxl-turbo", help="lcmla preset that renders (tiny: offline, random weights)")
     add_flag(g, "--identities", type=Number(int, 1), required=True)
     add_flag(g, "--images-per-identity", type=Number(int, 2), default=16, help="half plain photos (at least 2), half styles")
@@ -43,6 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--face-models", default=None, help="insightface pack (default buffalo_l; tiny: the Haar stand-in)")
     g.add_argument("--weights-dir", default=None)
     g.add_argument("--device", default=None)
+    sm = sub.add_parser("sample", help="a small set from the two public-domain portraits (real faces; try the "
+                        "trainer on a CPU)", formatter_class=DefaultsHelp)
+    sm.add_argument("--output-dir", required=True)
+    add_flag(sm, "--images-per-identity", type=Number(int, 2), default=8, help="half plain photos (at least 2), half styles")
+    sm.add_argument("--styles", default=None, help="comma-separated stylized templates (default: all)")
+    add_flag(sm, "--seed", type=Number(int, 0, 2**63 - 1), default=0)
+    add_flag(sm, "--size", type=Number(int, 64, 1024, multiple=8), default=160, help="image side")
+    add_flag(sm, "--tau-plain", type=TAU, default=0.5, help="as generate's")
+    add_flag(sm, "--tau-style", type=TAU, default=0.3, help="as generate's")
+    sm.add_argument("--face-models", default="haar", help="'haar' (the offline stand-in) or an insightface pack (buffalo_l)")
     i = sub.add_parser("inspect", help="statistics and a contact sheet per shard")
     i.add_argument("folder")
     i.add_argument("--out", default=None, help="where the contact sheets go (default DIR/contact-sheets)")
@@ -127,9 +138,35 @@ def _generate(args) -> int:
     print(json.dumps({"process": rank, **totals}))
     if totals["shards_written"] and not totals["samples"]:
         why = ", ".join(f"{k} {v}" for k, v in sorted(totals["rejected"].items()) if v) or "nothing rendered"
-        hint = ("the tiny preset's random weights draw no faces, so this is expected there"
+        hint = ("the tiny preset's random weights draw patterns, not faces, so this is expected there; to try the "
+                f"trainer on a CPU, make real-photo data with `python -m training datagen sample --output-dir {out}`"
                 if preset.random_weights else "lower --tau-plain/--tau-style or check the face models")
         print(f"warning: no sample was kept (rejected: {why}); {hint}", file=sys.stderr)
+    return 0
+
+
+def _sample(args) -> int:
+    from .generate import GenConfig, generate
+    from .identities import select_templates
+    from .sample import PORTRAITS, sample_renderer
+
+    out = Path(args.output_dir)
+    if not out.parent.exists():
+        raise ValueError(f"the parent folder of --output-dir {out} does not exist")
+    check_output_dir(out, "--output-dir")
+    plain, stylized = select_templates(args.styles.split(",") if args.styles else None)
+    names = tuple(name for name, _ in PORTRAITS)
+    analyzer = _analyzer(args.face_models)
+    rank, world, _ = _state()
+    styled = frozenset(t.prompt(name) for t in stylized for name in names)
+    cfg = GenConfig(identities=len(names), images_per_identity=args.images_per_identity, plain=tuple(plain),
+                    stylized=tuple(stylized), seed=args.seed, identities_per_shard=len(names),
+                    tau_plain=args.tau_plain, tau_style=args.tau_style, names=names, backend=analyzer.backend,
+                    is_recognizer=analyzer.is_recognizer,
+                    settings={"source": "sample", "portraits": [src for _, src in PORTRAITS], "size": args.size,
+                              "seed": args.seed, "styles": [t.slug for t in stylized]})
+    totals = generate(cfg, out, sample_renderer(styled, args.size), lambda image: analyzer.detect(image), rank, world)
+    print(json.dumps({"process": rank, **totals}))
     return 0
 
 
@@ -165,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # a bad flag (argparse printed it) or --help
         return int(exc.code or 0)
     try:
-        return {"generate": _generate, "inspect": _inspect, "import-authors": _import}[args.command](args)
+        return {"generate": _generate, "sample": _sample, "inspect": _inspect,
+                "import-authors": _import}[args.command](args)
     except (LcmlaError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

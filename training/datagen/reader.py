@@ -128,7 +128,9 @@ class PairDataset:
             h = int(hashlib.sha256(r["key"].encode()).hexdigest(), 16)
             self.pairs.append((refs[h % len(refs)], j))
         if not self.pairs:
-            raise ValueError(f"no training pairs in {', '.join(map(str, folders))}: every identity needs two plain photos")
+            raise ValueError(f"no training pairs in {', '.join(map(str, folders))}: every identity needs two plain photos "
+                             "(a folder rendered by the tiny preset keeps none: its random weights draw no faces; "
+                             "`python -m training datagen sample --output-dir D` makes a small real-photo set)")
 
     def __len__(self) -> int:
         return len(self.pairs)
