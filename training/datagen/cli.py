@@ -103,18 +103,27 @@ def render_settings(preset_name: str, steps: int, size: int):
         identity__lora_scale=0.0)
 
 
-def _generate(args) -> int:
-    from lcmla import Engine
-    from lcmla.presets import get_preset
-
-    from .generate import GenConfig, generate
-    from .identities import read_names, select_templates
+def _folder_and_templates(args):
+    """(output folder, plain templates, stylized templates) of generate and sample, the folder
+    refused before any work when it cannot be made or written."""
+    from .identities import select_templates
 
     out = Path(args.output_dir)
     if not out.parent.exists():
         raise ValueError(f"the parent folder of --output-dir {out} does not exist")
     check_output_dir(out, "--output-dir")
     plain, stylized = select_templates(args.styles.split(",") if args.styles else None)
+    return out, plain, stylized
+
+
+def _generate(args) -> int:
+    from lcmla import Engine
+    from lcmla.presets import get_preset
+
+    from .generate import GenConfig, generate
+    from .identities import read_names
+
+    out, plain, stylized = _folder_and_templates(args)
     names = tuple(read_names(args.names)) if args.names else None
     check_names(names, args.identities, args.names)
     preset = get_preset(args.preset)
@@ -147,14 +156,9 @@ def _generate(args) -> int:
 
 def _sample(args) -> int:
     from .generate import GenConfig, generate
-    from .identities import select_templates
     from .sample import PORTRAITS, sample_renderer
 
-    out = Path(args.output_dir)
-    if not out.parent.exists():
-        raise ValueError(f"the parent folder of --output-dir {out} does not exist")
-    check_output_dir(out, "--output-dir")
-    plain, stylized = select_templates(args.styles.split(",") if args.styles else None)
+    out, plain, stylized = _folder_and_templates(args)
     names = tuple(name for name, _ in PORTRAITS)
     analyzer = _analyzer(args.face_models)
     rank, world, _ = _state()
