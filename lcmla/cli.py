@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="replace images of the same seeds already in --out (by default a new image whose "
                      "name is taken gets the next free one, lcmla-SEED-1.png, …)")
     gen.add_argument("--weights-dir", help="folder with model repos as <org>/<name> (or env LCMLA_WEIGHTS)")
-    gen.add_argument("--face-models", help="insightface model pack folder (default buffalo_l in ~/.insightface)")
+    gen.add_argument("--face-models", help="insightface model pack folder (default buffalo_l in ~/.insightface), "
+                     "or haar for the offline OpenCV stand-in")
     gen.add_argument("--download", action="store_true", help="download missing weights from the Hugging Face Hub")
     gen.add_argument("--device", help="cpu, cuda, cuda:1, … (default: cuda when present)")
     gen.add_argument("--dtype", help="float32, float16 or bfloat16 (default: float16 on CUDA)")
@@ -244,6 +245,9 @@ def _generate(args: argparse.Namespace) -> int:
                          "pass another folder") from None
     for path in saved:
         print(path)
+    if settings.attention.capture_maps:
+        print("note: attention.capture_maps records the identity-attention maps for the app's Attention maps tab "
+              "and the Python API (Result.attention_maps); the command line writes only the images", file=sys.stderr)
     for note in result.notes:  # what the request did that its settings may not show
         print(f"note: {note}", file=sys.stderr)
     t = result.timings

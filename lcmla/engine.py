@@ -252,8 +252,10 @@ class Engine:
         ``lcmla.acceleration``. ``channels_last``: the UNet's and VAE's convolutions in NHWC
         (default: on CUDA only).
         """
-        from .loading import adapter_kind, load_adapter_state_dict, load_components
+        from .loading import adapter_kind, load_adapter_state_dict, load_components, quiet_torchvision_notice
         from .presets import random_weights_preset
+
+        quiet_torchvision_notice()  # Python API users too: lcmla needs no torchvision
 
         p = get_preset(preset)
         if random_weights is not None:
@@ -276,7 +278,9 @@ class Engine:
         # what is missing, the face models and the model files together, is reported in one message
         faces_missing: MissingWeightsError | None = None
         try:
-            if face_models is not None or p.face_backend == "insightface":
+            if str(face_models) == "haar":  # the offline stand-in, as the datagen commands name it
+                faces = FaceAnalyzer.haar()
+            elif face_models is not None or p.face_backend == "insightface":
                 faces = FaceAnalyzer.insightface(name=str(face_models or "buffalo_l"), providers=onnx_providers(device))
             else:
                 faces = FaceAnalyzer.haar()

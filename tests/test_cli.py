@@ -310,3 +310,11 @@ def test_settings_from_the_json_that_show_prints(tmp_path, capsys):
     with pytest.raises(LcmlaError, match="--settings-from .*bad.json: settings are not valid JSON"):
         settings_from_args(build_parser().parse_args(["generate", "--face", "x", "--settings-from",
                                                       str(tmp_path / "bad.json")]))
+
+
+def test_haar_names_the_stand_in_as_the_datagen_commands_do(tiny_cache):
+    """--face-models haar was read as a folder name (~/.insightface/models/haar)."""
+    from lcmla import Engine
+
+    engine = Engine.load("tiny", device="cpu", face_models="haar")
+    assert engine.faces.backend == "haar" and not engine.faces.is_recognizer
