@@ -284,3 +284,15 @@ def test_the_reports_table_is_hidden_until_a_report_has_one(ctx):
     plots, table, text = compare.show_report(ctx, None)
     assert plots == [] and table is None and text == "Pick a report."
     assert compare.report_table_shown(None)["visible"] is False and compare.report_table_shown("/r")["visible"] is True
+
+
+def test_map_titles_sit_under_the_picture():
+    """The page's image label covers an overlay's top-left corner: the title goes below."""
+    from lcmla.attention.overlay import overlay_heatmap
+
+    photo = Image.new("RGB", (192, 192), (30, 160, 40))
+    out = np.asarray(overlay_heatmap(photo, np.zeros((8, 8)), title="down 1 · step 0 · token 0", alpha=0.0))
+    picture_w = int(out.shape[1] * 0.8) - 2
+    assert (out[2, 10:picture_w - 10] == (30, 160, 40)).all()  # the top rows are the picture itself
+    strip = out[-25:, :picture_w]
+    assert (strip.min(-1) < 100).any() and not (out[-25:, 10:picture_w - 10] == (30, 160, 40)).all()
