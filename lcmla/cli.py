@@ -216,7 +216,10 @@ def _generate(args: argparse.Namespace) -> int:
     if engine.preset.random_weights:
         print(f"note: {engine.preset.title}: random weights, so the images are patterns, not photos.", file=sys.stderr)
     if engine.memory_mode in MEMORY_NOTES:
-        print(f"note: {MEMORY_NOTES[engine.memory_mode]}", file=sys.stderr)
+        on_cpu = str(engine.device).startswith("cpu")
+        print(f"note: {MEMORY_NOTES[engine.memory_mode]}"
+              + ("; on the CPU the models are in CPU memory anyway, so this only runs the offloading path" if on_cpu
+                 else ""), file=sys.stderr)
     if engine.compiled:
         print(f"note: compiled with torch.compile ({', '.join(engine.compiled)}): the first image "
               "compiles first (seconds to minutes)", file=sys.stderr)

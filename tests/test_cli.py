@@ -318,3 +318,11 @@ def test_haar_names_the_stand_in_as_the_datagen_commands_do(tiny_cache):
 
     engine = Engine.load("tiny", device="cpu", face_models="haar")
     assert engine.faces.backend == "haar" and not engine.faces.is_recognizer
+
+
+def test_an_offloading_mode_on_the_cpu_says_what_it_does_there(tiny_cache, face_path, tmp_path, capsys):
+    assert main(["generate", "--face", str(face_path), "--prompt", "a face", "--preset", "tiny", "--device", "cpu",
+                 "--memory", "low", "--width", "64", "--height", "64", "--steps", "1", "--quiet",
+                 "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "note: low-VRAM mode" in err and "on the CPU the models are in CPU memory anyway" in err
