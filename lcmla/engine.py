@@ -123,6 +123,22 @@ _TRUNCATION_PREFIXES = ("The following part of your input was truncated because 
                         "Ignoring clean_up_tokenization_spaces=True for BPE")  # diffusers' decode of the cut part
 
 
+def words_past(text: str, room: int, count: Callable[[str], int]) -> str:
+    """The end of ``text`` a text encoder that reads ``room`` tokens does not see, quoted as the
+    user wrote it: from the first word whose tokens do not all fit (``count``: the tokens of a
+    piece of text). Decoding the cut tokens instead spells them as the tokenizer does ("1 7" for
+    "17", lower case)."""
+    words = list(re.finditer(r"\S+", text))
+    lo, hi = 0, len(words)  # the longest prefix of whole words that fits: words[:lo]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if count(text[: words[mid - 1].end()]) <= room:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[words[lo].start():].strip() if lo < len(words) else ""
+
+
 def _clip_text(text: str, limit: int = 80) -> str:
     """``text`` cut to ``limit`` characters with an ellipsis (for quoting in a note)."""
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
@@ -729,9 +745,7 @@ class Engine:
         for name, text in prompts:
             tokens = tokenizer.tokenize(text or "")
             if len(tokens) > room:
-                dropped = tokenizer.decode(tokenizer.convert_tokens_to_ids(tokens[room:]),
-                                           clean_up_tokenization_spaces=False)
-                dropped = re.sub(r" ([,.;:!?])", r"\1", dropped).strip()  # CLIP's BPE ends each piece with a space
+                dropped = words_past(text, room, lambda part: len(tokenizer.tokenize(part)))
                 notes.append(f"{name} is {len(tokens)} tokens and the text encoders read the first {room}, so "
                              f"{_clip_text(dropped)!r} was left out; shorten it or move what matters to the front")
         return notes

@@ -225,3 +225,20 @@ def test_the_full_kv_prediction_reads_its_reference(engine, face_path):
     d = GuidedDenoiser(unet=None, conditions=None, guidance=LookaheadGuidance(), context=None)
     assert d.kv_rows(("uncond", "nokv", "full", "kv")) == (("null", "text"), (-1, -1, 1, 0))
     assert d.kv_rows(("uncond", "nokv", "full")) == (("text",), (-1, -1, 0))
+
+
+def test_a_cut_prompt_is_quoted_as_written(engine):
+    """The note on a prompt past CLIP's 75 tokens quotes the lost words as the user wrote them (it
+    decoded the cut tokens: "1 7" for "17", all lower case)."""
+    from lcmla.engine import words_past
+
+    assert words_past("a b c d e", 3, lambda t: len(t.split())) == "d e"
+    assert words_past("a b c", 3, lambda t: len(t.split())) == ""
+    assert words_past("abc def", 1, len) == "abc def"  # the first word itself does not fit
+    tokenizer = engine.pipe.tokenizer
+    room = tokenizer.model_max_length - 2
+    filler = "a " * room  # exactly what the encoders read (checked), then words they do not
+    assert len(tokenizer.tokenize(filler)) == room
+    (note,) = [n for n in engine.generate(_settings(prompt=filler + "Room 17, Building B"), None).notes
+               if n.startswith("prompt is")]
+    assert f"read the first {room}, so 'Room 17, Building B' was left out" in note
