@@ -182,7 +182,7 @@ def test_a_rerun_with_other_settings_is_refused(reference_run, tmp_path):
     shutil.copytree(out_ref, out)
     cfg, haar = datagen_fake.config(4, 2)
     totals = generate(cfg, out, datagen_fake.fake_render(), haar.detect, log=lambda m: None)
-    assert totals["shards_kept"] == 2 and totals["shards_written"] == 0
+    assert totals["shards_reused"] == 2 and totals["shards_written"] == 0
     for change, named in (({"tau_plain": 0.9}, "tau_plain: 0.5 then, 0.9 now"), ({"seed": 3}, "seed: 7 then, 3 now")):
         with pytest.raises(ValueError, match="holds shards made with other settings") as exc:
             generate(dataclasses.replace(cfg, **change), out, datagen_fake.fake_render(), haar.detect, log=lambda m: None)
@@ -210,7 +210,7 @@ def test_a_torn_manifest_line_is_cut_before_the_next_append(reference_run, tmp_p
     (out / "manifest.jsonl").write_bytes(torn)
     assert set(read_manifest(out)) == {"shard-000000.tar"}  # the torn line lists nothing
     totals = _run_inline(out)
-    assert totals["shards_kept"] == 1 and totals["shards_written"] == 1
+    assert totals["shards_reused"] == 1 and totals["shards_written"] == 1
     assert _listed(out) == ["shard-000000.tar", "shard-000001.tar"]  # every shard once, every line whole
     assert _snapshot(out) == _snapshot(out_ref)
 
@@ -423,7 +423,7 @@ def test_sample_makes_real_face_pairs_the_trainer_reads(tmp_path, capsys):
     assert len(pairs) >= 6 and len(names) == 2
     # a rerun is the same run (the same shards are kept); other settings are refused by name
     assert main(["sample", "--output-dir", str(out), "--images-per-identity", "6", "--size", "128"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["shards_kept"] == 1
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["shards_reused"] == 1
     assert main(["sample", "--output-dir", str(out), "--images-per-identity", "6", "--size", "96"]) == 2
     assert "size" in capsys.readouterr().err
     # the variations: deterministic per seed, different across seeds; styles change the picture

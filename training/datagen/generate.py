@@ -172,11 +172,13 @@ def write_shards(cfg: GenConfig, out: Path, make_identity: Callable[[int], tuple
         if differs:
             raise ValueError(f"{out} holds shards made with other settings ({differs}): a resumed run would mix "
                              "the two. Use a new --output-dir, or delete this one to start again")
-    totals = {"shards_written": 0, "shards_kept": 0, "samples": 0, "rejected": Counter()}
+    # shards_reused: complete from an earlier run of the same settings, left as they are; samples and
+    # rejected count this run's written shards only
+    totals = {"shards_written": 0, "shards_reused": 0, "samples": 0, "rejected": Counter()}
     for s in mine:
         name = shard_name(s)
         if shard_is_complete(out, name, manifest):
-            totals["shards_kept"] += 1
+            totals["shards_reused"] += 1
             continue
         samples: list[Sample] = []
         rejected: Counter = Counter()
