@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     gen = sub.add_parser("generate", help="generate images of the face in one or more photos")
-    gen.add_argument("--face", action="append", required=True, metavar="PHOTO", help="reference photo (repeat for several)")
+    gen.add_argument("--face", action="append", metavar="PHOTO",
+                     help="reference photo (repeat for several); without one, the image is made from the text alone")
     gen.add_argument("--preset", default=None, choices=sorted(PRESETS), help=f"backbone (default {DEFAULT_PRESET})")
     gen.add_argument("--fastface", choices=list(FASTFACE_PRESETS),
                      help="apply one of the FastFace authors' configurations (before any --set)")
@@ -192,7 +193,7 @@ def _generate(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "--out")  # refused now, not after the images are made
     from pathlib import Path
 
-    for face in args.face:  # a missing photo, before minutes of loading (its contents are read later)
+    for face in args.face or ():  # a missing photo, before minutes of loading (its contents are read later)
         if not Path(face).expanduser().exists():
             raise LcmlaError(f"--face {face}: no such file; pass the path of a photo of the face")
     if args.quiet:  # this process's own loading bars too (diffusers' and transformers')
@@ -237,7 +238,7 @@ def _generate(args: argparse.Namespace) -> int:
             bar.update(1)
 
     try:
-        result = engine.generate(settings, args.face, callback=callback)
+        result = engine.generate(settings, args.face or None, callback=callback)
     finally:
         if bar is not None:
             bar.close()
@@ -248,6 +249,8 @@ def _generate(args: argparse.Namespace) -> int:
                          "pass another folder") from None
     for path in saved:
         print(path)
+    if not args.face:
+        print("note: no --face given, so the image is made from the text alone (no identity)", file=sys.stderr)
     if settings.attention.capture_maps:
         print("note: attention.capture_maps records the identity-attention maps for the app's Attention maps tab "
               "and the Python API (Result.attention_maps); the command line writes only the images", file=sys.stderr)

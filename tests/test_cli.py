@@ -110,7 +110,7 @@ def test_devices_are_checked_with_a_message():
 
 def test_cli_argparse_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as info:
-        main(["generate", "--prompt", "x"])  # --face missing
+        main(["generate", "--prompt", "x", "--steps"])  # a flag without its value (--face is optional: text only)
     assert info.value.code == 2
     with pytest.raises(SystemExit) as info:
         main(["generate", "--face", "a.jpg", "--prompt", "x", "--preset", "nope"])
@@ -326,3 +326,12 @@ def test_an_offloading_mode_on_the_cpu_says_what_it_does_there(tiny_cache, face_
                  "--out", str(tmp_path)]) == 0
     err = capsys.readouterr().err
     assert "note: low-VRAM mode" in err and "on the CPU the models are in CPU memory anyway" in err
+
+
+def test_generate_without_a_face_is_text_only_and_says_so(tiny_cache, tmp_path, capsys):
+    """The API generates from the text alone (faces None); the CLI required --face."""
+    assert main(["generate", "--prompt", "a lighthouse at dusk", "--preset", "tiny", "--device", "cpu",
+                 "--width", "64", "--height", "64", "--steps", "1", "--quiet", "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "no --face given, so the image is made from the text alone" in err
+    assert (tmp_path / "lcmla-0.png").is_file()
