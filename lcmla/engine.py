@@ -180,6 +180,11 @@ def request_notes(settings: GenerationSettings, guidance: Guidance, num_steps: i
     if am.mode != "none" and not am.tokens:
         notes.append(f"attention {am.mode}: no identity tokens are chosen (attention.tokens is empty), so no "
                      "attention manipulation is applied; tick the tokens to change (the authors change all of them)")
+    past = [k for k in am.steps or () if k >= num_steps]
+    if am.mode != "none" and past and len(past) < len(am.steps or ()):
+        notes.append(f"attention {am.mode}: attention.steps {', '.join(map(str, past))} "
+                     f"{'is' if len(past) == 1 else 'are'} past the last of the {num_steps} step(s) (numbered from 0) "
+                     f"and ignored; AM runs at steps {', '.join(str(k) for k in am.steps if k < num_steps)}")
     if am.mode != "none" and am.steps is not None and not any(k < num_steps for k in am.steps):
         notes.append(f"attention {am.mode}: attention.steps {list(am.steps)} are all past the last of the "
                      f"{num_steps} step(s) (numbered from 0), so no attention manipulation is applied")

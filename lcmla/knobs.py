@@ -43,11 +43,11 @@ def _parse_floats(text: Any, knob: Knob) -> list[float]:
         values = [float(p) for p in parts]
     except ValueError:
         raise SettingsError(
-            f"{knob.label} ({knob.name}): {str(text)!r} is not a list of numbers; write them separated by commas, "
+            f"{knob.named}: {str(text)!r} is not a list of numbers; write them separated by commas, "
             f"e.g. {example!r}"
         ) from None
     if not values:
-        raise SettingsError(f"{knob.label} ({knob.name}) is empty; write numbers separated by commas, e.g. {example!r}")
+        raise SettingsError(f"{knob.named} is empty; write numbers separated by commas, e.g. {example!r}")
     return values
 
 
@@ -57,13 +57,13 @@ def _parse_steps(text: Any, knob: Knob) -> list[int] | None:
         return None
     values = _parse_floats(text, knob)
     if any(not v.is_integer() for v in values):
-        raise SettingsError(f"{knob.label} ({knob.name}): step indices are whole numbers (got {str(text)!r})")
+        raise SettingsError(f"{knob.named}: step indices are whole numbers (got {str(text)!r})")
     return [int(v) for v in values]
 
 
 def _parse_int(value: Any, knob: Knob) -> int:
     if value is None or isinstance(value, str) and not value.strip():
-        raise SettingsError(f"{knob.label} ({knob.name}) is empty; enter a whole number")
+        raise SettingsError(f"{knob.named} is empty; enter a whole number")
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
@@ -71,9 +71,9 @@ def _parse_int(value: Any, knob: Knob) -> int:
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise SettingsError(f"{knob.label} ({knob.name}) must be a whole number (got {value!r})") from None
+        raise SettingsError(f"{knob.named} must be a whole number (got {value!r})") from None
     if not number.is_integer():
-        raise SettingsError(f"{knob.label} ({knob.name}) must be a whole number (got {value!r})")
+        raise SettingsError(f"{knob.named} must be a whole number (got {value!r})")
     return int(number)
 
 
@@ -84,7 +84,7 @@ def _parse_number_field(value: Any, knob: Knob) -> int:
     lo = -math.inf if knob.minimum is None else knob.minimum
     hi = math.inf if knob.maximum is None else knob.maximum
     if not lo <= number <= hi:
-        raise SettingsError(f"{knob.label} ({knob.name}) must be a whole number from {lo:.0f} to {hi:.0f} (got {number})")
+        raise SettingsError(f"{knob.named} must be a whole number from {lo:.0f} to {hi:.0f} (got {number})")
     return number
 
 
@@ -92,7 +92,7 @@ def _parse_float(value: Any, knob: Knob) -> float:
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise SettingsError(f"{knob.label} ({knob.name}) must be a number (got {value!r})") from None
+        raise SettingsError(f"{knob.named} must be a number (got {value!r})") from None
 
 
 # widget value → setting value, per kind
@@ -147,6 +147,12 @@ class Knob:
     def show(self, value: Any) -> Any:
         """Setting value → widget value."""
         return _SHOW.get(self.kind, lambda v: v)(value)
+
+    @property
+    def named(self) -> str:
+        """How messages name the control: 'Width (output.width)'; the app's own inputs (app.*) are
+        no setting, so by their label alone."""
+        return self.label if self.name.startswith("app.") else f"{self.label} ({self.name})"
 
     @property
     def elem_id(self) -> str:

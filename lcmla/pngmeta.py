@@ -67,7 +67,8 @@ def read_png_text(path_or_image, name: str | None = None) -> dict[str, str]:
     except FileNotFoundError:
         raise ImageError(f"settings file {str(name or path_or_image)!r} does not exist") from None
     except (UnidentifiedImageError, OSError) as exc:
-        raise ImageError(f"{str(name or path_or_image)!r} is not a PNG image lcmla can read ({exc})") from None
+        why = str(exc).replace(repr(str(path_or_image)), "it").replace(str(path_or_image), "it")  # PIL names the path
+        raise ImageError(f"{str(name or path_or_image)!r} is not a PNG image lcmla can read ({why})") from None
 
 
 def settings_from_png(path_or_image, name: str | None = None) -> GenerationSettings:
@@ -81,4 +82,8 @@ def settings_from_png(path_or_image, name: str | None = None) -> GenerationSetti
             f"{str(name)!r} holds no lcmla settings (it was not saved by lcmla, or its metadata was stripped); "
             "use a PNG downloaded from lcmla as it was written"
         )
-    return GenerationSettings.from_json(text[KEY_SETTINGS])
+    try:
+        return GenerationSettings.from_json(text[KEY_SETTINGS])
+    except SettingsError as exc:  # settings of another lcmla version, or edited by hand
+        shown = name if name is not None else path_or_image if isinstance(path_or_image, (str, Path)) else "this image"
+        raise SettingsError(f"the settings in {str(shown)!r} cannot be used: {exc}") from None

@@ -394,6 +394,8 @@ def test_settings_json_endpoint_reproduces_a_png(client, values, face_path):
                                         api_name="/generate_from_settings")
     assert np.array_equal(_pixels(images[0]), _pixels(files[0]))
     assert GenerationSettings.from_json(used) == stored  # the settings that ran are the PNG's
+    returned = images[0]["image"]["path"] if isinstance(images[0]["image"], dict) else images[0]["image"]
+    assert Path(returned).name == "lcmla-11.png" and settings_from_png(returned) == stored  # settings embedded
     assert "seeds 11" in info and "prompt: the JSON's" in info and "the settings name the" not in info
     with pytest.raises(AppError, match="settings_json"):
         client.predict(faces=[handle_file(str(face_path))], settings_json="{not json", api_name="/generate_from_settings")

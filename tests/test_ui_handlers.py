@@ -280,10 +280,25 @@ def test_messages_name_the_control_and_fit_the_box():
     assert KNOB["output.seed"].parse(5) == 5
 
 
-def test_the_reports_table_is_hidden_until_a_report_has_one(ctx):
+def test_the_reports_table_is_hidden_until_a_report_has_one(ctx, tmp_path):
     plots, table, text = compare.show_report(ctx, None)
     assert plots == [] and table is None and text == "Pick a report."
-    assert compare.report_table_shown(None)["visible"] is False and compare.report_table_shown("/r")["visible"] is True
+    bare, full = tmp_path / "bare", tmp_path / "full"
+    for folder in (bare, full):
+        folder.mkdir()
+        (folder / "report.md").write_text("# Evaluation\n")
+    (bare / "summary.csv").write_text("method,scale\n")  # a header, no rows
+    (full / "summary.csv").write_text("method,scale\nbaseline,0.8\n")
+    assert [compare.report_table_shown(f)["visible"] for f in (None, bare, full)] == [False, False, True]
+    assert compare.report_table_shown(tmp_path / "none")["visible"] is False
+    # a report deleted after the list was made: said so, and the view is cleared
+    with_reports = Context(ctx.stock, reports=[str(tmp_path)])
+    assert compare.show_report(with_reports, str(full))[1] is not None
+    import shutil
+
+    shutil.rmtree(full)
+    plots, table, text = compare.show_report(with_reports, str(full))
+    assert plots == [] and table is None and "is no longer there" in text and "Refresh the list" in text
 
 
 def test_map_titles_sit_under_the_picture():
@@ -296,3 +311,38 @@ def test_map_titles_sit_under_the_picture():
     assert (out[2, 10:picture_w - 10] == (30, 160, 40)).all()  # the top rows are the picture itself
     strip = out[-25:, :picture_w]
     assert (strip.min(-1) < 100).any() and not (out[-25:, 10:picture_w - 10] == (30, 160, 40)).all()
+
+
+def test_more_messages_name_the_control_and_the_file(tmp_path):
+    from lcmla.knobs import KNOB as K
+    from lcmla.pngmeta import save_png
+    from lcmla.ui.common import labelled
+
+    assert (labelled("guidance.dcg_a[0] must be a finite number in [0.0, 30.0]")
+            == f"{K['guidance.dcg_a'].label} (guidance.dcg_a[0]) must be a finite number in [0.0, 30.0]")
+    assert "(app." not in str(pytest.raises(SettingsError, previews._PREVIEW_STEPS.parse, "first").value)
+    # a garbage file named .png: no server path in the message
+    fake = tmp_path / "upload-93af" / "fake.png"
+    fake.parent.mkdir()
+    fake.write_bytes(b"nonsense")
+    message = generate.check_settings_png(None, str(fake))["message"]
+    assert "'fake.png' is not a PNG image" in message and str(fake.parent) not in message
+    # settings that do not validate: the file is named
+    bad = tmp_path / "old.png"
+    good = GenerationSettings(prompt="a face")
+    save_png(Image.new("RGB", (8, 8)), bad, good)
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("lcmla:settings", good.to_json().replace('"width": null', '"width": 63'))
+    Image.new("RGB", (8, 8)).save(bad, pnginfo=info)
+    with pytest.raises(SettingsError, match="the settings in 'old.png' cannot be used: output.width"):
+        settings_from_png(bad, name="old.png")
+
+
+def test_the_step_box_takes_whole_steps_only(ctx, ui):
+    state, *_ = attention.run_attention(ctx, {**ui, "app.capture_mode": "am2"}, _quiet)
+    for bad in (1.5, None, ""):
+        assert attention.render_maps(state, "all", bad, "0", False)[3].startswith("The step must be a whole number")
+    assert attention.render_maps(state, "all", 2.0, "0", False)[0] is not None
+    assert f"seed {ui['output.seed']}" in attention.render_maps(state, "all", 1, "0", False)[3]

@@ -36,6 +36,7 @@ def generate_from_settings(ctx: Context, faces: Any, settings_json: str, prompt:
         if prompt_given:
             settings = settings.replace(prompt=prompt)
         result = ctx.stock.generate(settings, paths, callback=ctx.step_progress(progress, settings) if progress else None)
+        files = result.save(ctx.outputs.new())  # the PNGs with their settings embedded, as /generate returns
     s = result.settings
     notes = [f"{len(result.images)} image{'s' * (len(result.images) != 1)} · seeds {', '.join(map(str, result.seeds))} · "
              f"{s.output.width}×{s.output.height} · {s.guidance.steps} steps · preset {ctx.preset.name!r}",
@@ -46,7 +47,7 @@ def generate_from_settings(ctx: Context, faces: Any, settings_json: str, prompt:
     if result.random_weights:
         notes.append("random weights (tiny preset): the images are patterns, not photos")
     notes.extend(f"note: {n}" for n in result.notes)
-    return ([(img, f"seed {seed}") for img, seed in zip(result.images, result.seeds)], s.to_json(), "; ".join(notes) + ".")
+    return ([(str(f), f"seed {seed}") for f, seed in zip(files, result.seeds)], s.to_json(), "; ".join(notes) + ".")
 
 
 def build(ctx: Context) -> None:

@@ -80,7 +80,13 @@ def render_maps(state: Any, block: str, step: Any, token: Any, shared: bool):
         return None, None, None, "Press **Generate and capture maps** first."
     store, image = state["store"], state["image"]
     try:
-        k, j = int(step), int(token)
+        whole = float(step).is_integer()
+    except (TypeError, ValueError):
+        whole = False
+    if not whole:
+        return None, None, None, f"The step must be a whole number, one of {', '.join(map(str, store.steps()))} (got {step!r})."
+    try:
+        k, j = int(float(step)), int(token)
         if block in ("all", "down", "mid", "up"):
             before = store.mean_over(block, k, j, after=False)
             after = store.mean_over(block, k, j, after=True)
@@ -105,7 +111,8 @@ def render_maps(state: Any, block: str, step: Any, token: Any, shared: bool):
         bound = max(float(abs(diff).max()), 1e-8)
         img_diff = overlay_heatmap(base, diff, title=f"after − before · {title}", cmap="coolwarm",
                                    vmin=-bound, vmax=bound, label="change in probability")
-    info = (f"{state['mode'].upper() if state['mode'] != 'none' else 'No AM'} · {len(store.blocks())} layers "
+    info = (f"{state['mode'].upper() if state['mode'] != 'none' else 'No AM'} · seed {state.get('seed', '—')} · "
+            f"{len(store.blocks())} layers "
             f"captured over {len(store.steps())} steps · map {tuple(before.shape)} · "
             f"before: {float(before.min()):.3g}…{float(before.max()):.3g}, after: {float(after.min()):.3g}…"
             f"{float(after.max()):.3g}")
@@ -150,7 +157,9 @@ def run_attention(ctx: Context, ui: dict[str, Any], progress: Any):
     store = result.attention_maps[0]
     am = result.settings.attention
     state = {"store": store, "image": result.images[0], "mode": am.mode, "targets": list(am.targets),
-             "am_steps": None if am.steps is None else list(am.steps), "notes": list(result.notes)}
+             "am_steps": None if am.steps is None else [k for k in am.steps if k < result.settings.guidance.steps],
+             "notes": list(result.notes),
+             "seed": result.seeds[0]}
     steps = store.steps()
     n_tokens = int(next(iter(store.maps.values())).shape[1]) if store.maps else 4
     tokens = [str(t) for t in range(n_tokens)]
@@ -168,7 +177,11 @@ def wire(ctx: Context, tab: SimpleNamespace, controls: dict[str, Any]) -> None:
     t.attention_btn.click(_gpu(named_handler(partial(run_attention, ctx), ATTENTION_INPUTS)), inputs,
                           [t.maps_state, t.map_block, t.map_step, t.map_token, t.map_before, t.map_after, t.map_diff,
                            t.map_info],
-                          api_name="attention_maps", concurrency_id="engine", show_progress_on=[t.map_after])
+                          api_name="attention_maps", concurrency_id="engine", show_progress_on=[t.map_after]).success(
+        # the first view is drawn with separate colour scales: redraw it as the checkbox says
+        render_maps, [t.maps_state, t.map_block, t.map_step, t.map_token, t.map_shared],
+        [t.map_before, t.map_after, t.map_diff, t.map_info], api_name="attention_maps_redraw", api_visibility="private",
+        preprocess=False, show_progress="hidden")
     selectors = [t.maps_state, t.map_block, t.map_step, t.map_token, t.map_shared]
     # the step slider redraws on .input: dragging (coalesced by always_last) and typing into its box alike
     for event, name in ((t.map_block.input, "render_maps"), (t.map_token.input, None), (t.map_shared.input, None),

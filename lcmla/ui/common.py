@@ -82,7 +82,7 @@ def labelled(message: str) -> str:
     """A message that opens with a setting's dotted name, opened with its control's label too:
     'output.width must be …' → 'Width (output.width) must be …' (the words the page shows)."""
     head = message.split(" ", 1)[0]
-    knob = KNOB.get(head)
+    knob = KNOB.get(head.split("[", 1)[0])  # "guidance.dcg_a[0] must be …": the list's knob
     return message if knob is None else f"{knob.label} ({head}){message[len(head):]}"
 
 

@@ -22,6 +22,7 @@ from .common import (
     Context,
     _face_paths,
     _gpu,
+    log,
     named_handler,
     notes_text,
     user_errors,
@@ -131,6 +132,16 @@ def find_reports(roots: Sequence[str | os.PathLike]) -> list[str]:
     return sorted(found)
 
 
+def _under(folder: str, roots: Sequence[str | os.PathLike]) -> bool:
+    """Whether ``folder`` lies in one of the --reports folders (two levels at most)."""
+    path = Path(folder).expanduser().resolve()
+    for root in roots:
+        base = Path(root).expanduser().resolve()
+        if path == base or base in path.parents and len(path.relative_to(base).parts) <= 2:
+            return True
+    return False
+
+
 def read_report(folder: str, roots: Sequence[str | os.PathLike]) -> tuple[list[tuple[Any, str]], Any, str]:
     """(plots and grids as (image, caption), summary.csv as a table, report.md without its image
     lines) of a report folder; only folders :func:`find_reports` lists can be opened."""
@@ -139,6 +150,9 @@ def read_report(folder: str, roots: Sequence[str | os.PathLike]) -> tuple[list[t
     from PIL import Image
 
     if str(Path(folder).expanduser().resolve()) not in find_reports(roots):
+        if not Path(folder).expanduser().exists() and _under(folder, roots):  # listed before, deleted since
+            raise LcmlaError(f"the report {folder!r} is no longer there (moved or deleted since the list was made); "
+                             "press Refresh the list")
         raise LcmlaError(f"{folder!r} is not an evaluation report in the --reports folders; pick one from the list")
     path = Path(folder)
     images = []
@@ -159,16 +173,29 @@ def read_report(folder: str, roots: Sequence[str | os.PathLike]) -> tuple[list[t
 
 
 def report_table_shown(folder: str | None) -> Any:
-    """The summary table is shown once a report is chosen (empty, Gradio draws headers "1 2 3")."""
-    return gr.update(visible=bool(folder))
+    """The summary table is shown when the chosen report has one (empty, Gradio draws headers "1 2 3")."""
+    summary = Path(folder).expanduser() / "summary.csv" if folder else None
+    has_rows = False
+    if summary is not None and summary.is_file():
+        with summary.open(encoding="utf-8", errors="replace") as f:
+            has_rows = sum(1 for line in f if line.strip()) > 1  # a header and at least one row
+    return gr.update(visible=has_rows)
 
 
 def show_report(ctx: Context, folder: str | None):
-    """A finished evaluation report: its plots and grids, summary table and report.md."""
+    """A finished evaluation report: its plots and grids, summary table and report.md. A report
+    that cannot be opened clears the view (an earlier report's content would read as this one's)."""
     if not folder:
         return [], None, "Pick a report."
-    with user_errors("Opening the report"):
+    try:
         plots, table, text = read_report(folder, ctx.reports)
+    except LcmlaError as exc:
+        gr.Warning(str(exc), title="Opening the report")
+        return [], None, f"_{exc}_"
+    except Exception as exc:  # noqa: BLE001 - a broken report folder must not take the view down
+        log.exception("opening a report failed")
+        gr.Warning(f"the report {folder!r} could not be read ({type(exc).__name__}: {exc})", title="Opening the report")
+        return [], None, f"_the report could not be read ({type(exc).__name__}: {exc})_"
     return plots, table, text
 
 
@@ -180,7 +207,8 @@ def wire(ctx: Context, tab: SimpleNamespace, controls: dict[str, Any]) -> None:
     tab.report_choice.change(with_context(show_report, ctx), tab.report_choice,
                              [tab.report_plots, tab.report_table, tab.report_md], api_name="open_report",
                              concurrency_limit=4).then(
-        report_table_shown, tab.report_choice, tab.report_table, api_visibility="private", show_progress="hidden")
+        report_table_shown, tab.report_choice, tab.report_table, api_name="report_table_shown", api_visibility="private",
+        show_progress="hidden")
 
     def list_reports():
         """The evaluation reports in the --reports folders, found again (a new run may have finished)."""

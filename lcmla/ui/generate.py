@@ -58,7 +58,8 @@ def layout(ctx: Context, controls: dict[str, Any], defaults: dict[str, Any]) -> 
                 with gr.Row():
                     knob("output.seed")
                     randomize = gr.Checkbox(label="Randomise seed", value=False, elem_id="randomize-seed",
-                                            info="Draw a new seed per click (the seed field shows it).")
+                                            info="Draw a new seed per click (the seed field shows it; Previews and "
+                                                 "Attention maps name it in their summary).")
                     controls["app.randomize_seed"] = randomize
                     controls["app.weights"] = gr.Radio(
                         list(WEIGHTS_CHOICES), value="stock", label="Weights", elem_id="weights",

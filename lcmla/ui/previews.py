@@ -192,7 +192,8 @@ def run_previews(ctx: Context, ui: dict[str, Any], progress: Any):
             else:
                 result = item
                 frames = list(result.frames) or frames
-                info = (f"**{len(frames)} step{'s' * (len(frames) != 1)} previewed** · LCM-LoRA scale {scale:g} · "
+                info = (f"**{len(frames)} step{'s' * (len(frames) != 1)} previewed** · seed {settings.output.seed} · "
+                        f"LCM-LoRA scale {scale:g} · "
                         f"{_timings_text(getattr(result, 'timings', {}) or {})}")
                 if stretch:
                     info += f"  \n_Random weights: the previews are shown {STRETCHED} (stamped on each image)._"
