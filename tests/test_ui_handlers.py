@@ -346,3 +346,18 @@ def test_the_step_box_takes_whole_steps_only(ctx, ui):
         assert attention.render_maps(state, "all", bad, "0", False)[3].startswith("The step must be a whole number")
     assert attention.render_maps(state, "all", 2.0, "0", False)[0] is not None
     assert f"seed {ui['output.seed']}" in attention.render_maps(state, "all", 1, "0", False)[3]
+
+
+def test_each_page_load_lists_the_reports_there_are_now(engine, tmp_path):
+    """The Report dropdown's choices were fixed when the app started; a page load lists them again."""
+    from lcmla.ui.demo import build_demo
+
+    demo = build_demo(engine, reports=[str(tmp_path)])
+    ctx = Context(engine, reports=[str(tmp_path)])
+    assert compare.list_reports_of(ctx)()["choices"] == []
+    (tmp_path / "new-run").mkdir()
+    (tmp_path / "new-run" / "report.md").write_text("# Evaluation\n")
+    assert compare.list_reports_of(ctx)()["choices"] == [str((tmp_path / "new-run").resolve())]
+    loads = [d for d in demo.config["dependencies"] if any(t[1] == "load" for t in d["targets"])]
+    dropdown = next(c["id"] for c in demo.config["components"] if c.get("props", {}).get("elem_id") == "report-choice")
+    assert any(dropdown in d["outputs"] for d in loads)

@@ -210,8 +210,15 @@ def wire(ctx: Context, tab: SimpleNamespace, controls: dict[str, Any]) -> None:
         report_table_shown, tab.report_choice, tab.report_table, api_name="report_table_shown", api_visibility="private",
         show_progress="hidden")
 
+    tab.report_refresh.click(list_reports_of(ctx), None, tab.report_choice, api_name="list_reports", concurrency_limit=4)
+
+
+def list_reports_of(ctx: Context):
+    """The handler listing the evaluation reports in the --reports folders again (the refresh
+    button, and every page load: a run may have finished since the app started)."""
+
     def list_reports():
         """The evaluation reports in the --reports folders, found again (a new run may have finished)."""
         return gr.update(choices=find_reports(ctx.reports))
 
-    tab.report_refresh.click(list_reports, None, tab.report_choice, api_name="list_reports", concurrency_limit=4)
+    return list_reports

@@ -40,6 +40,9 @@ def build_demo(engine: Any, *, notice: str | None = None, trained: Trained | Non
         attention.wire(ctx, attention_tab, controls)
         compare.wire(ctx, compare_tab, controls)
         api.build(ctx)
+        # each page load lists the reports there are now (the choices were fixed when the app started)
+        demo.load(compare.list_reports_of(ctx), None, compare_tab.report_choice, api_name="page_reports",
+                  api_visibility="private", show_progress="hidden")
     # delete_cache's timed clean-up spares the paths in a component's keep_in_cache. What Gradio has
     # cached by now (the examples' photos) it caches only once, while the page is built: without
     # this every example row fails with a missing file after OUTPUT_TTL_S.
