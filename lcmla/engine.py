@@ -36,7 +36,7 @@ from .acceleration import apply_channels_last, apply_compile, check_compile_mode
 from .attention.context import AMPlan, AttentionContext, HostParking, KVCache, MapStore
 from .denoiser import ConditionSet, GuidedDenoiser, GuidedStep, UNetBatch
 from .errors import LcmlaError, MissingWeightsError
-from .faces import EMBEDDING_DIM, FaceAnalyzer, FaceIdentity, onnx_providers
+from .faces import EMBEDDING_DIM, FaceAnalyzer, FaceIdentity
 from .guidance import BRANCH_CONDITIONS, DecoupledGuidance, Guidance, guidance_for
 from .images import as_photo_list
 from .lookahead import (decode_tiny, encode_reference, encoder_rows, frame_reference, framing_used, kv_reference_images,
@@ -299,12 +299,7 @@ class Engine:
         # what is missing, the face models and the model files together, is reported in one message
         faces_missing: MissingWeightsError | None = None
         try:
-            if str(face_models) == "haar":  # the offline stand-in, as the datagen commands name it
-                faces = FaceAnalyzer.haar()
-            elif face_models is not None or p.face_backend == "insightface":
-                faces = FaceAnalyzer.insightface(name=str(face_models or "buffalo_l"), providers=onnx_providers(device))
-            else:
-                faces = FaceAnalyzer.haar()
+            faces = FaceAnalyzer.chosen(face_models, p.face_backend, device=device)
         except MissingWeightsError as exc:
             faces_missing = exc
         if p.random_weights:

@@ -531,6 +531,17 @@ class FaceAnalyzer:
             engine=cascade,
         )
 
+    @classmethod
+    def chosen(cls, face_models: str | os.PathLike | None, default: str = "insightface",
+               device: str | None = None) -> "FaceAnalyzer":
+        """The analyzer a ``--face-models`` value names: "haar" the offline stand-in, another value
+        an insightface pack; None the ``default`` backend ("haar", or "insightface": buffalo_l).
+        ``device``: the engine's, for onnxruntime's providers (:func:`onnx_providers`)."""
+        if str(face_models) == "haar" or face_models is None and default == "haar":
+            return cls.haar()
+        providers = onnx_providers(device) if device is not None else None
+        return cls.insightface(name=str(face_models or "buffalo_l"), providers=providers)
+
     # -- detection ---------------------------------------------------------------------------------
 
     def detect(self, image: ImageSource) -> list[DetectedFace]:

@@ -23,6 +23,21 @@ EXIT_USER_ERROR = 2
 TAU = Number(float, -1, 1)  # the agreement thresholds are cosine similarities
 
 
+def _plan_flags(parser: argparse.ArgumentParser, images_per_identity: int) -> None:
+    """The flags that plan each identity's images (generate and sample)."""
+    add_flag(parser, "--images-per-identity", type=Number(int, 2), default=images_per_identity,
+             help="half plain photos (at least 2), half styles")
+    parser.add_argument("--styles", default=None, help="comma-separated stylized templates (default: all)")
+    add_flag(parser, "--seed", type=Number(int, 0, 2**63 - 1), default=0)
+
+
+def _filter_flags(parser: argparse.ArgumentParser) -> None:
+    """The agreement thresholds that keep or drop an image (generate, sample, import-authors)."""
+    add_flag(parser, "--tau-plain", type=TAU, default=0.5,
+             help="min cosine of a plain photo to the mean of the identity's other photos")
+    add_flag(parser, "--tau-style", type=TAU, default=0.3, help="min cosine of a stylized image to the mean of the kept photos")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training datagen", description="consistent-identity training data")
     sub = p.add_subparsers(dest="command", required=True)
@@ -30,15 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=DefaultsHelp)
     g.add_argument("--preset", default="sdxl-turbo", help="lcmla preset that renders (tiny: offline, random weights)")
     add_flag(g, "--identities", type=Number(int, 1), required=True)
-    add_flag(g, "--images-per-identity", type=Number(int, 2), default=16, help="half plain photos (at least 2), half styles")
-    g.add_argument("--styles", default=None, help="comma-separated stylized templates (default: all)")
+    _plan_flags(g, images_per_identity=16)
     g.add_argument("--names", default=None, help="a file of subject names, one per line, instead of drawn "
                    "descriptions (identity i renders name i: at least --identities names)")
     g.add_argument("--output-dir", required=True)
-    add_flag(g, "--seed", type=Number(int, 0, 2**63 - 1), default=0)
     add_flag(g, "--identities-per-shard", type=Number(int, 1), default=8)
-    add_flag(g, "--tau-plain", type=TAU, default=0.5, help="min cosine of a plain photo to the mean of the identity's other photos")
-    add_flag(g, "--tau-style", type=TAU, default=0.3, help="min cosine of a stylized image to the mean of the kept photos")
+    _filter_flags(g)
     add_flag(g, "--steps", type=Number(int, 1, 200), default=1, help="sampling steps (SDXL-Turbo: 1)")
     add_flag(g, "--size", type=Number(int, 64, 2048, multiple=8), default=None, help="image side (default: the preset's)")
     g.add_argument("--face-models", default=None, help="insightface pack (default buffalo_l; tiny: the Haar stand-in)")
@@ -47,12 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     sm = sub.add_parser("sample", help="a small set from the two public-domain portraits (real faces; try the "
                         "trainer on a CPU)", formatter_class=DefaultsHelp)
     sm.add_argument("--output-dir", required=True)
-    add_flag(sm, "--images-per-identity", type=Number(int, 2), default=8, help="half plain photos (at least 2), half styles")
-    sm.add_argument("--styles", default=None, help="comma-separated stylized templates (default: all)")
-    add_flag(sm, "--seed", type=Number(int, 0, 2**63 - 1), default=0)
+    _plan_flags(sm, images_per_identity=8)
     add_flag(sm, "--size", type=Number(int, 64, 1024, multiple=8), default=160, help="image side")
-    add_flag(sm, "--tau-plain", type=TAU, default=0.5, help="as generate's")
-    add_flag(sm, "--tau-style", type=TAU, default=0.3, help="as generate's")
+    _filter_flags(sm)
     sm.add_argument("--face-models", default="haar", help="'haar' (the offline stand-in) or an insightface pack (buffalo_l)")
     i = sub.add_parser("inspect", help="statistics and a contact sheet per shard")
     i.add_argument("folder")
@@ -61,8 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("source")
     a.add_argument("--output-dir", required=True)
     add_flag(a, "--identities-per-shard", type=Number(int, 1), default=8)
-    add_flag(a, "--tau-plain", type=TAU, default=0.5, help="as generate's")
-    add_flag(a, "--tau-style", type=TAU, default=0.3, help="as generate's")
+    _filter_flags(a)
     a.add_argument("--face-models", default=None, help="insightface pack (default buffalo_l); 'haar' for the stand-in")
     return p
 
@@ -70,9 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _analyzer(face_models: str | None, preset=None):
     from lcmla.faces import FaceAnalyzer
 
-    if face_models == "haar" or (face_models is None and preset is not None and preset.face_backend == "haar"):
-        return FaceAnalyzer.haar()
-    return FaceAnalyzer.insightface(name=face_models or "buffalo_l")
+    return FaceAnalyzer.chosen(face_models, preset.face_backend if preset is not None else "insightface")
 
 
 def _state(device: str | None = None) -> tuple[int, int, str | None]:
