@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 from .argtypes import Number, add_flag
@@ -144,8 +145,6 @@ def _parse_value(text: str) -> Any:
 def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
     """Start from defaults (or a PNG), then apply the flags that were given."""
     if args.settings_from:
-        from pathlib import Path
-
         from .pngmeta import settings_from_png
 
         src = Path(args.settings_from).expanduser()
@@ -191,8 +190,6 @@ def _generate(args: argparse.Namespace) -> int:
     from .errors import check_output_dir
 
     check_output_dir(args.out, "--out")  # refused now, not after the images are made
-    from pathlib import Path
-
     for face in args.face or ():  # a missing photo, before minutes of loading (its contents are read later)
         if not Path(face).expanduser().exists():
             raise LcmlaError(f"--face {face}: no such file; pass the path of a photo of the face")

@@ -75,15 +75,14 @@ def settings_from_png(path_or_image, name: str | None = None) -> GenerationSetti
     """The settings that reproduce a PNG made by lcmla (raises ``SettingsError`` for other PNGs;
     its message calls the file ``name``, by default its path)."""
     text = read_png_text(path_or_image, name)
+    if name is None:
+        name = str(path_or_image) if isinstance(path_or_image, (str, Path)) else "this image"
     if KEY_SETTINGS not in text:
-        if name is None:
-            name = path_or_image if isinstance(path_or_image, (str, Path)) else "this image"
         raise SettingsError(
-            f"{str(name)!r} holds no lcmla settings (it was not saved by lcmla, or its metadata was stripped); "
+            f"{name!r} holds no lcmla settings (it was not saved by lcmla, or its metadata was stripped); "
             "use a PNG downloaded from lcmla as it was written"
         )
     try:
         return GenerationSettings.from_json(text[KEY_SETTINGS])
     except SettingsError as exc:  # settings of another lcmla version, or edited by hand
-        shown = name if name is not None else path_or_image if isinstance(path_or_image, (str, Path)) else "this image"
-        raise SettingsError(f"the settings in {str(shown)!r} cannot be used: {exc}") from None
+        raise SettingsError(f"the settings in {name!r} cannot be used: {exc}") from None

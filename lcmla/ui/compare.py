@@ -133,7 +133,7 @@ def find_reports(roots: Sequence[str | os.PathLike]) -> list[str]:
 
 
 def _under(folder: str, roots: Sequence[str | os.PathLike]) -> bool:
-    """Whether ``folder`` lies in one of the --reports folders (two levels at most)."""
+    """Whether ``folder`` lies where :func:`find_reports` looks (two levels below a root at most)."""
     path = Path(folder).expanduser().resolve()
     for root in roots:
         base = Path(root).expanduser().resolve()
@@ -145,8 +145,6 @@ def _under(folder: str, roots: Sequence[str | os.PathLike]) -> bool:
 def read_report(folder: str, roots: Sequence[str | os.PathLike]) -> tuple[list[tuple[Any, str]], Any, str]:
     """(plots and grids as (image, caption), summary.csv as a table, report.md without its image
     lines) of a report folder; only folders :func:`find_reports` lists can be opened."""
-    import csv
-
     from PIL import Image
 
     if str(Path(folder).expanduser().resolve()) not in find_reports(roots):
@@ -160,26 +158,30 @@ def read_report(folder: str, roots: Sequence[str | os.PathLike]) -> tuple[list[t
         with Image.open(png) as img:
             images.append((img.convert("RGB"), png.stem))
     table = None
-    if (path / "summary.csv").is_file():
-        with (path / "summary.csv").open(newline="") as f:
-            rows = list(csv.reader(f))
-        if rows:
-            import pandas as pd
+    rows = summary_rows(path)
+    if rows:
+        import pandas as pd
 
-            table = pd.DataFrame(rows[1:], columns=rows[0])
+        table = pd.DataFrame(rows[1:], columns=rows[0])
     text = (path / "report.md").read_text(encoding="utf-8", errors="replace")
     text = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("!["))
     return images, table, text
 
 
+def summary_rows(folder: str | os.PathLike) -> list[list[str]]:
+    """A report folder's summary.csv as rows (the header first; blank lines left out), [] without one."""
+    import csv
+
+    summary = Path(folder).expanduser() / "summary.csv"
+    if not summary.is_file():
+        return []
+    with summary.open(newline="", encoding="utf-8", errors="replace") as f:
+        return [row for row in csv.reader(f) if row]
+
+
 def report_table_shown(folder: str | None) -> Any:
     """The summary table is shown when the chosen report has one (empty, Gradio draws headers "1 2 3")."""
-    summary = Path(folder).expanduser() / "summary.csv" if folder else None
-    has_rows = False
-    if summary is not None and summary.is_file():
-        with summary.open(encoding="utf-8", errors="replace") as f:
-            has_rows = sum(1 for line in f if line.strip()) > 1  # a header and at least one row
-    return gr.update(visible=has_rows)
+    return gr.update(visible=bool(folder) and len(summary_rows(folder)) > 1)  # a header and at least one row
 
 
 def show_report(ctx: Context, folder: str | None):
