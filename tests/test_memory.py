@@ -245,10 +245,10 @@ def test_the_fp16_fix_vae_replaces_the_upcast_when_present(tiny_cache, tmp_path)
     from diffusers import AutoencoderKL
 
     from lcmla.loading import load_components
-    from lcmla.presets import PRESETS
+    from lcmla.presets import PRESETS, VAE_FP16_FIX_REPO
     from lcmla.tiny import TINY_VAE, tiny_paths
 
-    fix = tmp_path / "madebyollin" / "sdxl-vae-fp16-fix"
+    fix = tmp_path / VAE_FP16_FIX_REPO  # a tiny VAE the test writes, in the --weights-dir layout
     AutoencoderKL(**{**TINY_VAE, "force_upcast": False}).save_pretrained(fix, safe_serialization=True)
     paths = tiny_paths()
     with logged_messages("diffusers") as said:

@@ -40,7 +40,7 @@ def test_hf_cache_resolves_without_network(tmp_path, monkeypatch):
     import huggingface_hub.constants as c
 
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
-    repo_dir = cache / "models--h94--IP-Adapter-FaceID"
+    repo_dir = cache / ("models--" + FACEID_REPO.replace("/", "--"))  # huggingface_hub's cache layout, written here
     snap = repo_dir / "snapshots" / "abc123"
     for name in (FACEID_WEIGHTS, "sub/x.json"):
         _touch(snap / name)
