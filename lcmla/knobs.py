@@ -217,7 +217,7 @@ KNOBS: tuple[Knob, ...] = (
     Knob("attention.steps", "AM at steps", "steps", placeholder="every step",
          info="Step indices (0-based), comma-separated; empty = every step."),
     Knob("attention.am1_power", "AM1 power p", "slider", 0.1, 5.0, 0.05, info="Ã = min(s·Aᵖ, cap) (Eq. 8)."),
-    Knob("attention.am1_scale_down", "AM1 s, down", "slider", 0.0, 10.0, 0.05, info="s in down blocks."),
+    Knob("attention.am1_scale_down", "AM1 s, down", "slider", 0.0, 10.0, 0.05, info="s in down blocks (and in the mid block when it is a target)."),
     Knob("attention.am1_scale_up", "AM1 s, up", "slider", 0.0, 10.0, 0.05, info="s in up blocks."),
     Knob("attention.am2_sharpness", "AM2 sharpness d_k", "floats", placeholder="7.5, 5, 5, 5",
          info="Per step: M = sigmoid(d_k·(norm(A) − q)) (Eq. 9)."),

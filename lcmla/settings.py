@@ -209,7 +209,7 @@ class AttentionSettings(_Group):
     tokens: tuple[int, ...] = (0, 1, 2, 3)  # identity tokens the transform touches
     steps: tuple[int, ...] | None = None  # step indices; None = every step
     am1_power: float = 1.3
-    am1_scale_down: float = 1.55
+    am1_scale_down: float = 1.55  # also in the mid block when "mid" is a target (the authors leave mid untouched)
     am1_scale_up: float = 1.45
     am2_sharpness: tuple[float, ...] = (7.5, 5.0, 5.0, 5.0)
     am2_scale: tuple[float, ...] = (1.0, 1.55, 1.55, 1.55)

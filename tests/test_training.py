@@ -228,6 +228,28 @@ def test_lookahead_loss_alone_reaches_every_trainable_part(face_path, other_face
     assert not missing, missing[:5]
 
 
+def test_lookahead_covers_the_whole_batch_by_default(face_path, other_face):
+    """As in the authors' command (--lcm_batch_size = --train_batch_size), every sample of the
+    batch gets a preview unless ``lookahead_batch`` keeps it to the first N."""
+    comps, trainables, objective, collate = _kit()
+    assert objective.config.lookahead_batch is None
+    seen = []
+    loss_fn = objective.identity_loss
+
+    def spy(preview, *args):
+        seen.append(preview.shape[0])
+        return loss_fn(preview, *args)
+
+    objective.identity_loss = spy
+    spy.reference = loss_fn.reference
+    batch = _batch(objective, collate, _pairs(face_path, other_face))
+    with torch.no_grad():
+        objective(batch, torch.Generator().manual_seed(0))
+        objective.config = ObjectiveConfig(lookahead_batch=1)
+        objective(batch, torch.Generator().manual_seed(0))
+    assert seen == [2, 1]
+
+
 def test_one_step_changes_exactly_the_trainable_parameters(face_path, other_face):
     comps, trainables, objective, collate = _kit(lookahead_batch=1)
     pipe = comps.pipe

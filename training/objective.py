@@ -52,7 +52,7 @@ class ObjectiveConfig:
     t_alpha: float = 0.5  # timestep annealing of the diffusion loss
     t_alpha_lookahead: float = 0.2
     lookahead_max_t: int = 1000
-    lookahead_batch: int = 1  # samples of the batch that also get the lookahead loss
+    lookahead_batch: int | None = None  # samples of the batch that also get the lookahead loss (None: all, as the authors' command)
     lcm_full_prob: float = 0.5
     lcm_min_scale: float = 0.1
     ip_scale: float = 1.0  # λ of the decoupled cross-attention while training
@@ -204,7 +204,7 @@ class Objective:
             loss = cfg.diffusion_weight * loss_diff
         # -- lookahead loss
         if cfg.lambda_lookahead > 0 and self.identity_loss is not None:
-            n = min(cfg.lookahead_batch, b)
+            n = b if cfg.lookahead_batch is None else min(cfg.lookahead_batch, b)
             alpha = sample_lora_scale(generator, cfg.lcm_full_prob, cfg.lcm_min_scale)
             t2 = sample_timesteps(self.p_t_lookahead, n, generator).to(self.device)
             noise2 = torch.randn(z0[:n].shape, generator=generator).to(self.device, z0.dtype)

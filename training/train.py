@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                "process reads each batch when it is needed); the batches and their order do not change")
     g = p.add_argument_group("objective")
     _flag(g, "lookahead-weight", type=Number(float, 0), default=1e-3, help="λ of the lookahead identity loss (0: off)")
-    _flag(g, "lookahead-batch-size", type=Number(int, 1), default=1, help="samples per step that also get the lookahead loss")
+    _flag(g, "lookahead-batch-size", type=Number(int, 1), default=None,
+          help="samples per step that also get the lookahead loss (default: the whole batch, as the authors' "
+               "command: --lcm_batch_size 4 with --train_batch_size 4; fewer saves memory and time)")
     _flag(g, "lookahead-max-timestep", type=Number(int, 1), default=1000, help="timesteps of the lookahead loss are below this (M: p(t) ∝ 1 − 0.2·cos(πt/M))")
     _flag(g, "no-kv", action="store_true", help="train without the KV path (adapter only)")
     _flag(g, "kv-prompt", default=None,
