@@ -100,7 +100,9 @@ def rescale_guidance(pred: torch.Tensor, refs: Sequence[torch.Tensor], phi: floa
 
 def stretch(values: Sequence[float], steps: int) -> list[float]:
     """Resample a per-step list to ``steps`` entries, keeping the first and last values at the
-    first and last step (nearest neighbour on the normalised step position).
+    first and last step (nearest neighbour on the normalised step position; a tie goes towards
+    the middle, so a symmetric schedule stays symmetric: [1, 1.5, 1.5, 1] at 7 steps is
+    [1, 1.5, 1.5, 1.5, 1.5, 1.5, 1], one untouched step at each end as at 4).
 
     With fewer steps than values the interior is thinned: [1, 1.5, 1.5, 1] gives [1, 1.5, 1] at
     3 steps, [1, 1] at 2 steps and [1] at 1 step, so a schedule that leaves its ends untouched does
@@ -110,7 +112,13 @@ def stretch(values: Sequence[float], steps: int) -> list[float]:
         return [float(v) for v in values]
     if steps == 1:
         return [float(values[0])]
-    return [float(values[round(k * (n - 1) / (steps - 1))]) for k in range(steps)]
+
+    def nearest(k: int) -> int:  # the value index of step k, ties towards the middle
+        if 2 * k > steps - 1:
+            return n - 1 - nearest(steps - 1 - k)
+        return (2 * k * (n - 1) + steps - 1) // (2 * (steps - 1))  # floor(k(n−1)/(steps−1) + ½), exact
+
+    return [float(values[nearest(k)]) for k in range(steps)]
 
 
 def schedule(kind: str, values: Sequence[float], steps: int) -> list[float]:

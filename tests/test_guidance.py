@@ -132,6 +132,17 @@ def test_classic_cfg(preds):
 def test_schedules():
     assert stretch([1, 1.5, 1.5, 1], 4) == [1, 1.5, 1.5, 1]
     assert stretch([1, 1.5, 1.5, 1], 8) == [1, 1, 1.5, 1.5, 1.5, 1.5, 1, 1]
+    # a tie (7 steps: positions 0, ½, 1, …) goes towards the middle: symmetric schedules stay
+    # symmetric, with one untouched step at each end as at 4 steps (Python's round sent ½ to 0)
+    assert stretch([1, 1.5, 1.5, 1], 7) == [1, 1.5, 1.5, 1.5, 1.5, 1.5, 1]
+    assert stretch([1, 3, 3, 1], 5) == [1, 3, 3, 3, 1]
+    assert stretch([7.5, 5, 5, 5], 7) == [7.5, 5, 5, 5, 5, 5, 5]
+    for values in ([1, 1.5, 1.5, 1], [1, 3, 3, 1], [1, 2, 3, 2, 1], [0, 1, 0]):
+        for steps in range(1, 30):
+            out = stretch(values, steps)
+            assert out == out[::-1], (values, steps)
+            assert out[0] == values[0] and len(out) == steps
+    assert stretch([0, 1, 2, 3], 7) == [0, 1, 1, 2, 2, 2, 3]  # the middle position (1.5) rounds up
     # fewer steps than values: the ends stay, the interior thins out (1–3 steps spelled out)
     assert stretch([1, 1.5, 1.5, 1], 3) == [1, 1.5, 1]
     assert stretch([1, 1.5, 1.5, 1], 2) == [1, 1]
