@@ -184,6 +184,31 @@ def test_generate_then_every_tab(page, face_path):
     assert not _error_toasts(page)
 
 
+def test_on_a_narrow_screen_generate_scrolls_to_the_images(browser, url, face_path):
+    """At phone/tablet width the outputs stack under the knobs, far below the button: pressing
+    Generate brings the gallery (where the progress shows) into view; a wide window stays put."""
+    for width, moves in ((700, True), (1400, False)):
+        page = browser.new_page(viewport={"width": width, "height": 900})
+        try:
+            page.set_default_timeout(60_000)
+            page.goto(url)
+            page.wait_for_selector("#generate-btn")
+            _upload_face(page, face_path)
+            page.wait_for_selector("#faces-found img")
+            page.locator("#generate-btn").scroll_into_view_if_needed()
+            before = page.evaluate("window.scrollY")
+            gallery_top = "document.getElementById('gallery').getBoundingClientRect().top"
+            assert (page.evaluate(gallery_top) > 900) == moves  # below the window only when narrow
+            page.click("#generate-btn")
+            if moves:
+                page.wait_for_function(f"{gallery_top} >= -2 && {gallery_top} < 200", timeout=10_000)
+            _wait_count(page, "#gallery img", 1)
+            if not moves:
+                assert page.evaluate("window.scrollY") == before
+        finally:
+            page.close()
+
+
 def test_a_png_without_settings_is_refused_on_its_box(page, tmp_path):
     """The settings box names the file and why; no control is touched or marked as failed."""
     from PIL import Image

@@ -12,7 +12,17 @@ import gradio as gr
 from lcmla.errors import LcmlaError
 from lcmla.settings import AM_MODES
 
-from .common import ATTENTION_INPUTS, Context, _at_least, _face_paths, _gpu, named_handler, notes_text, user_errors
+from .common import (
+    ATTENTION_INPUTS,
+    Context,
+    _at_least,
+    _face_paths,
+    _gpu,
+    named_handler,
+    notes_text,
+    reveal_on_click,
+    user_errors,
+)
 
 #: The tab's AM choice for a capture: the Generate tab's, or one of the modes.
 CAPTURE_MODES = ("as set in Generate", *AM_MODES)
@@ -174,6 +184,7 @@ def wire(ctx: Context, tab: SimpleNamespace, controls: dict[str, Any]) -> None:
     """Connect the capture button (API name: attention_maps) and the selectors (render_maps)."""
     t = tab
     inputs = [controls[n] for n in ATTENTION_INPUTS[:-1]] + [t.capture_mode]
+    reveal_on_click(t.attention_btn, 'map-after')
     t.attention_btn.click(_gpu(named_handler(partial(run_attention, ctx), ATTENTION_INPUTS)), inputs,
                           [t.maps_state, t.map_block, t.map_step, t.map_token, t.map_before, t.map_after, t.map_diff,
                            t.map_info],

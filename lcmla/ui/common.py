@@ -172,6 +172,16 @@ def _gpu(fn: Callable) -> Callable:
     return spaces.GPU(fn)
 
 
+def reveal_on_click(button: gr.Button, elem_id: str) -> None:
+    """When ``button`` is pressed, scroll the output ``elem_id`` (where the progress shows) into view
+    if it lies below the window, as on a narrow screen, where the outputs stack under the knobs.
+    Browser-side only: no request, no API endpoint; a wide layout, where it is in view, stays put."""
+    js = ("() => { const el = document.getElementById(%r); if (!el) return;"
+          " if (el.getBoundingClientRect().top > window.innerHeight - 80)"
+          " el.scrollIntoView({behavior: 'smooth', block: 'start'}); }") % elem_id
+    button.click(None, None, None, js=js, queue=False, api_visibility="private", show_progress="hidden")
+
+
 class _Outputs:
     """Per-request folders for the PNG downloads, removed after OUTPUT_TTL_S."""
 

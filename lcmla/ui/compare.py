@@ -27,6 +27,7 @@ from .common import (
     notes_text,
     user_errors,
     with_context,
+    reveal_on_click,
 )
 
 
@@ -203,6 +204,7 @@ def show_report(ctx: Context, folder: str | None):
 
 def wire(ctx: Context, tab: SimpleNamespace, controls: dict[str, Any]) -> None:
     """Connect Compare (API name: compare) and the report view (open_report, list_reports)."""
+    reveal_on_click(tab.compare_btn, 'compare-gallery')
     tab.compare_btn.click(_gpu(named_handler(partial(run_compare, ctx), GENERATE_INPUTS)),
                           [controls[n] for n in GENERATE_INPUTS], [tab.compare_gallery, tab.compare_table, tab.compare_info],
                           api_name="compare", concurrency_id="engine", show_progress_on=[tab.compare_gallery])

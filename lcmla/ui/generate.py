@@ -33,6 +33,7 @@ from .common import (
     user_errors,
     widget,
     with_context,
+    reveal_on_click,
 )
 
 
@@ -283,6 +284,7 @@ def load_settings(ctx: Context, path: str | None) -> dict[str, Any]:
 def wire(ctx: Context, tab: SimpleNamespace, controls: dict[str, Any]) -> None:
     """Connect the tab's events (API names: generate, detect_faces, preset_*, load_settings)."""
     knob_components = [controls[name] for name in KNOB_NAMES]
+    reveal_on_click(tab.generate_btn, 'gallery')
     tab.generate_btn.click(
         _gpu(named_handler(partial(run_generate, ctx), GENERATE_INPUTS)), [controls[n] for n in GENERATE_INPUTS],
         [tab.gallery, tab.downloads, tab.run_info, tab.faces_found, controls["output.seed"], tab.settings_json],
