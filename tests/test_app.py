@@ -240,6 +240,7 @@ def test_bad_inputs_give_messages_and_the_next_request_works(client, values, bad
         ({"output.num_images": 0}, r"less than minimum"),
         ({"output.width": 70}, r"Width \(output\.width\) must be a multiple of 8 \(got 70; try 64 or 72\)"),
         ({"output.seed": -5}, r"Seed \(output\.seed\) must be a whole number from 0 to 9007199254740991 \(got -5\)"),
+        ({"output.seed": 1.5}, r"Seed \(output\.seed\) must be a whole number \(got 1\.5\)"),  # not rounded to 2
         ({"guidance.dcg_a": "1, banana"}, r"guidance\.dcg_a"),
         ({"guidance.dcg": True, "guidance.dcg_schedule": "linear"}, r"two values \(start, end\)"),
         ({"prompt": "   "}, r"Prompt \(prompt\) must not be empty"),

@@ -391,8 +391,8 @@ def widget(knob: Knob, value: Any) -> gr.components.Component:
         common["info"] = knob.info
     if knob.kind in ("text", "floats", "steps"):
         return gr.Textbox(lines=knob.lines, max_lines=max(knob.lines, 4), placeholder=knob.placeholder or None, **common)
-    if knob.kind == "int":  # its range is checked with the knob's own message (knobs._parse_number_field), not Gradio's
-        return gr.Number(precision=0, **common)
+    if knob.kind == "int":  # range and wholeness are checked with the knob's own message (knobs._parse_number_field):
+        return gr.Number(**common)  # precision=0 would round 1.5 to 2 silently, before any check
     if knob.kind in ("slider", "slider_int", "face_index"):
         return gr.Slider(knob.minimum, knob.maximum, step=knob.step, **common)
     if knob.kind in ("bool", "scope"):
