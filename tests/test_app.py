@@ -386,6 +386,11 @@ def test_the_api_names_every_parameter(client, face_path, first_image):
     assert [p["parameter_name"] for p in from_settings] == ["faces", "settings_json", "prompt"]
     assert [p["parameter_has_default"] for p in from_settings] == [False, False, True]  # the prompt is optional
     assert [r["label"] for r in info["/generate_from_settings"]["returns"]] == ["images", "settings_json", "info"]
+    from lcmla.ui.common import FACE_EXAMPLE_URL
+
+    for endpoint in ("/generate", "/previews", "/attention_maps", "/compare", "/generate_from_settings"):
+        faces = info[endpoint]["parameters"][0]  # its example is a face photo, not Gradio's sample PDF
+        assert [f["url"] for f in faces["example_input"]] == [FACE_EXAMPLE_URL], endpoint
 
 
 def test_settings_json_endpoint_reproduces_a_png(client, values, face_path):

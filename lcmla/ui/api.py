@@ -10,7 +10,7 @@ import gradio as gr
 from lcmla.errors import LcmlaError
 from lcmla.settings import GenerationSettings
 
-from .common import Context, _face_paths, _gpu, user_errors
+from .common import Context, _face_paths, _gpu, user_errors, with_face_example
 
 
 def generate_from_settings(ctx: Context, faces: Any, settings_json: str, prompt: str = "", progress: Any = None):
@@ -53,7 +53,7 @@ def generate_from_settings(ctx: Context, faces: Any, settings_json: str, prompt:
 def build(ctx: Context) -> None:
     """Hidden components and the /generate_from_settings endpoint (inside the Blocks)."""
     with gr.Group(visible=False):
-        api_faces = gr.File(file_count="multiple", file_types=["image"], label="faces")
+        api_faces = with_face_example(gr.File(file_count="multiple", file_types=["image"], label="faces"))
         api_settings = gr.Textbox(label="settings_json")
         api_prompt = gr.Textbox("", label="prompt")
         api_images = gr.Gallery(label="images", format="png")

@@ -34,6 +34,7 @@ from .common import (
     widget,
     with_context,
     reveal_on_click,
+    with_face_example,
 )
 
 
@@ -48,8 +49,8 @@ def layout(ctx: Context, controls: dict[str, Any], defaults: dict[str, Any]) -> 
         with gr.Row(equal_height=False):
             with gr.Column(scale=6, min_width=380):
                 with gr.Row():
-                    faces = gr.File(label="Face photos", file_count="multiple",
-                                    file_types=["image"], type="filepath", elem_id="faces", height=150, scale=3)
+                    faces = with_face_example(gr.File(label="Face photos", file_count="multiple", file_types=["image"],
+                                                      type="filepath", elem_id="faces", height=150, scale=3))
                     faces_found = gr.Gallery(label="Faces found", columns=3, height=150,
                                              format="png", interactive=False, elem_id="faces-found", scale=2)
                 controls["app.faces"] = faces
