@@ -195,6 +195,11 @@ def test_on_a_narrow_screen_generate_scrolls_to_the_images(browser, url, face_pa
             page.wait_for_selector("#generate-btn")
             _upload_face(page, face_path)
             page.wait_for_selector("#faces-found img")
+            # one photo's thumbnail, caption included, fits the 150 px box (Gradio stretched it to a full-width square)
+            fits = page.evaluate("""(() => { const box = document.querySelector('#faces-found').getBoundingClientRect();
+                const item = document.querySelector('#faces-found .thumbnail-item').getBoundingClientRect();
+                return item.bottom <= box.bottom + 1 && item.right <= box.right + 1; })()""")
+            assert fits, width
             page.locator("#generate-btn").scroll_into_view_if_needed()
             before = page.evaluate("window.scrollY")
             gallery_top = "document.getElementById('gallery').getBoundingClientRect().top"

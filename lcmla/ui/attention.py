@@ -70,10 +70,10 @@ def layout(ctx: Context) -> SimpleNamespace:
             map_shared = gr.Checkbox(value=False, label="Same colour scale for both",
                                      info="Off: each map uses its own range.", elem_id="map-shared")
         with gr.Row():
-            map_before = gr.Image(label="Before AM", type="pil", format="png", interactive=False, elem_id="map-before")
-            map_after = gr.Image(label="After AM", type="pil", format="png", interactive=False, elem_id="map-after")
+            map_before = gr.Image(label="Before AM", type="pil", format="png", interactive=False, elem_id="map-before", min_width=240)
+            map_after = gr.Image(label="After AM", type="pil", format="png", interactive=False, elem_id="map-after", min_width=240)
             map_diff = gr.Image(label="Difference (after − before)", type="pil", format="png", interactive=False,
-                                elem_id="map-diff")
+                                elem_id="map-diff", min_width=240)
         gr.Markdown(UNITS_CAPTION, elem_id="map-units")
         map_info = gr.Markdown("", label="Map info", elem_id="map-info")
         maps_state = gr.State(None)

@@ -189,10 +189,12 @@ def with_face_example(files: gr.File) -> gr.File:
 
 def reveal_on_click(button: gr.Button, elem_id: str) -> None:
     """When ``button`` is pressed, scroll the output ``elem_id`` (where the progress shows) into view
-    if it lies below the window, as on a narrow screen, where the outputs stack under the knobs.
+    if its middle (where Gradio draws the progress) lies below the window, as on a narrow screen,
+    where the outputs stack under the knobs.
     Browser-side only: no request, no API endpoint; a wide layout, where it is in view, stays put."""
     js = ("() => { const el = document.getElementById(%r); if (!el) return;"
-          " if (el.getBoundingClientRect().top > window.innerHeight - 80)"
+          " const r = el.getBoundingClientRect();"  # the progress shows in the middle of the output
+          " if (r.top + Math.min(r.height, 400) / 2 + 60 > window.innerHeight)"
           " el.scrollIntoView({behavior: 'smooth', block: 'start'}); }") % elem_id
     button.click(None, None, None, js=js, queue=False, api_visibility="private", show_progress="hidden")
 
@@ -237,12 +239,25 @@ def _timings_text(timings: Mapping[str, float]) -> str:
 
 
 CSS = """
-.lcmla-banner {border-left: 4px solid #d97706; background: #fffbeb; padding: 10px 14px; border-radius: 6px; color: #3f2d0c;}
+.prose.lcmla-banner {border-left: 4px solid #d97706; background: #fffbeb; padding: 10px 14px; border-radius: 6px; color: #3f2d0c;}
 .lcmla-banner p {margin: 0;}
 .lcmla-header h1 {margin-bottom: 0;}
 #generate-btn, #previews-btn, #attention-btn, #compare-btn {min-height: 48px; font-size: 1.05em;}
 .lcmla-presets button {min-width: 0 !important;}
 .lcmla-note {font-size: 0.9em; opacity: 0.85;}
+/* Gradio's gallery stretches fewer pictures than columns to full-width squares, taller than the
+   box: fixed-height thumbnails show the whole picture and its caption inside the box */
+#faces-found .thumbnail-item {height: 112px !important; aspect-ratio: auto !important;}
+#strip-x0 .thumbnail-item, #strip-lcm .thumbnail-item {height: 180px !important; aspect-ratio: auto !important;}
+#faces-found .thumbnail-item img, #strip-x0 .thumbnail-item img, #strip-lcm .thumbnail-item img {object-fit: contain !important;}
+#compare-gallery .caption-label {white-space: normal; text-overflow: clip; max-width: calc(100% - 8px);}
+/* a narrow screen: two pictures a row, the gallery growing instead of scrolling sideways */
+@media (max-width: 640px) {
+  #strip-x0 .grid-container, #strip-lcm .grid-container, #compare-gallery .grid-container {
+    grid-template-columns: repeat(2, minmax(0, 1fr)) !important;}
+  #strip-x0 .grid-wrap, #strip-lcm .grid-wrap, #compare-gallery .grid-wrap {height: auto !important; max-height: none !important;}
+  #strip-x0, #strip-lcm, #compare-gallery {height: auto !important;}
+}
 """
 
 
