@@ -119,26 +119,30 @@ def run_compare(ctx: Context, ui: dict[str, Any], progress: Any):
 # ---- evaluation reports --------------------------------------------------------------------------
 
 
+REPORT_DEPTH = 2  # how far below a --reports root a report folder may lie (find_reports, _under)
+
+
 def find_reports(roots: Sequence[str | os.PathLike]) -> list[str]:
     """Evaluation report folders (holding ``report.md``) in ``roots``: each root itself, its
-    sub-folders and theirs (two levels), sorted."""
+    sub-folders and theirs (``REPORT_DEPTH`` levels), sorted."""
     found: set[str] = set()
     for root in roots:
         root = Path(root).expanduser()
         if not root.is_dir():
             continue
-        for candidate in [root, *root.glob("*"), *root.glob("*/*")]:
+        below = [p for depth in range(1, REPORT_DEPTH + 1) for p in root.glob("/".join(["*"] * depth))]
+        for candidate in [root, *below]:
             if candidate.is_dir() and (candidate / "report.md").is_file():
                 found.add(str(candidate.resolve()))
     return sorted(found)
 
 
 def _under(folder: str, roots: Sequence[str | os.PathLike]) -> bool:
-    """Whether ``folder`` lies where :func:`find_reports` looks (two levels below a root at most)."""
+    """Whether ``folder`` lies where :func:`find_reports` looks (``REPORT_DEPTH`` levels below a root at most)."""
     path = Path(folder).expanduser().resolve()
     for root in roots:
         base = Path(root).expanduser().resolve()
-        if path == base or base in path.parents and len(path.relative_to(base).parts) <= 2:
+        if path == base or base in path.parents and len(path.relative_to(base).parts) <= REPORT_DEPTH:
             return True
     return False
 
