@@ -250,12 +250,28 @@ def test_bad_uploads_show_an_error_and_the_app_goes_on(page, face_path, tmp_path
         timeout=SLOW)
     _shot(page, "8-error-no-face")
     assert _count(page, "#gallery img") == 0
+    page.wait_for_timeout(500)  # the failure's follow-up event has had its time: nothing was shown, nothing marked
+    assert "Upload a face photo and press Generate" in page.inner_text("#run-info")
 
     _upload_face(page, face_path)
     page.wait_for_function("document.querySelectorAll('#faces td.filename').length === 1")
     page.click("#generate-btn")
     _wait_count(page, "#gallery img", 1)
     assert page.locator("#faces td.filename").get_attribute("aria-label") == "face.png"
+    done = page.inner_text("#run-info")
+
+    # refused after a run: the image stays, and the summary says it is the request before's
+    _upload_face(page, grey)
+    page.wait_for_function("document.querySelectorAll('#faces td.filename').length === 1")
+    page.click("#generate-btn")
+    page.wait_for_function("document.querySelector('#run-info').innerText.includes('The last request stopped with an error')",
+                           timeout=SLOW)
+    marked = page.inner_text("#run-info")
+    assert "from the request before it" in marked and done.strip() in marked
+    assert _count(page, "#gallery img") == 1
+    page.wait_for_timeout(300)
+    assert _count(page, "#gallery .error") == 0  # Gradio's "Error" cover is lifted off the image
+    _shot(page, "9-refused-after-a-run")
 
 
 @pytest.fixture(scope="module")

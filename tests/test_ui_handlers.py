@@ -361,3 +361,33 @@ def test_each_page_load_lists_the_reports_there_are_now(engine, tmp_path):
     loads = [d for d in demo.config["dependencies"] if any(t[1] == "load" for t in d["targets"])]
     dropdown = next(c["id"] for c in demo.config["components"] if c.get("props", {}).get("elem_id") == "report-choice")
     assert any(dropdown in d["outputs"] for d in loads)
+
+
+def test_a_failed_request_marks_what_its_tab_still_shows(engine):
+    """Gradio leaves a tab's outputs as they were when its request fails: the summary then says they
+    are the request before's (or this one's unfinished part), and every button's event is followed by it."""
+    from lcmla.ui.common import FAILED_MARK, failure_note, note_failures  # noqa: F401
+    from lcmla.ui.demo import build_demo
+    from lcmla.ui.generate import RUN_INFO_START
+
+    done = "**1 image** · seed 7 · 0.4 s"
+    old = failure_note(done)
+    assert old.startswith(FAILED_MARK) and "from the request before it" in old and old.endswith(done)
+    assert failure_note(old) == old  # a second failure in a row: marked once
+    part = failure_note("Step 2 of 4 (t = 499) …")
+    assert part.startswith(FAILED_MARK) and "before it finished" in part and part.endswith("Step 2 of 4 (t = 499) …")
+    for nothing in (None, "", "  "):  # nothing shown yet: nothing to mark
+        assert failure_note(nothing) == nothing
+    assert failure_note(RUN_INFO_START, RUN_INFO_START) == RUN_INFO_START
+
+    demo = build_demo(engine)
+    ids = {c["props"].get("elem_id"): c["id"] for c in demo.config["components"] if c.get("props", {}).get("elem_id")}
+    deps = demo.config["dependencies"]
+    for button, info, cover in (("generate-btn", "run-info", "gallery"), ("previews-btn", "preview-info", "strip-x0"),
+                                ("attention-btn", "map-info", "map-after"), ("compare-btn", "compare-info", "compare-gallery")):
+        request = next(d for d in deps if [ids[button], "click"] in [list(t) for t in d["targets"]] and d["outputs"])
+        assert ids[cover] in request["outputs"] and ids[info] in request["outputs"]
+        marks = [d for d in deps if d["trigger_after"] == request["id"] and d["trigger_only_on_failure"]]
+        # the summary is marked; the output where the progress showed gets its "Error" cover lifted
+        assert [(m["inputs"], m["outputs"], m["api_visibility"]) for m in marks] == [
+            ([ids[info]], [ids[info], ids[cover]], "private")], button

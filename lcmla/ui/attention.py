@@ -19,6 +19,7 @@ from .common import (
     _face_paths,
     _gpu,
     named_handler,
+    note_failures,
     notes_text,
     reveal_on_click,
     user_errors,
@@ -185,14 +186,16 @@ def wire(ctx: Context, tab: SimpleNamespace, controls: dict[str, Any]) -> None:
     t = tab
     inputs = [controls[n] for n in ATTENTION_INPUTS[:-1]] + [t.capture_mode]
     reveal_on_click(t.attention_btn, 'map-after')
-    t.attention_btn.click(_gpu(named_handler(partial(run_attention, ctx), ATTENTION_INPUTS)), inputs,
-                          [t.maps_state, t.map_block, t.map_step, t.map_token, t.map_before, t.map_after, t.map_diff,
-                           t.map_info],
-                          api_name="attention_maps", concurrency_id="engine", show_progress_on=[t.map_after]).success(
+    capture = t.attention_btn.click(_gpu(named_handler(partial(run_attention, ctx), ATTENTION_INPUTS)), inputs,
+                                    [t.maps_state, t.map_block, t.map_step, t.map_token, t.map_before, t.map_after, t.map_diff,
+                                     t.map_info],
+                                    api_name="attention_maps", concurrency_id="engine", show_progress_on=[t.map_after])
+    capture.success(
         # the first view is drawn with separate colour scales: redraw it as the checkbox says
         render_maps, [t.maps_state, t.map_block, t.map_step, t.map_token, t.map_shared],
         [t.map_before, t.map_after, t.map_diff, t.map_info], api_name="attention_maps_redraw", api_visibility="private",
         preprocess=False, show_progress="hidden")
+    note_failures(capture, t.map_info, [t.map_after])
     selectors = [t.maps_state, t.map_block, t.map_step, t.map_token, t.map_shared]
     # the step slider redraws on .input: dragging (coalesced by always_last) and typing into its box alike
     for event, name in ((t.map_block.input, "render_maps"), (t.map_token.input, None), (t.map_shared.input, None),

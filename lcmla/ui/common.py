@@ -199,6 +199,37 @@ def reveal_on_click(button: gr.Button, elem_id: str) -> None:
     button.click(None, None, None, js=js, queue=False, api_visibility="private", show_progress="hidden")
 
 
+#: The first words of a tab's summary once its last request stopped with an error (failure_note).
+FAILED_MARK = "⚠ **The last request stopped with an error**"
+
+
+def failure_note(info: str | None, placeholder: str = "") -> str | None:
+    """A tab's summary once its request stopped with an error (a refusal or a failure): Gradio
+    leaves the outputs as they were, so say whose they are. A summary that is a progress line of
+    this request (ending in "…") means the outputs are its unfinished part; any other is the request
+    before's. Nothing shown yet (empty, ``placeholder``) or already marked stays as it is."""
+    text = (info or "").strip()
+    if not text or text == placeholder.strip() or text.startswith(FAILED_MARK):
+        return info
+    where = "its message is in the corner of the page"
+    if text.endswith("…"):
+        return f"{FAILED_MARK} ({where}) before it finished; shown is what it had done. Its last status: {text}"
+    return f"{FAILED_MARK} ({where}); everything shown here is from the request before it.\n\n{text}"
+
+
+def note_failures(dependency: Any, info: gr.Markdown, shown: Sequence[Any] = (), placeholder: str = "") -> None:
+    """When the request of ``dependency`` (a tab's button event) fails, mark the tab's summary
+    ``info`` with :func:`failure_note`, and lift Gradio's "Error" cover off the outputs ``shown``
+    (where the progress showed; their pictures stay as they were). Browser only: the API's errors
+    stay errors, as they were."""
+
+    def mark_failed(text: str | None):
+        note = failure_note(text, placeholder)
+        return (note, *(gr.skip() for _ in shown)) if shown else note
+
+    dependency.failure(mark_failed, info, [info, *shown], queue=False, api_visibility="private", show_progress="hidden")
+
+
 class _Outputs:
     """Per-request folders for the PNG downloads, removed after OUTPUT_TTL_S."""
 

@@ -24,6 +24,7 @@ from .common import (
     _gpu,
     log,
     named_handler,
+    note_failures,
     notes_text,
     user_errors,
     with_context,
@@ -209,9 +210,10 @@ def show_report(ctx: Context, folder: str | None):
 def wire(ctx: Context, tab: SimpleNamespace, controls: dict[str, Any]) -> None:
     """Connect Compare (API name: compare) and the report view (open_report, list_reports)."""
     reveal_on_click(tab.compare_btn, 'compare-gallery')
-    tab.compare_btn.click(_gpu(named_handler(partial(run_compare, ctx), GENERATE_INPUTS)),
-                          [controls[n] for n in GENERATE_INPUTS], [tab.compare_gallery, tab.compare_table, tab.compare_info],
-                          api_name="compare", concurrency_id="engine", show_progress_on=[tab.compare_gallery])
+    compare = tab.compare_btn.click(_gpu(named_handler(partial(run_compare, ctx), GENERATE_INPUTS)),
+                                    [controls[n] for n in GENERATE_INPUTS], [tab.compare_gallery, tab.compare_table, tab.compare_info],
+                                    api_name="compare", concurrency_id="engine", show_progress_on=[tab.compare_gallery])
+    note_failures(compare, tab.compare_info, [tab.compare_gallery])
     tab.report_choice.change(with_context(show_report, ctx), tab.report_choice,
                              [tab.report_plots, tab.report_table, tab.report_md], api_name="open_report",
                              concurrency_limit=4).then(

@@ -29,6 +29,7 @@ from .common import (
     api_param,
     log,
     named_handler,
+    note_failures,
     notes_text,
     user_errors,
     widget,
@@ -36,6 +37,9 @@ from .common import (
     reveal_on_click,
     with_face_example,
 )
+
+#: The Generate summary before the first run.
+RUN_INFO_START = "Upload a face photo and press **Generate**."
 
 
 def layout(ctx: Context, controls: dict[str, Any], defaults: dict[str, Any]) -> SimpleNamespace:
@@ -148,7 +152,7 @@ def layout(ctx: Context, controls: dict[str, Any], defaults: dict[str, Any]) -> 
                 gallery = gr.Gallery(label="Images", columns=2, height=560, format="png", object_fit="contain",
                                      interactive=False, elem_id="gallery",
                                      buttons=["download", "fullscreen"])
-                run_info = gr.Markdown("Upload a face photo and press **Generate**.", label="Summary", elem_id="run-info")
+                run_info = gr.Markdown(RUN_INFO_START, label="Summary", elem_id="run-info")
                 downloads = gr.File(label="PNG downloads (settings embedded)",
                                     file_count="multiple", interactive=False, elem_id="downloads")
                 with gr.Accordion("Settings of this run (JSON)", open=False):
@@ -286,11 +290,12 @@ def wire(ctx: Context, tab: SimpleNamespace, controls: dict[str, Any]) -> None:
     """Connect the tab's events (API names: generate, detect_faces, preset_*, load_settings)."""
     knob_components = [controls[name] for name in KNOB_NAMES]
     reveal_on_click(tab.generate_btn, 'gallery')
-    tab.generate_btn.click(
+    generate = tab.generate_btn.click(
         _gpu(named_handler(partial(run_generate, ctx), GENERATE_INPUTS)), [controls[n] for n in GENERATE_INPUTS],
         [tab.gallery, tab.downloads, tab.run_info, tab.faces_found, controls["output.seed"], tab.settings_json],
         api_name="generate", concurrency_id="engine", show_progress_on=[tab.gallery],
     )
+    note_failures(generate, tab.run_info, [tab.gallery], RUN_INFO_START)
     tab.faces.change(with_context(show_faces, ctx), [tab.faces, controls["identity.face_index"]], tab.faces_found,
                      api_name="detect_faces", concurrency_limit=4, show_progress="minimal")
     for key, button in tab.preset_buttons.items():

@@ -27,6 +27,7 @@ from .common import (
     log,
     notes_text,
     named_handler,
+    note_failures,
     user_errors,
     reveal_on_click,
 )
@@ -209,6 +210,7 @@ def wire(ctx: Context, tab: SimpleNamespace, controls: dict[str, Any]) -> None:
     """Connect the tab's button (API name: previews)."""
     inputs = [controls[n] for n in PREVIEW_INPUTS[:-2]] + [tab.preview_scale, tab.preview_steps]
     reveal_on_click(tab.previews_btn, 'strip-x0')
-    tab.previews_btn.click(_gpu(named_handler(partial(run_previews, ctx), PREVIEW_INPUTS)), inputs,
-                           [tab.strip_x0, tab.strip_lcm, tab.preview_final, tab.preview_info],
-                           api_name="previews", concurrency_id="engine", show_progress_on=[tab.strip_x0])
+    previews = tab.previews_btn.click(_gpu(named_handler(partial(run_previews, ctx), PREVIEW_INPUTS)), inputs,
+                                      [tab.strip_x0, tab.strip_lcm, tab.preview_final, tab.preview_info],
+                                      api_name="previews", concurrency_id="engine", show_progress_on=[tab.strip_x0])
+    note_failures(previews, tab.preview_info, [tab.strip_x0])
