@@ -227,6 +227,13 @@ def test_a_png_without_settings_is_refused_on_its_box(page, tmp_path):
     assert "'holiday.png' holds no lcmla settings" in shown and "/tmp" not in shown
     assert not _error_toasts(page)
     assert page.evaluate("document.querySelectorAll('[id^=knob-] .error').length") == 0
+    # the message lies under the box: the box's label, its Clear button and the file stay in sight
+    at = page.evaluate("""() => { const box = document.querySelector('#settings-png'), msg = box.querySelector('.validation-error');
+      const top = e => e.getBoundingClientRect().top, bottom = e => e.getBoundingClientRect().bottom;
+      const clear = [...box.querySelectorAll("button[aria-label='Clear']")].find(b => !b.closest('.validation-error'));
+      return {msg: top(msg), msg_end: bottom(msg), clear: bottom(clear), file: bottom(box.querySelector('td.filename')),
+              accordion_end: bottom(box.closest('.gr-accordion'))}; }""")
+    assert at["msg"] >= max(at["clear"], at["file"]) and at["msg_end"] <= at["accordion_end"], at
     _shot(page, "6-settings-png-refused")
 
 

@@ -282,6 +282,13 @@ CSS = """
 #strip-x0 .thumbnail-item, #strip-lcm .thumbnail-item {height: 180px !important; aspect-ratio: auto !important;}
 #faces-found .thumbnail-item img, #strip-x0 .thumbnail-item img, #strip-lcm .thumbnail-item img {object-fit: contain !important;}
 #compare-gallery .caption-label {white-space: normal; text-overflow: clip; max-width: calc(100% - 8px);}
+/* the PNG box's refusal goes under the box (Gradio lays it over the box's top, where it covered
+   the box's label and its Clear button); the margin leaves it room in the accordion */
+#settings-png:has(.validation-error) {overflow: visible !important; margin-bottom: 6.5em;}
+#settings-png .wrap:has(> .validation-error) {top: 100%; bottom: auto; height: auto; min-height: 0; padding: 6px 0 0;
+  background: none; overflow: visible;}
+#settings-png .wrap > .validation-error {position: static; margin: 0; width: 100%;}
+@media (max-width: 640px) {#settings-png:has(.validation-error) {margin-bottom: 11em;}}
 /* a narrow screen: two pictures a row, the gallery growing instead of scrolling sideways */
 @media (max-width: 640px) {
   #strip-x0 .grid-container, #strip-lcm .grid-container, #compare-gallery .grid-container {
