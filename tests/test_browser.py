@@ -210,6 +210,12 @@ def test_on_a_narrow_screen_generate_scrolls_to_the_images(browser, url, face_pa
             _wait_count(page, "#gallery img", 1)
             if not moves:
                 assert page.evaluate("window.scrollY") == before
+            # the Attention tab's selectors wrap onto rows rather than squeezing four into a narrow one
+            page.get_by_role("tab", name="Attention maps").click()
+            page.wait_for_selector("#map-shared", state="visible")
+            widths = page.evaluate("""['map-block', 'map-step', 'map-token', 'map-shared'].map(
+                id => document.getElementById(id).getBoundingClientRect().width)""")
+            assert min(widths) >= 200, (width, widths)
         finally:
             page.close()
 

@@ -65,11 +65,13 @@ def layout(ctx: Context) -> SimpleNamespace:
             attention_btn = gr.Button("Generate and capture maps", variant="primary", elem_id="attention-btn", scale=1)
         with gr.Row():
             map_block = gr.Dropdown(_KIND_CHOICES, value="all", label="Block", elem_id="map-block",
-                                    info="A kind of block (mean of its layers) or one layer.")
-            map_step = gr.Slider(0, max(1, ctx.preset.steps - 1), value=0, step=1, label="Step", elem_id="map-step")
-            map_token = gr.Radio(["0", "1", "2", "3"], value="0", label="Identity token", elem_id="map-token")
+                                    info="A kind of block (mean of its layers) or one layer.", min_width=220)
+            map_step = gr.Slider(0, max(1, ctx.preset.steps - 1), value=0, step=1, label="Step", elem_id="map-step",
+                                 min_width=220)
+            map_token = gr.Radio(["0", "1", "2", "3"], value="0", label="Identity token", elem_id="map-token",
+                                  min_width=220)
             map_shared = gr.Checkbox(value=False, label="Same colour scale for both",
-                                     info="Off: each map uses its own range.", elem_id="map-shared")
+                                     info="Off: each map uses its own range.", elem_id="map-shared", min_width=220)
         with gr.Row():
             map_before = gr.Image(label="Before AM", type="pil", format="png", interactive=False, elem_id="map-before", min_width=240)
             map_after = gr.Image(label="After AM", type="pil", format="png", interactive=False, elem_id="map-after", min_width=240)
