@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--out", required=True, help="output folder")
     conv.add_argument("--unet-config", default="sdxl", choices=("sdxl", "tiny"),
                       help="the UNet the checkpoint belongs to (sdxl; tiny for tests)")
+    conv.add_argument("--overwrite", action="store_true",
+                      help="replace the two files an earlier conversion left in --out (refused otherwise)")
 
     ev = sub.add_parser("evaluate", help="the papers' evaluation grid: methods × faces × prompts × seeds × λ, "
                         "with ID / FFC / CLIP-T / face-style metrics, a summary and Pareto plots")
@@ -265,7 +267,7 @@ def _convert(args: argparse.Namespace) -> int:
     config = None
     if args.unet_config == "tiny":
         from .tiny import TINY_UNET as config
-    paths = convert_lookahead_checkpoint(args.checkpoint, args.out, unet_config=config)
+    paths = convert_lookahead_checkpoint(args.checkpoint, args.out, unet_config=config, overwrite=args.overwrite)
     for role, path in paths.items():
         print(f"{role}: {path}")
     print(f"use: python -m lcmla generate --preset sdxl-base --adapter {paths['adapter']} "

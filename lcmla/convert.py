@@ -56,6 +56,8 @@ def read_authors_checkpoint(path: str | Path) -> dict[str, Any]:
     import torch
 
     path = Path(path)
+    if path.is_dir():
+        raise LcmlaError(f"{str(path)!r} is a folder, not a file; pass the authors' model_ckpt.pt")
     if not path.is_file():
         raise LcmlaError(f"{str(path)!r} does not exist; pass the authors' model_ckpt.pt")
     try:
@@ -67,7 +69,7 @@ def read_authors_checkpoint(path: str | Path) -> dict[str, Any]:
         if kind is not None:
             raise LcmlaError(f"{str(path)!r} is {kind}, not a checkpoint; pass the authors' model_ckpt.pt") from None
         raise LcmlaError(f"{str(path)!r} is not a plain tensor checkpoint (refused by the safe loader: "
-                         f"{unreadable_reason(exc)}); pass the authors' model_ckpt.pt") from None
+                         f"{unreadable_reason(exc, path)}); pass the authors' model_ckpt.pt") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not any(k.startswith(_ENC) for k in state) \
@@ -112,16 +114,27 @@ def split_authors_state(state: dict[str, Any], processor_names: list[str]) -> di
     return out
 
 
-def convert_lookahead_checkpoint(src: str | Path, out_dir: str | Path, unet_config: dict | None = None) -> dict[str, Path]:
+def convert_lookahead_checkpoint(src: str | Path, out_dir: str | Path, unet_config: dict | None = None,
+                                 overwrite: bool = False) -> dict[str, Path]:
     """Write the adapter and the KV-encoder LoRA converted from the authors' ``src`` into
-    ``out_dir`` (see the module docstring); returns {"adapter": path, "kv_lora": path}."""
+    ``out_dir`` (see the module docstring); returns {"adapter": path, "kv_lora": path}.
+
+    Files of those names already in ``out_dir`` are refused, before anything is read, unless
+    ``overwrite``; an output folder that cannot be made or written is refused first too."""
     from safetensors.torch import save_file
 
+    from .errors import check_output_dir
     from .kv_lora import FORMAT, TARGET_MODULES
     from .sdxl_configs import attention_processor_names
 
+    out = Path(out_dir).expanduser()
+    check_output_dir(out, "--out")
+    paths = {"adapter": out / ADAPTER_FILE, "kv_lora": out / KV_LORA_FILE}
+    taken = [p.name for p in paths.values() if p.exists()]
+    if taken and not overwrite:
+        raise LcmlaError(f"--out {out} already holds {' and '.join(taken)} (an earlier conversion?); pass another "
+                         "--out, or --overwrite to replace them")
     parts = split_authors_state(read_authors_checkpoint(src), attention_processor_names(unet_config))
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     adapter = {f"image_proj.{k}": v.contiguous() for k, v in parts["image_proj"].items()}
     adapter.update({f"ip_adapter.{k}": v.contiguous() for k, v in parts["ip_adapter"].items()})
@@ -131,7 +144,6 @@ def convert_lookahead_checkpoint(src: str | Path, out_dir: str | Path, unet_conf
     meta = {"format": FORMAT, "version": "2", "rank": str(rank), "target_modules": TARGET_MODULES,
             "reference_kv": "kv-copy", "kv_copy_rank": str(max(copy_ranks)),
             "training": json.dumps({"converted_from": Path(src).name, "source": "OrLichter/lcm-lookahead"})}
-    paths = {"adapter": out / ADAPTER_FILE, "kv_lora": out / KV_LORA_FILE}
     for path, tensors, metadata in ((paths["adapter"], adapter, {"format": "pt"}), (paths["kv_lora"], lora, meta)):
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata=metadata)

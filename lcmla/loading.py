@@ -229,11 +229,25 @@ def file_kind(path: str | Path) -> str | None:
     return next((kind for sig, kind in _SIGNATURES if head.startswith(sig)), None)
 
 
-def unreadable_reason(exc: BaseException) -> str:
+def unreadable_reason(exc: BaseException, path: str | Path | None = None) -> str:
     """Why the safe loader refused a checkpoint, in one line. torch's own text for a refused
-    pickle suggests ``weights_only=False``, which would run the file's code: never repeat it."""
+    pickle suggests ``weights_only=False``, which would run the file's code: never repeat it.
+    With ``path``, a file that is neither torch.save's zip archive nor a pickle (whose first byte is
+    0x80 from protocol 2 on) is said to be so: the loader's own error for it is noise ("101",
+    "pop from empty list")."""
     import pickle
+    import zipfile
 
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(1)
+            if not head:
+                return "the file is empty"
+            if head != b"\x80" and not zipfile.is_zipfile(path):
+                return "it is neither a torch.save zip archive nor a pickle"
+        except OSError:
+            pass
     if isinstance(exc, pickle.UnpicklingError):
         return "it holds Python objects besides tensors, or is not a checkpoint at all"
     return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
@@ -277,9 +291,11 @@ def load_adapter_state_dict(path: str | Path, *, keep_lora: bool = False) -> dic
         if kind is not None:
             raise MissingWeightsError(f"{path} is {kind}, not an IP-Adapter checkpoint; pass the adapter's "
                                       ".safetensors or .bin file", missing=[str(path)]) from exc
+        reason = unreadable_reason(exc, None if path.suffix == ".safetensors" else path)
         raise MissingWeightsError(
-            f"{path} is not a plain tensor checkpoint (refused by the safe loader: {unreadable_reason(exc)}); "
-            "delete it and download it again",
+            f"{path} is not a plain tensor checkpoint (refused by the safe loader: {reason}); "
+            "pass the adapter's file again: download it again if it came from a hub, or use the trainer's "
+            "last saved checkpoint if you trained it",
             missing=[str(path)],
         ) from exc
     ok = (
@@ -294,7 +310,7 @@ def load_adapter_state_dict(path: str | Path, *, keep_lora: bool = False) -> dic
         )
     )
     if not ok:
-        fix = "delete it and download it again"
+        fix = "pass an IP-Adapter file (the hub's ip-adapter-faceid-plusv2_sdxl.bin, or the trainer's .safetensors)"
         if path.suffix == ".safetensors":
             from safetensors import safe_open
 
@@ -398,6 +414,44 @@ def load_components(
         return _load(preset, paths, device=device, dtype=dtype, variant=variant, lcm_lora=lcm_lora, adapter=adapter)
 
 
+def cross_attention_shapes(unet: Any) -> list[tuple[int, int]]:
+    """(width, context width) of each cross-attention layer of ``unet``, in ``attn_processors``
+    order: the shapes that diffusers' ``load_ip_adapter`` gives the adapter's ``{2i+1}.to_k_ip`` /
+    ``to_v_ip`` weights (``[width, context width]``), read from each layer's own ``to_k``."""
+    shapes = []
+    for name in unet.attn_processors:
+        if name.endswith("attn2.processor"):
+            to_k = unet.get_submodule(name[: -len(".processor")]).to_k
+            shapes.append((to_k.out_features, to_k.in_features))
+    return shapes
+
+
+def adapter_fit_problem(ip_adapter: dict[str, Any], shapes: list[tuple[int, int]]) -> str | None:
+    """Why an adapter's identity K/V do not fit a UNet whose cross-attention layers have ``shapes``
+    (see :func:`cross_attention_shapes`), in one line; None when they fit.
+
+    diffusers numbers the adapter's layers 1, 3, 5, … over the UNet's cross-attention layers
+    (``_convert_ip_adapter_attn_to_diffusers``), each ``to_k_ip``/``to_v_ip`` weight being
+    ``[width, context width]``. Pure: shapes only."""
+    ids = sorted({int(k.split(".", 1)[0]) for k in ip_adapter if k.split(".", 1)[0].isdigit() and "_ip." in k})
+    if len(ids) != len(shapes):
+        return (f"it holds identity K/V for {len(ids)} cross-attention layers and this UNet has {len(shapes)}: it was "
+                "made for another UNet (an SDXL adapter on the tiny preset, say)")
+    if ids != [2 * i + 1 for i in range(len(shapes))]:
+        shown = ", ".join(map(str, ids[:4])) + (", …" if len(ids) > 4 else "")
+        return (f"its layers are numbered {shown} where this UNet's are 1, 3, 5, … (diffusers' numbering): it was "
+                "made or converted for another UNet")
+    for i, (width, context) in enumerate(shapes):
+        for proj in ("to_k_ip", "to_v_ip"):
+            weight = ip_adapter.get(f"{2 * i + 1}.{proj}.weight")
+            if weight is None:
+                return f"its layer {2 * i + 1} has no {proj}.weight"
+            if tuple(weight.shape) != (width, context):
+                return (f"its layer {2 * i + 1} {proj} is {list(weight.shape)} where this UNet's layer needs "
+                        f"[{width}, {context}]: it was made for another UNet")
+    return None
+
+
 def _load(
     preset: Preset,
     paths: dict[str, Path],
@@ -447,7 +501,17 @@ def _load(
         pipe.fuse_lora(adapter_names=[FUSED_ADAPTER], lora_scale=float(fused_scale))
         pipe.unload_lora_weights()  # the fused weights stay in the base layers
 
-    pipe.load_ip_adapter(state, subfolder="", weight_name=adapter_file, image_encoder_folder=None)
+    problem = adapter_fit_problem(state["ip_adapter"], cross_attention_shapes(pipe.unet))
+    where = adapter if adapter is not None else faceid / FACEID_WEIGHTS
+    if problem is not None:
+        raise MissingWeightsError(f"the IP-Adapter {where} does not fit the {preset.name} preset's UNet: {problem}; "
+                                  f"pass an adapter trained for {preset.name}", missing=[str(where)])
+    try:
+        pipe.load_ip_adapter(state, subfolder="", weight_name=adapter_file, image_encoder_folder=None)
+    except (KeyError, RuntimeError, ValueError) as exc:  # the image projection's shapes (load_state_dict)
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+        raise MissingWeightsError(f"the IP-Adapter {where} does not fit the {preset.name} preset ({reason}); "
+                                  f"pass an adapter trained for {preset.name}", missing=[str(where)]) from None
     adapters = []
     if lora_file is not None:
         pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name=FACEID_ADAPTER)

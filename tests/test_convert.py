@@ -184,6 +184,15 @@ def test_convert_refuses_other_files(tmp_path):
     with pytest.raises(LcmlaError, match="not a plain tensor checkpoint \\(refused by the safe loader") as err:
         convert_lookahead_checkpoint(tmp_path / "junk.pt", tmp_path / "out", unet_config=TINY_UNET)
     assert "weights_only" not in str(err.value) and "\n" not in str(err.value)
+    # text with a checkpoint's name (torch's own errors for it are "101", "pop from empty list"), an empty file, a folder
+    (tmp_path / "notes.pt").write_text("some text here\n")
+    with pytest.raises(LcmlaError, match=r"refused by the safe loader: it is neither a torch.save zip archive nor a pickle\)"):
+        convert_lookahead_checkpoint(tmp_path / "notes.pt", tmp_path / "out", unet_config=TINY_UNET)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(LcmlaError, match=r"refused by the safe loader: the file is empty\)"):
+        convert_lookahead_checkpoint(tmp_path / "empty.pt", tmp_path / "out", unet_config=TINY_UNET)
+    with pytest.raises(LcmlaError, match="is a folder, not a file; pass the authors' model_ckpt.pt"):
+        convert_lookahead_checkpoint(tmp_path, tmp_path / "out", unet_config=TINY_UNET)
 
 
 def test_cli_convert(tmp_path):
@@ -194,3 +203,34 @@ def test_cli_convert(tmp_path):
                  "--unet-config", "tiny"]) == 0
     assert (tmp_path / "o" / "kv_encoder_lora.safetensors").is_file()
     assert main(["convert-lookahead", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_cli_convert_keeps_an_earlier_conversion_and_refuses_a_bad_out(tmp_path, capsys):
+    """A second conversion into the same --out is refused (before the checkpoint is read) unless
+    --overwrite; an --out that is a file, or under one, is a message, not a traceback."""
+    import hashlib
+
+    from lcmla.cli import main
+
+    ckpt = tmp_path / "model_ckpt.pt"
+    torch.save(_authors_checkpoint(1), ckpt)
+    args = ["convert-lookahead", str(ckpt), "--unet-config", "tiny", "--out"]
+    assert main([*args, str(tmp_path / "o")]) == 0
+    files = sorted((tmp_path / "o").iterdir())
+    digest = {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in files}
+    torch.save(_authors_checkpoint(2), ckpt)
+    capsys.readouterr()
+    assert main([*args, str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "already holds ip-adapter-plus-face_lcm-lookahead.safetensors and kv_encoder_lora.safetensors" in err
+    assert "--overwrite" in err
+    assert {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in files} == digest
+    assert main([*args, str(tmp_path / "o"), "--overwrite"]) == 0
+    assert {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in files} != digest
+
+    (tmp_path / "file").write_text("x")
+    for out, says in ((tmp_path / "file", "is a file, not a folder"), (tmp_path / "file" / "sub", "cannot be created")):
+        capsys.readouterr()
+        assert main([*args, str(out)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, err

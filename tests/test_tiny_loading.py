@@ -480,3 +480,42 @@ def test_an_adapter_and_a_kv_lora_swapped_name_the_right_flag(tmp_path: Path) ->
     empty.mkdir()
     with pytest.raises(LcmlaError, match="holds no .safetensors file"):
         read_kv_lora_metadata(empty)
+
+
+def test_an_adapter_for_another_unet_is_refused_with_its_shapes(paths: dict[str, Path], faceid_bin, tmp_path: Path) -> None:
+    """An adapter whose identity K/V are numbered or shaped for another UNet (SDXL's on the tiny
+    preset) is refused by name, with the two layer counts or the shape it needs, not diffusers' KeyError."""
+    from lcmla.loading import adapter_fit_problem, cross_attention_shapes
+
+    shapes = cross_attention_shapes(load_components(TINY, paths).pipe.unet)
+    ip = {k: v for k, v in faceid_bin["ip_adapter"].items() if "_lora." not in k}
+    assert shapes and adapter_fit_problem(ip, shapes) is None  # the preset's own adapter fits
+    more = dict(ip, **{f"{2 * len(shapes) + 1}.to_k_ip.weight": ip["1.to_k_ip.weight"].clone(),
+                       f"{2 * len(shapes) + 1}.to_v_ip.weight": ip["1.to_v_ip.weight"].clone()})
+    assert adapter_fit_problem(more, shapes).startswith(f"it holds identity K/V for {len(shapes) + 1} cross-attention "
+                                                        f"layers and this UNet has {len(shapes)}")
+    width, context = shapes[0]
+    wide = dict(ip, **{"1.to_v_ip.weight": torch.zeros(width * 2, context)})
+    assert adapter_fit_problem(wide, shapes) == (f"its layer 1 to_v_ip is [{width * 2}, {context}] where this UNet's "
+                                                 f"layer needs [{width}, {context}]: it was made for another UNet")
+    renumbered = {f"{int(k.split('.')[0]) - 1}.{k.split('.', 1)[1]}": v for k, v in ip.items()}
+    assert adapter_fit_problem(renumbered, shapes).startswith("its layers are numbered 0, 2, 4, 6, … where this UNet's are 1, 3, 5")
+    no_v = {k: v for k, v in ip.items() if k != "3.to_v_ip.weight"}
+    assert adapter_fit_problem(no_v, shapes) == "its layer 3 has no to_v_ip.weight"
+
+    for name, state in (("more", more), ("wide", wide)):
+        file = tmp_path / f"{name}.safetensors"
+        tensors = {f"image_proj.{k}": v.contiguous() for k, v in faceid_bin["image_proj"].items()}
+        tensors.update({f"ip_adapter.{k}": v.contiguous() for k, v in state.items()})
+        save_file(tensors, str(file), metadata={"format": "pt"})
+        with pytest.raises(MissingWeightsError, match=rf"the IP-Adapter {file} does not fit the tiny preset's UNet: .*"
+                                                      r"pass an adapter trained for tiny"):
+            load_components(TINY, paths, adapter=file)
+    # an image projection of other widths (the UNet's layers fit): refused by name, not load_state_dict's traceback
+    proj = {k: torch.zeros(*v.shape[:-1], v.shape[-1] + 1) if v.ndim == 2 else v for k, v in faceid_bin["image_proj"].items()}
+    file = tmp_path / "proj.safetensors"
+    tensors = {f"image_proj.{k}": v.contiguous() for k, v in proj.items()}
+    tensors.update({f"ip_adapter.{k}": v.contiguous() for k, v in ip.items()})
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    with pytest.raises(MissingWeightsError, match=rf"the IP-Adapter {file} does not fit the tiny preset \("):
+        load_components(TINY, paths, adapter=file)
