@@ -318,7 +318,9 @@ def test_inspect_prints_statistics_and_contact_sheets(reference_run, tmp_path, c
     # a shard size of 0 (a ZeroDivisionError) and thresholds no cosine reaches are refused before loading
     for flag, value, said in (("--identities-per-shard", "0", "--identities-per-shard: must be a whole number ≥ 1 (got 0)"),
                               ("--tau-plain", "5", "--tau-plain: must be a finite number in [-1, 1] (got 5.0)"),
-                              ("--tau-style", "nan", "(got nan)"), ("--images-per-identity", "1", "≥ 2 (got 1)"),
+                              ("--tau-style", "nan", "(got nan)"), ("--images-per-identity", "1", "in [2, 1000] (got 1)"),
+                              ("--images-per-identity", "99999999999", "in [2, 1000] (got 99999999999)"),
+                              ("--identities", "99999999999999999999", "--identities: must be a whole number in [1, 10000000]"),
                               ("--steps", "0", "--steps: must be a whole number in [1, 200]"),
                               ("--size", "100", "--size: must be a whole number, a multiple of 8, in [64, 2048] (got 100)")):
         assert main(["generate", "--identities", "1", "--output-dir", str(tmp_path / "a"), "--preset", "tiny",

@@ -146,7 +146,7 @@ def test_cli_user_errors(shards, tmp_path):
     r = _run(_args(shards, tmp_path / "o", extra=("--train", "adapter,wings")))
     assert r.returncode == 2 and "unknown trainable part 'wings'" in r.stderr
     r = _run(_args(shards, tmp_path / "o", extra=("--validation-steps", "2", "--resolution", "2056")))
-    assert r.returncode == 2 and "output.width must be in [64, 2048] (got 2056)" in r.stderr and "--resolution" in r.stderr
+    assert r.returncode == 2 and "--resolution: must be a whole number, a multiple of 8, in [64, 2048] (got 2056)" in r.stderr
     assert not (tmp_path / "o").exists()  # refused before any work
     r = _run(["train", "--help"])
     assert r.returncode == 0 and "--gradient-checkpointing" in r.stdout and "--resume-from-checkpoint" in r.stdout
@@ -163,15 +163,17 @@ def test_cli_user_errors(shards, tmp_path):
     ("--text-drop", "2", "--text-drop/--text_drop: must be a finite number in [0, 1] (got 2.0)"),
     ("--kv-drop", "1", "--kv-drop/--kv_drop: must be a finite number in [0, 1) (got 1.0)"),
     ("--lookahead-weight", "inf", "--lookahead-weight/--lookahead_weight: must be a finite number ≥ 0"),
-    ("--resolution", "250", "--resolution: must be a whole number, a multiple of 8, ≥ 64 (got 250)"),
-    ("--resolution", "56", "--resolution: must be a whole number, a multiple of 8, ≥ 64 (got 56)"),
-    ("--dataloader-num-workers", "-1", "--dataloader-num-workers/--dataloader_num_workers: must be a whole number ≥ 0"),
+    ("--resolution", "250", "--resolution: must be a whole number, a multiple of 8, in [64, 2048] (got 250)"),
+    ("--resolution", "56", "--resolution: must be a whole number, a multiple of 8, in [64, 2048] (got 56)"),
+    ("--dataloader-num-workers", "-1", "--dataloader-num-workers/--dataloader_num_workers: must be a whole number in [0, 64]"),
     ("--max-train-steps", "0", "--max-train-steps/--max_train_steps: must be a whole number ≥ 1 (got 0)"),
-    ("--kv-rank", "0", "--kv-rank/--kv_rank: must be a whole number ≥ 1"),
+    ("--kv-rank", "0", "--kv-rank/--kv_rank: must be a whole number in [1, 256]"),
     ("--adam-beta2", "1", "--adam-beta2/--adam_beta2: must be a finite number in [0, 1) (got 1.0)"),
     ("--adam-epsilon", "0", "--adam-epsilon/--adam_epsilon: must be a finite number > 0"),
-    ("--lookahead-max-timestep", "0", "--lookahead-max-timestep/--lookahead_max_timestep: must be a whole number ≥ 1"),
+    ("--lookahead-max-timestep", "0", "--lookahead-max-timestep/--lookahead_max_timestep: must be a whole number in [1, 1000]"),
     ("--checkpoints-total-limit", "0", "--checkpoints-total-limit/--checkpoints_total_limit: must be a whole number ≥ 1"),
+    ("--resolution", "100000", "--resolution: must be a whole number, a multiple of 8, in [64, 2048] (got 100000)"),
+    ("--train-batch-size", "100000", "--train-batch-size/--train_batch_size: must be a whole number in [1, 1024]"),
     ("--output-dir", "FILE", "--output-dir FILE is a file, not a folder"),
 ])
 def test_numeric_flags_are_checked_before_any_work(flag, value, message, tmp_path, capsys):
@@ -186,6 +188,32 @@ def test_numeric_flags_are_checked_before_any_work(flag, value, message, tmp_pat
         parse_args(["--preset", "tiny", "--data", str(tmp_path), "--output-dir", str(tmp_path / "o"),
                     "--max-train-steps", "1", flag, value])
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_earlier_run_is_kept_unless_resumed_or_overwritten(shards, uninterrupted, tmp_path, capsys):
+    """A fresh run into a folder that holds another run replaced its weights silently; now it is
+    refused before any work, unless --resume-from-checkpoint (continue) or --overwrite (start
+    afresh: the earlier checkpoints go, so that "latest" cannot pick one of them later)."""
+    from training.train import parse_args
+
+    base = ["--preset", "tiny", "--data", str(shards), "--output-dir", str(uninterrupted), "--max-train-steps", "1"]
+    with pytest.raises(SystemExit) as exc:
+        parse_args(base)
+    err = " ".join(capsys.readouterr().err.split())
+    assert exc.value.code == 2 and (f"--output-dir {uninterrupted} holds an earlier run (checkpoint-2, checkpoint-4, "
+                                    "checkpoint-6, training_args.json and 3 more): add --resume-from-checkpoint latest "
+                                    "to continue it, pass another --output-dir, or add --overwrite") in err, err
+    assert parse_args([*base, "--resume-from-checkpoint", "latest"]).resume_from_checkpoint == "latest"
+    assert parse_args([*base, "--overwrite"]).overwrite
+
+    out = tmp_path / "again"
+    stale = out / "checkpoint-8"
+    stale.mkdir(parents=True)
+    (stale / "trainable.safetensors").write_bytes(b"")
+    (out / "notes.txt").write_text("mine")
+    r = _run(_args(shards, out, steps=2, extra=("--lookahead-weight", "0", "--overwrite")))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"] and (out / "notes.txt").read_text() == "mine"
 
 
 def test_bf16_with_validation(shards, tmp_path):

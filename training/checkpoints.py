@@ -45,6 +45,19 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+RUN_FILES = ("training_args.json", "run_summary.json", "ip-adapter-faceid-plusv2_sdxl.safetensors",
+             "ip-adapter-faceid-plusv2_sdxl_lora.safetensors", "kv_encoder_lora.safetensors")
+
+
+def earlier_run(output_dir: str | Path) -> list[str]:
+    """What an earlier run left in ``output_dir`` (its checkpoint folders, then the files of
+    :data:`RUN_FILES`), by name; [] for a new or unrelated folder."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    return [p.name for _, p in list_checkpoints(root)] + [n for n in RUN_FILES if (root / n).is_file()]
+
+
 def resolve_resume(output_dir: str | Path, value: str | None) -> Path | None:
     """``--resume-from-checkpoint``: "latest" (None when there is none yet: a fresh start), or a
     checkpoint folder (a clear error when it is not one)."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -60,22 +61,22 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "kv-lora", default=None, help="start from this KV-encoder LoRA (lcmla format)")
     _flag(g, "train", default="adapter,kv-lora",
           help="what to train: proj, ip-kv (adapter = both), kv-lora, faceid-lora; comma-separated")
-    _flag(g, "kv-rank", type=Number(int, 1), default=4, help="rank of the KV-encoder LoRA and of the KV-copy LoRA")
+    _flag(g, "kv-rank", type=Number(int, 1, 256), default=4, help="rank of the KV-encoder LoRA and of the KV-copy LoRA")
     g = p.add_argument_group("data")
     _flag(g, "data", nargs="+", required=True, help="folders of training shards (python -m training datagen ...)")
-    _flag(g, "resolution", type=Number(int, 64, multiple=8), default=None, help="training resolution (default: the preset's width)")
+    _flag(g, "resolution", type=Number(int, 64, 2048, multiple=8), default=None, help="training resolution (default: the preset's width)")
     _flag(g, "reference-framing", default="photo", choices=("photo", "face"),
           help="how the KV encoder sees the reference (as lookahead.reference_framing at inference)")
-    _flag(g, "train-batch-size", type=Number(int, 1), default=4, help="pairs per process per step (the paper: 8 in all on 2 GPUs, i.e. 4 per process)")
-    _flag(g, "dataloader-num-workers", type=Number(int, 0), default=0,
+    _flag(g, "train-batch-size", type=Number(int, 1, 1024), default=4, help="pairs per process per step (the paper: 8 in all on 2 GPUs, i.e. 4 per process)")
+    _flag(g, "dataloader-num-workers", type=Number(int, 0, 64), default=0,
           help="worker processes that read and collate the next batches while the GPU trains (0: the main "
                "process reads each batch when it is needed); the batches and their order do not change")
     g = p.add_argument_group("objective")
     _flag(g, "lookahead-weight", type=Number(float, 0), default=1e-3, help="λ of the lookahead identity loss (0: off)")
-    _flag(g, "lookahead-batch-size", type=Number(int, 1), default=None,
+    _flag(g, "lookahead-batch-size", type=Number(int, 1, 1024), default=None,
           help="samples per step that also get the lookahead loss (default: the whole batch, as the authors' "
                "command: --lcm_batch_size 4 with --train_batch_size 4; fewer saves memory and time)")
-    _flag(g, "lookahead-max-timestep", type=Number(int, 1), default=1000, help="timesteps of the lookahead loss are below this (M: p(t) ∝ 1 − 0.2·cos(πt/M))")
+    _flag(g, "lookahead-max-timestep", type=Number(int, 1, 1000), default=1000, help="timesteps of the lookahead loss are below this (M: p(t) ∝ 1 − 0.2·cos(πt/M))")
     _flag(g, "no-kv", action="store_true", help="train without the KV path (adapter only)")
     _flag(g, "kv-prompt", default=None,
           help="the KV encoder's prompt in training (default: each reference's own prompt, compressed to "
@@ -108,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "checkpointing-steps", type=Number(int, 1), default=500, help="save a checkpoint every N steps")
     _flag(g, "checkpoints-total-limit", type=Number(int, 1), default=None, help="keep at most this many checkpoints")
     _flag(g, "resume-from-checkpoint", default=None, help='"latest" or a checkpoint folder')
+    _flag(g, "overwrite", action="store_true",
+          help="start afresh in an --output-dir that holds an earlier run: its checkpoints are removed and its "
+               "weights and logs replaced (refused otherwise, unless --resume-from-checkpoint)")
     _flag(g, "report-to", default="none", choices=("none", "tensorboard", "wandb", "all"),
           help="trackers besides logs/metrics.jsonl (tensorboard needs `pip install tensorboard`)")
     _flag(g, "validation-steps", type=Number(int, 0), default=0, help="every N steps, generate a validation grid (0: off)")
@@ -134,6 +138,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         check_output_dir(args.output_dir, "--output-dir")
     except LcmlaError as exc:
         build_parser().error(str(exc))
+    from .checkpoints import earlier_run
+
+    left = earlier_run(args.output_dir)
+    if left and not args.resume_from_checkpoint and not args.overwrite:
+        shown = ", ".join(left[:4]) + (f" and {len(left) - 4} more" if len(left) > 4 else "")
+        build_parser().error(f"--output-dir {args.output_dir} holds an earlier run ({shown}): add "
+                             "--resume-from-checkpoint latest to continue it, pass another --output-dir, or add "
+                             "--overwrite to start afresh there (its checkpoints are removed)")
     if args.validation_steps:  # validation generates as the run trains: found now, not after N steps
         from lcmla.settings import GenerationSettings
 
@@ -399,6 +411,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     elif args.resume_from_checkpoint == "latest":
         accelerator.print(f"--resume-from-checkpoint latest: no checkpoint in {out} yet, so training starts at step 0")
     if accelerator.is_main_process:
+        if resume is None and args.overwrite:  # a fresh start: "latest" must not find the earlier run's
+            from .checkpoints import list_checkpoints
+
+            for _, folder in list_checkpoints(out):
+                shutil.rmtree(folder)
         out.mkdir(parents=True, exist_ok=True)
         (out / "logs").mkdir(exist_ok=True)
         (out / "training_args.json").write_text(json.dumps(

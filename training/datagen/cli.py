@@ -25,7 +25,7 @@ TAU = Number(float, -1, 1)  # the agreement thresholds are cosine similarities
 
 def _plan_flags(parser: argparse.ArgumentParser, images_per_identity: int) -> None:
     """The flags that plan each identity's images (generate and sample)."""
-    add_flag(parser, "--images-per-identity", type=Number(int, 2), default=images_per_identity,
+    add_flag(parser, "--images-per-identity", type=Number(int, 2, 1000), default=images_per_identity,
              help="half plain photos (at least 2), half styles")
     parser.add_argument("--styles", default=None, help="comma-separated stylized templates (default: all)")
     add_flag(parser, "--seed", type=Number(int, 0, 2**63 - 1), default=0)
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="render identities with SDXL-Turbo, filter, write shards",
                        formatter_class=DefaultsHelp)
     g.add_argument("--preset", default="sdxl-turbo", help="lcmla preset that renders (tiny: offline, random weights)")
-    add_flag(g, "--identities", type=Number(int, 1), required=True)
+    add_flag(g, "--identities", type=Number(int, 1, 10_000_000), required=True)
     _plan_flags(g, images_per_identity=16)
     g.add_argument("--names", default=None, help="a file of subject names, one per line, instead of drawn "
                    "descriptions (identity i renders name i: at least --identities names)")
