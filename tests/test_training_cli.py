@@ -216,6 +216,37 @@ def test_an_earlier_run_is_kept_unless_resumed_or_overwritten(shards, uninterrup
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"] and (out / "notes.txt").read_text() == "mine"
 
 
+def test_validation_photos_and_a_named_face_pack_are_checked_before_the_first_step(shards, tmp_path, capsys):
+    """A validation photo that is no image, or shows no face, stopped the run only after its first
+    validation step had trained (and nothing was saved); --face-models naming a missing pack was
+    silently replaced by dlib under --id-network auto."""
+    import argparse
+
+    from PIL import Image
+
+    from lcmla.presets import PRESETS
+    from training.train import TrainingError, _identity_loss, parse_args
+
+    (tmp_path / "notes.png").write_text("not a photo")
+    for photo, says in ((tmp_path / "notes.png", "notes.png"), (tmp_path / "gone.jpg", "gone.jpg")):
+        with pytest.raises(SystemExit) as exc:
+            parse_args(["--preset", "tiny", "--data", str(shards), "--output-dir", str(tmp_path / "o"), "--max-train-steps",
+                        "1", "--validation-steps", "1", "--validation-faces", str(photo)])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and "--validation-faces: " in err and says in err, err
+    Image.new("RGB", (128, 128), (128, 128, 128)).save(tmp_path / "grey.png")
+    out = tmp_path / "faceless"
+    r = _run(_args(shards, out, steps=2, extra=("--lookahead-weight", "0", "--validation-steps", "1",
+                                                "--validation-faces", str(tmp_path / "grey.png"))))
+    assert r.returncode == 2 and "error: --validation-faces: " in r.stderr and "grey.png" in r.stderr, r.stderr[-2000:]
+    assert not list(out.glob("checkpoint-*")) and not (out / "logs" / "metrics.jsonl").read_text()  # no step ran
+
+    args = argparse.Namespace(id_network="auto", face_models=str(tmp_path / "no-such-pack"))
+    with pytest.raises(TrainingError, match=r"--face-models .*no-such-pack: .*fix the path, or drop --face-models"):
+        _identity_loss(args, PRESETS["tiny"], "cpu")
+    assert _identity_loss(argparse.Namespace(id_network="auto", face_models=None), PRESETS["tiny"], "cpu")[1] in ("arcface", "dlib")
+
+
 def test_bf16_with_validation(shards, tmp_path):
     """bf16 autocast on CPU: the float32 trained tensors meet a bf16 UNet in training and in the
     validation engine (which runs under the same autocast)."""

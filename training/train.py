@@ -147,9 +147,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "--resume-from-checkpoint latest to continue it, pass another --output-dir, or add "
                              "--overwrite to start afresh there (its checkpoints are removed)")
     if args.validation_steps:  # validation generates as the run trains: found now, not after N steps
+        from lcmla.images import load_image
         from lcmla.settings import GenerationSettings
 
         from .validate import training_overrides
+
+        for photo in args.validation_faces or ():
+            try:
+                load_image(photo)
+            except LcmlaError as exc:
+                build_parser().error(f"--validation-faces: {exc}")
 
         try:
             GenerationSettings().replace(**training_overrides(args))
@@ -219,9 +226,12 @@ def _identity_loss(args, preset, device):
             recognizer = ArcFaceRecognizer.from_model_dir(folder)
             analyzer = FaceAnalyzer.insightface(name=str(folder))
             return IdentityLoss(recognizer.to(device).eval(), landmark_fn_from_analyzer(analyzer)), "arcface"
-        except Exception as exc:  # noqa: BLE001 - auto falls back; an explicit choice reports
+        except Exception as exc:  # noqa: BLE001 - auto falls back; an explicit choice (or pack) reports
             if choice == "arcface":
                 raise TrainingError(f"--id-network arcface: {exc}") from None
+            if args.face_models is not None:  # a pack named on purpose is not silently replaced by dlib
+                raise TrainingError(f"--face-models {args.face_models}: {exc}; fix the path, or drop --face-models "
+                                    "(auto then uses buffalo_l when it is there, else dlib), or pass --id-network dlib") from None
     from lcmla.recognizers.dlib_pipeline import DlibFaces
 
     faces = DlibFaces.load()
@@ -442,6 +452,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     metrics = (out / "logs" / "metrics.jsonl").open("a") if accelerator.is_main_process else None
     last: dict[str, float] = {}
     validator = None
+    if args.validation_steps and accelerator.is_main_process:
+        from .validate import Validator
+
+        # built now, so that a validation photo without a face stops the run before its first step
+        validator = Validator.build(args, preset, comps, id_loss)
+        switcher.current = None
     try:
         while state.global_step < args.max_train_steps:
             t0 = time.perf_counter()
@@ -488,9 +504,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             if state.global_step % args.checkpointing_steps == 0 or state.global_step == args.max_train_steps:
                 save_checkpoint(accelerator, out, state, generator, named, export, args.checkpoints_total_limit)
             if args.validation_steps and state.global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                from .validate import Validator
-
-                validator = validator or Validator.build(args, preset, comps, id_loss)
                 # under the run's autocast: the trained tensors are float32 beside a half-precision UNet
                 with torch.no_grad(), accelerator.autocast():
                     validator.run(state.global_step, out / "validation")

@@ -44,7 +44,12 @@ class Validator:
         weight = comps.pipe.unet.conv_in.weight  # (peft wrappers make unet.dtype/device slow and ambiguous)
         engine = Engine(preset, comps, faces, device=str(weight.device), dtype=weight.dtype)
         paths = args.validation_faces or [str(ASSETS / "face.png")]
-        identities = [(Path(p).stem, engine.analyze_faces([p])) for p in paths]
+        from lcmla.errors import LcmlaError
+
+        try:
+            identities = [(Path(p).stem, engine.analyze_faces([p])) for p in paths]
+        except LcmlaError as exc:
+            raise type(exc)(f"--validation-faces: {exc}") from None
         return cls(engine, identities, list(args.validation_prompts or DEFAULT_PROMPTS), list(args.validation_seeds),
                    id_loss, kv=not args.no_kv, overrides=training_overrides(args))
 
