@@ -364,6 +364,9 @@ def test_cli_evaluate(tmp_path, face_path, capsys):
     assert len(rows[0]["notes"]) == 1 and rows[0]["notes"][0].startswith("DCG: the a/b schedule stretched to 2")
     assert "## What the engine noted" in report and "- dcg (1 image): DCG: the a/b schedule stretched to 2" in report
     assert main(["evaluate", "--faces", str(face_path), "--methods", "nope", "--output-dir", str(out)]) == 2
+    for empty in ("", ","):  # ran to rc 0 with an empty grid
+        assert main(["evaluate", "--faces", str(face_path), "--methods", empty, "--output-dir", str(tmp_path / "none")]) == 2
+        assert "names no method" in capsys.readouterr().err and not (tmp_path / "none").exists()
     # trained: methods without trained weights: refused before anything loads or is written
     assert main(["evaluate", "--faces", str(face_path), "--methods", "trained:baseline",
                  "--output-dir", str(tmp_path / "never")]) == 2 and not (tmp_path / "never").exists()
@@ -407,10 +410,12 @@ def test_other_pixels_are_never_served_from_the_cache(cli_engine, face_path, tmp
     err = capsys.readouterr().err
     assert "holds results made with other settings" in err and '"guidance.steps": 1' in err and "--overwrite" in err
     assert "new --output-dir" in err and len(cli_engine) == 1 and read_rows(out / "results.jsonl") == first
+    (out / "images" / "my-own.png").write_bytes(b"mine")  # what the user put there stays (it was deleted)
+    (out / "images" / "notes.txt").write_text("mine")
     assert _evaluate(out, face_path, "--set", "guidance.steps=2", "--overwrite") == 0 and len(cli_engine) == 2
     rows = read_rows(out / "results.jsonl")
     assert len(rows) == 1 and rows[0]["settings"]["guidance"]["steps"] == 2 and rows[0]["key"] != first[0]["key"]
-    assert len(list((out / "images").glob("*.png"))) == 1  # the old image went with --overwrite
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted([f"{rows[0]['key']}.png", "my-own.png", "notes.txt"])
     # a typo with --overwrite is refused before the folder is touched: nothing is deleted
     for bad, named in ((("--set", "guidance.steps=-1"), "--set: guidance.steps"), (("--scales", "nan"), "--scales nan")):
         assert _evaluate(out, face_path, "--set", "guidance.steps=2", "--overwrite", *bad) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -74,13 +75,16 @@ def pixel_spec(preset: str, dtype: str, random_weights: bool, trained: dict[str,
             "trained": {k: None if v is None else path_digest(v) for k, v in sorted(trained.items())}}
 
 
-#: Everything an evaluation writes into its folder; --overwrite removes these.
-OUTPUTS = ("results.jsonl", "results.jsonl.tmp", "results.rank-*.jsonl", "images", "summary.csv", "pareto-*.png",
+#: Everything an evaluation writes into its folder; --overwrite removes these (and, in images/, the
+#: cells' own PNGs: see IMAGE_NAME).
+OUTPUTS = ("results.jsonl", "results.jsonl.tmp", "results.rank-*.jsonl", "summary.csv", "pareto-*.png",
            "pareto-*.json", "grid-*.png", "report.md", "config.json")
+#: A cell's image in images/: its 16-hex key (``Cell.key``), or that name + ".tmp" while written.
+IMAGE_NAME = re.compile(r"^[0-9a-f]{16}\.png(\.tmp)?$")
 
 
 def _has_results(out: Path) -> bool:
-    return any(out.glob("results*.jsonl")) or any((out / "images").glob("*.png"))
+    return any(out.glob("results*.jsonl")) or any(IMAGE_NAME.match(p.name) for p in (out / "images").glob("*.png"))
 
 
 def config_conflict(out: Path, pixels: dict) -> str | None:
@@ -104,7 +108,7 @@ def config_conflict(out: Path, pixels: dict) -> str | None:
 
 
 def clear_outputs(out: Path) -> int:
-    """Delete what an evaluation wrote in ``out`` (see OUTPUTS); returns how many entries."""
+    """Delete what an evaluation wrote in ``out`` (see OUTPUTS, IMAGE_NAME); returns how many entries."""
     import shutil
 
     n = 0
@@ -112,6 +116,14 @@ def clear_outputs(out: Path) -> int:
         for path in out.glob(pattern):
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
             n += 1
+    images = out / "images"
+    if images.is_dir():  # only the cells' images: anything else a user put there stays
+        for path in images.iterdir():
+            if path.is_file() and IMAGE_NAME.match(path.name):
+                path.unlink(missing_ok=True)
+                n += 1
+        if not any(images.iterdir()):
+            images.rmdir()
     return n
 
 
@@ -183,6 +195,9 @@ def evaluate_command(args) -> int:
     from .run import EvalConfig, Evaluation, identity_photos, load_prompts, processes, results_lock
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise LcmlaError(f"--methods {args.methods!r} names no method; pass a comma-separated list of "
+                         f"{', '.join(METHODS)} (or trained:NAME)")
     for m in methods:
         if m.removeprefix("trained:") not in METHODS:
             raise LcmlaError(f"unknown method {m!r}; choose from {', '.join(METHODS)} (or trained:NAME)")
