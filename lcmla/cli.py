@@ -242,7 +242,8 @@ def _generate(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     try:
-        saved = result.save(args.out, overwrite=args.overwrite)
+        inputs = [*(args.face or ()), *([args.settings_from] if args.settings_from else [])]
+        saved = result.save(args.out, overwrite=args.overwrite, keep=inputs)  # never over its own inputs
     except OSError as exc:  # the folder went away or filled up while generating
         raise LcmlaError(f"--out {args.out}: the images could not be written ({exc.strerror or exc}); "
                          "pass another folder") from None

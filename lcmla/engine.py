@@ -74,20 +74,28 @@ class Result:
         """Settings that reproduce image ``index`` alone (its own seed, one image)."""
         return self.settings.replace(output__seed=self.seeds[index], output__num_images=1)
 
-    def save(self, outdir: str | Path, stem: str = "lcmla", overwrite: bool = False) -> list[Path]:
+    def save(self, outdir: str | Path, stem: str = "lcmla", overwrite: bool = False,
+             keep: Sequence[str | Path] = ()) -> list[Path]:
         """Write each image as PNG with its reproducing settings embedded, named by its seed
         (``lcmla-7.png``); returns the paths. A name already taken gets the next free suffix
         (``lcmla-7-1.png``), so nothing earlier is lost (a ``--settings-from`` PNG included),
-        unless ``overwrite``."""
+        unless ``overwrite``; the files of ``keep`` (the request's own inputs: its face photos, the
+        PNG its settings came from) are never written over, ``overwrite`` or not."""
         from .pngmeta import save_png
 
         out = Path(outdir)
         out.mkdir(parents=True, exist_ok=True)
+        kept = set()
+        for p in keep:
+            try:
+                kept.add(Path(p).expanduser().resolve())
+            except (OSError, RuntimeError, TypeError):
+                pass
         paths = []
         for i, image in enumerate(self.images):
             path = out / f"{stem}-{self.seeds[i]}.png"
             n = 0
-            while not overwrite and path.exists():
+            while (not overwrite and path.exists()) or path.resolve() in kept:
                 n += 1
                 path = out / f"{stem}-{self.seeds[i]}-{n}.png"
             save_png(image, path, self.image_settings(i), random_weights=self.random_weights)

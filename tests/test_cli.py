@@ -263,6 +263,16 @@ def test_a_taken_name_gets_the_next_free_one_unless_overwrite(engine, face_path,
     assert second.save(tmp_path, overwrite=True) == [tmp_path / "lcmla-7.png"]
     assert settings_from_png(tmp_path / "lcmla-7.png").prompt == "a drawing"
     assert build_parser().parse_args(["generate", "--face", "x", "--overwrite"]).overwrite
+    # the request's own inputs are never written over, --overwrite or not (a face photo named
+    # lcmla-7.png in --out was replaced by the picture made from it)
+    photo = tmp_path / "lcmla-7.png"
+    assert second.save(tmp_path, overwrite=True, keep=[str(tmp_path / "." / "lcmla-7.png")]) == [tmp_path / "lcmla-7-1.png"]
+    assert settings_from_png(photo).prompt == "a drawing"
+    photo.write_bytes(Path(face_path).read_bytes())  # a face photo of that name, as the CLI's input
+    digest = photo.read_bytes()
+    assert main(["generate", "--face", str(photo), "--prompt", "x", "--out", str(tmp_path), "--overwrite",
+                 "--seed", "7", "--width", "64", "--height", "64", "--steps", "1", "--quiet"]) == 0
+    assert photo.read_bytes() == digest
 
 
 def test_seeds_are_read_exactly():
