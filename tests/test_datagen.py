@@ -3,8 +3,10 @@ processes, the reader, the authors' importer and inspect (fake renderer, offline
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -301,6 +303,86 @@ def test_importer_reads_the_authors_format(tmp_path, face_path):
     descr = {r["description"] for r in samples.records}
     assert descr <= {"Ada Lovelace", "Grace Hopper"}
     assert {r["compressed_prompt"] for r in samples.records} <= {"A photo of a face", "A pencil drawing of a face"}
+
+
+def test_import_authors_names_a_bad_source_before_loading_face_models(tmp_path, capsys):
+    """A metadata.json of another shape raised AttributeError; bad JSON gave only the parser's
+    text; a missing source first complained about the insightface models."""
+    from training.datagen.cli import main
+
+    base = ["import-authors", "--output-dir", str(tmp_path / "out")]
+    src = tmp_path / "theirs"
+    src.mkdir()
+    for text, says in (("[1, 2]", "should map each image's relative path to its subject's name"),
+                       ('{"a.jpg": 3}', "it holds a dict of other values"),
+                       ("{'a.jpg': 'x'}", "metadata.json is not valid JSON (Expecting property name")):
+        (src / "metadata.json").write_text(text)
+        assert main([*base[:1], str(src), *base[1:], "--face-models", "haar"]) == 2
+        err = capsys.readouterr().err
+        assert says in err and str(src / "metadata.json") in err and "Traceback" not in err, err
+    # no --face-models (insightface's buffalo_l, not on this machine): the source is named first
+    assert main([*base[:1], str(tmp_path / "nowhere"), *base[1:]]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere is not there: pass the authors' data folder" in err and "insightface" not in err, err
+
+
+def test_unreadable_training_data_is_named_for_what_it_is(reference_run, tmp_path):
+    """A missing folder, a file, one shard, a garbled manifest and unreadable shards all said
+    "holds no manifest.jsonl" or "every identity needs two plain photos"."""
+    import shutil
+
+    from training.datagen.reader import PairDataset
+
+    out_ref, _ = reference_run
+    (tmp_path / "notes.txt").write_text("x")
+    garbled = tmp_path / "garbled"
+    garbled.mkdir()
+    (garbled / "manifest.jsonl").write_text("this is not json\n")
+    gone = tmp_path / "gone"
+    shutil.copytree(out_ref, gone, ignore=shutil.ignore_patterns("*.tar", "contact-sheets"))
+    junk = tmp_path / "junk"
+    shutil.copytree(out_ref, junk, ignore=shutil.ignore_patterns("contact-sheets"))
+    for tar in junk.glob("*.tar"):
+        tar.write_bytes(b"\0" * 10)
+    for folder, says in ((tmp_path / "nowhere", "nowhere does not exist: pass a folder of training shards"),
+                         (tmp_path / "notes.txt", "notes.txt is a file, not a folder"),
+                         (out_ref / "shard-000000.tar", "shard-000000.tar is one shard, not a folder"),
+                         (garbled, "manifest.jsonl lists no shard (empty, or not lines of JSON written by datagen)"),
+                         (gone, "the shards could not be read (missing_shard 2)"),
+                         (junk, "the shards could not be read (")):
+        with pytest.raises((FileNotFoundError, ValueError), match=re.escape(says)):
+            PairDataset([folder])
+
+
+def test_inspect_shows_a_corrupt_image_and_refuses_a_bad_out(reference_run, tmp_path, capsys):
+    """A shard whose image member does not decode raised UnidentifiedImageError while drawing the
+    contact sheet; an --out that is a file raised FileExistsError."""
+    import shutil
+    import tarfile
+
+    from PIL import Image
+
+    from training.datagen.cli import main
+
+    out_ref, _ = reference_run
+    broken = tmp_path / "broken"
+    shutil.copytree(out_ref, broken, ignore=shutil.ignore_patterns("contact-sheets"))
+    shard = broken / "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+    first_png = next(m.name for m, _ in members if m.name.endswith(".png"))
+    with tarfile.open(shard, "w") as tar:
+        for member, data in members:
+            data = b"not an image" if member.name == first_png else data
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    assert main(["inspect", str(broken), "--out", str(tmp_path / "sheets")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: unreadable images (shown grey on the sheets): shard-000000.tar 1" in err, err
+    assert Image.open(tmp_path / "sheets" / "shard-000000.png").size[0] > 0
+    (tmp_path / "file").write_text("x")
+    assert main(["inspect", str(broken), "--out", str(tmp_path / "file")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
 
 
 def test_inspect_prints_statistics_and_contact_sheets(reference_run, tmp_path, capsys):

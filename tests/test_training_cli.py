@@ -142,7 +142,7 @@ def test_nan_losses_skip_steps_then_stop_with_a_clear_message(shards, tmp_path, 
 def test_cli_user_errors(shards, tmp_path):
     r = _run(["train", "--preset", "tiny", "--data", str(tmp_path / "nothing"), "--output-dir", str(tmp_path / "o"),
               "--max-train-steps", "1", "--lookahead-weight", "0"])
-    assert r.returncode == 2 and "holds no manifest.jsonl" in r.stderr
+    assert r.returncode == 2 and "nothing does not exist: pass a folder of training shards" in r.stderr
     r = _run(_args(shards, tmp_path / "o", extra=("--train", "adapter,wings")))
     assert r.returncode == 2 and "unknown trainable part 'wings'" in r.stderr
     r = _run(_args(shards, tmp_path / "o", extra=("--validation-steps", "2", "--resolution", "2056")))

@@ -183,9 +183,14 @@ def _sample(args) -> int:
 def _inspect(args) -> int:
     from .inspect_shards import contact_sheets, statistics
 
+    check_output_dir(args.out or Path(args.folder) / "contact-sheets", "--out")
     stats = statistics(args.folder)
     print(json.dumps(stats, indent=2))
-    for path in contact_sheets(args.folder, args.out):
+    warn = lambda text: print(f"warning: {text}", file=sys.stderr)  # noqa: E731
+    if stats["skipped_on_read"]:
+        warn("some of the data could not be read and is left out (skipped_on_read): "
+             + ", ".join(f"{k} {v}" for k, v in sorted(stats["skipped_on_read"].items())))
+    for path in contact_sheets(args.folder, args.out, warn=warn):
         print(path)
     return 0
 
@@ -193,7 +198,10 @@ def _inspect(args) -> int:
 def _import(args) -> int:
     from .importer import import_authors
 
+    from .importer import read_authors_folder
+
     check_output_dir(args.output_dir, "--output-dir")
+    read_authors_folder(args.source)  # the source's problems before the face models' (it is read again, cheaply)
     analyzer = _analyzer(args.face_models)
     rank, world, _ = _state()
     totals = import_authors(args.source, args.output_dir, lambda image: analyzer.detect(image),

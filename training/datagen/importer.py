@@ -36,10 +36,22 @@ def prompt_of(path: Path) -> tuple[str, int]:
 def read_authors_folder(root: str | Path) -> dict[str, list[Path]]:
     """subject name → its image files (sorted), from ``metadata.json`` or the folder layout."""
     root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is {'a file' if root.exists() else 'not there'}: pass the authors' data "
+                                "folder (the one that holds metadata.json or <name>/vanilla|stylized/*.jpg)")
     groups: dict[str, list[Path]] = defaultdict(list)
     meta = root / "metadata.json"
     if meta.is_file():
-        for rel, name in json.loads(meta.read_text()).items():
+        try:
+            mapping = json.loads(meta.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{meta} is not valid JSON ({exc}); it should map each image's relative path to its "
+                             "subject's name") from None
+        if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
+            raise ValueError(f"{meta} should map each image's relative path to its subject's name "
+                             f'({{"<name>/vanilla/<file>.jpg": "<name>", ...}}); it holds a {type(mapping).__name__}'
+                             + (" of other values" if isinstance(mapping, dict) else ""))
+        for rel, name in mapping.items():
             if (root / rel).is_file():
                 groups[name].append(root / rel)
     else:

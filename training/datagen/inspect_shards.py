@@ -33,9 +33,12 @@ def statistics(folder: str | Path) -> dict[str, Any]:
     }
 
 
-def contact_sheets(folder: str | Path, out: str | Path | None = None, thumb: int = 128, per_row: int = 12) -> list[Path]:
+def contact_sheets(folder: str | Path, out: str | Path | None = None, thumb: int = 128, per_row: int = 12,
+                   warn=None) -> list[Path]:
     """One PNG per shard of the manifest: a row per identity (up to ``per_row`` images), each
-    labelled; a shard that kept no sample gets a sheet saying so, with its rejections by reason."""
+    labelled; a shard that kept no sample gets a sheet saying so, with its rejections by reason.
+    An image member that does not decode is a grey "unreadable image" tile; ``warn(text)``, when
+    given, is told how many per shard."""
     folder = Path(folder)
     out = Path(out) if out else folder / "contact-sheets"
     out.mkdir(parents=True, exist_ok=True)
@@ -46,6 +49,7 @@ def contact_sheets(folder: str | Path, out: str | Path | None = None, thumb: int
         by_shard.setdefault(ref.shard.name, defaultdict(list))[rec["identity"]].append(i)
     paths = []
     label = 18
+    unreadable: dict[str, int] = {}
     for name, identities in sorted(by_shard.items()):
         rows = sorted(identities.items())
         if not rows:
@@ -55,14 +59,21 @@ def contact_sheets(folder: str | Path, out: str | Path | None = None, thumb: int
             draw = ImageDraw.Draw(sheet)
             for r, (identity, idx) in enumerate(rows):
                 for c, i in enumerate(idx[:per_row]):
-                    img = samples.image(i).resize((thumb, thumb))
                     x, y = c * thumb, r * (thumb + label)
-                    sheet.paste(img, (x, y + label))
                     rec = samples.records[i]
+                    try:
+                        img = samples.image(i).resize((thumb, thumb))
+                    except Exception:  # noqa: BLE001 - a corrupt image member: shown as such, the sheet goes on
+                        img = Image.new("RGB", (thumb, thumb), (200, 200, 200))
+                        ImageDraw.Draw(img).text((6, thumb // 2 - 6), "unreadable image", fill="black")
+                        unreadable[name] = unreadable.get(name, 0) + 1
+                    sheet.paste(img, (x, y + label))
                     draw.text((x + 2, y + 2), f"{identity}:{rec['template'][:14]}", fill="black")
         path = out / f"{Path(name).stem}.png"
         sheet.save(path)
         paths.append(path)
+    if unreadable and warn is not None:
+        warn("unreadable images (shown grey on the sheets): " + ", ".join(f"{k} {v}" for k, v in sorted(unreadable.items())))
     return paths
 
 

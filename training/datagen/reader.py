@@ -54,10 +54,20 @@ class ShardSamples:
         self.samples: list[SampleRef] = []
         self.records: list[dict[str, Any]] = []
         for folder in (Path(f) for f in folders):
+            if not folder.exists():
+                raise FileNotFoundError(f"{folder} does not exist: pass a folder of training shards (the --output-dir "
+                                        "of `python -m training datagen generate` or `sample`)")
+            if folder.is_file():
+                what = "one shard" if folder.name.endswith(".tar") else "a file"
+                raise FileNotFoundError(f"{folder} is {what}, not a folder: pass the folder that holds manifest.jsonl "
+                                        "and the shards")
             manifest = read_manifest(folder)
             if not manifest:
                 hint = (" (the LCM-Lookahead authors' folder format: convert it first with "
                         "`python -m training datagen import-authors`)") if (folder / "metadata.json").is_file() else ""
+                if (folder / "manifest.jsonl").is_file():
+                    raise FileNotFoundError(f"{folder / 'manifest.jsonl'} lists no shard (empty, or not lines of "
+                                            "JSON written by datagen); make the data again with datagen")
                 raise FileNotFoundError(f"{folder} holds no manifest.jsonl of training shards{hint}")
             for name in sorted(manifest):
                 path = folder / name
@@ -128,7 +138,13 @@ class PairDataset:
             h = int(hashlib.sha256(r["key"].encode()).hexdigest(), 16)
             self.pairs.append((refs[h % len(refs)], j))
         if not self.pairs:
-            raise ValueError(f"no training pairs in {', '.join(map(str, folders))}: every identity needs two plain photos "
+            where = ", ".join(map(str, folders))
+            unread = {k: v for k, v in self.skipped.items() if k in ("missing_shard", "corrupt_shard", "incomplete", "corrupt")}
+            if unread and not self.samples.records:
+                raise ValueError(f"no training pairs in {where}: the shards could not be read ("
+                                 + ", ".join(f"{k} {v}" for k, v in sorted(unread.items()))
+                                 + "); make the data again with datagen, or check `python -m training datagen inspect`")
+            raise ValueError(f"no training pairs in {where}: every identity needs two plain photos "
                              "(a folder rendered by the tiny preset keeps none: its random weights draw no faces; "
                              "`python -m training datagen sample --output-dir D` makes a small real-photo set)")
 
@@ -150,4 +166,7 @@ class PairDataset:
                     reference_prompt=r_rec["compressed_prompt"])
             except (OSError, ValueError, SyntaxError):
                 self.skipped["corrupt"] += 1
-        raise ValueError("every training pair is corrupt")
+        shards = sorted({str(self.samples.samples[i].shard) for pair in self.pairs for i in pair})
+        raise ValueError(f"every training pair is corrupt: no image of {', '.join(shards[:3])}"
+                         f"{' and more' if len(shards) > 3 else ''} decodes; make the data again with datagen, or "
+                         "check it with `python -m training datagen inspect`")
