@@ -60,15 +60,21 @@ def read_png_text(path_or_image, name: str | None = None) -> dict[str, str]:
     if hasattr(path_or_image, "text") or hasattr(path_or_image, "info"):
         img = path_or_image
         return dict(getattr(img, "text", None) or img.info)
+    shown = str(name or path_or_image)
+    fix = "pass a PNG that lcmla saved (or the JSON that `python -m lcmla show` prints)"
+    if isinstance(path_or_image, (str, Path)) and Path(path_or_image).is_dir():
+        raise ImageError(f"settings file {shown!r} is a folder, not a file; {fix}")
     try:
         with Image.open(path_or_image) as img:
             img.load()
             return {k: v for k, v in (getattr(img, "text", None) or img.info).items() if isinstance(v, str)}
     except FileNotFoundError:
-        raise ImageError(f"settings file {str(name or path_or_image)!r} does not exist") from None
-    except (UnidentifiedImageError, OSError) as exc:
+        raise ImageError(f"settings file {shown!r} does not exist") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{shown!r} is not an image at all (empty, or another kind of file); {fix}") from None
+    except OSError as exc:
         why = str(exc).replace(repr(str(path_or_image)), "it").replace(str(path_or_image), "it")  # PIL names the path
-        raise ImageError(f"{str(name or path_or_image)!r} is not a PNG image lcmla can read ({why})") from None
+        raise ImageError(f"{shown!r} is not a PNG image lcmla can read ({why}); {fix}") from None
 
 
 def settings_from_png(path_or_image, name: str | None = None) -> GenerationSettings:

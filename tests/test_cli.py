@@ -318,6 +318,15 @@ def test_settings_from_the_json_that_show_prints(tmp_path, capsys):
     args = build_parser().parse_args(["generate", "--face", "x", "--settings-from", str(tmp_path / "s.json"),
                                       "--steps", "3"])
     assert settings_from_args(args) == made.replace_dotted({"guidance.steps": 3})
+    # text, an empty file, a folder: each named for what it is (was "cannot identify image file it")
+    (tmp_path / "notes.png").write_text("hello")
+    (tmp_path / "empty.png").write_bytes(b"")
+    for given, says in (("notes.png", "is not an image at all (empty, or another kind of file); pass a PNG that lcmla saved"),
+                        ("empty.png", "is not an image at all"), (".", "is a folder, not a file; pass a PNG")):
+        capsys.readouterr()
+        assert main(["show", str(tmp_path / given)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "cannot identify" not in err, err
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(LcmlaError, match="--settings-from .*bad.json: settings are not valid JSON"):
         settings_from_args(build_parser().parse_args(["generate", "--face", "x", "--settings-from",
