@@ -171,6 +171,9 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
     changes: dict[str, Any] = {}
     if args.preset is not None:
         changes["preset"] = args.preset
+    if args.fastface and args.method and args.fastface != args.method:  # the later one silently won
+        raise LcmlaError(f"--fastface {args.fastface} and --method {args.method} both name a whole configuration; "
+                         "pass one of them (and change single knobs with their flags or --set)")
     for name in (args.fastface, args.method):  # named configurations first, then the knobs given
         if name:
             changes.update(method_changes(name, args.preset or base.preset))
@@ -191,6 +194,8 @@ def _generate(args: argparse.Namespace) -> int:
     from .engine import Engine
     from .errors import check_output_dir
 
+    if not str(args.out).strip():  # "" wrote into the current folder
+        raise LcmlaError("--out is empty: pass a folder (it is created if missing), e.g. --out out")
     check_output_dir(args.out, "--out")  # refused now, not after the images are made
     for face in args.face or ():  # a missing photo, before minutes of loading (its contents are read later)
         if not Path(face).expanduser().exists():

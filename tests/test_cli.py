@@ -305,6 +305,16 @@ def test_a_folder_that_refuses_files_is_refused_before_loading(face_path, capsys
     assert "--out /proc/lcmla-out cannot be written: /proc refuses new files" in err and "Traceback" not in err
 
 
+def test_two_named_configurations_or_an_empty_out_are_refused(tmp_path, capsys):
+    """--fastface am1 --method am2 ran am2 without a word; --out '' wrote into the current folder."""
+    with pytest.raises(LcmlaError, match="--fastface am1 and --method am2 both name a whole configuration; pass one"):
+        settings_from_args(build_parser().parse_args(["generate", "--prompt", "x", "--fastface", "am1", "--method", "am2"]))
+    same = settings_from_args(build_parser().parse_args(["generate", "--prompt", "x", "--fastface", "am2", "--method", "am2"]))
+    assert same.attention.mode == "am2"
+    assert main(["generate", "--prompt", "x", "--out", ""]) == 2
+    assert "--out is empty: pass a folder" in capsys.readouterr().err
+
+
 def test_settings_from_the_json_that_show_prints(tmp_path, capsys):
     from lcmla import GenerationSettings
     from lcmla.pngmeta import save_png
