@@ -285,6 +285,11 @@ def test_diffusers_spellings_total_limit_validation_and_skipped_counts(shards, t
               "--train_batch_size", "2", "--resolution", "64", "--id_network", "dlib", "--lookahead_batch_size", "1",
               "--validation_seeds", "0", "1", "--seed", "3"])
     assert r.returncode == 0, r.stderr[-3000:]
+    # a run whose lookahead previews never showed a face (the tiny preset's random UNet) says so
+    steps = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    drawn = [st["faces"] for st in steps if "faces" in st]
+    said = "so the lookahead identity loss was 0 throughout (expected with random weights" in " ".join((r.stdout + r.stderr).split())
+    assert said == (bool(drawn) and not any(drawn)), (drawn, r.stdout[-1500:])
     # the total limit keeps the newest two
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
     grids = sorted(p.name for p in (out / "validation").glob("*.png"))

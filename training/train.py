@@ -452,6 +452,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     metrics = (out / "logs" / "metrics.jsonl").open("a") if accelerator.is_main_process else None
     last: dict[str, float] = {}
     validator = None
+    lookahead_seen = [0, 0.0]  # steps that drew lookahead previews, and the sum of their face-found fractions
     if args.validation_steps and accelerator.is_main_process:
         from .validate import Validator
 
@@ -492,6 +493,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                         "stopping. Lower --learning-rate, use --mixed-precision bf16 rather than fp16, or check the data")
             optimizer.zero_grad(set_to_none=True)
             state.global_step += 1
+            if "faces" in logs:
+                lookahead_seen[0] += 1
+                lookahead_seen[1] += logs["faces"]
             last = {**logs, "loss": loss_sum if finite else float("nan"), "step": state.global_step,
                     "seconds": time.perf_counter() - t0}
             bar.update(1)
@@ -524,6 +528,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         (out / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     accelerator.print(f"skipped samples (corrupt or face-less; at open and while reading, all processes): "
                       f"{_skipped_text(skipped)}")
+    if lookahead_seen[0] and not lookahead_seen[1]:
+        accelerator.print(f"note: in none of the {lookahead_seen[0]} steps with lookahead previews did the recognizer "
+                          "find a face in a preview, so the lookahead identity loss was 0 throughout"
+                          + (" (expected with random weights: their previews are patterns)" if preset.random_weights
+                             else "; check --id-network and the data"))
     accelerator.wait_for_everyone()
     accelerator.end_training()  # last: it also ends the process group
     return summary
