@@ -305,6 +305,23 @@ def test_importer_reads_the_authors_format(tmp_path, face_path):
     assert {r["compressed_prompt"] for r in samples.records} <= {"A photo of a face", "A pencil drawing of a face"}
 
 
+def test_generate_lists_every_missing_model_file_and_honours_face_models(tmp_path, capsys):
+    """The face models were loaded first, so a machine without any weights heard only of
+    insightface; and --face-models haar was not passed to the engine, whose message still asked
+    for buffalo_l."""
+    from training.datagen.cli import main
+
+    args = ["generate", "--preset", "sdxl-turbo", "--identities", "1", "--images-per-identity", "2",
+            "--output-dir", str(tmp_path / "out"), "--weights-dir", str(tmp_path / "no-weights")]
+    assert main([*args, "--face-models", "haar"]) == 2
+    err = capsys.readouterr().err
+    assert "preset 'sdxl-turbo' needs model files that are not on this machine" in err and "stabilityai/sdxl-turbo" in err
+    assert "face models" not in err, err
+    assert main([*args, "--face-models", str(tmp_path / "no-pack")]) == 2
+    err = capsys.readouterr().err
+    assert err.index("needs model files") < err.index("no-pack"), err
+
+
 def test_import_authors_names_a_bad_source_before_loading_face_models(tmp_path, capsys):
     """A metadata.json of another shape raised AttributeError; bad JSON gave only the parser's
     text; a missing source first complained about the insightface models."""

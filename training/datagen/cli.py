@@ -133,9 +133,10 @@ def _generate(args) -> int:
     names = tuple(read_names(args.names)) if args.names else None
     check_names(names, args.identities, args.names)
     preset = get_preset(args.preset)
-    analyzer = _analyzer(args.face_models, preset)
     rank, world, device = _state(args.device)  # before loading: every process loads onto its own device
-    engine = Engine.load(preset.name, device=device, weights_dir=args.weights_dir)
+    # the engine first: its message lists every missing model file at once (the face models' come with it)
+    engine = Engine.load(preset.name, device=device, weights_dir=args.weights_dir, face_models=args.face_models)
+    analyzer = _analyzer(args.face_models, preset)
     size = args.size or preset.width
     base = render_settings(preset.name, args.steps, size)
 
