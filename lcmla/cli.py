@@ -262,8 +262,8 @@ def _generate(args: argparse.Namespace) -> int:
     for note in result.notes:  # what the request did that its settings may not show
         print(f"note: {note}", file=sys.stderr)
     t = result.timings
-    print(f"done in {t['total']:.2f}s (faces {t['faces']:.2f}s, denoise {t['denoise']:.2f}s, decode {t['decode']:.2f}s)",
-          file=sys.stderr)
+    print(f"done in {t['total']:.2f}s (faces {t['faces']:.2f}s, denoise {t['denoise']:.2f}s, decode {t['decode']:.2f}s) "
+          f"on {engine.device}, memory mode {engine.memory_mode}", file=sys.stderr)
     return 0
 
 

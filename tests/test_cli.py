@@ -32,6 +32,7 @@ def test_cli_generate_and_reproduce(tiny_cache, face_path, tmp_path):
     files = sorted(out.glob("*.png"))
     assert [f.name for f in files] == ["lcmla-7.png", "lcmla-8.png"]
     assert "random weights" in r.stderr and "denoising" in r.stderr  # banner + progress bar
+    assert "on cpu, memory mode full" in r.stderr  # which device and memory mode ran, also when not asked for
     again = tmp_path / "again"
     r2 = _run(["generate", "--settings-from", str(files[1]), "--face", str(face_path), "--out", str(again),
                "--quiet"], tiny_cache)
