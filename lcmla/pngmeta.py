@@ -61,7 +61,7 @@ def read_png_text(path_or_image, name: str | None = None) -> dict[str, str]:
         img = path_or_image
         return dict(getattr(img, "text", None) or img.info)
     shown = str(name or path_or_image)
-    fix = "pass a PNG that lcmla saved (or the JSON that `python -m lcmla show` prints)"
+    fix = "pass a PNG that lcmla saved"
     if isinstance(path_or_image, (str, Path)) and Path(path_or_image).is_dir():
         raise ImageError(f"settings file {shown!r} is a folder, not a file; {fix}")
     try:

@@ -221,7 +221,7 @@ def test_a_png_without_settings_is_refused_on_its_box_by_name(ctx, ui, tmp_path)
     broken = folder / "broken.png"
     broken.write_bytes(b"not a png")
     refused = generate.check_settings_png(ctx, str(broken))
-    assert refused["is_valid"] is False and "'broken.png' is not a PNG image" in refused["message"]
+    assert refused["is_valid"] is False and "'broken.png' is not an image at all" in refused["message"]
     assert generate.check_settings_png(ctx, None)["is_valid"] is True
     _images, files, *_ = generate.run_generate(ctx, dict(ui), _quiet)
     assert generate.check_settings_png(ctx, files[0]) == gr.validate(True, "")
@@ -326,7 +326,7 @@ def test_more_messages_name_the_control_and_the_file(tmp_path):
     fake.parent.mkdir()
     fake.write_bytes(b"nonsense")
     message = generate.check_settings_png(None, str(fake))["message"]
-    assert "'fake.png' is not a PNG image" in message and str(fake.parent) not in message
+    assert "'fake.png' is not an image at all" in message and str(fake.parent) not in message
     # settings that do not validate: the file is named
     bad = tmp_path / "old.png"
     good = GenerationSettings(prompt="a face")
