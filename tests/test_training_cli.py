@@ -247,6 +247,25 @@ def test_validation_photos_and_a_named_face_pack_are_checked_before_the_first_st
     assert _identity_loss(argparse.Namespace(id_network="auto", face_models=None), PRESETS["tiny"], "cpu")[1] in ("arcface", "dlib")
 
 
+def test_a_kv_rank_other_than_the_kv_lora_files_is_refused(tmp_path, capsys):
+    """--kv-lora (rank 4) with --kv-rank 8 trained on at rank 4 without a word."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lcmla.kv_lora import FORMAT
+    from training.train import parse_args
+
+    kv = tmp_path / "kv_encoder_lora.safetensors"
+    save_file({"unet.x.lora_A.weight": torch.zeros(4, 8)}, str(kv), metadata={"format": FORMAT, "version": "2", "rank": "4"})
+    base = ["--preset", "tiny", "--data", str(tmp_path), "--output-dir", str(tmp_path / "o"), "--max-train-steps", "1"]
+    with pytest.raises(SystemExit) as exc:
+        parse_args([*base, "--kv-lora", str(kv), "--kv-rank", "8"])
+    assert exc.value.code == 2 and "--kv-rank 8 differs from the rank 4 of --kv-lora" in capsys.readouterr().err
+    assert parse_args([*base, "--kv-lora", str(kv), "--kv-rank", "4"]).kv_rank == 4
+    assert parse_args([*base, "--kv-lora", str(kv)]).kv_rank == 4
+    assert parse_args([*base, "--kv-rank", "8"]).kv_rank == 8 and parse_args(base).kv_rank == 4
+
+
 def test_bf16_with_validation(shards, tmp_path):
     """bf16 autocast on CPU: the float32 trained tensors meet a bf16 UNet in training and in the
     validation engine (which runs under the same autocast)."""

@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "kv-lora", default=None, help="start from this KV-encoder LoRA (lcmla format)")
     _flag(g, "train", default="adapter,kv-lora",
           help="what to train: proj, ip-kv (adapter = both), kv-lora, faceid-lora; comma-separated")
-    _flag(g, "kv-rank", type=Number(int, 1, 256), default=4, help="rank of the KV-encoder LoRA and of the KV-copy LoRA")
+    _flag(g, "kv-rank", type=Number(int, 1, 256), default=None,
+          help="rank of the KV-encoder LoRA and of the KV-copy LoRA (default: 4; with --kv-lora, the file's)")
     g = p.add_argument_group("data")
     _flag(g, "data", nargs="+", required=True, help="folders of training shards (python -m training datagen ...)")
     _flag(g, "resolution", type=Number(int, 64, 2048, multiple=8), default=None, help="training resolution (default: the preset's width)")
@@ -138,6 +139,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         check_output_dir(args.output_dir, "--output-dir")
     except LcmlaError as exc:
         build_parser().error(str(exc))
+    if args.kv_lora and args.kv_rank is not None:  # the file's rank was used and the flag ignored
+        from lcmla.kv_lora import read_kv_lora_metadata
+
+        try:
+            rank = int(read_kv_lora_metadata(args.kv_lora).get("rank", 0)) or None
+        except (LcmlaError, ValueError, OSError) as exc:
+            build_parser().error(f"--kv-lora: {exc}")
+        if rank is not None and rank != args.kv_rank:
+            build_parser().error(f"--kv-rank {args.kv_rank} differs from the rank {rank} of --kv-lora {args.kv_lora}, "
+                                 "which training continues: drop --kv-rank, or leave out --kv-lora to start a new "
+                                 f"LoRA of rank {args.kv_rank}")
+    if args.kv_rank is None:
+        args.kv_rank = 4
     from .checkpoints import earlier_run
 
     left = earlier_run(args.output_dir)
