@@ -108,8 +108,8 @@ def resolve_files(
         where = f"the folder {wdir} (<org>/<name> per repository)" if wdir else "the Hugging Face cache"
         lines.append(
             f"lcmla looks in {where}; pass --weights-dir DIR (or set {WEIGHTS_ENV}) to use your own folder"
-            + ("" if download else ", or let `python -m lcmla generate` or `python app.py` download them (unset HF_HUB_OFFLINE and pass "
-                           "--download)")
+            + ("" if download else ", or let `python -m lcmla generate` or `python app.py` download them "
+               "(unset HF_HUB_OFFLINE and pass --download)")
             + "."
         )
         missing_all = [f"{repo}/{name}" for repo, names in problems for name in names]

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .model import ADAPTER_FILE, FACEID_LORA_FILE, KV_LORA_FILE
+
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -45,8 +47,7 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-RUN_FILES = ("training_args.json", "run_summary.json", "ip-adapter-faceid-plusv2_sdxl.safetensors",
-             "ip-adapter-faceid-plusv2_sdxl_lora.safetensors", "kv_encoder_lora.safetensors")
+RUN_FILES = ("training_args.json", "run_summary.json", ADAPTER_FILE, FACEID_LORA_FILE, KV_LORA_FILE)
 
 
 def earlier_run(output_dir: str | Path) -> list[str]:

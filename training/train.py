@@ -330,11 +330,6 @@ def truncate_jsonl(path: Path, step: int) -> int:
     return len(kept)
 
 
-def _skipped_text(skipped) -> str:
-    items = [(k, v) for k, v in sorted(dict(skipped).items()) if v]
-    return ", ".join(f"{k} {v}" for k, v in items) if items else "none"
-
-
 def average_gradients(accelerator, params) -> None:
     """Mean of the trainable parameters' gradients over all processes (one all-reduce)."""
     if accelerator.num_processes == 1:
@@ -363,8 +358,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     from lcmla.attention.processors import install_processors
 
-    from .checkpoints import TrainState, load_checkpoint, params_digest, resolve_resume, save_checkpoint
+    from .checkpoints import TrainState, list_checkpoints, load_checkpoint, params_digest, resolve_resume, save_checkpoint
     from .data import Collate, iterate_batches, load_batches
+    from .datagen.reader import counts_text
     from .model import export_weights, setup_trainables
     from .objective import Objective, ObjectiveConfig
     from .passes import PassSwitcher
@@ -421,7 +417,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     pairs = open_pairs(args.data)
     skipped_at_open = dict(pairs.skipped)
-    accelerator.print(f"{len(pairs)} training pairs; skipped (corrupt or face-less): {_skipped_text(skipped_at_open)}")
+    accelerator.print(f"{len(pairs)} training pairs; skipped (corrupt or face-less): {counts_text(skipped_at_open)}")
     resolution = args.resolution or preset.width
     workers = args.dataloader_num_workers
     collate = Collate(resolution, comps.clip_processor, framing=args.reference_framing,
@@ -436,8 +432,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         accelerator.print(f"--resume-from-checkpoint latest: no checkpoint in {out} yet, so training starts at step 0")
     if accelerator.is_main_process:
         if resume is None and args.overwrite:  # a fresh start: "latest" must not find the earlier run's
-            from .checkpoints import list_checkpoints
-
             for _, folder in list_checkpoints(out):
                 shutil.rmtree(folder)
         out.mkdir(parents=True, exist_ok=True)
@@ -466,7 +460,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     metrics = (out / "logs" / "metrics.jsonl").open("a") if accelerator.is_main_process else None
     last: dict[str, float] = {}
     validator = None
-    lookahead_seen = [0, 0.0]  # steps that drew lookahead previews, and the sum of their face-found fractions
+    lookahead_steps, faces_found = 0, 0.0  # steps that drew lookahead previews; the sum of their face-found fractions
     if args.validation_steps and accelerator.is_main_process:
         from .validate import Validator
 
@@ -508,8 +502,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
             state.global_step += 1
             if "faces" in logs:
-                lookahead_seen[0] += 1
-                lookahead_seen[1] += logs["faces"]
+                lookahead_steps += 1
+                faces_found += logs["faces"]
             last = {**logs, "loss": loss_sum if finite else float("nan"), "step": state.global_step,
                     "seconds": time.perf_counter() - t0}
             bar.update(1)
@@ -541,9 +535,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             summary["random_weights"] = training_meta["random_weights"]
         (out / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     accelerator.print(f"skipped samples (corrupt or face-less; at open and while reading, all processes): "
-                      f"{_skipped_text(skipped)}")
-    if lookahead_seen[0] and not lookahead_seen[1]:
-        accelerator.print(f"note: in none of the {lookahead_seen[0]} steps with lookahead previews did the recognizer "
+                      f"{counts_text(skipped)}")
+    if lookahead_steps and not faces_found:
+        accelerator.print(f"note: in none of the {lookahead_steps} steps with lookahead previews did the recognizer "
                           "find a face in a preview, so the lookahead identity loss was 0 throughout"
                           + (" (expected with random weights: their previews are patterns)" if preset.random_weights
                              else "; check --id-network and the data"))

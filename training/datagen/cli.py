@@ -134,9 +134,10 @@ def _generate(args) -> int:
     check_names(names, args.identities, args.names)
     preset = get_preset(args.preset)
     rank, world, device = _state(args.device)  # before loading: every process loads onto its own device
-    # the engine first: its message lists every missing model file at once (the face models' come with it)
+    # the engine first: its message lists every missing model file at once (the face models' come with it);
+    # its analyzer is the one _analyzer would build (FaceAnalyzer.chosen), so the face models load once
     engine = Engine.load(preset.name, device=device, weights_dir=args.weights_dir, face_models=args.face_models)
-    analyzer = _analyzer(args.face_models, preset)
+    analyzer = engine.faces
     size = args.size or preset.width
     base = render_settings(preset.name, args.steps, size)
 
@@ -183,23 +184,21 @@ def _sample(args) -> int:
 
 def _inspect(args) -> int:
     from .inspect_shards import contact_sheets, statistics
+    from .reader import counts_text
 
     check_output_dir(args.out or Path(args.folder) / "contact-sheets", "--out")
     stats = statistics(args.folder)
     print(json.dumps(stats, indent=2))
     warn = lambda text: print(f"warning: {text}", file=sys.stderr)  # noqa: E731
     if stats["skipped_on_read"]:
-        warn("some of the data could not be read and is left out (skipped_on_read): "
-             + ", ".join(f"{k} {v}" for k, v in sorted(stats["skipped_on_read"].items())))
+        warn(f"some of the data could not be read and is left out (skipped_on_read): {counts_text(stats['skipped_on_read'])}")
     for path in contact_sheets(args.folder, args.out, warn=warn):
         print(path)
     return 0
 
 
 def _import(args) -> int:
-    from .importer import import_authors
-
-    from .importer import read_authors_folder
+    from .importer import import_authors, read_authors_folder
 
     check_output_dir(args.output_dir, "--output-dir")
     read_authors_folder(args.source)  # the source's problems before the face models' (it is read again, cheaply)

@@ -9,7 +9,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from .reader import ShardSamples
+from .reader import ShardSamples, counts_text
 from .shards import read_manifest
 
 
@@ -73,7 +73,7 @@ def contact_sheets(folder: str | Path, out: str | Path | None = None, thumb: int
         sheet.save(path)
         paths.append(path)
     if unreadable and warn is not None:
-        warn("unreadable images (shown grey on the sheets): " + ", ".join(f"{k} {v}" for k, v in sorted(unreadable.items())))
+        warn(f"unreadable images (shown grey on the sheets): {counts_text(unreadable)}")
     return paths
 
 

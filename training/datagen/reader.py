@@ -44,6 +44,12 @@ def _read(path: Path, span: tuple[int, int]) -> bytes:
         return f.read(span[1])
 
 
+def counts_text(counts) -> str:
+    """``{"corrupt": 2, "no_face": 1}`` as "corrupt 2, no_face 1" (zero counts left out; "none")."""
+    items = [(k, v) for k, v in sorted(dict(counts).items()) if v]
+    return ", ".join(f"{k} {v}" for k, v in items) if items else "none"
+
+
 class ShardSamples:
     """Every complete sample of the shards listed in the folders' manifests, with its record."""
 
@@ -141,9 +147,8 @@ class PairDataset:
             where = ", ".join(map(str, folders))
             unread = {k: v for k, v in self.skipped.items() if k in ("missing_shard", "corrupt_shard", "incomplete", "corrupt")}
             if unread and not self.samples.records:
-                raise ValueError(f"no training pairs in {where}: the shards could not be read ("
-                                 + ", ".join(f"{k} {v}" for k, v in sorted(unread.items()))
-                                 + "); make the data again with datagen, or check `python -m training datagen inspect`")
+                raise ValueError(f"no training pairs in {where}: the shards could not be read ({counts_text(unread)}); "
+                                 "make the data again with datagen, or check `python -m training datagen inspect`")
             raise ValueError(f"no training pairs in {where}: every identity needs two plain photos "
                              "(a folder rendered by the tiny preset keeps none: its random weights draw no faces; "
                              "`python -m training datagen sample --output-dir D` makes a small real-photo set)")
