@@ -258,6 +258,12 @@ def resolve_model_dir(name: str | os.PathLike, root: str | os.PathLike | None = 
 
 def _check_model_dir(folder: Path) -> None:
     """Raise :class:`MissingWeightsError` unless ``folder`` holds ONNX files (or a manifest)."""
+    if folder.exists() and not folder.is_dir():
+        raise MissingWeightsError(
+            f"insightface face models not found: '{folder}' is a file, not a folder; pass the folder that "
+            f"holds the pack's .onnx files (or its name); {BUFFALO_HELP}",
+            missing=[str(folder)],
+        )
     if not folder.is_dir():
         raise MissingWeightsError(
             f"insightface face models not found: the folder '{folder}' does not exist; {BUFFALO_HELP}",

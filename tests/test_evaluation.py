@@ -258,6 +258,9 @@ def test_imagereward_is_skipped_with_the_reason(tmp_path, monkeypatch):
         ImageRewardScorer.load(tmp_path / "nowhere")
     with pytest.raises(Unavailable, match="ImageReward.pt, .*med_config.json not found"):
         ImageRewardScorer.load(tmp_path)
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(Unavailable, match=r"notes.txt is a file, not ImageReward.pt or a folder holding it"):
+        ImageRewardScorer.load(tmp_path / "notes.txt")
     (tmp_path / "ImageReward.pt").write_bytes(b"not really")
     with pytest.raises(Unavailable, match="med_config.json not found"):
         ImageRewardScorer.load(tmp_path)

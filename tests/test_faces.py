@@ -309,6 +309,8 @@ def test_empty_or_incomplete_pack_raises_missing_weights(tmp_path: Path, tiny_pa
     (empty / "readme.txt").write_text("no models here")
     with pytest.raises(MissingWeightsError, match="holds no .onnx files"):
         FaceAnalyzer.insightface(name=str(empty))
+    with pytest.raises(MissingWeightsError, match=r"readme.txt' is a file, not a folder; pass the folder"):
+        FaceAnalyzer.insightface(name=str(empty / "readme.txt"))
     only_recognizer = tmp_path / "only_recognizer"
     only_recognizer.mkdir()
     shutil.copy(tiny_pack / faceutils.REC_FILE, only_recognizer)

@@ -229,6 +229,9 @@ def imagereward_files(path: str | Path) -> tuple[Path, Path]:
     fetch = f"fetch them with `{IMAGEREWARD_FETCH}` and pass --imagereward DIR"
     if not path.exists():
         raise Unavailable(f"no ImageReward weights: {path} does not exist ({fetch})")
+    if path.is_file() and path.suffix.lower() != ".pt":
+        raise Unavailable(f"no ImageReward weights: {path} is a file, not {IMAGEREWARD_FILES[0]} or a folder "
+                          f"holding it ({fetch})")
     ckpt, config = (path / IMAGEREWARD_FILES[0], path / IMAGEREWARD_FILES[1]) if path.is_dir() else \
         (path, path.with_name(IMAGEREWARD_FILES[1]))
     missing = [str(p) for p in (ckpt, config) if not p.is_file()]
