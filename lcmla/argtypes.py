@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["Number", "add_flag"]
+__all__ = ["Number", "OneLineParser", "add_flag"]
+
+EXIT_USER_ERROR = 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line ("prog: error: … (see --help)") and exit
+    2, like every other user mistake, instead of argparse's usage block of every flag."""
+
+    def error(self, message: str) -> None:
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see --help)\n")
 
 
 class Number:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .argtypes import Number, add_flag
+from .argtypes import EXIT_USER_ERROR, Number, OneLineParser, add_flag
 from .errors import LcmlaError
 from .fastface import FASTFACE_PRESETS
 from .methods import METHODS, method_changes
@@ -27,15 +27,12 @@ from .memory import MEMORY_MODES, MEMORY_NOTES
 from .presets import DEFAULT_PRESET, PRESETS, RANDOM_ARCHITECTURES
 from .settings import GenerationSettings
 
-EXIT_USER_ERROR = 2
 
 def _dest(knob) -> str:
     return "knob__" + knob.name.replace(".", "__")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, like every other user mistake
-        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see --help)\n")
+_Parser = OneLineParser
 
 
 def build_parser() -> argparse.ArgumentParser:

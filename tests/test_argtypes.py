@@ -56,3 +56,31 @@ def test_help_shows_a_default_once_and_never_none():
     text = " ".join(p.format_help().split())
     assert "sampling steps (default: 5)" in text and "(default: None)" not in text
     assert text.count("(default: all)") == 1 and "how many (default" not in text
+
+
+@pytest.mark.parametrize(("build", "argv", "said"), [
+    ("training.train", ["--resolution", "x"], "python -m training train: error: argument --resolution: must be"),
+    ("training.datagen.cli", ["generate", "--identities", "0"], "python -m training datagen generate: error: argument --identities"),
+    ("training.datagen.cli", ["bogus"], "python -m training datagen: error: argument command: invalid choice: 'bogus'"),
+    ("lcmla.cli", ["generate", "--steps"], "python -m lcmla generate: error: argument --guidance-steps/--steps"),
+])
+def test_every_command_line_says_a_usage_error_in_one_line(build, argv, said, capsys):
+    """argparse's own errors (a bad or missing flag) are one line naming the flag and --help, exit 2,
+    in lcmla's, the trainer's and datagen's parsers alike: not the usage block of forty flags."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exc:
+        importlib.import_module(build).build_parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith(said) and err.endswith("(see --help)\n") and err.count("\n") == 1, err
+
+
+def test_the_app_refuses_a_port_out_of_range_in_one_line(capsys, monkeypatch):
+    from lcmla.ui.cli import parse_args
+
+    monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--port", "70000"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == "app.py: error: argument --port: must be a whole number in [1, 65535] (got 70000) (see --help)\n"
+    assert parse_args([]).port == 7860 and parse_args(["--port", "8080"]).port == 8080

@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         from .datagen.cli import main as datagen
 
         return datagen(rest)
-    print(f"error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    print(f"python -m training: error: unknown command {command!r}; the commands are train and datagen "
+          f"(see python -m training --help)", file=sys.stderr)
     return 2
 
 

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from lcmla.argtypes import DefaultsHelp, Number, add_flag
+from lcmla.argtypes import DefaultsHelp, Number, OneLineParser, add_flag
 
 EXIT_USER_ERROR = 2
 
@@ -49,7 +49,7 @@ def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training train", description=__doc__.splitlines()[0],
+    p = OneLineParser(prog="python -m training train", description=__doc__.splitlines()[0],
                                 formatter_class=DefaultsHelp)
     g = p.add_argument_group("model")
     _flag(g, "preset", default="tiny", help="lcmla preset to train on (tiny: offline, random weights)")

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from lcmla.argtypes import DefaultsHelp, Number, add_flag
+from lcmla.argtypes import DefaultsHelp, Number, OneLineParser, add_flag
 from lcmla.errors import check_output_dir
 
 EXIT_USER_ERROR = 2
@@ -39,8 +39,8 @@ def _filter_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training datagen", description="consistent-identity training data")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = OneLineParser(prog="python -m training datagen", description="consistent-identity training data")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     g = sub.add_parser("generate", help="render identities with SDXL-Turbo, filter, write shards",
                        formatter_class=DefaultsHelp)
     g.add_argument("--preset", default="sdxl-turbo", help="lcmla preset that renders (tiny: offline, random weights)")
