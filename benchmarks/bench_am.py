@@ -54,18 +54,22 @@ def am_arguments(mode: str, queries: int, step: int = 1) -> dict:
     return layer.am_arguments(AttentionContext(ip_scale=1.0, am=plan, step=step), queries=queries, tokens=TOKENS)
 
 
-def timed(fn, device: torch.device, repeats: int) -> float:
-    """Median ms of ``fn()`` over ``repeats`` runs (device-synchronised)."""
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+def timed_together(fns: dict, device: torch.device, repeats: int) -> dict:
+    """Median ms of each ``fns[name]()`` over ``repeats`` rounds, the variants interleaved within each
+    round (in an order that rotates from round to round) so that a slow spell of a shared machine
+    weighs on all of them alike and the ratios stay fair; device-synchronised."""
+    names = list(fns)
+    times: dict = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fns[name]()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[name].append((time.perf_counter() - t0) * 1000)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv=None) -> int:
@@ -99,14 +103,15 @@ def main(argv=None) -> int:
                     torch.cuda.synchronize(device)
                 first = time.perf_counter() - t0
                 diff = (got.float() - identity_attention(q, k, v, scale, **am).float()).abs().max().item()
-                ms = {"sdpa": timed(lambda: F.scaled_dot_product_attention(q, k, v), device, args.repeats),
-                      "eager": timed(lambda: identity_attention(q, k, v, scale, **am), device, args.repeats),
-                      "compiled": timed(lambda: compiled_identity_attention(q, k, v, scale, **am), device, args.repeats),
-                      "authors": float("nan")}
+                fns = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
+                       "eager": lambda: identity_attention(q, k, v, scale, **am),
+                       "compiled": lambda: compiled_identity_attention(q, k, v, scale, **am)}
                 if mode == "am2":  # theirs pools the min–max over the batch: ours with group = batch
                     pooled = {**am, "group": args.branches}
-                    ms["authors"] = timed(lambda: authors_identity_attention(q, k, v, scale, **pooled), device,
-                                          args.repeats)
+                    fns["authors"] = lambda: authors_identity_attention(q, k, v, scale, **pooled)
+                for fn in fns.values():  # one warm-up call each (the compiled one has had its first)
+                    fn()
+                ms = {"authors": float("nan"), **timed_together(fns, device, args.repeats)}
                 for key in per_step:
                     per_step[key] += layers * ms[key]
                 print(f"{mode:5s} {level:5s} {layers:6d} {ms['sdpa']:8.3f} {ms['eager']:9.3f} {ms['compiled']:11.3f} "
