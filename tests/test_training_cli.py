@@ -143,6 +143,14 @@ def test_cli_user_errors(shards, tmp_path):
     r = _run(["train", "--preset", "tiny", "--data", str(tmp_path / "nothing"), "--output-dir", str(tmp_path / "o"),
               "--max-train-steps", "1", "--lookahead-weight", "0"])
     assert r.returncode == 2 and "nothing does not exist: pass a folder of training shards" in r.stderr
+    # the data is checked before the model loads: a preset whose weights are absent is not reached
+    r = _run(["train", "--preset", "sdxl-base", "--data", str(tmp_path / "nothing"), "--output-dir", str(tmp_path / "o"),
+              "--max-train-steps", "1"])
+    assert r.returncode == 2 and "nothing does not exist: pass a folder of training shards" in r.stderr, r.stderr[-2000:]
+    r = _run(["train", "--preset", "sdxl-base", "--data", str(shards), "--output-dir", str(tmp_path / "o"),
+              "--max-train-steps", "1", "--train-batch-size", "1000"])
+    assert r.returncode == 2 and "give no full batch of 1000 per process" in r.stderr, r.stderr[-2000:]
+    assert "weights" not in r.stderr.lower(), r.stderr[-2000:]
     r = _run(_args(shards, tmp_path / "o", extra=("--train", "adapter,wings")))
     assert r.returncode == 2 and "unknown trainable part 'wings'" in r.stderr
     r = _run(_args(shards, tmp_path / "o", extra=("--validation-steps", "2", "--resolution", "2056")))

@@ -377,6 +377,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     check_precision(accelerator.mixed_precision, accelerator.device.type)
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    pairs = open_pairs(args.data)  # before the model: a wrong --data is said in seconds, not after the load
+    skipped_at_open = dict(pairs.skipped)
+    accelerator.print(f"{len(pairs)} training pairs; skipped (corrupt or face-less): {counts_text(skipped_at_open)}")
+    next(iterate_batches(len(pairs), args.train_batch_size, args.seed, 0, 0, accelerator.process_index,
+                         accelerator.num_processes))  # too few pairs for one batch: said now, before the load
     preset, comps = _load(args, str(device), weight_dtype)
     if preset.random_weights:
         accelerator.print(f"RANDOM WEIGHTS: {preset.title} (speed/memory measurements only; the outputs are no model)")
@@ -415,9 +420,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # constant (the authors')
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
 
-    pairs = open_pairs(args.data)
-    skipped_at_open = dict(pairs.skipped)
-    accelerator.print(f"{len(pairs)} training pairs; skipped (corrupt or face-less): {counts_text(skipped_at_open)}")
     resolution = args.resolution or preset.width
     workers = args.dataloader_num_workers
     collate = Collate(resolution, comps.clip_processor, framing=args.reference_framing,
