@@ -151,6 +151,9 @@ def test_cli_user_errors(shards, tmp_path):
               "--max-train-steps", "1", "--train-batch-size", "1000"])
     assert r.returncode == 2 and "give no full batch of 1000 per process" in r.stderr, r.stderr[-2000:]
     assert "weights" not in r.stderr.lower(), r.stderr[-2000:]
+    r = _run(["train", "--preset", "sdxl-base", "--data", str(shards), "--output-dir", str(tmp_path / "o"),
+              "--max-train-steps", "1", "--adapter", str(tmp_path / "gone.safetensors")])
+    assert r.returncode == 2 and "--adapter " + str(tmp_path / "gone.safetensors") + " does not exist" in r.stderr, r.stderr[-2000:]
     r = _run(_args(shards, tmp_path / "o", extra=("--train", "adapter,wings")))
     assert r.returncode == 2 and "unknown trainable part 'wings'" in r.stderr
     r = _run(_args(shards, tmp_path / "o", extra=("--validation-steps", "2", "--resolution", "2056")))

@@ -139,6 +139,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         check_output_dir(args.output_dir, "--output-dir")
     except LcmlaError as exc:
         build_parser().error(str(exc))
+    if args.adapter:  # found now, not after the UNet has loaded
+        from lcmla.errors import refuse_folder
+
+        try:
+            refuse_folder(args.adapter, "--adapter", (".safetensors", ".bin", ".pt"))
+        except LcmlaError as exc:
+            build_parser().error(str(exc))
+        if not Path(args.adapter).expanduser().is_file():
+            build_parser().error(f"--adapter {args.adapter} does not exist: pass a FaceID-Plus-v2 adapter file, or "
+                                 "leave --adapter out to start from the preset's")
     if args.kv_lora and args.kv_rank is not None:  # the file's rank was used and the flag ignored
         from lcmla.kv_lora import read_kv_lora_metadata
 
