@@ -212,6 +212,89 @@ def test_gradients_with_checkpointing_equal_without(face_path, other_face):
             assert torch.allclose(g0[name], g1[name], atol=1e-7, rtol=1e-5), name
 
 
+def test_the_objective_is_the_spec_equation_replayed_from_its_passes(face_path, other_face):
+    """SPEC §4, checked from what the passes actually received (spies, no re-run of the code):
+    z_t = √ᾱ·z0 + √(1−ᾱ)·ε; the KV encoder reads the reference latent noised to the same t with the
+    same ε; L_diffusion = MSE(ε̂, ε); the lookahead pass runs at t < M with its own ε, the clean
+    (never dropped) conditions and the LCM-LoRA at α; TAESD decodes ẑ0 = c_skip·z_t + c_out·x̂0
+    (Eq. 3, written out here); the identity loss scores that decode; L = L_diff + λ·α·L_LH."""
+    lam, cap = 0.3, 120
+    comps, trainables, objective, collate = _kit(text_drop=1.0, identity_drop=1.0, lambda_lookahead=lam,
+                                                 lookahead_max_t=cap)
+    acp = comps.pipe.scheduler.alphas_cumprod.double()
+    # SDXL's LCM boundary (s = 10, σ_d = 0.5) gives c_skip < 0.003 at every t ≥ 1, so ẑ0 ≈ x̂0 there:
+    # a small s makes the c_skip term large enough that a preview without it cannot pass
+    objective.lcm_boundary = (0.004, 0.5)
+    batch = _batch(objective, collate, _pairs(face_path, other_face))
+    latents, kv_inputs, predicts, decoded, scored = [], [], [], [], []
+    real_latents, real_kv, real_predict, real_decode = objective._latents, objective._kv, objective.predict, comps.taesd.decode
+    real_loss = objective.identity_loss
+
+    def spy_latents(pixels, generator):
+        latents.append(real_latents(pixels, generator))
+        return latents[-1]
+
+    def spy_kv(z_ref_t, rows, t, generator):
+        kv_inputs.append((z_ref_t.detach().clone(), t.clone()))
+        return real_kv(z_ref_t, rows, t, generator)
+
+    def spy_predict(z_t, t, cond, cache, state):
+        eps = real_predict(z_t, t, cond, cache, state)
+        predicts.append((z_t.detach().clone(), t.clone(), cond, dict(state.adapters), eps.detach().clone()))
+        return eps
+
+    def spy_decode(z, return_dict=False):
+        out = real_decode(z, return_dict=return_dict)
+        decoded.append((z.detach().clone(), out[0].detach().clone()))
+        return out
+
+    def spy_loss(preview, reference, found):
+        scored.append(preview.detach().clone())
+        return real_loss(preview, reference, found)
+
+    objective._latents, objective._kv, objective.predict = spy_latents, spy_kv, spy_predict
+    comps.taesd.decode, objective.identity_loss = spy_decode, spy_loss
+    for seed in range(2):
+        latents.clear(), kv_inputs.clear(), predicts.clear(), decoded.clear(), scored.clear()
+        with torch.no_grad():
+            loss, logs = objective(batch, torch.Generator().manual_seed(seed))
+        (z0, z_ref), ((kv1, kt1), (kv2, kt2)) = latents, kv_inputs
+        (zt1, t1, cond1, lora1, eps1), (zt2, t2, cond2, lora2, eps2) = predicts
+
+        def a(t):
+            return acp[t].reshape(-1, 1, 1, 1)
+
+        noise1 = (zt1.double() - a(t1).sqrt() * z0.double()) / (1 - a(t1)).sqrt()
+        noise2 = (zt2.double() - a(t2).sqrt() * z0.double()) / (1 - a(t2)).sqrt()
+        # the KV encoder: the reference noised at the same t with the same noise, in each pass
+        assert torch.equal(kt1, t1) and torch.equal(kt2, t2)
+        torch.testing.assert_close(kv1.double(), a(t1).sqrt() * z_ref.double() + (1 - a(t1)).sqrt() * noise1,
+                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(kv2.double(), a(t2).sqrt() * z_ref.double() + (1 - a(t2)).sqrt() * noise2,
+                                   atol=1e-4, rtol=1e-4)
+        # the diffusion term is the ε-MSE against the noise that made z_t
+        assert logs["diffusion"] == pytest.approx(((eps1.double() - noise1) ** 2).mean().item(), rel=1e-4)
+        assert not torch.allclose(noise1, noise2)  # the lookahead draws its own noise ...
+        assert (t2 < cap).all() and t2.shape == (2,)  # ... and its t from its own range
+        # the diffusion pass's conditions are dropped (rate 1 here), the lookahead's never
+        assert not cond1.prompt_embeds.any() and not cond1.image_embeds.any()
+        assert cond2.prompt_embeds.any() and cond2.image_embeds.any()
+        # the LCM-LoRA at α in the lookahead pass only
+        assert "lcm" not in lora1 and lora2["lcm"] == pytest.approx(logs["alpha"])
+        # TAESD decodes the LCM preview of Eq. 3
+        s, sigma = objective.lcm_boundary
+        st = t2.double().reshape(-1, 1, 1, 1) * s
+        c_skip, c_out = sigma**2 / (st**2 + sigma**2), st / (st**2 + sigma**2).sqrt()
+        x0 = (zt2.double() - (1 - a(t2)).sqrt() * eps2.double()) / a(t2).sqrt()
+        (z_hat, image), = decoded
+        torch.testing.assert_close(z_hat.double(), c_skip * zt2.double() + c_out * x0, atol=1e-4, rtol=1e-4)
+        (preview,) = scored
+        assert torch.equal(preview, image.clamp(-1, 1))
+        # L = L_diffusion + λ·α·L_LH
+        assert logs["lookahead"] > 0
+        assert loss.item() == pytest.approx(logs["diffusion"] + lam * logs["alpha"] * logs["lookahead"], rel=1e-5)
+
+
 def test_lookahead_loss_alone_reaches_every_trainable_part(face_path, other_face):
     """With the diffusion term removed, the identity loss on the TAESD-decoded LCM preview sends a
     gradient into every trainable tensor (LoRA B matrices made non-zero so A's gradient is too)."""
