@@ -433,11 +433,40 @@ def test_kv_copy_design_equals_the_encoders_own_kv_until_trained(engine, face_pa
                               _px(engine.generate(no_kv, [face_path]).images[0]))
         scaled = engine.generate(s.replace(lookahead__kv_lora_scale=0.0), [face_path])  # scale 0: the base copy
         assert np.array_equal(_px(scaled.images[0]), _px(plain.images[0]))
+        half = engine.generate(s.replace(lookahead__kv_lora_scale=0.5), [face_path])  # the knob reaches the copy
+        assert not np.array_equal(_px(half.images[0]), _px(plain.images[0]))
+        assert not np.array_equal(_px(half.images[0]), _px(trained.images[0]))
     finally:
         for proc in engine.pipe.unet.attn_processors.values():
             if hasattr(proc, "kv_copy"):
                 proc.kv_copy = None
 
+
+
+def test_kv_copy_projection_is_the_base_plus_s_times_its_lora():
+    """K_ref = W_k·x + s·B_k·A_k·x and V_ref likewise (the authors' KVCopy), written out with the
+    matrices: at s = 0.5 and 1.3 (not only at 0, where the LoRA drops out), with the base read
+    under a peft wrapper's own adapter (the KV-encoder LoRA) rather than through it."""
+    from diffusers.models.attention_processor import Attention
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from lcmla.attention.kv_copy import KVCopyLoRA, kv_copy_projection
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=12, heads=2, dim_head=6)
+    copy = KVCopyLoRA(12, 12, rank=3)
+    for pair in (copy.to_k, copy.to_v):
+        torch.nn.init.normal_(pair.lora_B.weight, std=0.7)
+    x = torch.randn(2, 5, 12)
+    wk, wv = attn.to_k.weight.detach().clone(), attn.to_v.weight.detach().clone()
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["to_k", "to_v"], init_lora_weights=False), attn)
+    assert not torch.allclose(attn.to_k(x), x @ wk.T)  # the wrapper's own adapter is live ...
+    with torch.no_grad():
+        for s in (0.0, 0.5, 1.3):
+            key, value = kv_copy_projection(attn, copy, x, s)
+            for got, w, pair in ((key, wk, copy.to_k), (value, wv, copy.to_v)):
+                a, b = pair.lora_A.weight, pair.lora_B.weight  # (r, in), (out, r)
+                torch.testing.assert_close(got, x @ w.T + s * (x @ a.T @ b.T))  # ... and not read here
 
 # ---- the KV path as released (two encoder rows, encoder pass state, framing) ---------------------
 
