@@ -190,3 +190,14 @@ def test_trainer_identity_loss_uses_the_converted_arcface(tmp_path):
     diff = 1 - (loss_fn.embed(other, lm) * target).sum()
     diff.backward()
     assert float(diff.detach()) > 1e-3 and other.grad.abs().sum() > 0
+    # the loss's embedding of a [-1, 1] image is insightface's own (norm_crop + onnxruntime) on its uint8 pixels
+    from insightface.model_zoo.arcface_onnx import ArcFaceONNX
+    from insightface.utils import face_align
+
+    rgb = np.asarray(Image.open(FACE_PNG).convert("RGB"))
+    kps = np.array([[180, 200], [250, 198], [215, 245], [188, 290], [246, 288]], np.float32)
+    theirs = ArcFaceONNX(model_file=str(folder / "w600k_tiny.onnx"))
+    ref = theirs.get_feat(face_align.norm_crop(rgb[:, :, ::-1].copy(), landmark=kps, image_size=112)).reshape(-1)
+    with torch.no_grad():
+        ours = loss_fn.embed(face, torch.from_numpy(kps)[None])[0].numpy()
+    assert float(ours @ ref / np.linalg.norm(ref)) > 0.99999  # (a channel swap gives 0.88 here)

@@ -105,6 +105,27 @@ def test_alignment_matches_norm_crop_and_has_gradients(face_path):
     assert x.grad.abs().sum() > 0
 
 
+
+def test_the_loss_embeds_what_the_recognizer_sees_on_insightfaces_crop(face_path):
+    """IdentityLoss.embed of a [-1, 1] image on landmarks = the recognizer on insightface's
+    alignment (estimate_norm + cv2.warpAffine) of the same uint8 pixels, scaled to [0, 1] (its input)."""
+    import cv2
+    from insightface.utils import face_align
+
+    from lcmla.faces import FaceAnalyzer
+
+    recognizer = TinyRecognizer()
+    loss_fn = IdentityLoss(recognizer, fixed_landmarks(_canonical_landmarks()))
+    rgb = np.asarray(Image.open(face_path).convert("RGB"))
+    kps = FaceAnalyzer.haar().detect(rgb)[0].kps
+    size = recognizer.input_size  # 32: insightface's 112-px similarity, scaled to the recognizer's template
+    crop = cv2.warpAffine(rgb, face_align.estimate_norm(np.asarray(kps, np.float32), 112) * (size / 112), (size, size))
+    theirs = recognizer(torch.from_numpy(crop.copy()).permute(2, 0, 1)[None].float() / 255)[0]
+    image = torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        ours = loss_fn.embed(image, torch.as_tensor(np.asarray(kps), dtype=torch.float32)[None])[0]
+    assert float(ours @ theirs) > 0.999
+
 def test_identity_loss_is_zero_for_identical_images(face_path, other_face):
     loss_fn = IdentityLoss(TinyRecognizer(), fixed_landmarks(_canonical_landmarks()))
     a = _pixels(Image.open(face_path))
@@ -131,6 +152,19 @@ def test_the_loss_is_the_mean_over_the_previews_with_a_face(face_path, other_fac
     assert found.tolist() == [True, False] and alone.item() > 0.1
     assert both.item() == pytest.approx(alone.item(), rel=1e-5)
 
+
+
+def test_a_sample_whose_reference_has_no_face_is_skipped(face_path, other_face):
+    """Both previews hold a face, but reference 1 had none (its embedding is the stand-in's): the
+    loss of [a, b] is a's loss alone, and b is reported not found."""
+    loss_fn = IdentityLoss(TinyRecognizer(), fixed_landmarks(_canonical_landmarks()))
+    x = torch.cat([_pixels(Image.open(face_path)), _pixels(Image.open(other_face))])
+    ref = torch.nn.functional.normalize(torch.randn(2, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    both, found = loss_fn(x, ref, torch.tensor([True, False]))
+    alone, _ = loss_fn(x[:1], ref[:1], torch.tensor([True]))
+    unmasked, _ = loss_fn(x, ref, torch.tensor([True, True]))
+    assert found.tolist() == [True, False] and alone.item() > 0.1
+    assert both.item() == pytest.approx(alone.item(), rel=1e-5) and unmasked.item() != pytest.approx(alone.item(), rel=1e-3)
 
 def test_samples_without_a_face_contribute_zero_and_keep_the_graph(face_path):
     loss_fn = IdentityLoss(TinyRecognizer(), lambda image: None)
