@@ -51,6 +51,25 @@ def test_metrics_by_hand(face_path):
     assert (m, n) == (2.0, 3) and ci == pytest.approx(4.302653 * 1.0 / math.sqrt(3), rel=1e-5)  # t(0.975, 2)
 
 
+
+def test_an_identity_of_several_photos_is_the_normalised_mean_of_unit_embeddings():
+    """reference_embedding over several photos, with a scorer of known embeddings: photos without a
+    face are left out, and each embedding is scaled to unit length before the mean (a photo whose
+    raw embedding is longer does not weigh more), the mean then normalised."""
+    embeddings = {"a": np.array([3.0, 0.0, 0.0]), "b": np.array([0.0, 0.5, 0.0]), "none": None}
+
+    class Known:
+        name, is_recognizer = "known", True
+
+        def face(self, photo):
+            e = embeddings[photo]
+            return None if e is None else ((0, 0, 1, 1), e)
+
+    got = reference_embedding(Known(), ["a", "none", "b"])
+    np.testing.assert_allclose(got, np.array([1.0, 1.0, 0.0]) / math.sqrt(2), atol=1e-12)
+    np.testing.assert_allclose(reference_embedding(Known(), ["b"]), [0.0, 1.0, 0.0], atol=1e-12)
+    assert reference_embedding(Known(), ["none"]) is None
+
 def test_prompt_sets():
     lh = load_prompts("lookahead")
     assert len(lh) == 18 and lh[0] == ("lookahead", "A photo of a face")
