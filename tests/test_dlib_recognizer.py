@@ -40,7 +40,7 @@ def test_reader_rejects_other_files(tmp_path):
     with pytest.raises(DlibFormatError, match="unsupported dlib loss"):
         read_dnn(bad)
     bad.write_bytes(b"PK\x03\x04 not a model")
-    with pytest.raises(DlibFormatError):
+    with pytest.raises(DlibFormatError, match="not a dlib model file"):
         DlibRecognizer.load(bad)
     with pytest.raises(DlibFormatError, match="cannot read"):
         read_dnn(tmp_path / "missing.dat")

@@ -172,9 +172,9 @@ def test_bad_inputs_raise_clear_errors(engine, tmp_path):
         engine.generate(_settings(), [grey])
     with pytest.raises(ImageError, match="notes.jpg"):
         engine.generate(_settings(), [junk])
-    with pytest.raises(ImageError):
+    with pytest.raises(ImageError, match="'missing.jpg' does not exist"):
         engine.generate(_settings(), [tmp_path / "missing.jpg"])
-    with pytest.raises(ImageError):
+    with pytest.raises(ImageError, match="no face photo was given"):
         engine.generate(_settings(), [])
     with pytest.raises(ValueError, match="GenerationSettings"):
         engine.generate({"prompt": "x"}, [grey])

@@ -131,7 +131,8 @@ def test_release_on_read_frees_each_layer_once_read_and_refuses_a_second_read():
     assert cache.read("unrecorded") is None
     kept = KVCache(rows=2)  # the default (training, previews): the cache stays whole
     kept.record("a", k, k)
-    assert torch.equal(kept.read("a")[0], kept.read("a")[0]) and len(kept) == 1
+    first, second = kept.read("a"), kept.read("a")  # read twice: both times the recorded K/V
+    assert torch.equal(first[0], k.reshape(2, -1, 8)) and torch.equal(second[0], k.reshape(2, -1, 8)) and len(kept) == 1
 
 
 def test_parked_kv_comes_back_for_its_layer():
@@ -189,6 +190,9 @@ def test_lookahead_cfg_by_hand():
     assert LookaheadGuidance(1, 0, 0).branches(0) == ("nokv",)
     assert LookaheadGuidance(3, 2, 0).branches(0) == ("uncond", "nokv", "full")
     assert LookaheadGuidance(3, 2, 2, lcm_scheduler=True).branches(0) == ("full",)
+    # the guidance object passes each scale to its own branch: 1 + 3·1 + 0.5·3 + 1.5·6 = 14.5
+    assert LookaheadGuidance(3.0, 0.5, 1.5).combine(preds, 0).item() == 14.5
+    assert LookaheadGuidance(3.0, 0.5, 1.5, lcm_scheduler=True).combine(preds, 0).item() == 4.0  # ε_full alone
 
 
 def test_lcm_x0_equals_lcm_scheduler_step():

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -55,7 +56,7 @@ def test_defaults_and_groups():
     assert s.attention.am2_sharpness == (7.5, 5.0, 5.0, 5.0)
     assert (s.lookahead.s_nokv, s.lookahead.s_full, s.lookahead.s_kv) == (3.0, 2.0, 2.0)
     assert (s.freeu.b1, s.freeu.b2, s.freeu.s1, s.freeu.s2) == (1.1, 1.1, 0.9, 0.2)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         s.prompt = "changed"  # frozen
 
 
