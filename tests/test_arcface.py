@@ -201,3 +201,16 @@ def test_trainer_identity_loss_uses_the_converted_arcface(tmp_path):
     with torch.no_grad():
         ours = loss_fn.embed(face, torch.from_numpy(kps)[None])[0].numpy()
     assert float(ours @ ref / np.linalg.norm(ref)) > 0.99999  # (a channel swap gives 0.88 here)
+
+
+def test_the_recognizers_import_by_the_names_the_readme_gives_and_the_package_stays_light():
+    import subprocess
+    import sys
+
+    from lcmla.recognizers import ArcFaceRecognizer as A
+    from lcmla.recognizers import DlibFaces, DlibRecognizer, Recognizer
+    from lcmla.recognizers.dlib_pipeline import DlibFaces as D
+
+    assert A is ArcFaceRecognizer and DlibFaces is D and issubclass(DlibRecognizer, Recognizer)
+    code = "import sys, lcmla.recognizers; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

@@ -84,6 +84,7 @@ def test_kill_9_then_resume_is_bit_identical(shards, uninterrupted, tmp_path):
     # resumed with two DataLoader workers reading ahead: the same batches, so the same weights
     r = _run(_args(shards, out, extra=("--resume-from-checkpoint", "latest", "--dataloader-num-workers", "2")))
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "changed settings" not in r.stdout + r.stderr  # workers change no number: no note
     a = load_file(str(uninterrupted / "checkpoint-6" / "trainable.safetensors"))
     b = load_file(str(out / "checkpoint-6" / "trainable.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -94,6 +95,31 @@ def test_kill_9_then_resume_is_bit_identical(shards, uninterrupted, tmp_path):
     ma, mb = (_metrics(o) for o in (uninterrupted, out))
     assert [m["step"] for m in mb] == [1, 2, 3, 4, 5, 6]
     assert [m["loss"] for m in mb] == [m["loss"] for m in ma]
+
+
+def test_a_resume_with_another_model_is_refused_and_changed_settings_are_said(shards, uninterrupted, tmp_path):
+    """Each checkpoint keeps the settings that trained it: a resume with another --kv-rank (or
+    preset, random-weights build, --train) is refused before the model loads (its tensors do not
+    fit); other changes that alter the numbers are said in a note, and the run continues."""
+    from training.checkpoints import ARGS_FILE, resume_differences
+
+    out = tmp_path / "copy"
+    shutil.copytree(uninterrupted, out)
+    assert json.loads((out / "checkpoint-6" / ARGS_FILE).read_text())["kv_rank"] == 4
+    r = _run(_args(shards, out, extra=("--resume-from-checkpoint", "latest", "--kv-rank", "8")))
+    assert r.returncode == 2 and "was trained with other model settings (kv_rank was 4, now 8)" in r.stderr, r.stderr[-2000:]
+    r = _run(_args(shards, out, extra=("--resume-from-checkpoint", "latest", "--preset", "sdxl-base")))
+    assert r.returncode == 2 and 'preset was "tiny", now "sdxl-base"' in r.stderr, r.stderr[-2000:]  # before its
+    assert "hf download" not in r.stderr  # missing weights are looked for
+    r = _run(_args(shards, out, extra=("--resume-from-checkpoint", "checkpoint-4", "--learning-rate", "2e-05",
+                                       "--max-train-steps", "5")))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "with changed settings (learning_rate was 1e-05, now 2e-05)" in r.stdout, r.stdout[-2000:]
+    # the pure rule: fixed entries refuse, free ones are ignored, an entry an older file lacks is skipped
+    before = {"preset": "tiny", "parts": ["proj"], "seed": 3, "report_to": "none", "max_train_steps": 6}
+    now = {"preset": "sdxl-base", "parts": ["proj"], "seed": 4, "report_to": "tensorboard", "max_train_steps": 9,
+           "kv_rank": 8}
+    assert resume_differences(before, now) == (['preset was "tiny", now "sdxl-base"'], ["seed was 3, now 4"])
 
 
 def _metrics(out):

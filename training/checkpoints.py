@@ -12,6 +12,7 @@ step that exists already renames the old folder aside (``.replaced``) first and 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -47,7 +48,8 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-RUN_FILES = ("training_args.json", "run_summary.json", ADAPTER_FILE, FACEID_LORA_FILE, KV_LORA_FILE)
+ARGS_FILE = "training_args.json"  # the run's settings (also in each checkpoint: the ones that trained it)
+RUN_FILES = (ARGS_FILE, "run_summary.json", ADAPTER_FILE, FACEID_LORA_FILE, KV_LORA_FILE)
 
 
 def earlier_run(output_dir: str | Path) -> list[str]:
@@ -74,6 +76,49 @@ def resolve_resume(output_dir: str | Path, value: str | None) -> Path | None:
         raise ValueError(f"--resume-from-checkpoint {value!r} is not a complete checkpoint folder "
                          f"(checkpoint-N with trainable.safetensors); use 'latest' or a path under {output_dir}")
     return path
+
+
+#: training_args.json entries a resumed run must share with the run that wrote its checkpoint: they
+#: decide which tensors are trained and their shapes (another model's weights do not fit)
+RESUME_FIXED = ("preset", "random_weights", "parts", "kv_rank")
+#: entries that change nothing a step computes (bookkeeping, or tested to give the same numbers):
+#: a change of any other entry is reported, since the run then differs from an uninterrupted one
+RESUME_FREE = frozenset({
+    "output_dir", "resume_from_checkpoint", "overwrite", "max_train_steps", "checkpointing_steps",
+    "checkpoints_total_limit", "report_to", "gradient_checkpointing", "dataloader_num_workers", "weights_dir",
+    "face_models", "adapter", "kv_lora", "train", "validation_steps", "validation_faces", "validation_prompts",
+    "validation_seeds", "max_nan_steps", "pairs", "skipped", "init_params_sha256",
+})
+
+
+def resume_differences(before: dict, now: dict) -> tuple[list[str], list[str]]:
+    """(refused, changed): the entries of :data:`RESUME_FIXED` whose values differ between the
+    ``training_args.json`` of the run that wrote a checkpoint (``before``) and the resuming run's
+    (``now``), and the other differing entries outside :data:`RESUME_FREE`, each as
+    "name was X, now Y". An entry missing from ``before`` (an older file) is not compared."""
+    def shown(value) -> str:
+        return json.dumps(value, default=str)
+
+    refused, changed = [], []
+    for key in sorted(set(before) & set(now)):
+        a, b = json.loads(shown(before[key])), json.loads(shown(now[key]))  # both as the file stores them
+        if a == b or key in RESUME_FREE:
+            continue
+        (refused if key in RESUME_FIXED else changed).append(f"{key} was {shown(a)}, now {shown(b)}")
+    return refused, changed
+
+
+def checkpoint_args(folder: Path) -> dict:
+    """The training_args.json of the run that wrote checkpoint ``folder``: its own copy, else the
+    one in its run folder (checkpoints written before the copy existed); {} when neither reads."""
+    for path in (Path(folder) / ARGS_FILE, Path(folder).parent / ARGS_FILE):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict):
+            return data
+    return {}
 
 
 def params_digest(named_params: list[tuple[str, torch.nn.Parameter]]) -> str:
@@ -110,6 +155,8 @@ def save_checkpoint(accelerator, output_dir: str | Path, state: TrainState, gene
     if accelerator.is_main_process:
         save_file({n: p.detach().float().contiguous().cpu() for n, p in named_params}, str(tmp / "trainable.safetensors"))
         export(tmp)
+        if (root / ARGS_FILE).is_file():  # the settings that trained it, for a later resume to compare
+            shutil.copyfile(root / ARGS_FILE, tmp / ARGS_FILE)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         aside = root / f"checkpoint-{state.global_step}.replaced"

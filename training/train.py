@@ -222,6 +222,15 @@ def resolve_model(args):
     return preset, paths
 
 
+def _args_record(args: argparse.Namespace, num_processes: int) -> dict[str, Any]:
+    """What training_args.json records of the command line (the run adds what it finds)."""
+    from lcmla.presets import get_preset
+
+    record = {k: v for k, v in vars(args).items() if k != "parts"}
+    return {**record, "parts": list(args.parts), "num_processes": num_processes,
+            "random_weights": args.random_weights or ("tiny" if get_preset(args.preset).random_weights else None)}
+
+
 def _load(args, device: str, dtype):
     """Components of the preset (see :func:`resolve_model`; with the LCM-LoRA and TAESD the
     lookahead loss needs)."""
@@ -368,7 +377,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     from lcmla.attention.processors import install_processors
 
-    from .checkpoints import TrainState, list_checkpoints, load_checkpoint, params_digest, resolve_resume, save_checkpoint
+    from .checkpoints import (ARGS_FILE, TrainState, checkpoint_args, list_checkpoints, load_checkpoint, params_digest,
+                              resolve_resume, resume_differences, save_checkpoint)
     from .data import Collate, iterate_batches, load_batches
     from .datagen.reader import counts_text
     from .model import export_weights, setup_trainables
@@ -392,6 +402,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     accelerator.print(f"{len(pairs)} training pairs; skipped (corrupt or face-less): {counts_text(skipped_at_open)}")
     next(iterate_batches(len(pairs), args.train_batch_size, args.seed, 0, 0, accelerator.process_index,
                          accelerator.num_processes))  # too few pairs for one batch: said now, before the load
+    resume = resolve_resume(out, args.resume_from_checkpoint)
+    record = _args_record(args, accelerator.num_processes)
+    before = checkpoint_args(resume) if resume is not None else {}
+    if resume is not None:  # before the model: another model's checkpoint is refused in seconds
+        # (the file holds the loss network resolved from --id-network: compared once it is resolved)
+        refused, changed = resume_differences(before, {**record, "id_network": before.get("id_network")})
+        if refused:
+            raise TrainingError(f"{resume} was trained with other model settings ({'; '.join(refused)}): its "
+                                "weights do not fit this run; resume with the same --preset, --random-weights, "
+                                "--train and --kv-rank, or train into another --output-dir")
+        if changed:
+            accelerator.print(f"note: resuming {resume} with changed settings ({'; '.join(changed)}): the run "
+                              "continues from the checkpoint, but no longer equals one run without the change")
     preset, comps = _load(args, str(device), weight_dtype)
     if preset.random_weights:
         accelerator.print(f"RANDOM WEIGHTS: {preset.title} (speed/memory measurements only; the outputs are no model)")
@@ -415,6 +438,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     id_loss, id_network = (None, "none")
     if args.lookahead_weight > 0:
         id_loss, id_network = _identity_loss(args, preset, device)
+    if before.get("id_network") not in (None, id_network):
+        accelerator.print(f"note: resuming {resume} with another identity-loss network (id_network was "
+                          f"{before['id_network']}, now {id_network}): the run no longer equals one run without the change")
     boundary = _lcm_boundary(pipe)
     objective = Objective(
         pipe=pipe, image_encoder=comps.image_encoder, taesd=comps.taesd, switcher=switcher,
@@ -436,7 +462,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                       device="cpu" if workers else device)  # a worker collates on CPU; the step moves it
     generator = torch.Generator().manual_seed(args.seed * 9973 + accelerator.process_index)
     state = TrainState()
-    resume = resolve_resume(out, args.resume_from_checkpoint)
     if resume is not None:
         state = load_checkpoint(accelerator, resume, generator, named)
         accelerator.print(f"resumed from {resume} at step {state.global_step}")
@@ -448,12 +473,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 shutil.rmtree(folder)
         out.mkdir(parents=True, exist_ok=True)
         (out / "logs").mkdir(exist_ok=True)
-        (out / "training_args.json").write_text(json.dumps(
-            {**{k: v for k, v in vars(args).items() if k != "parts"}, "parts": list(args.parts),
-             "random_weights": args.random_weights or ("tiny" if preset.random_weights else None),
-             "id_network": id_network, "num_processes": accelerator.num_processes, "pairs": len(pairs),
-             "skipped": skipped_at_open, "init_params_sha256": init_digest},
-            indent=2, default=str) + "\n")
+        (out / ARGS_FILE).write_text(json.dumps(
+            {**record, "id_network": id_network, "pairs": len(pairs), "skipped": skipped_at_open,
+             "init_params_sha256": init_digest}, indent=2, default=str) + "\n")
         # a resumed run writes steps after the checkpoint again: drop them (and a fresh start drops all)
         truncate_jsonl(out / "logs" / "metrics.jsonl", state.global_step)
         truncate_jsonl(out / "validation" / "scores.jsonl", state.global_step)

@@ -12,3 +12,20 @@ built.
 """
 
 from __future__ import annotations
+
+#: public name → submodule; imported on first use (``from lcmla.recognizers import DlibFaces``)
+_EXPORTS = {
+    "Recognizer": "base",
+    "DlibFaces": "dlib_pipeline",
+    "DlibRecognizer": "dlib_resnet",
+    "ArcFaceRecognizer": "arcface",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
