@@ -96,6 +96,24 @@ def test_command_line_defaults_come_from_the_environment(monkeypatch):
         app.parse_args(["--preset", "no-such-preset"])
 
 
+
+def test_a_taken_port_is_one_line_before_the_model_loads(monkeypatch, capsys):
+    """python app.py on a port another server holds: one line naming the port and --port, exit 2,
+    and no model is loaded first (it was gradio's OSError traceback after the load)."""
+    import socket
+
+    import lcmla.ui.cli as cli
+
+    monkeypatch.setattr(cli, "load_engine", lambda args: pytest.fail("the engine was loaded"))
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert cli.main(["--port", str(port)]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith(f"error: cannot listen on 127.0.0.1:{port} (") and f"--port {port + 1}" in out, out
+    assert cli.port_problem("127.0.0.1", port) is None  # released: free again
+
 def test_spaces_gpu_decorator_only_when_spaces_is_importable(monkeypatch):
     import types
 

@@ -106,6 +106,22 @@ def load_engine(args: argparse.Namespace) -> tuple[Any, str | None]:
         return Engine.load("tiny", device=args.device, memory=args.memory, compile=args.compile), notice
 
 
+def port_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on ``host:port`` (taken, or an address of another machine),
+    found by binding it as the server will; None when it is free."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((host, port))
+    except OSError as exc:
+        return (f"cannot listen on {host}:{port} ({exc.strerror or exc}): another program (an earlier app.py?) "
+                f"holds the port, or the address is not this machine's; pass --port N (e.g. --port {port + 1}), "
+                f"stop the other program, or pass another --host")
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -113,6 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lcmla.loading import quiet_torchvision_notice
 
     quiet_torchvision_notice()
+    problem = port_problem(args.host, args.port)  # said before the model loads, not after
+    if problem:
+        print(f"error: {problem}")
+        return 2
     try:
         engine, notice = load_engine(args)
         trained = load_trained(args, engine)
@@ -122,5 +142,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if engine.preset.random_weights:
         print("NOTE: the tiny preset has random weights — its images are patterns, not photos.", flush=True)
     demo = build_demo(engine, notice=notice, trained=trained, reports=args.reports)
-    launch(demo, host=args.host, port=args.port, share=args.share)
+    try:
+        launch(demo, host=args.host, port=args.port, share=args.share)
+    except OSError as exc:  # taken in the seconds the model took to load
+        if "port" not in str(exc).lower():
+            raise
+        print(f"error: {port_problem(args.host, args.port) or exc}")
+        return 2
     return 0
