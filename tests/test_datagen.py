@@ -494,6 +494,10 @@ def test_cli_generate_tiny_to_the_end_and_inspect_an_empty_shard(engine, tiny_ca
     totals = json.loads(done.stdout.strip().splitlines()[-1])
     assert totals["shards_written"] == 2 and totals["samples"] == 0 and totals["rejected"] == {"no_face": 4}
     assert "warning: no sample was kept (rejected: no_face 4); the tiny preset's random weights" in done.stderr
+    suggested = re.search(r"`python -m (training datagen sample --output-dir [^`]+)`", done.stderr).group(1).split()
+    tried = subprocess.run([sys.executable, "-m", *suggested], capture_output=True, text=True, env=env, timeout=600,
+                           cwd=Path(__file__).resolve().parents[1])
+    assert tried.returncode == 0 and read_manifest(Path(suggested[-1])), tried.stderr[-2000:]  # the hint works as given
     manifest = read_manifest(out)
     assert sorted(manifest) == ["shard-000000.tar", "shard-000001.tar"]
     assert all(e["samples"] == 0 and e["settings"]["random_weights"] for e in manifest.values())

@@ -156,7 +156,8 @@ def _generate(args) -> int:
     if totals["shards_written"] and not totals["samples"]:
         why = ", ".join(f"{k} {v}" for k, v in sorted(totals["rejected"].items()) if v) or "nothing rendered"
         hint = ("the tiny preset's random weights draw patterns, not faces, so this is expected there; to try the "
-                f"trainer on a CPU, make real-photo data with `python -m training datagen sample --output-dir {out}`"
+                f"trainer on a CPU, make real-photo data in a folder of its own (this one holds these shards): "
+                f"`python -m training datagen sample --output-dir {out.parent / (out.name + '-photos')}`"
                 if preset.random_weights else "lower --tau-plain/--tau-style or check the face models")
         print(f"warning: no sample was kept (rejected: {why}); {hint}", file=sys.stderr)
     return 0
