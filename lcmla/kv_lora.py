@@ -129,7 +129,9 @@ def read_kv_lora_metadata(path: str | Path) -> dict[str, str]:
     path = Path(path)
     refuse_folder(path, "the KV-encoder LoRA", (".safetensors",))
     if not path.is_file():
-        raise LcmlaError(f"KV-encoder LoRA {str(path)!r} does not exist; pass the .safetensors file the trainer wrote")
+        raise LcmlaError(f"KV-encoder LoRA {str(path)!r} does not exist; pass the kv_encoder_lora.safetensors that "
+                         "`python -m training train` wrote into its --output-dir, or that `python -m lcmla "
+                         "convert-lookahead` wrote from the authors' checkpoint")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})

@@ -270,7 +270,10 @@ def load_adapter_state_dict(path: str | Path, *, keep_lora: bool = False) -> dic
     path = Path(path)
     refuse_folder(path, "the IP-Adapter checkpoint", (".safetensors", ".bin", ".pt"))
     if not path.is_file():
-        raise MissingWeightsError(f"the IP-Adapter file {path} does not exist", missing=[str(path)])
+        raise MissingWeightsError(
+            f"the IP-Adapter file {path} does not exist; check the path (a trained adapter is in the --output-dir of "
+            "`python -m training train`; the LCM-Lookahead authors' one is written by `python -m lcmla "
+            "convert-lookahead`), or leave --adapter out for the preset's own", missing=[str(path)])
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

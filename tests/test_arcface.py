@@ -154,6 +154,11 @@ def test_arcface_recognizer_equals_insightface_on_the_tiny_pack(tmp_path):
 def test_model_dir_without_recognizer_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="w600k_r50"):
         ArcFaceRecognizer.from_model_dir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="nowhere' does not exist: pass the folder of the pack's .onnx files"):
+        ArcFaceRecognizer.from_model_dir(tmp_path / "nowhere")
+    (tmp_path / "w600k_r50.onnx").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="onnx' is a file, not a folder"):
+        ArcFaceRecognizer.from_model_dir(tmp_path / "w600k_r50.onnx")
 
 
 def test_template_matches_insightface_estimate_norm():

@@ -480,6 +480,11 @@ def test_an_adapter_and_a_kv_lora_swapped_name_the_right_flag(tmp_path: Path) ->
     empty.mkdir()
     with pytest.raises(LcmlaError, match="holds no .safetensors file"):
         read_kv_lora_metadata(empty)
+    with pytest.raises(LcmlaError, match="does not exist; pass the kv_encoder_lora.safetensors that `python -m "
+                                         "training train` wrote .*`python -m lcmla convert-lookahead`"):
+        read_kv_lora_metadata(tmp_path / "gone.safetensors")
+    with pytest.raises(MissingWeightsError, match="does not exist; check the path .*convert-lookahead"):
+        load_faceid_state_dict(tmp_path / "gone.bin")
 
 
 def test_an_adapter_for_another_unet_is_refused_with_its_shapes(paths: dict[str, Path], faceid_bin, tmp_path: Path) -> None:

@@ -91,6 +91,10 @@ class ArcFaceRecognizer(Recognizer):
         import onnx
 
         folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"the insightface model folder '{folder}' "
+                                    f"{'is a file, not a folder' if folder.exists() else 'does not exist'}: pass the "
+                                    "folder of the pack's .onnx files (buffalo_l: ~/.insightface/models/buffalo_l)")
         files = sorted(folder.glob("*.onnx"), key=lambda p: (p.name not in PREFERRED, p.name))
         for path in files:
             if path.name in PREFERRED:
