@@ -368,6 +368,10 @@ def main(argv=None) -> int:
     if not compile_modes or set(compile_modes) - set(COMPILE_MODES):
         ap.error(f"--compile takes modes from {', '.join(COMPILE_MODES)}")
 
+    if not cuda:  # said first: the run takes minutes before its first row
+        print(f"no CUDA GPU here: the {args.arch} architecture at {size}² on the CPU ({args.dtype}), "
+              f"{len(configs)} configurations × {args.rounds} rounds; pass --arch/--size/--rounds/--configs to "
+              "change that", flush=True)
     runs = {}
     for mode in compile_modes:
         runs[mode] = run_mode(args, mode, size, batches, configs)
