@@ -557,3 +557,57 @@ def test_dataloader_workers_read_the_same_batches_in_the_same_order():
     assert ahead == main
     # every batch a worker handed out is counted; the ones it read ahead and were never used are not
     assert skipped2 == skipped
+
+
+# ---- the batch, the trainable parts and the checkpoints' order, by hand -----------------------------
+
+
+def test_collate_gives_pixels_in_minus_one_to_one_the_face_crop_to_clip_and_the_chosen_framing():
+    """Targets and references reach the VAE in [-1, 1] (a flat colour by hand); CLIP reads each
+    sample's aligned face crop (not the photo); --reference-framing face frames on the face box."""
+    from lcmla.lookahead import frame_reference
+
+    seen = []
+
+    def clip_processor(images, return_tensors):
+        seen.extend(images)
+        return type("Out", (), {"pixel_values": torch.zeros(len(images), 3, 224, 224)})()
+
+    photo = Image.new("RGB", (200, 100), (255, 0, 51))
+    photo.paste((0, 255, 0), (80, 30, 120, 70))  # the "face"
+    crop = Image.new("RGB", (224, 224), (1, 2, 3))
+    sample = PairSample(photo, (80, 30, 120, 70), crop, np.ones(512, np.float32), Image.new("RGB", (90, 60), (255, 0, 51)),
+                        "a face")
+    photo_batch = Collate(32, clip_processor)([sample])
+    assert torch.allclose(photo_batch.target[0], torch.tensor([1.0, -1.0, -0.6]).reshape(3, 1, 1).expand(3, 32, 32))
+    assert len(seen) == 1 and seen[0].size == crop.size and np.array_equal(np.asarray(seen[0]), np.asarray(crop))
+    face_batch = Collate(32, clip_processor, framing="face")([sample])
+    expected = torch.from_numpy(np.asarray(frame_reference(photo, sample.reference_box, (32, 32), "face"), np.float32))
+    assert torch.allclose(face_batch.reference[0], expected.permute(2, 0, 1) / 127.5 - 1)
+    # the face framing spans twice the green face (a quarter of its area), the photo framing the whole photo
+    assert face_batch.reference[0, 1].mean() == pytest.approx(-0.5, abs=0.05) and photo_batch.reference[0, 1].mean() < -0.8
+
+
+def test_each_part_trains_its_own_tensors_at_its_own_learning_rate():
+    """--train ip-kv: every identity to_k_ip AND to_v_ip; the AdamW groups give proj/ip-kv the
+    adapter's rate and the LoRAs the LoRA rate (distinct rates, so a swap shows)."""
+    comps, trainables, objective, collate = _kit(parts=("proj", "ip-kv", "kv-lora"))
+    names = [n for n, _ in trainables.parts["ip-kv"]]
+    k, v = [n for n in names if ".to_k_ip." in n], [n for n in names if ".to_v_ip." in n]
+    assert k and len(k) == len(v) == len(names) // 2
+    groups = {g["name"]: g for g in trainables.groups(1e-5, 5e-6)}
+    assert groups["adapter"]["lr"] == 1e-5 and groups["lora"]["lr"] == 5e-6
+    ids = lambda ps: {id(p) for p in ps}  # noqa: E731
+    assert ids(groups["adapter"]["params"]) == ids(p for part in ("proj", "ip-kv") for _, p in trainables.parts[part])
+    assert ids(groups["lora"]["params"]) == ids(p for _, p in trainables.parts["kv-lora"])
+
+
+def test_checkpoints_are_ordered_by_step_number_and_latest_is_the_newest(tmp_path):
+    from training.checkpoints import list_checkpoints, resolve_resume
+
+    for step in (2, 500, 1000, 90):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / "checkpoint-3000.tmp").mkdir()  # a save that died: never a checkpoint
+    (tmp_path / "checkpoint-4000").write_text("a file, not a checkpoint")
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 90, 500, 1000]
+    assert resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-1000"
