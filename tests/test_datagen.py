@@ -111,6 +111,75 @@ def test_filter_reasons_by_construction(face_path):
     assert kept == [] and rej == {"too_few_plain": 2}
 
 
+def _face(embedding, bbox=(10.0, 10.0, 60.0, 60.0)):
+    from PIL import Image
+
+    from lcmla.faces import DetectedFace
+
+    return DetectedFace(bbox, np.zeros((5, 2), np.float32), 0.9, np.asarray(embedding, np.float32),
+                        Image.new("RGB", (224, 224)))
+
+
+def test_filter_judges_styles_by_tau_style_against_the_agreeing_photos_and_keeps_the_largest_face():
+    """Embeddings set by hand: three agreeing photos and a stranger photo; the centroid is the mean of
+    the three (the stranger left out), each stylized image is kept when cos with it ≥ τ_style (not
+    τ_plain), the recorded similarity is that cosine, and the first (largest) face of an image is
+    the one judged and recorded."""
+    import dataclasses
+
+    from training.datagen.generate import Candidate, GenConfig, filter_identity
+    from training.datagen.identities import Identity
+
+    rng = np.random.default_rng(1)
+    unit = lambda v: v / np.linalg.norm(v)  # noqa: E731
+    me, stranger = unit(rng.normal(size=512)), unit(rng.normal(size=512))
+    photos = [unit(me + 0.2 * unit(rng.normal(size=512))) for _ in range(3)]
+    centroid = unit(sum(photos))
+    r = rng.normal(size=512)
+    other = unit(r - (r @ centroid) * centroid)  # ⟂ centroid
+    style_in, style_out = unit(0.6 * centroid + 0.8 * other), unit(0.2 * centroid + 0.98 * other)  # cos 0.6, ≈ 0.2
+    plain, styl = select_templates(["comic"])
+    cfg = GenConfig(1, 6, tuple(plain), tuple(styl), tau_plain=0.7, tau_style=0.4)
+    faces = {"p0": [_face(photos[0], (0, 0, 90, 90)), _face(stranger)], "p1": [_face(photos[1])],
+             "p2": [_face(photos[2])], "ps": [_face(stranger)], "s_in": [_face(style_in, (5, 5, 80, 80))],
+             "s_out": [_face(style_out)], "s_small": [_face(style_in), _face(stranger)]}
+    cands = [Candidate(plain[i % len(plain)], i, i, "p", name) for i, name in enumerate(("p0", "p1", "p2", "ps"))]
+    cands += [Candidate(styl[0], i, 10 + i, "s", name) for i, name in enumerate(("s_in", "s_out", "s_small"))]
+    kept, rej = filter_identity(Identity(0, "someone", {}), cands, cfg, faces.__getitem__)
+    records = {k.image: k.record for k in kept}
+    assert set(records) == {"p0", "p1", "p2", "s_in", "s_small"} and rej == {"low_similarity": 2}
+    assert records["s_in"]["similarity"] == pytest.approx(0.6, abs=1e-5) and records["s_in"]["stylized"]
+    assert records["s_small"]["similarity"] == pytest.approx(0.6, abs=1e-5)  # the first face, not the stranger
+    assert records["p0"]["box"] == [0.0, 0.0, 90.0, 90.0] and records["s_in"]["box"] == [5.0, 5.0, 80.0, 80.0]
+    assert records["p0"]["similarity"] == pytest.approx(float(photos[0] @ unit(photos[1] + photos[2])), abs=1e-5)
+    # τ_style is what judges a style: at 0.65 the 0.6 images go too, while the photos stay
+    kept, rej = filter_identity(Identity(0, "someone", {}), cands, dataclasses.replace(cfg, tau_style=0.65),
+                                faces.__getitem__)
+    assert {k.image for k in kept} == {"p0", "p1", "p2"} and rej == {"low_similarity": 4}
+
+
+def test_the_manifest_lists_the_identities_that_kept_samples(tmp_path):
+    from PIL import Image
+
+    from training.datagen.generate import GenConfig, write_shards
+    from training.datagen.shards import Sample
+
+    plain, styl = select_templates(["comic"])
+    cfg = GenConfig(5, 2, tuple(plain), tuple(styl), identities_per_shard=5)
+
+    def make_identity(i):
+        if i in (1, 4):
+            return [], {"too_few_plain": 2}
+        record = {"key": f"id{i}", "identity": i, "stylized": i == 2}
+        return [Sample(f"id{i}", Image.new("RGB", (8, 8)), record, np.ones(512, np.float32), Image.new("RGB", (8, 8)))], {}
+
+    totals = write_shards(cfg, tmp_path, make_identity, log=lambda m: None)
+    (entry,) = read_manifest(tmp_path).values()
+    assert entry["identities"] == [0, 1, 2, 3, 4] and entry["kept_identities"] == [0, 2, 3]
+    assert (entry["samples"], entry["plain"], entry["stylized"]) == (3, 2, 1) and entry["rejected"]["too_few_plain"] == 4
+    assert totals["samples"] == 3 and totals["rejected"] == {"too_few_plain": 4}
+
+
 def test_agreeing_photos_leave_each_out_and_drop_strangers_first():
     """A photo is judged by the others only: two or three unrelated faces never agree (with itself
     in the mean each would score 1/√2 or 1/√3), and one stranger among a few photos is dropped
@@ -185,7 +254,8 @@ def test_a_rerun_with_other_settings_is_refused(reference_run, tmp_path):
     cfg, haar = datagen_fake.config(4, 2)
     totals = generate(cfg, out, datagen_fake.fake_render(), haar.detect, log=lambda m: None)
     assert totals["shards_reused"] == 2 and totals["shards_written"] == 0
-    for change, named in (({"tau_plain": 0.9}, "tau_plain: 0.5 then, 0.9 now"), ({"seed": 3}, "seed: 7 then, 3 now")):
+    for change, named in (({"tau_plain": 0.9}, "tau_plain: 0.5 then, 0.9 now"), ({"seed": 3}, "seed: 7 then, 3 now"),
+                          ({"tau_style": 0.4}, "tau_style: 0.3 then, 0.4 now")):
         with pytest.raises(ValueError, match="holds shards made with other settings") as exc:
             generate(dataclasses.replace(cfg, **change), out, datagen_fake.fake_render(), haar.detect, log=lambda m: None)
         assert named in str(exc.value) and "new --output-dir" in str(exc.value)
