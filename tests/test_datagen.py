@@ -344,6 +344,33 @@ def test_reader_pairs_and_corrupt_members(reference_run, tmp_path):
     for j in range(len(corrupt)):
         corrupt[j]
     assert corrupt.skipped["corrupt"] >= 1
+    # two folders of the same run hold the same identity numbers: a pair never crosses folders
+    both = PairDataset([out_ref, bad])
+    assert len(both) == len(pairs) + len(corrupt.pairs)
+    assert all(both.samples.samples[i].shard.parent == both.samples.samples[j].shard.parent for i, j in both.pairs)
+
+
+def test_a_shard_whose_bytes_changed_is_not_complete_and_is_made_again(reference_run, tmp_path):
+    import shutil
+
+    from training.datagen.shards import shard_is_complete
+
+    out_ref, _ = reference_run
+    out = tmp_path / "copy"
+    shutil.copytree(out_ref, out)
+    manifest = read_manifest(out)
+    assert all(shard_is_complete(out, name, manifest) for name in manifest)
+    shard = out / "shard-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert not shard_is_complete(out, "shard-000001.tar", manifest) and shard_is_complete(out, "shard-000000.tar", manifest)
+    cfg, haar = datagen_fake.config(4, 2)
+    from training.datagen.generate import generate
+
+    totals = generate(cfg, out, datagen_fake.fake_render(), haar.detect, log=lambda m: None)
+    assert (totals["shards_reused"], totals["shards_written"]) == (1, 1)
+    assert sha256_file(shard) == sha256_file(out_ref / "shard-000001.tar")
 
 
 def test_importer_reads_the_authors_format(tmp_path, face_path):
@@ -373,6 +400,11 @@ def test_importer_reads_the_authors_format(tmp_path, face_path):
     descr = {r["description"] for r in samples.records}
     assert descr <= {"Ada Lovelace", "Grace Hopper"}
     assert {r["compressed_prompt"] for r in samples.records} <= {"A photo of a face", "A pencil drawing of a face"}
+    assert all(r["stylized"] == ("drawing" in r["compressed_prompt"]) for r in samples.records)
+    from training.datagen.importer import candidates_of
+
+    paths = sorted((src / "Ada Lovelace").glob("*/*.jpg"))
+    assert [c.template.stylized for c in candidates_of("Ada Lovelace", paths)] == [p.parent.name == "stylized" for p in paths]
 
 
 def test_generate_lists_every_missing_model_file_and_honours_face_models(tmp_path, capsys):
