@@ -229,6 +229,31 @@ def _grads(trainables):
     return {n: (None if p.grad is None else p.grad.detach().clone()) for n, p in trainables.named()}
 
 
+def test_a_pass_with_no_lora_then_one_with_a_lora_runs_the_lora_again():
+    """The KV pass of a kit without FaceID LoRA can switch every adapter off (disable_lora); the
+    next pass that names a LoRA must switch them back on, at its own scale, or it runs the base
+    weights. Checked on one LCM-LoRA layer, called directly."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from training.passes import PassState
+
+    comps, trainables, objective, collate = _kit()
+    layer = next(m for m in comps.pipe.unet.modules() if isinstance(m, BaseTunerLayer) and list(m.lora_A) == ["lcm"])
+    x = torch.randn(1, layer.base_layer.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    switcher = objective.switcher
+    with torch.no_grad():
+        switcher.set(PassState.of({"lcm": 1.0}))
+        full = layer(x)
+        switcher.set(PassState.of({}))
+        base = layer(x)
+        switcher.set(PassState.of({"lcm": 1.0}))
+        again = layer(x)
+        switcher.set(PassState.of({"lcm": 0.5}))
+        half = layer(x)
+    assert not torch.allclose(full, base) and torch.allclose(again, full)
+    assert torch.allclose(half, base + 0.5 * (full - base), atol=1e-5)
+
+
 def test_gradients_with_checkpointing_equal_without(face_path, other_face):
     pairs = _pairs(face_path, other_face)
     results = []
