@@ -108,9 +108,11 @@ def test_grid_is_complete_resumes_and_reports(engine, face_path, tmp_path):
         r0 = rows[0]
         assert set(r0["metrics"]) >= {"id", "face_found", "clip_t"} and r0["settings"]["identity"]["ip_adapter_scale"] in (0.5, 0.8)
         assert r0["settings"]["guidance"]["dcg"] == (r0["method"] == "am2+dcg")
-        # a kill: the last two rows were never written, one of their images was
+        # a kill before the merge: the rank file ends in a torn row, the last row was never written,
+        # and one of the two images was
         lines = (tmp_path / "results.jsonl").read_text().splitlines()
-        (tmp_path / "results.jsonl").write_text("\n".join(lines[:-2]) + "\n" + lines[-2][:20])  # torn last line
+        (tmp_path / "results.jsonl").unlink()
+        (tmp_path / "results.rank-0.jsonl").write_text("\n".join(lines[:-2]) + "\n" + lines[-2][:20])
         (tmp_path / rows[-1]["image"]).unlink()
         calls.clear()
         again = ev.run(config)
@@ -333,6 +335,38 @@ def test_face_fail_count_in_the_summary():
              "seconds": 1.0, "metrics": {"id": {"x": v}, "clip_t": 20.0}} for s, v in enumerate([0.5, None, 0.7])]
     rec = next(r for r in summarize(rows) if r["prompt_set"] == "all")
     assert rec["ffc_x"] == 1 and rec["id_x"] == pytest.approx(0.6) and rec["n"] == 3
+
+
+def test_summary_confidence_intervals_by_hand():
+    """Half-width = t(0.975, n−1)·sd/√n: ids 0.2, 0.4, 0.6 (sd 0.2, t₂ = 4.3027) give 0.4969; per
+    prompt set and over all; clip_t the same way."""
+    rows = [{"method": "m", "scale": 0.5, "prompt_set": ps, "prompt": "p", "seed": i, "identity": "a", "seconds": 1.0,
+             "metrics": {"id": {"x": v}, "clip_t": 10.0 * v}}
+            for i, (ps, v) in enumerate([("s", 0.2), ("s", 0.4), ("s", 0.6), ("t", 0.9)])]
+    recs = {r["prompt_set"]: r for r in summarize(rows)}
+    assert recs["s"]["id_x"] == pytest.approx(0.4) and recs["s"]["id_x_ci"] == pytest.approx(4.302653 * 0.2 / 3 ** 0.5)
+    assert recs["s"]["clip_t_ci"] == pytest.approx(10 * 4.302653 * 0.2 / 3 ** 0.5)
+    sd_all = float(np.std([0.2, 0.4, 0.6, 0.9], ddof=1))
+    assert recs["all"]["id_x_ci"] == pytest.approx(3.182446 * sd_all / 2) and recs["t"]["n"] == 1
+    assert np.isnan(recs["t"]["id_x_ci"])  # one image: no interval
+
+
+def test_a_torn_rank_file_line_is_cut_and_a_merge_keeps_the_rows_of_other_grids(tmp_path):
+    from types import SimpleNamespace
+
+    from lcmla.evaluation.run import RESULTS, all_rows, drop_torn_tail, merge_results
+
+    rank = tmp_path / "results.rank-0.jsonl"
+    rank.write_text(json.dumps({"key": "b", "v": 2}) + "\n" + '{"key": "c", "v"')
+    drop_torn_tail(rank)
+    assert rank.read_text() == json.dumps({"key": "b", "v": 2}) + "\n"
+    (tmp_path / "results.rank-1.jsonl").write_text(json.dumps({"key": "a", "v": 1}) + "\n")
+    (tmp_path / RESULTS).write_text(json.dumps({"key": "old", "v": 0}) + "\n" + json.dumps({"key": "b", "v": -2}) + "\n")
+    rows = merge_results(tmp_path, [SimpleNamespace(key="a"), SimpleNamespace(key="b")])
+    assert [r["key"] for r in rows] == ["a", "b"] and rows[1]["v"] == -2  # results.jsonl's row comes first
+    lines = [json.loads(line)["key"] for line in (tmp_path / RESULTS).read_text().splitlines()]
+    assert lines == ["a", "b", "old"] and not list(tmp_path.glob("results.rank-*"))
+    assert set(all_rows(tmp_path)) == {"a", "b", "old"}
 
 
 def test_a_reference_without_a_face_is_not_a_face_failure(tmp_path):
