@@ -246,6 +246,24 @@ def test_insightface_finds_the_face_in_the_asset(tiny: FaceAnalyzer):
     assert np.array_equal(identity.embedding, face.embedding)
 
 
+def test_insightface_crop_is_rgb_aligned_on_its_keypoints(tiny: FaceAnalyzer):
+    """The CLIP branch reads the crop: it is the RGB photo warped on the detected keypoints (the
+    detector itself is fed BGR, insightface's order)."""
+    face = tiny.detect(FACE_PNG)[0]
+    rgb = np.asarray(load_image(FACE_PNG))
+    assert np.array_equal(np.asarray(face.crop), align_face(rgb, face.kps, CROP_SIZE))
+
+
+def test_the_smaller_side_of_a_face_decides_too_small():
+    from lcmla.faces import choose_face
+
+    wide = DetectedFace((0.0, 0.0, 300.0, 50.0), np.zeros((5, 2), np.float32), 0.9, np.ones(512, np.float32),
+                        Image.new("RGB", (224, 224)))
+    with pytest.raises(NoFaceError, match=r"too small \(300x50 px, at least 64 px needed\)"):
+        choose_face([wide], "wide.png", None, 64)
+    assert choose_face([wide], "wide.png", None, 50) is wide
+
+
 def test_insightface_embedding_is_deterministic_and_image_dependent(tiny: FaceAnalyzer, images: dict[str, Path]):
     first = tiny.identity([FACE_PNG]).embedding
     again = tiny.identity([FACE_PNG.read_bytes()]).embedding
