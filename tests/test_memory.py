@@ -48,6 +48,36 @@ def test_out_of_memory_recognised():
     assert is_out_of_memory(RuntimeError("CUDA error: out of memory"))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
     assert not is_out_of_memory(ValueError("out of memory"))  # not the allocator's
+    assert is_out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))  # cuDNN's workspace
+    assert is_out_of_memory(RuntimeError("MPS backend Out Of Memory (MPS allocated: 9 GB)"))
+
+
+def test_free_memory_is_read_from_the_device_and_unknown_when_it_cannot_be(monkeypatch):
+    from lcmla.memory import free_device_memory
+
+    asked = []
+
+    def mem_get_info(device):
+        asked.append(device)
+        return 5 * GIB, 80 * GIB
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    assert free_device_memory("cuda:1") == 5 * GIB and asked == [torch.device("cuda:1")]
+    assert free_device_memory("cpu") is None and len(asked) == 1
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (_ for _ in ()).throw(RuntimeError("no CUDA")))
+    assert free_device_memory("cuda") is None
+
+
+def test_released_memory_empties_the_cuda_cache_only_on_cuda(monkeypatch):
+    from lcmla.memory import release_cached_memory
+
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
+    release_cached_memory("cpu")
+    assert emptied == []
+    release_cached_memory("cuda:0")
+    assert emptied == [1]
 
 
 @pytest.fixture(scope="module")
@@ -141,15 +171,21 @@ def _raise_once(module, error):
     return module.register_forward_pre_hook(hook, with_kwargs=True), calls
 
 
-def test_out_of_memory_is_a_user_error_and_the_next_request_runs(engine, face_path):
+def test_out_of_memory_is_a_user_error_and_the_next_request_runs(engine, face_path, monkeypatch):
     settings = make_settings(**SMALL)
     before = engine.generate(settings, face_path).images[0]
     handle, calls = _raise_once(engine.pipe.unet, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"))
+    import lcmla.engine
+
+    released = []
+    real_release = lcmla.engine.release_cached_memory
+    monkeypatch.setattr(lcmla.engine, "release_cached_memory", lambda device: released.append(device) or real_release(device))
     try:
         with pytest.raises(OutOfMemoryError) as info:
             engine.generate(settings, face_path)
     finally:
         handle.remove()
+    assert released == ["cpu"]  # the cache is emptied once the request's tensors are gone
     message = str(info.value)
     assert calls["n"] == 2
     assert "1 image(s) at 64×64" in message and "smaller size" in message
