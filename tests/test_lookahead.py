@@ -416,6 +416,60 @@ def test_version_1_kv_encoder_lora_reads_as_the_encoder_design(engine, face_path
     assert not np.array_equal(_px(e1.generate(kv, [face_path]).images[0]), _px(engine.generate(kv, [face_path]).images[0]))
 
 
+def test_the_kv_copy_design_leaves_the_last_transformer_block_out_of_the_encoder_lora():
+    """In the kv-copy design the last transformer block of the up path computes nothing a recorded
+    K/V reads, so its q/k/v/out are not trained (as the authors do); the encoder design trains all."""
+    from diffusers import UNet2DConditionModel
+
+    from lcmla.kv_lora import encoder_lora_targets, last_transformer_block
+    from lcmla.tiny import TINY_UNET
+
+    unet = UNet2DConditionModel(**TINY_UNET)
+    blocks = [n[: -len(".attn1.processor")] for n in unet.attn_processors if n.endswith(".attn1.processor")]
+    last = last_transformer_block(unet)
+    numbers = lambda b: tuple(int(x) for x in b.split(".") if x.isdigit())  # noqa: E731
+    assert last == max((b for b in blocks if b.startswith("up_blocks.")), key=numbers) == "up_blocks.1.attentions.2.transformer_blocks.0"
+    every, kv_copy = encoder_lora_targets(unet, "encoder"), encoder_lora_targets(unet, "kv-copy")
+    projections = ("to_q", "to_k", "to_v", "to_out.0")
+    assert sorted(every) == sorted(f"{b}.{a}.{p}" for b in blocks for a in ("attn1", "attn2") for p in projections)
+    assert sorted(set(every) - set(kv_copy)) == sorted(f"{last}.{a}.{p}" for a in ("attn1", "attn2") for p in projections)
+    assert set(kv_copy) < set(every)
+
+
+def test_a_kv_lora_of_another_version_or_with_copies_for_missing_layers_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lcmla.attention.processors import install_processors
+    from lcmla.errors import LcmlaError
+    from lcmla.kv_lora import FORMAT, add_kv_encoder_lora, load_kv_encoder_lora, read_kv_lora_metadata, save_kv_encoder_lora
+    from lcmla.loading import load_components
+    from lcmla.presets import PRESETS
+    from lcmla.tiny import tiny_paths
+
+    future = tmp_path / "future.safetensors"
+    save_file({"unet.x.lora_A.weight": torch.zeros(4, 8)}, str(future), metadata={"format": FORMAT, "version": "3"})
+    with pytest.raises(LcmlaError, match=r"has KV-encoder LoRA version '3'; this lcmla reads 1, 2"):
+        read_kv_lora_metadata(future)
+    unet = load_components(PRESETS["tiny"], tiny_paths()).pipe.unet
+    install_processors(unet)
+    add_kv_encoder_lora(unet, rank=4, design="kv-copy")
+    path = save_kv_encoder_lora(unet, tmp_path / "kv.safetensors", training={"steps": 1})
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    state = load_file(str(path))
+    some = next(k for k in state if k.startswith("kv_copy.") and ".attn1.to_k." in k)
+    layer = some[len("kv_copy."):].split(".attn1.")[0]
+    state[some.replace(layer, "up_blocks.9.attentions.0.transformer_blocks.0")] = state[some].clone()
+    bad = tmp_path / "bad.safetensors"
+    save_file(state, str(bad), metadata=meta)
+    pipe = load_components(PRESETS["tiny"], tiny_paths()).pipe
+    install_processors(pipe.unet)
+    with pytest.raises(LcmlaError, match=r"has KV-copy weights for layers this UNet lacks, e\.g\. up_blocks\.9\."):
+        load_kv_encoder_lora(pipe, bad)
+
+
 def test_kv_copy_design_equals_the_encoders_own_kv_until_trained(engine, face_path):
     """The authors' KV copy starts as a copy of attn1's to_k/to_v: with zero LoRA updates it records
     exactly the layer's own K/V; a trained copy LoRA changes only the recorded reference."""
