@@ -316,6 +316,28 @@ def test_two_named_configurations_or_an_empty_out_are_refused(tmp_path, capsys):
     assert "--out is empty: pass a folder" in capsys.readouterr().err
 
 
+def test_png_text_chunks_name_the_preset_version_seed_and_random_weights(tmp_path):
+    """What other tools show: the summary names the prompt, seed, size and scales, and a
+    random-weights image says so; lcmla:preset and lcmla:version are their own chunks."""
+    from PIL import Image
+
+    from lcmla import GenerationSettings, __version__
+    from lcmla.pngmeta import read_png_text, save_png, settings_from_png
+
+    made = GenerationSettings(prompt="a comic of a face", negative_prompt="blurry").replace_dotted(
+        {"output.seed": 123, "output.width": 64, "output.height": 96, "identity.ip_adapter_scale": 0.7})
+    save_png(Image.new("RGB", (8, 8)), tmp_path / "real.png", made)
+    save_png(Image.new("RGB", (8, 8)), tmp_path / "tiny.png", made, random_weights=True)
+    real, tiny = read_png_text(tmp_path / "real.png"), read_png_text(tmp_path / "tiny.png")
+    assert real["lcmla:preset"] == made.preset and real["lcmla:version"] == __version__
+    lines = real["parameters"].splitlines()
+    assert lines[:2] == ["a comic of a face", "Negative prompt: blurry"]
+    assert "Seed: 123," in lines[2] and "Size: 64x96" in lines[2] and "IP-Adapter scale: 0.7" in lines[2]
+    assert "random weights" not in real["parameters"]
+    assert tiny["parameters"] == real["parameters"] + "\n(made by the tiny preset: random weights, not a real model)"
+    assert settings_from_png(tmp_path / "tiny.png") == made
+
+
 def test_settings_from_the_json_that_show_prints(tmp_path, capsys):
     from lcmla import GenerationSettings
     from lcmla.pngmeta import save_png
