@@ -221,6 +221,18 @@ def test_face_style_and_clip_t_by_hand(engine, face_path):
     assert abs(style - 100 * float(image_embedding(photo) @ text_embedding("a watercolor painting"))) > 0.1
     assert "face_style" not in Evaluation({}, [haar], clip).score(
         Cell("baseline", "me", "realistic", "a photo of a face", 0, 0.8), photo, {("haar", "me"): None})
+    # the face box is the first recognizer's that found one: a later one that finds none, or finds
+    # another box, changes nothing
+    class Blind:
+        name, is_recognizer = "blind", False
+
+        def face(self, image):
+            return None
+
+    refs = {("haar", "me"): reference_embedding(haar, [photo]), ("blind", "me"): None, ("stub", "me"): None}
+    for scorers in ([haar, Blind()], [Blind(), haar], [haar, AlwaysAFace()]):
+        again = Evaluation({}, scorers, clip).score(cell, photo, refs)
+        assert again["face_style"] == pytest.approx(style, abs=0.01), [s.name for s in scorers]
 
 
 def _aesthetic_state(input_size: int, seed: int = 0) -> dict:
