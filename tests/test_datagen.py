@@ -405,6 +405,12 @@ def test_importer_reads_the_authors_format(tmp_path, face_path):
 
     paths = sorted((src / "Ada Lovelace").glob("*/*.jpg"))
     assert [c.template.stylized for c in candidates_of("Ada Lovelace", paths)] == [p.parent.name == "stylized" for p in paths]
+    # the command line gives the same shards (its filter flags at these thresholds)
+    from training.datagen.cli import main
+
+    assert main(["import-authors", str(src), "--output-dir", str(tmp_path / "cli"), "--face-models", "haar",
+                 "--tau-plain", "0.5", "--tau-style", "0.3"]) == 0
+    assert sorted(r["key"] for r in ShardSamples([tmp_path / "cli"]).records) == sorted(r["key"] for r in samples.records)
 
 
 def test_generate_lists_every_missing_model_file_and_honours_face_models(tmp_path, capsys):

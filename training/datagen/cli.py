@@ -202,13 +202,13 @@ def _import(args) -> int:
     from .importer import import_authors, read_authors_folder
 
     check_output_dir(args.output_dir, "--output-dir")
-    read_authors_folder(args.source)  # the source's problems before the face models' (it is read again, cheaply)
+    groups = read_authors_folder(args.source)  # the source's problems before the face models'
     analyzer = _analyzer(args.face_models)
     rank, world, _ = _state()
     totals = import_authors(args.source, args.output_dir, lambda image: analyzer.detect(image),
                             {"identities_per_shard": args.identities_per_shard, "tau_plain": args.tau_plain,
                              "tau_style": args.tau_style, "backend": analyzer.backend,
-                             "is_recognizer": analyzer.is_recognizer}, rank, world)
+                             "is_recognizer": analyzer.is_recognizer}, rank, world, groups=groups)
     print(json.dumps({"process": rank, **totals}))
     return 0
 

@@ -84,9 +84,11 @@ def candidates_of(name: str, paths: list[Path]) -> list[Candidate]:
 
 
 def import_authors(root: str | Path, out: str | Path, analyze: Callable, cfg_kwargs: dict[str, Any],
-                   rank: int = 0, world: int = 1, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Write shards of the authors' folder ``root`` into ``out`` (identities in name order)."""
-    groups = read_authors_folder(root)
+                   rank: int = 0, world: int = 1, log: Callable[[str], None] = print,
+                   groups: dict[str, list[Path]] | None = None) -> dict[str, Any]:
+    """Write shards of the authors' folder ``root`` into ``out`` (identities in name order);
+    ``groups``: what :func:`read_authors_folder` gave for ``root``, when already read."""
+    groups = read_authors_folder(root) if groups is None else groups
     names = sorted(groups)
     cfg = GenConfig(identities=len(names), images_per_identity=0, plain=(), stylized=(), names=tuple(names),
                     settings={"imported_from": str(root), **cfg_kwargs.pop("settings", {})}, **cfg_kwargs)
