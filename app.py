@@ -27,6 +27,17 @@ from lcmla.knobs import (  # noqa: F401 - the knob table, as the app sees it
     settings_to_ui,
 )
 from lcmla.methods import METHOD_LABELS  # noqa: F401
+
+if __name__ == "__main__":  # before gradio is imported: it reads $GRADIO_SERVER_PORT with int()
+    import os
+    import sys
+
+    from lcmla.argtypes import server_port_env_problem
+
+    if server_port_env_problem(os.environ):
+        print(f"error: {server_port_env_problem(os.environ)}", file=sys.stderr)
+        raise SystemExit(2)
+
 from lcmla.ui.cli import launch, load_engine, load_trained, main, parse_args  # noqa: F401
 from lcmla.ui.common import (  # noqa: F401
     APP_PRESETS,

@@ -76,3 +76,14 @@ class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or action.required or "default" in text or action.default is argparse.SUPPRESS:
             return text
         return super()._get_help_string(action)
+
+
+def server_port_env_problem(environ) -> str | None:
+    """What is wrong with ``$GRADIO_SERVER_PORT`` (None when unset or a port number). gradio reads it
+    with ``int()`` when it is imported, so a bad value was a ValueError traceback from inside
+    gradio before the app could say anything; the app checks it first."""
+    value = environ.get("GRADIO_SERVER_PORT")
+    if value is None or value.strip().isdigit() and 1 <= int(value) <= 65535:
+        return None
+    return (f"GRADIO_SERVER_PORT={value!r} is not a port number (1 to 65535): set it to one, or unset it "
+            "and pass --port")

@@ -114,6 +114,21 @@ def test_a_taken_port_is_one_line_before_the_model_loads(monkeypatch, capsys):
     assert out.startswith(f"error: cannot listen on 127.0.0.1:{port} (") and f"--port {port + 1}" in out, out
     assert cli.port_problem("127.0.0.1", port) is None  # released: free again
 
+
+def test_a_bad_gradio_server_port_is_one_line_before_gradio_is_imported():
+    """gradio reads $GRADIO_SERVER_PORT with int() on import: 'abc' was its ValueError traceback."""
+    from lcmla.argtypes import server_port_env_problem
+
+    assert server_port_env_problem({}) is None and server_port_env_problem({"GRADIO_SERVER_PORT": "7861"}) is None
+    for bad in ("abc", "", "0", "70000", "-5"):
+        assert "is not a port number (1 to 65535)" in server_port_env_problem({"GRADIO_SERVER_PORT": bad}), bad
+    run = subprocess.run([sys.executable, str(ROOT / "app.py"), "--help"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "GRADIO_SERVER_PORT": "abc"})
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip() == ("error: GRADIO_SERVER_PORT='abc' is not a port number (1 to 65535): set it to one, "
+                                  "or unset it and pass --port")
+
+
 def test_spaces_gpu_decorator_only_when_spaces_is_importable(monkeypatch):
     import types
 
