@@ -613,6 +613,77 @@ def test_collate_gives_pixels_in_minus_one_to_one_the_face_crop_to_clip_and_the_
     assert face_batch.reference[0, 1].mean() == pytest.approx(-0.5, abs=0.05) and photo_batch.reference[0, 1].mean() < -0.8
 
 
+def test_lora_scale_sampler_honours_p_full():
+    g = torch.Generator().manual_seed(0)
+    draws = np.array([sample_lora_scale(g, p_full=0.9) for _ in range(2000)])
+    assert abs((draws == 1.0).mean() - 0.9) < 4 * math.sqrt(0.09 / 2000)
+    assert all(sample_lora_scale(g, p_full=1.0) == 1.0 for _ in range(50))
+    assert not any(sample_lora_scale(g, p_full=0.0) == 1.0 for _ in range(50))
+
+
+def test_train_parts_expand_aliases_once_in_order():
+    from training.model import parse_parts
+
+    assert parse_parts("adapter,proj, kv-lora,adapter") == ("proj", "ip-kv", "kv-lora")
+    assert parse_parts("kv-lora,faceid-lora") == ("kv-lora", "faceid-lora")
+    with pytest.raises(ValueError, match="unknown trainable part 'lora'; choose from adapter, proj"):
+        parse_parts("adapter,lora")
+    with pytest.raises(ValueError, match="--train names nothing to train"):
+        parse_parts(" , ")
+
+
+def test_setup_freezes_everything_else_trains_every_kv_lora_tensor_in_float32():
+    """Whatever the pipeline arrived with (here: all of it trainable, the UNet in bfloat16), only
+    the chosen parts train afterwards, in float32; kv-lora holds the encoder LoRA's A and B of
+    every module it targets, and the KV copies."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from lcmla.attention.kv_copy import kv_copies
+    from lcmla.attention.processors import install_processors
+    from lcmla.kv_lora import ADAPTER_NAME, encoder_lora_targets
+    from lcmla.loading import load_components
+    from lcmla.presets import PRESETS
+    from lcmla.tiny import tiny_paths
+    from training.model import setup_trainables
+
+    pipe = load_components(PRESETS["tiny"], tiny_paths()).pipe
+    install_processors(pipe.unet)
+    pipe.unet.to(torch.bfloat16)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        module.requires_grad_(True)
+    trainables = setup_trainables(pipe, ("proj", "kv-lora"))
+    chosen = {id(p) for p in trainables.params()}
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        assert all(p.requires_grad == (id(p) in chosen) for p in module.parameters())
+    assert all(p.dtype == torch.float32 for p in trainables.params())
+    lora = {n for n, _ in trainables.parts["kv-lora"]}
+    targets = encoder_lora_targets(pipe.unet, "kv-copy")
+    for name in targets:
+        layer = pipe.unet.get_submodule(name)
+        assert isinstance(layer, BaseTunerLayer)
+        for ab in ("lora_A", "lora_B"):
+            assert f"{name}.{ab}.{ADAPTER_NAME}.weight" in lora, (name, ab)
+    copies = [n for n in lora if ".kv_copy." in n]
+    assert len(lora) == 2 * len(targets) + len(copies) and len(copies) == 4 * len(kv_copies(pipe.unet))
+
+
+def test_training_the_faceid_lora_alone_exports_it_beside_its_adapter(tmp_path):
+    """The engine finds a FaceID LoRA as the ``_lora`` sibling of its adapter file: --train
+    faceid-lora alone still writes the adapter (unchanged), or the LoRA would have nothing to
+    sit beside."""
+    from safetensors.torch import load_file
+
+    from training.model import ADAPTER_FILE, FACEID_LORA_FILE, adapter_state_dict, export_weights
+
+    comps, trainables, objective, collate = _kit(parts=("faceid-lora",))
+    out = export_weights(comps.pipe, ("faceid-lora",), tmp_path)
+    assert out == {"adapter": tmp_path / ADAPTER_FILE, "faceid_lora": tmp_path / FACEID_LORA_FILE}
+    saved, now = load_file(str(out["adapter"])), adapter_state_dict(comps.pipe.unet)
+    assert saved.keys() == now.keys() and all(torch.equal(saved[k], now[k]) for k in now)
+    assert sorted(load_file(str(out["faceid_lora"]))) == sorted(f"unet.{n.replace('.faceid', '')}"
+                                                                for n, _ in trainables.parts["faceid-lora"])
+
+
 def test_each_part_trains_its_own_tensors_at_its_own_learning_rate():
     """--train ip-kv: every identity to_k_ip AND to_v_ip; the AdamW groups give proj/ip-kv the
     adapter's rate and the LoRAs the LoRA rate (distinct rates, so a swap shows)."""
