@@ -698,6 +698,41 @@ def test_each_part_trains_its_own_tensors_at_its_own_learning_rate():
     assert ids(groups["lora"]["params"]) == ids(p for _, p in trainables.parts["kv-lora"])
 
 
+def test_resume_refuses_a_folder_that_is_not_a_checkpoint_and_another_train_and_reads_the_checkpoints_own_args(tmp_path):
+    import json
+
+    from training.checkpoints import checkpoint_args, resolve_resume, resume_differences
+
+    half = tmp_path / "checkpoint-4"
+    half.mkdir()
+    with pytest.raises(ValueError, match="is not a complete checkpoint folder"):
+        resolve_resume(tmp_path, str(half))
+    (half / "trainable.safetensors").write_bytes(b"")
+    assert resolve_resume(tmp_path, "checkpoint-4") == half
+    refused, changed = resume_differences({"parts": ["proj", "ip-kv"], "seed": 1}, {"parts": ["proj"], "seed": 2})
+    assert refused == ['parts was ["proj", "ip-kv"], now ["proj"]'] and changed == ["seed was 1, now 2"]
+    # the checkpoint's own copy wins over the run folder's (which a later resumed run rewrote)
+    (tmp_path / "training_args.json").write_text(json.dumps({"seed": 9}))
+    (half / "training_args.json").write_text(json.dumps({"seed": 1}))
+    assert checkpoint_args(half) == {"seed": 1}
+    (half / "training_args.json").unlink()
+    assert checkpoint_args(half) == {"seed": 9}
+
+
+def test_drop_masks_come_from_the_runs_generator_not_the_global_one():
+    torch.manual_seed(1)
+    a = drop_mask(64, 0.5, torch.Generator().manual_seed(5))
+    torch.manual_seed(2)
+    assert torch.equal(a, drop_mask(64, 0.5, torch.Generator().manual_seed(5)))
+
+
+def test_reference_embeddings_carry_no_graph():
+    loss_fn = IdentityLoss(TinyRecognizer(), fixed_landmarks(_canonical_landmarks()))
+    images = torch.rand(2, 3, 64, 64, requires_grad=True) * 2 - 1
+    embedding, found = loss_fn.reference(images)
+    assert not embedding.requires_grad and embedding.grad_fn is None
+
+
 def test_checkpoints_are_ordered_by_step_number_and_latest_is_the_newest(tmp_path):
     from training.checkpoints import list_checkpoints, resolve_resume
 

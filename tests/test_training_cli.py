@@ -165,6 +165,28 @@ def test_nan_losses_skip_steps_then_stop_with_a_clear_message(shards, tmp_path, 
     assert len(lines) == 2 and all('"loss": NaN' in line for line in lines)
 
 
+def test_scattered_nan_losses_do_not_add_up_and_the_last_step_is_saved(shards, tmp_path, monkeypatch):
+    """--max-nan-steps counts losses that are not finite IN A ROW: a run with every other loss NaN
+    finishes; and the last step is checkpointed even when --max-train-steps (5) is not a multiple
+    of --checkpointing-steps (2), so "latest" is the end of the run."""
+    import training.objective as objective
+    from training.checkpoints import list_checkpoints
+    from training.train import main, parse_args
+
+    calls = []
+
+    def every_other_nan(self, batch, generator):
+        calls.append(1)
+        value = float("nan") if len(calls) % 2 else 1.0
+        return torch.tensor(value, requires_grad=True), {"loss": value}
+
+    monkeypatch.setattr(objective.Objective, "__call__", every_other_nan)
+    args = parse_args(_args(shards, tmp_path / "run", steps=5, extra=("--lookahead-weight", "0", "--max-nan-steps", "2"))[1:])
+    main(args)
+    assert len(calls) == 5
+    assert [step for step, _ in list_checkpoints(tmp_path / "run")][-1] == 5
+
+
 def test_cli_user_errors(shards, tmp_path):
     r = _run(["train", "--preset", "tiny", "--data", str(tmp_path / "nothing"), "--output-dir", str(tmp_path / "o"),
               "--max-train-steps", "1", "--lookahead-weight", "0"])
@@ -182,6 +204,8 @@ def test_cli_user_errors(shards, tmp_path):
     assert r.returncode == 2 and "--adapter " + str(tmp_path / "gone.safetensors") + " does not exist" in r.stderr, r.stderr[-2000:]
     r = _run(_args(shards, tmp_path / "o", extra=("--train", "adapter,wings")))
     assert r.returncode == 2 and "unknown trainable part 'wings'" in r.stderr
+    r = _run(_args(shards, tmp_path / "o", extra=("--no-kv",)))  # the default --train holds kv-lora
+    assert r.returncode == 2 and "--no-kv trains no KV encoder: drop kv-lora from --train" in r.stderr, r.stderr[-2000:]
     r = _run(_args(shards, tmp_path / "o", extra=("--validation-steps", "2", "--resolution", "2056")))
     assert r.returncode == 2 and "--resolution: must be a whole number, a multiple of 8, in [64, 2048] (got 2056)" in r.stderr
     assert not (tmp_path / "o").exists()  # refused before any work
