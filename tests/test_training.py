@@ -719,6 +719,75 @@ def test_resume_refuses_a_folder_that_is_not_a_checkpoint_and_another_train_and_
     assert checkpoint_args(half) == {"seed": 9}
 
 
+class _StubIdLoss:
+    """Embeds an image as its first pixels in [-1, 1]; finds a face unless the image is black."""
+
+    def reference(self, x):
+        return x.flatten(1)[:, :48], x.flatten(1).mean(1) > -0.99
+
+
+def _validator(identities, prompts, seeds):
+    from types import SimpleNamespace
+
+    from training.validate import Validator
+
+    def generate(settings, identity):
+        colour = (40 + 150 * prompts.index(settings.prompt), 200 * [n for n, i in identities].index(identity.name), 90)
+        return SimpleNamespace(images=[Image.new("RGB", (32, 32), colour)], settings=settings)
+
+    engine = SimpleNamespace(device="cpu", preset=SimpleNamespace(name="tiny"), generate=generate)
+    return Validator(engine, identities, prompts, seeds, _StubIdLoss())
+
+
+def test_validation_scores_the_image_against_the_reference_and_says_no_face_when_either_has_none():
+    from types import SimpleNamespace
+
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    other = Image.fromarray(np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    black = Image.new("RGB", (16, 16))
+    v = _validator([], [], [])
+    pixels = lambda im: torch.from_numpy(np.asarray(im, np.float32)).permute(2, 0, 1).flatten()[:48] / 127.5 - 1  # noqa: E731
+    by_hand = float(torch.nn.functional.cosine_similarity(pixels(photo), pixels(other), dim=0))
+    assert v._score(SimpleNamespace(images=[photo]), other) == pytest.approx(by_hand, abs=1e-6)
+    assert abs(by_hand) < 0.9  # not the reference against itself
+    assert v._score(SimpleNamespace(images=[photo]), black) is None
+    assert v._score(SimpleNamespace(images=[black]), photo) is None
+
+
+def test_the_validation_grid_has_a_row_per_face_and_a_column_per_prompt_and_seed(tmp_path, monkeypatch):
+    """Each cell of the saved grid shows its own image: two faces × two prompts, each image a flat
+    colour, sampled at the centre of its axes."""
+    from types import SimpleNamespace
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    faces = [(n, SimpleNamespace(name=n, images=[Image.new("RGB", (8, 8), (200, 200, 200))])) for n in ("ada", "bo")]
+    prompts = ["a drawing of a face", "a painting of a face"]
+    v = _validator(faces, prompts, [0])
+    boxes = []
+    real_subplots = plt.subplots
+
+    def subplots(*a, **k):
+        fig, axes = real_subplots(*a, **k)
+        boxes.append((fig, axes))
+        return fig, axes
+
+    monkeypatch.setattr(plt, "subplots", subplots)
+    path = v.run(3, tmp_path)
+    fig, axes = boxes[0]
+    grid = np.asarray(Image.open(path).convert("RGB"))
+    height = grid.shape[0]
+    for r, (name, _) in enumerate(faces):
+        for c, prompt in enumerate(prompts):
+            box = axes[r][c].get_position()  # figure fractions, as saved
+            x, y = int((box.x0 + box.x1) / 2 * grid.shape[1]), int(height - (box.y0 + box.y1) / 2 * height)
+            assert tuple(grid[y, x]) == (40 + 150 * c, 200 * r, 90), (name, prompt)
+    assert [s["face"] for s in v.history[0]["scores"]] == ["ada", "ada", "bo", "bo"]
+
+
 def test_drop_masks_come_from_the_runs_generator_not_the_global_one():
     torch.manual_seed(1)
     a = drop_mask(64, 0.5, torch.Generator().manual_seed(5))
