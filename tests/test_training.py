@@ -788,6 +788,22 @@ def test_the_validation_grid_has_a_row_per_face_and_a_column_per_prompt_and_seed
     assert [s["face"] for s in v.history[0]["scores"]] == ["ada", "ada", "bo", "bo"]
 
 
+def test_gradients_are_averaged_over_the_processes():
+    """Two processes with the same gradients average to those gradients (a sum would double them);
+    a parameter without a gradient takes part as zeros."""
+    from types import SimpleNamespace
+
+    from training.train import average_gradients
+
+    def reduce(flat, reduction):  # two processes, this one's gradients and the other's doubled
+        return {"mean": (flat + 2 * flat) / 2, "sum": flat + 2 * flat}[reduction]
+
+    a, b = torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.ones(4))
+    a.grad = torch.arange(6.0).reshape(2, 3)
+    average_gradients(SimpleNamespace(num_processes=2, reduce=reduce), [a, b])
+    assert torch.equal(a.grad, 1.5 * torch.arange(6.0).reshape(2, 3)) and torch.equal(b.grad, torch.zeros(4))
+
+
 def test_drop_masks_come_from_the_runs_generator_not_the_global_one():
     torch.manual_seed(1)
     a = drop_mask(64, 0.5, torch.Generator().manual_seed(5))

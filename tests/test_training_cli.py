@@ -187,6 +187,30 @@ def test_scattered_nan_losses_do_not_add_up_and_the_last_step_is_saved(shards, t
     assert [step for step, _ in list_checkpoints(tmp_path / "run")][-1] == 5
 
 
+def test_gradient_accumulation_runs_n_micro_batches_per_step_logs_their_mean_and_clips_once(shards, tmp_path, monkeypatch):
+    import accelerate
+
+    import training.objective as objective
+    from training.train import main, parse_args
+
+    losses = iter([1.0, 3.0, 5.0, 9.0])
+    calls, clipped = [], []
+
+    def loss_of(self, batch, generator):
+        value = next(losses)
+        calls.append(value)
+        return torch.tensor(value, requires_grad=True), {"loss": value}
+
+    monkeypatch.setattr(objective.Objective, "__call__", loss_of)
+    monkeypatch.setattr(accelerate.Accelerator, "clip_grad_norm_", lambda self, params, max_norm: clipped.append(max_norm))
+    args = parse_args(_args(shards, tmp_path / "acc", steps=2, extra=("--lookahead-weight", "0", "--gradient-accumulation-steps",
+                                                                      "2", "--max-grad-norm", "0.25"))[1:])
+    main(args)
+    assert calls == [1.0, 3.0, 5.0, 9.0] and clipped == [0.25, 0.25]
+    logged = [json.loads(line) for line in (tmp_path / "acc" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["loss"]) for m in logged] == [(1, 2.0), (2, 7.0)]
+
+
 def test_cli_user_errors(shards, tmp_path):
     r = _run(["train", "--preset", "tiny", "--data", str(tmp_path / "nothing"), "--output-dir", str(tmp_path / "o"),
               "--max-train-steps", "1", "--lookahead-weight", "0"])
