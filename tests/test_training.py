@@ -804,6 +804,45 @@ def test_gradients_are_averaged_over_the_processes():
     assert torch.equal(a.grad, 1.5 * torch.arange(6.0).reshape(2, 3)) and torch.equal(b.grad, torch.zeros(4))
 
 
+def test_a_checkpoint_without_some_trained_tensor_is_refused_by_name(tmp_path):
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from training.checkpoints import load_checkpoint
+
+    save_file({"proj.w": torch.ones(2)}, str(tmp_path / "trainable.safetensors"))
+    params = [("proj.w", torch.nn.Parameter(torch.zeros(2))), ("kv.a", torch.nn.Parameter(torch.zeros(2))),
+              ("kv.b", torch.nn.Parameter(torch.zeros(2)))]
+    accelerator = SimpleNamespace(load_state=lambda folder: None, process_index=0)
+    with pytest.raises(ValueError, match=r"does not hold kv\.a \(and 1 more\): it was written for other --train parts"):
+        load_checkpoint(accelerator, tmp_path, torch.Generator(), params)
+
+
+def test_setup_continues_a_loaded_kv_lora_and_refuses_a_faceid_lora_that_is_not_there():
+    from lcmla.attention.processors import install_processors
+    from lcmla.kv_lora import ADAPTER_NAME, add_kv_encoder_lora
+    from lcmla.loading import load_components
+    from lcmla.presets import PRESETS
+    from lcmla.tiny import tiny_paths
+    from training.model import setup_trainables
+
+    pipe = load_components(PRESETS["tiny"], tiny_paths()).pipe
+    install_processors(pipe.unet)
+    add_kv_encoder_lora(pipe.unet, rank=4, design="kv-copy")  # as --kv-lora FILE loads it
+    with torch.no_grad():
+        for n, p in pipe.unet.named_parameters():
+            if f"lora_B.{ADAPTER_NAME}." in n:
+                p.fill_(0.125)
+    trainables = setup_trainables(pipe, ("kv-lora",))
+    b = [p for n, p in trainables.parts["kv-lora"] if f"lora_B.{ADAPTER_NAME}." in n]
+    assert b and all(torch.all(p == 0.125) for p in b)  # the loaded LoRA trains on, not a fresh one
+    if "faceid" in pipe.unet.peft_config:
+        pipe.delete_adapters("faceid")
+    with pytest.raises(ValueError, match="--train faceid-lora: the loaded adapter has no FaceID LoRA"):
+        setup_trainables(pipe, ("faceid-lora",))
+
+
 def test_drop_masks_come_from_the_runs_generator_not_the_global_one():
     torch.manual_seed(1)
     a = drop_mask(64, 0.5, torch.Generator().manual_seed(5))
