@@ -843,6 +843,32 @@ def test_setup_continues_a_loaded_kv_lora_and_refuses_a_faceid_lora_that_is_not_
         setup_trainables(pipe, ("faceid-lora",))
 
 
+def test_the_detector_sees_rgb_uint8_of_the_previews_and_the_largest_face():
+    from types import SimpleNamespace
+
+    from training.identity_loss import landmark_fn_from_analyzer, to_uint8
+
+    x = torch.tensor([-1.0, -0.5, 0.0, 1.0, 3.0]).reshape(1, 1, 1, 5).repeat(1, 3, 1, 1)
+    x[0, 1] = 0.0
+    (arr,) = to_uint8(x)
+    assert arr.dtype == np.uint8 and arr.shape == (1, 5, 3)
+    assert arr[0, :, 0].tolist() == [0, 64, 128, 255, 255] and arr[0, :, 1].tolist() == [128] * 5
+    big, small = SimpleNamespace(kps=np.ones((5, 2))), SimpleNamespace(kps=np.zeros((5, 2)))
+    analyzer = SimpleNamespace(detect=lambda image: [big, small])  # FaceAnalyzer.detect: largest first
+    assert landmark_fn_from_analyzer(analyzer)(arr) is big.kps
+    assert landmark_fn_from_analyzer(SimpleNamespace(detect=lambda image: []))(arr) is None
+
+
+def test_skipped_sample_counts_add_what_reading_met_to_what_opening_found():
+    from types import SimpleNamespace
+
+    from training.train import _skipped_totals
+
+    one = SimpleNamespace(num_processes=1)
+    assert _skipped_totals(one, {"corrupt": 2}, {"corrupt": 5, "no_reference": 1}) == {"corrupt": 5, "no_reference": 1}
+    assert _skipped_totals(one, {"corrupt": 2}, {"corrupt": 2}) == {"corrupt": 2}
+
+
 def test_drop_masks_come_from_the_runs_generator_not_the_global_one():
     torch.manual_seed(1)
     a = drop_mask(64, 0.5, torch.Generator().manual_seed(5))
