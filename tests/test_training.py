@@ -869,6 +869,25 @@ def test_skipped_sample_counts_add_what_reading_met_to_what_opening_found():
     assert _skipped_totals(one, {"corrupt": 2}, {"corrupt": 2}) == {"corrupt": 2}
 
 
+def test_the_validator_follows_no_kv_and_the_training_framing_and_resolution():
+    """A --no-kv run is validated without the KV path (it trained none), at the run's framing and
+    resolution."""
+    from types import SimpleNamespace
+
+    from lcmla.loading import load_components
+    from lcmla.presets import PRESETS
+    from lcmla.tiny import tiny_paths
+    from training.validate import Validator
+
+    comps = load_components(PRESETS["tiny"], tiny_paths())
+    for no_kv in (True, False):
+        args = SimpleNamespace(face_models=None, validation_faces=None, validation_prompts=None, validation_seeds=[0],
+                               no_kv=no_kv, reference_framing="face", resolution=64)
+        v = Validator.build(args, PRESETS["tiny"], comps, None)
+        assert v.kv is (not no_kv) and [n for n, _ in v.identities] == ["face"]
+        assert v.overrides == {"lookahead__reference_framing": "face", "output__width": 64, "output__height": 64}
+
+
 def test_drop_masks_come_from_the_runs_generator_not_the_global_one():
     torch.manual_seed(1)
     a = drop_mask(64, 0.5, torch.Generator().manual_seed(5))
