@@ -38,6 +38,17 @@ def test_memory_mode_choice(requested, device, free, expected):
     assert choose_memory_mode(requested, device, free) == expected
 
 
+def test_auto_mode_is_chosen_from_the_devices_free_memory(tiny_cache, monkeypatch):
+    import lcmla.engine
+
+    seen = []
+    monkeypatch.setattr(lcmla.engine, "free_device_memory", lambda device: 5 * GIB)
+    real = lcmla.engine.choose_memory_mode
+    monkeypatch.setattr(lcmla.engine, "choose_memory_mode", lambda *a: seen.append(a) or real(*a))
+    assert Engine.load("tiny", device="cpu", memory="auto").memory_mode == "full"  # the CPU: nothing to offload to
+    assert seen == [("auto", "cpu", 5 * GIB)]
+
+
 def test_memory_mode_rejects_unknown_names():
     with pytest.raises(LcmlaError, match="memory mode 'tiny' is not one of auto, full, balanced, low"):
         choose_memory_mode("tiny", "cpu", None)
