@@ -34,8 +34,9 @@ if __name__ == "__main__":  # before gradio is imported: it reads $GRADIO_SERVER
 
     from lcmla.argtypes import server_port_env_problem
 
-    if server_port_env_problem(os.environ):
-        print(f"error: {server_port_env_problem(os.environ)}", file=sys.stderr)
+    _port_problem = server_port_env_problem(os.environ)
+    if _port_problem:
+        print(f"error: {_port_problem}", file=sys.stderr)
         raise SystemExit(2)
 
 from lcmla.ui.cli import launch, load_engine, load_trained, main, parse_args  # noqa: F401

@@ -78,12 +78,20 @@ class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+#: a TCP port: the app's --port, and $GRADIO_SERVER_PORT (its default)
+PORT = Number(int, 1, 65535)
+
+
 def server_port_env_problem(environ) -> str | None:
-    """What is wrong with ``$GRADIO_SERVER_PORT`` (None when unset or a port number). gradio reads it
-    with ``int()`` when it is imported, so a bad value was a ValueError traceback from inside
+    """What is wrong with ``$GRADIO_SERVER_PORT`` (None when unset or a :data:`PORT`). gradio reads
+    it with ``int()`` when it is imported, so a bad value was a ValueError traceback from inside
     gradio before the app could say anything; the app checks it first."""
     value = environ.get("GRADIO_SERVER_PORT")
-    if value is None or value.strip().isdigit() and 1 <= int(value) <= 65535:
+    if value is None:
         return None
-    return (f"GRADIO_SERVER_PORT={value!r} is not a port number (1 to 65535): set it to one, or unset it "
-            "and pass --port")
+    try:
+        PORT(value)
+    except argparse.ArgumentTypeError:
+        return (f"GRADIO_SERVER_PORT={value!r} is not a port number ({PORT.low} to {PORT.high}): set it to one, "
+                "or unset it and pass --port")
+    return None

@@ -11,7 +11,7 @@ from typing import Any
 
 import gradio as gr
 
-from lcmla.argtypes import Number, OneLineParser
+from lcmla.argtypes import PORT, OneLineParser
 from lcmla.errors import LcmlaError, MissingWeightsError
 from lcmla.acceleration import COMPILE_MODES
 from lcmla.memory import MEMORY_MODES
@@ -38,7 +38,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="backbone to load (default: $LCMLA_PRESET or tiny, the offline random-weights preset)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
                         help="address to listen on (default: $GRADIO_SERVER_NAME or 127.0.0.1; 0.0.0.0 for everyone)")
-    parser.add_argument("--port", type=Number(int, 1, 65535), default=os.environ.get("GRADIO_SERVER_PORT") or "7860",
+    parser.add_argument("--port", type=PORT, default=os.environ.get("GRADIO_SERVER_PORT") or "7860",
                         help="port (default: $GRADIO_SERVER_PORT or 7860)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     parser.add_argument("--weights-dir", default=None,
