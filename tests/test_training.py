@@ -196,16 +196,23 @@ def _pairs(face_path, other_face, n=2):
     return out
 
 
-def _kit(parts=("proj", "ip-kv", "kv-lora"), checkpointing=False, **cfg):
+def _tiny_components(**kwargs):
+    """The tiny preset's components with lcmla's attention processors on the UNet."""
     from lcmla.attention.processors import install_processors
     from lcmla.loading import load_components
     from lcmla.presets import PRESETS
     from lcmla.tiny import tiny_paths
+
+    comps = load_components(PRESETS["tiny"], tiny_paths(), **kwargs)
+    install_processors(comps.pipe.unet)
+    return comps
+
+
+def _kit(parts=("proj", "ip-kv", "kv-lora"), checkpointing=False, **cfg):
     from training.model import setup_trainables
 
-    comps = load_components(PRESETS["tiny"], tiny_paths(), lcm_lora=True)
+    comps = _tiny_components(lcm_lora=True)
     pipe = comps.pipe
-    install_processors(pipe.unet)
     pipe.unet.encoder_hid_proj.image_projection_layers[0].shortcut = True
     torch.manual_seed(0)  # the new LoRAs' A matrices are random: every kit gets the same
     trainables = setup_trainables(pipe, parts)
@@ -639,15 +646,10 @@ def test_setup_freezes_everything_else_trains_every_kv_lora_tensor_in_float32():
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from lcmla.attention.kv_copy import kv_copies
-    from lcmla.attention.processors import install_processors
     from lcmla.kv_lora import ADAPTER_NAME, encoder_lora_targets
-    from lcmla.loading import load_components
-    from lcmla.presets import PRESETS
-    from lcmla.tiny import tiny_paths
     from training.model import setup_trainables
 
-    pipe = load_components(PRESETS["tiny"], tiny_paths()).pipe
-    install_processors(pipe.unet)
+    pipe = _tiny_components().pipe
     pipe.unet.to(torch.bfloat16)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         module.requires_grad_(True)
@@ -820,15 +822,10 @@ def test_a_checkpoint_without_some_trained_tensor_is_refused_by_name(tmp_path):
 
 
 def test_setup_continues_a_loaded_kv_lora_and_refuses_a_faceid_lora_that_is_not_there():
-    from lcmla.attention.processors import install_processors
     from lcmla.kv_lora import ADAPTER_NAME, add_kv_encoder_lora
-    from lcmla.loading import load_components
-    from lcmla.presets import PRESETS
-    from lcmla.tiny import tiny_paths
     from training.model import setup_trainables
 
-    pipe = load_components(PRESETS["tiny"], tiny_paths()).pipe
-    install_processors(pipe.unet)
+    pipe = _tiny_components().pipe
     add_kv_encoder_lora(pipe.unet, rank=4, design="kv-copy")  # as --kv-lora FILE loads it
     with torch.no_grad():
         for n, p in pipe.unet.named_parameters():
