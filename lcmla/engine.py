@@ -738,6 +738,10 @@ class Engine:
         used = framing_used(identity, asked)
         if used == asked:
             return []
+        if identity.images:
+            missing = ", ".join(str(i + 1) for i, box in enumerate(identity.boxes) if box is None)
+            return [f"KV reference: framing {asked!r} needs the photos and their face boxes; photo {missing} has no "
+                    f"face box, so every photo was used whole ({used!r})"]
         return [f"KV reference: framing {asked!r} needs the photos and their face boxes; this identity holds only "
                 f"aligned face crops, so they were used whole ({used!r})"]
 

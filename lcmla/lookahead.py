@@ -74,10 +74,12 @@ def frame_reference(image: Image.Image, box: tuple[float, float, float, float] |
 
 def kv_reference_images(identity: Any, size: tuple[int, int], framing: str) -> list[Image.Image]:
     """The KV encoder's reference images at the output ``size`` = (width, height), one per
-    reference photo of ``identity`` (a ``FaceIdentity``), framed as ``framing`` says; an identity
-    without photos falls back to its aligned crops, fitted whole (see :func:`framing_used`)."""
+    reference photo of ``identity`` (a ``FaceIdentity``), framed as :func:`framing_used` says (all
+    photos alike: "face" only when every photo has its face box); an identity without photos falls
+    back to its aligned crops, fitted whole."""
     if identity.images:
-        return [frame_reference(img, box, size, framing) for img, box in zip(identity.images, identity.boxes)]
+        used = framing_used(identity, framing)
+        return [frame_reference(img, box, size, used) for img, box in zip(identity.images, identity.boxes)]
     return [frame_reference(crop, None, size, "photo") for crop in identity.crops]
 
 

@@ -138,6 +138,12 @@ def test_frame_reference_keeps_the_aspect_and_pads_with_the_border(monkeypatch):
     assert green.all(axis=1).sum() == 28 + 8  # the letterbox plus the band's third of 24 rows; a stretch: 27
     with pytest.raises(ValueError, match="framing"):
         frame_reference(_framing_photo(), None, (40, 40), "head")
+    # a face box that is not square: the crop spans twice its larger side, about the same centre
+    square = (40.0, 20.0, 60.0, 40.0)
+    for size in ((80, 40), (40, 80)):
+        want = np.asarray(frame_reference(_framing_photo(), square, size, "face"))
+        for box in ((40.0, 25.0, 60.0, 35.0), (45.0, 20.0, 55.0, 40.0)):
+            assert np.array_equal(np.asarray(frame_reference(_framing_photo(), box, size, "face")), want), (box, size)
 
     # negative controls: the checks above fail for a plain stretch, a stretched square face crop,
     # and black letterboxing
