@@ -757,3 +757,46 @@ def test_lookahead_as_released_configuration(engine, face_path):
     assert np.array_equal(_px(r.images[0]), _px(again.images[0]))
     ddim = engine.generate(s.replace(guidance__scheduler=None), [face_path])
     assert not np.array_equal(_px(r.images[0]), _px(ddim.images[0]))
+
+
+def test_previews_x0_inverts_the_steps_own_noising_and_the_kv_lcm_preview_reads_the_full_row(engine, face_path,
+                                                                                                monkeypatch):
+    """x̂0, noised again with the step's guided ε to the step's own timestep, gives back the step's
+    latents; on the KV path the LCM preview (one sample) attends to the encoder row of the full
+    branch ("text", row 1) in every self-attention layer."""
+    import lcmla.engine as engine_module
+
+    seen, kv_reads = [], []
+    original_preview, original_extended = engine_module.preview_latents, SelfAttnProcessor._extended
+
+    def preview_spy(unet, step, *args):
+        x0, z_lcm = original_preview(unet, step, *args)
+        seen.append((step.z_in, step.eps, step.timestep, x0))
+        return x0, z_lcm
+
+    def extended_spy(attn, query, key, value, ref, kv_index, mask):
+        kv_reads.append(tuple(kv_index))
+        return original_extended(attn, query, key, value, ref, kv_index, mask)
+
+    monkeypatch.setattr(engine_module, "preview_latents", preview_spy)
+    monkeypatch.setattr(SelfAttnProcessor, "_extended", staticmethod(extended_spy))
+    res = engine.previews(_settings(lookahead__kv=True), [face_path])
+    assert len(res.frames) == len(seen) == 4
+    acp = engine._alphas_cumprod()
+    for z_in, eps, t, x0 in seen:
+        assert torch.allclose(ddpm_noise(x0, eps, acp, t), z_in, atol=1e-5), int(t)
+    unet = engine.pipe.unet
+    attn1 = sum(n.endswith("attn1.processor") for n in unet.attn_processors)
+    assert kv_reads.count((1,)) == attn1 * 4  # the LCM preview of each step
+    assert kv_reads.count((-1, -1, 1, 0)) == attn1 * 4  # the guided branches, as before
+
+
+def test_previews_with_the_authors_am2_pooling_over_the_guidance_branches(engine, face_path):
+    """AM2 pooled over an image's guidance branches (the authors' scope): the LCM preview's one
+    sample is a group of its own."""
+    from lcmla.fastface import apply_fastface_preset
+
+    s = apply_fastface_preset(_settings(attention__am_norm_scope="image-branches"), "am2+dcg")
+    res = engine.previews(s, [face_path], steps=[0, 3])
+    assert [f.step for f in res.frames] == [0, 3]
+    assert np.array_equal(_px(res.image), _px(engine.generate(s, [face_path]).images[0]))
