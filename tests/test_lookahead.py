@@ -800,3 +800,21 @@ def test_previews_with_the_authors_am2_pooling_over_the_guidance_branches(engine
     res = engine.previews(s, [face_path], steps=[0, 3])
     assert [f.step for f in res.frames] == [0, 3]
     assert np.array_equal(_px(res.image), _px(engine.generate(s, [face_path]).images[0]))
+
+
+def test_reference_latents_are_on_the_denoisers_scale(engine, face_path):
+    """The KV encoder's reference latents decode through the engine's own decode (which divides by
+    the VAE's scaling factor) to what the VAE's own encode → decode gives: the same scale as the
+    latents the UNet denoises."""
+    from lcmla.lookahead import reference_latents
+
+    photo = Image.open(face_path).convert("RGB").resize((64, 64))
+    latents = reference_latents(engine.pipe, [photo], engine.dtype)  # (1, 4, 8, 8)
+    assert latents.shape == (1, 4, 8, 8)
+    vae, processor = engine.pipe.vae, engine.pipe.image_processor
+    with torch.no_grad():
+        own = vae.decode(vae.encode(processor.preprocess([photo]).to(vae.dtype)).latent_dist.mean).sample
+    want = np.asarray(processor.postprocess(own.float(), output_type="pil")[0]).astype(int)
+    with torch.no_grad():
+        got = np.asarray(engine._decode(latents)).astype(int)
+    assert np.abs(got - want).max() <= 1
