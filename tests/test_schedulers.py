@@ -80,3 +80,38 @@ def test_fractional_euler_timesteps_use_interpolated_alphas():
     assert torch.allclose(ddpm_x0(zt, eps, sched.alphas_cumprod, t), z0, atol=1e-5)
     truncated = float(sched.alphas_cumprod[int(t)])
     assert abs(truncated - float(alpha_at(sched.alphas_cumprod, t))) > 1e-5
+
+
+@pytest.mark.parametrize("family", ["EulerDiscreteScheduler", "LCMScheduler"])
+def test_the_loop_scales_the_input_and_reports_the_schedulers_clean_prediction(family):
+    """``sampling.sample`` hands the model the scheduler's scaled input (Euler: z / √(σ² + 1)) and
+    reports the scheduler's own clean-latent prediction (Euler: z − σ·ε; LCM: its ``denoised``,
+    ẑ0 of LCM-Lookahead Eq. 3), not the next latents."""
+    import diffusers
+
+    from lcmla.preview import lcm_x0
+    from lcmla.sampling import sample
+
+    sched = getattr(diffusers, family)(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    sched.set_timesteps(4)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    eps = torch.full_like(z, 0.1)
+    inputs, reports = [], []
+
+    def denoise(z_in, t, step):
+        inputs.append(z_in.clone())
+        return eps
+
+    out = sample(denoise, sched, z.clone(), generator=torch.Generator().manual_seed(1),
+                 callback=lambda k, t, latents, x0: reports.append((t, latents.clone(), x0.clone())))
+    assert len(inputs) == len(reports) == 4 and torch.equal(reports[-1][1], out)
+    t0, after, x0 = reports[0]
+    if family == "EulerDiscreteScheduler":
+        sigma = float(sched.sigmas[0])
+        assert sigma > 5 and torch.allclose(inputs[0], z / (sigma**2 + 1) ** 0.5, atol=1e-5)
+        assert torch.allclose(x0, z - sigma * eps, atol=1e-4)
+    else:
+        assert torch.equal(inputs[0], z)
+        want = lcm_x0(z, eps, sched.alphas_cumprod, t0, sched.config.timestep_scaling)
+        assert torch.allclose(x0, want, atol=1e-5)
+        assert not torch.allclose(x0, after, atol=1e-3)  # the next latents carry fresh noise
