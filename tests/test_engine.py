@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 from util import make_settings as _settings
+from util import noise as _noise
+from util import stock_pipeline as _plain_pipeline
 from util import px as _px
 
 from lcmla import ImageError, NoFaceError, SettingsError, settings_from_png
@@ -53,31 +55,6 @@ def test_knobs_change_the_image_without_reloading(engine, face_path):
     assert id(engine.pipe.unet) == unet_id
     again = _px(engine.generate(_settings(), [face_path]).images[0])
     assert np.array_equal(again, base)  # nothing leaked from the previous requests
-
-
-def _plain_pipeline(engine, *, ip_adapter: bool, lora: bool):
-    """The same tiny weights through stock diffusers, without the engine."""
-    from diffusers import StableDiffusionXLPipeline
-
-    from lcmla.loading import load_faceid_state_dict
-    from lcmla.presets import FACEID_LORA, FACEID_WEIGHTS
-    from lcmla.tiny import ensure_tiny_weights, tiny_paths
-
-    paths = tiny_paths(ensure_tiny_weights())
-    pipe = StableDiffusionXLPipeline.from_pretrained(paths["base"], local_files_only=True)
-    pipe.scheduler = engine.pipe.scheduler.__class__.from_config(engine.pipe.scheduler.config)
-    if ip_adapter:
-        # the in-file copy of the FaceID LoRA is dropped, as the engine does (it loads the LoRA file)
-        state = load_faceid_state_dict(paths["faceid"] / FACEID_WEIGHTS)
-        pipe.load_ip_adapter(state, subfolder="", weight_name=FACEID_WEIGHTS, image_encoder_folder=None)
-    if lora:
-        pipe.load_lora_weights(str(paths["faceid"]), weight_name=FACEID_LORA, adapter_name="faceid")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _noise(seed: int) -> torch.Tensor:
-    return torch.randn((1, 4, 32, 32), generator=torch.Generator("cpu").manual_seed(seed))
 
 
 def test_zero_ip_scale_equals_pipeline_without_adapter(engine, face_path):

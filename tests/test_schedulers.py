@@ -47,6 +47,22 @@ def test_mechanisms_on_scheduler(sched_engine, face_path, mode):
         assert a.branch_calls[0] == ("full",)  # with LCM only the full branch, as in the paper
 
 
+def test_plain_generation_equals_stock_diffusers_on_scheduler(sched_engine, face_path):
+    """No identity (λ = 0) and no guidance: the engine's loop (input scaling, the initial noise's
+    σ, the scheduler's own step and its noise) gives stock diffusers' image on every family, from
+    the same seed (diffusers draws the initial noise, then the step noise, from one generator)."""
+    from util import stock_pipeline
+
+    s = GenerationSettings(prompt="a pencil drawing of a face", output={"seed": 5}, identity={"ip_adapter_scale": 0.0},
+                           guidance={"guidance_scale": 1.0})
+    ours = sched_engine.generate(s, [face_path]).images[0]
+    pipe = stock_pipeline(sched_engine, ip_adapter=False, lora=True)
+    assert type(pipe.scheduler) is type(sched_engine.pipe.scheduler)
+    ref = pipe(prompt="a pencil drawing of a face", num_inference_steps=4, guidance_scale=1.0, width=256, height=256,
+               generator=torch.Generator("cpu").manual_seed(5)).images[0]
+    assert np.abs(np.asarray(ours, dtype=int) - np.asarray(ref, dtype=int)).max() <= 1
+
+
 @pytest.mark.parametrize("kv", [False, True])
 def test_previews_on_scheduler(sched_engine, face_path, kv):
     """x̂0 and LCM previews on every scheduler family, the KV path included: finite, one frame per

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Iterator
 
 import numpy as np
+import torch
 
 from lcmla import GenerationSettings
 
@@ -44,3 +45,29 @@ def logged_messages(*logger_names: str) -> Iterator[list[str]]:
     finally:
         for logger in loggers:
             logger.removeHandler(handler)
+
+
+def stock_pipeline(engine, *, ip_adapter: bool, lora: bool):
+    """The same tiny weights through stock diffusers, without the engine."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from lcmla.loading import load_faceid_state_dict
+    from lcmla.presets import FACEID_LORA, FACEID_WEIGHTS
+    from lcmla.tiny import ensure_tiny_weights, tiny_paths
+
+    paths = tiny_paths(ensure_tiny_weights())
+    pipe = StableDiffusionXLPipeline.from_pretrained(paths["base"], local_files_only=True)
+    pipe.scheduler = engine.pipe.scheduler.__class__.from_config(engine.pipe.scheduler.config)
+    if ip_adapter:
+        # the in-file copy of the FaceID LoRA is dropped, as the engine does (it loads the LoRA file)
+        state = load_faceid_state_dict(paths["faceid"] / FACEID_WEIGHTS)
+        pipe.load_ip_adapter(state, subfolder="", weight_name=FACEID_WEIGHTS, image_encoder_folder=None)
+    if lora:
+        pipe.load_lora_weights(str(paths["faceid"]), weight_name=FACEID_LORA, adapter_name="faceid")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def noise(seed: int, side: int = 32) -> torch.Tensor:
+    """The initial noise the engine draws for ``seed`` at a latent side of ``side``."""
+    return torch.randn((1, 4, side, side), generator=torch.Generator("cpu").manual_seed(seed))
