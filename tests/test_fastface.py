@@ -316,6 +316,37 @@ def test_capture_does_not_change_the_image(engine, identity):
     assert m.ndim == 2 and m.shape[0] * 8 <= 256
 
 
+def test_maps_are_the_display_branchs_and_am2_pools_over_the_branches_only_when_asked(engine, identity, monkeypatch):
+    """The captured maps are those of the display branch ("full", the third sample of the authors'
+    batch): at step 0 (the same latents in every mode) they equal a one-branch request's. AM2's
+    min–max statistics pool over the three branches of an image in the authors' scope, per sample
+    otherwise."""
+    import lcmla.attention.transforms as transforms
+
+    for am in ("none", "am1"):  # AM1 acts per sample: the full branch's maps do not see the others
+        batched = engine.generate(_settings(guidance__guidance_scale=2.0, attention__am_norm_scope="image-branches",
+                                            attention__mode=am, attention__capture_maps=True), identity)
+        assert batched.branch_calls[0] == ("uncond", "id", "full")
+        single = engine.generate(_settings(attention__mode=am, attention__capture_maps=True), identity)
+        assert single.branch_calls[0] == ("full",)
+        a, b = batched.attention_maps[0], single.attention_maps[0]
+        assert a.blocks() == b.blocks()
+        for block in a.blocks():
+            assert torch.allclose(a.maps[(block, 0)], b.maps[(block, 0)], atol=1e-5), (am, block)
+        if am == "am1":
+            assert any(not torch.equal(m[0], m[1]) for m in a.maps.values())  # the transform acted
+
+    groups = []
+    original = transforms._minmax_stats
+    monkeypatch.setattr(transforms, "_minmax_stats", lambda x, group=1: groups.append(group) or original(x, group))
+    exact = apply_fastface_preset(_settings(attention__am_norm_scope="image-branches"), "am2+dcg")
+    engine.generate(exact, identity)
+    assert groups and set(groups) == {3}
+    groups.clear()
+    engine.generate(exact.replace(attention__am_norm_scope="sample"), identity)
+    assert groups and set(groups) == {1}
+
+
 def test_requests_with_and_without_am_do_not_interfere(engine, identity):
     s_am = apply_fastface_preset(_settings(output__seed=2), "am2")
     s_plain = _settings(output__seed=2)
