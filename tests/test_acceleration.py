@@ -45,6 +45,11 @@ def test_identity_attention_is_the_transform_then_the_output_adain():
     nan[0, 0, 3] = float("nan")  # a NaN row keeps x, as adain_blend does
     got = adain_blend_mixtures(nan, p64, v64, 0.4)
     assert got[0, 0, 3].isnan().all() and not got[0, 0, 2].isnan().any()
+    bad_ref = p64.clone()
+    bad_ref[0, 0, 3] = float("nan")  # a NaN in the reference row: the blend is NaN there, so x is kept
+    got = adain_blend_mixtures(n64, bad_ref, v64, 0.4)
+    assert torch.allclose(got[0, 0, 3], n64[0, 0, 3] @ v64[0, 0], rtol=1e-12, atol=1e-12)
+    assert torch.equal(got[0, 0, 2], adain_blend_mixtures(n64, p64, v64, 0.4)[0, 0, 2])
     # token 1 and 3 are not chosen: before the AdaIN over tokens they keep A
     plain = am_transform(probs, **{**AM2, "adain": False})
     assert torch.equal(plain[..., 1], probs[..., 1]) and torch.equal(plain[..., 3], probs[..., 3])

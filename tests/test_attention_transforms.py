@@ -27,7 +27,7 @@ def _softmask_by_hand(a, d, p, s, cap):
     (heads, Q); the min–max spans heads and queries, the quantile is per head over queries."""
     lo, hi = a.min(), a.max()
     na = (a - lo) / (hi - lo)
-    q = torch.quantile(a, p, dim=-1, keepdim=True)  # (heads, 1)
+    q = torch.quantile(a, p, dim=-1, keepdim=True).clamp_min(1e-6)  # (heads, 1), floored (step 3)
     m = torch.sigmoid(d * (na - q))
     m = (m - m.min()) / (m.max() - m.min())
     return torch.clamp(s * m, max=cap)
@@ -42,6 +42,18 @@ def test_softmask_matches_hand_computation():
     # a per-head min–max would be a different transform: make sure the test can tell them apart
     per_head = torch.stack([_softmask_by_hand(a[0, h:h + 1, :, 0], 5.0, 0.65, 1.55, 10.0)[0] for h in range(3)])
     assert not torch.allclose(per_head, out[0, :, :, 0], atol=1e-3)
+
+
+def test_softmask_quantile_is_floored_at_1e_6():
+    """SPEC §3 step 3: q is floored at 1e-6. A token whose 0.25-quantile is exactly 0, at a
+    sharpness where the floor moves the sigmoid visibly (unfloored the middle level would be
+    norm(σ(0), σ(1), σ(1e5)) = 0.462 instead of 0.449)."""
+    col = torch.tensor([0.0, 0.0, 0.0, 1e-5, 1e-5, 1.0, 1.0, 1.0])
+    a = torch.stack([torch.full_like(col, 0.5), col], dim=-1)[None, None]  # (1, 1, 8, 2)
+    out = scheduled_softmask(a, sharpness=1e5, quantile=0.25, scale=1.0, invert_first_token=False)
+    want = _softmask_by_hand(a[0, :, :, 1].double(), 1e5, 0.25, 1.0, 10.0)[0].float()
+    assert torch.allclose(out[0, 0, :, 1], want, atol=1e-4)
+    assert abs(float(want[3]) - 0.449) < 2e-3  # and not the unfloored 0.462
 
 
 def test_softmask_first_token_inversion():
