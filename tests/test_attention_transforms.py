@@ -149,3 +149,43 @@ def test_softmask_of_a_flat_map_is_finite_in_every_dtype(dtype):
     sharp = scheduled_softmask(probs, 7.5, 0.65, 1.55).double()
     ref = scheduled_softmask(probs.double(), 7.5, 0.65, 1.55)
     assert torch.isfinite(sharp).all() and (sharp - ref).abs().max() < (0.01 if dtype == torch.float16 else 0.08)
+
+
+def test_am2_schedules_are_resampled_to_the_step_count():
+    """AM2's per-step sharpness d_k and scale s_k written for 4 steps, run at 7: each step reads the
+    value :func:`lcmla.guidance.stretch` gives it (ends kept, nearest neighbour between), as the
+    guidance schedules do; past the end of a list nothing is read."""
+    from torch import nn
+
+    from lcmla.attention.context import AMPlan, AttentionContext
+    from lcmla.attention.processors import IdentityAttnProcessor
+    from lcmla.settings import AttentionSettings
+
+    s = AttentionSettings(mode="am2", am2_sharpness=(1.0, 2.0, 3.0, 4.0), am2_scale=(1.0, 1.5, 2.0, 2.5))
+    plan = AMPlan.from_settings(s, 7)
+    proc = IdentityAttnProcessor("up_blocks.0.attentions.0.transformer_blocks.0.attn2.processor",
+                                 nn.ModuleList(), nn.ModuleList())
+    got = [proc.am_arguments(AttentionContext(ip_scale=1.0, am=plan, step=k), queries=16, tokens=4)
+           for k in range(7)]
+    assert [a["sharpness"] for a in got] == [1.0, 2.0, 2.0, 3.0, 3.0, 3.0, 4.0]
+    assert [a["am2_scale"] for a in got] == [1.0, 1.5, 1.5, 2.0, 2.0, 2.0, 2.5]
+    assert AMPlan.from_settings(s, 4).am2_sharpness == (1.0, 2.0, 3.0, 4.0)
+
+
+def test_mean_over_a_block_kind_averages_that_kind_only():
+    """``MapStore.mean_over``: the maps of the blocks of one kind at one step, resized to the
+    largest of them; "all" takes every block."""
+    from lcmla.attention.context import MapStore
+
+    store = MapStore((8, 8))
+    down = torch.rand(2, 16, 3)  # (heads, Q, T): a 4x4 grid
+    up = torch.rand(2, 64, 3)  # an 8x8 grid
+    store.record("down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor", 0, down, down)
+    store.record("up_blocks.0.attentions.0.transformer_blocks.0.attn2.processor", 0, up, up)
+    want = down.mean(0)[:, 1].reshape(4, 4)
+    assert torch.allclose(store.mean_over("down", 0, token=1), want, atol=1e-6)
+    assert torch.allclose(store.mean_over("up", 0, token=1), up.mean(0)[:, 1].reshape(8, 8), atol=1e-6)
+    both = store.mean_over("all", 0, token=1)
+    assert both.shape == (8, 8) and not torch.allclose(both, store.mean_over("up", 0, token=1))
+    with pytest.raises(KeyError, match="mid"):
+        store.mean_over("mid", 0, token=1)
