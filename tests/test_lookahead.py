@@ -501,6 +501,20 @@ def test_kv_copy_design_equals_the_encoders_own_kv_until_trained(engine, face_pa
 
 
 
+def test_a_kv_copy_lora_in_float32_gives_the_models_dtype():
+    """Training keeps the KV-copy LoRA in float32 beside a half-precision UNet: its update comes
+    back in the input's dtype, so the recorded K/V stay in the model's dtype."""
+    from lcmla.attention.kv_copy import LoRAPair
+
+    pair = LoRAPair(8, 8, 4)
+    torch.nn.init.normal_(pair.lora_B.weight)
+    x = torch.randn(2, 5, 8).to(torch.bfloat16)
+    out = pair(x)
+    assert out.dtype == torch.bfloat16 and pair.lora_B.weight.dtype == torch.float32
+    want = (x.float() @ pair.lora_A.weight.T @ pair.lora_B.weight.T).to(torch.bfloat16)
+    assert torch.allclose(out.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
 def test_kv_copy_projection_is_the_base_plus_s_times_its_lora():
     """K_ref = W_k·x + s·B_k·A_k·x and V_ref likewise (the authors' KVCopy), written out with the
     matrices: at s = 0.5 and 1.3 (not only at 0, where the LoRA drops out), with the base read
