@@ -479,6 +479,10 @@ class Engine:
         if self.components.adapter_kind == "faceid-plus-v2":
             self._id_proj.shortcut = ident.shortcut
             self._id_proj.shortcut_scale = ident.shortcut_scale
+        self._apply_freeu(fu)
+
+    def _apply_freeu(self, fu) -> None:
+        """FreeU on the UNet as ``fu`` (``FreeUSettings``) says: on at its four factors, or off."""
         if fu.enabled:
             self.pipe.unet.enable_freeu(s1=fu.s1, s2=fu.s2, b1=fu.b1, b2=fu.b2)
         else:
@@ -801,8 +805,7 @@ class Engine:
                 yield
         finally:
             if freeu:
-                fu = settings.freeu
-                self.pipe.unet.enable_freeu(s1=fu.s1, s2=fu.s2, b1=fu.b1, b2=fu.b2)
+                self._apply_freeu(settings.freeu)
 
     def _encode_reference(self, kv_setup, rows: tuple[str, ...], noise: torch.Tensor, t,
                           settings: GenerationSettings) -> KVCache:
