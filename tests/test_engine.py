@@ -114,6 +114,33 @@ def test_zero_lora_scale_equals_lora_disabled(engine, face_path):
     assert np.abs(_px(ours) - _px(ref)).max() <= 1
 
 
+def test_shortcut_scale_equals_stock_diffusers(engine, face_path):
+    """FaceID-Plus-v2's CLIP branch weight (``identity.shortcut_scale`` = 0.5) is diffusers'
+    ``shortcut_scale`` on the projection: the same image as the stock pipeline set that way."""
+    identity = engine.analyze_faces([face_path])
+    s = _settings(identity__lora_scale=0.0, identity__shortcut_scale=0.5, output__seed=6)
+    ours = engine.generate(s, identity).images[0]
+    pipe = _plain_pipeline(engine, ip_adapter=True, lora=False)
+    embeds = _stock_faceid_inputs(engine, pipe, identity, cfg=False)
+    pipe.unet.encoder_hid_proj.image_projection_layers[0].shortcut_scale = 0.5
+    ref = pipe(prompt="a pencil drawing of a face", ip_adapter_image_embeds=embeds, num_inference_steps=4,
+               guidance_scale=1.0, width=256, height=256, latents=_noise(6)).images[0]
+    assert np.abs(_px(ours) - _px(ref)).max() <= 1
+    full = engine.generate(s.replace(identity__shortcut_scale=1.0), identity).images[0]
+    assert np.abs(_px(ours) - _px(full)).max() > 1
+
+
+def test_the_clip_features_of_several_photos_are_their_mean(engine, face_path, other_face):
+    """FaceID-Plus-v2 reads the CLIP features of the aligned crops averaged over the photos (and the
+    identity embedding the faces module averages)."""
+    both = engine.analyze_faces([face_path, other_face])
+    one, two = engine.analyze_faces([face_path]), engine.analyze_faces([other_face])
+    clip = {k: engine._identity_conditions(i)["id"][1] for k, i in (("both", both), ("one", one), ("two", two))}
+    assert clip["both"].shape == clip["one"].shape and clip["both"].shape[:2] == (1, 1)
+    assert torch.allclose(clip["both"], (clip["one"] + clip["two"]) / 2, atol=1e-5)
+    assert not torch.allclose(clip["one"], clip["two"], atol=1e-3)
+
+
 def test_classic_cfg_equals_stock_diffusers(engine, face_path):
     """Classic CFG at s = 3 with a negative prompt: the engine's two batched branches equal stock
     diffusers' CFG with the IP-Adapter's negative (zero identity, CLIP of an all-zero input)."""
