@@ -422,7 +422,8 @@ class Engine:
             if identity is None:
                 return {"id": null, "null": null}
             size = (self.components.clip_processor.crop_size["width"], self.components.clip_processor.crop_size["height"])
-            images = ([frame_reference(img, box, size, framing) for img, box in zip(identity.images, identity.boxes)]
+            used = framing_used(identity, framing)  # as the KV reference: "face" for all photos or none
+            images = ([frame_reference(img, box, size, used) for img, box in zip(identity.images, identity.boxes)]
                       if identity.images else list(identity.crops))
             hidden = self._clip_hidden(images).mean(dim=0, keepdim=True)[:, None]  # (1, 1, T, H)
             return {"id": (hidden.to(self.dtype), None), "null": null}

@@ -139,6 +139,16 @@ def test_convert_round_trips_into_the_engine(converted, face_path):
     assert np.array_equal(_px(a.images[0]), _px(engine.generate(s, [face_path]).images[0]))
     no_id = engine.generate(s.replace(identity__ip_adapter_scale=0.0), [face_path])
     assert not np.array_equal(_px(a.images[0]), _px(no_id.images[0]))
+    # the Plus adapter's CLIP input is framed as the KV reference is: "face" for every photo or none
+    import dataclasses
+
+    identity = engine.analyze_faces([face_path])
+    mixed = dataclasses.replace(identity, images=identity.images * 2, boxes=(identity.boxes[0], None),
+                                crops=identity.crops * 2)
+    clip = {(name, f): engine._identity_conditions(i, f)["id"][0]
+            for name, i in (("one", identity), ("mixed", mixed)) for f in ("photo", "face")}
+    assert not torch.allclose(clip[("one", "face")], clip[("one", "photo")], atol=1e-4)
+    assert torch.equal(clip[("mixed", "face")], clip[("mixed", "photo")])
 
 
 def test_reads_zip_checkpoints_memory_mapped_and_legacy_ones_whole(tmp_path, monkeypatch):
