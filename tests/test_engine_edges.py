@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 
 import numpy as np
 import pytest
@@ -193,6 +194,12 @@ def test_text_only_generation(engine):
     assert np.array_equal(_px(r.images[0]), _px(again.images[0]))
     with pytest.raises(LcmlaError, match="need.* a face photo"):
         engine.generate(_settings(guidance__dcg=True), None)
+    # each identity mechanism is named, alone or together
+    for changes, named in (({"lookahead__kv": True}, "lookahead.kv"), ({"attention__mode": "am1"}, "attention.mode"),
+                           ({"guidance__dcg": True, "lookahead__kv": False, "attention__mode": "am2"},
+                            "guidance.dcg, attention.mode")):
+        with pytest.raises(LcmlaError, match=f"^{re.escape(named)} need\\(s\\) a face photo"):
+            engine.generate(_settings(**changes), None)
 
 
 def test_onnx_providers_and_the_analyzer_reports_them(tmp_path):

@@ -152,3 +152,17 @@ def test_schedules():
     assert schedule("linear", [1.0, 3.0], 3) == [1.0, 2.0, 3.0]
     cos = schedule("cosine", [1.0, 3.0], 3)
     assert cos[0] == 1.0 and cos[-1] == 3.0 and abs(cos[1] - 2.0) < 1e-12
+
+
+def test_the_no_dcg_note_needs_a_and_b_both_1_at_every_step():
+    """The "no decoupled guidance" note says a = b = 1 at every step; a schedule that keeps a = 1
+    but moves b (guidance toward the identity only) is decoupled guidance and gets no note."""
+    from lcmla.engine import request_notes
+
+    s = GenerationSettings().replace(guidance__dcg=True, guidance__steps=4)
+    only_b = DecoupledGuidance((1.0,) * 4, (1.0, 3.0, 3.0, 1.0), "id-first", 0.0)
+    only_a = DecoupledGuidance((1.0, 1.5, 1.5, 1.0), (1.0,) * 4, "id-first", 0.0)
+    none = DecoupledGuidance((1.0,) * 4, (1.0,) * 4, "id-first", 0.0)
+    assert request_notes(s, only_b, 4) == [] and request_notes(s, only_a, 4) == []
+    (note,) = request_notes(s, none, 4)
+    assert "no decoupled guidance is applied" in note
