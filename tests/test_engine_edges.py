@@ -247,6 +247,7 @@ def test_a_cut_prompt_is_quoted_as_written(engine):
 
     assert words_past("a b c d e", 3, lambda t: len(t.split())) == "d e"
     assert words_past("a b c", 3, lambda t: len(t.split())) == ""
+    assert words_past("a b c d", 3, lambda t: len(t.split())) == "d"  # only the last word is cut
     assert words_past("abc def", 1, len) == "abc def"  # the first word itself does not fit
     tokenizer = engine.pipe.tokenizer
     room = tokenizer.model_max_length - 2

@@ -96,11 +96,21 @@ def low_engine(tiny_cache):
     return Engine.load("tiny", device="cpu", memory="low")
 
 
-def test_low_vram_mode_gives_the_same_pixels(engine, low_engine, face_path):
+def test_low_vram_mode_gives_the_same_pixels(engine, low_engine, face_path, monkeypatch):
     """Offloaded models (moved to the execution device only while they run) and a tiled, sliced
     VAE give the full mode's image, on the plain and the KV path (the VAE encodes the reference)."""
     assert low_engine.memory_mode == "low" and engine.memory_mode == "full"
     assert low_engine._offload_hooks and low_engine.pipe.vae.use_tiling and low_engine.pipe.vae.use_slicing
+    # and one image per sampler loop, even where images are batched (as on CUDA) in the full mode
+    from lcmla.engine import resolve_settings
+    from lcmla.guidance import guidance_for
+
+    two = resolve_settings(make_settings(**SMALL, output__num_images=2), low_engine.preset)
+    guidance = guidance_for(two, two.guidance.steps)
+    with monkeypatch.context() as m:
+        m.setattr(low_engine, "batch_images", True)
+        m.setattr(engine, "batch_images", True)
+        assert low_engine.images_per_call(two, guidance) == 1 and engine.images_per_call(two, guidance) == 2
     for changes in ({}, {"lookahead__kv": True}):
         settings = make_settings(**SMALL, output__num_images=2, **changes)
         a = engine.generate(settings, face_path).images
