@@ -39,7 +39,7 @@ from .errors import LcmlaError, MissingWeightsError
 from .faces import EMBEDDING_DIM, FaceAnalyzer, FaceIdentity
 from .guidance import BRANCH_CONDITIONS, DecoupledGuidance, Guidance, guidance_for
 from .images import as_photo_list
-from .lookahead import (decode_tiny, encode_reference, encoder_rows, frame_reference, framing_used, kv_reference_images,
+from .lookahead import (decode_tiny, encode_reference, encoder_rows, framing_used, kv_reference_images,
                         preview_latents, reference_latents)
 from .memory import (OFFLOAD_MODES, choose_memory_mode, enable_balanced, enable_low_vram, free_device_memory,
                      out_of_memory_error, release_cached_memory)
@@ -422,9 +422,8 @@ class Engine:
             if identity is None:
                 return {"id": null, "null": null}
             size = (self.components.clip_processor.crop_size["width"], self.components.clip_processor.crop_size["height"])
-            used = framing_used(identity, framing)  # as the KV reference: "face" for all photos or none
-            images = ([frame_reference(img, box, size, used) for img, box in zip(identity.images, identity.boxes)]
-                      if identity.images else list(identity.crops))
+            # the photos framed as the KV reference is ("face" for all photos or none); crops as they are
+            images = kv_reference_images(identity, size, framing) if identity.images else list(identity.crops)
             hidden = self._clip_hidden(images).mean(dim=0, keepdim=True)[:, None]  # (1, 1, T, H)
             return {"id": (hidden.to(self.dtype), None), "null": null}
         null = (torch.zeros(1, 1, EMBEDDING_DIM, dtype=self.dtype, device=self.device), null_clip)
@@ -745,10 +744,10 @@ class Engine:
             return []
         if identity.images:
             missing = ", ".join(str(i + 1) for i, box in enumerate(identity.boxes) if box is None)
-            return [f"KV reference: framing {asked!r} needs the photos and their face boxes; photo {missing} has no "
-                    f"face box, so every photo was used whole ({used!r})"]
-        return [f"KV reference: framing {asked!r} needs the photos and their face boxes; this identity holds only "
-                f"aligned face crops, so they were used whole ({used!r})"]
+            why = f"photo {missing} has no face box, so every photo was used whole"
+        else:
+            why = "this identity holds only aligned face crops, so they were used whole"
+        return [f"KV reference: framing {asked!r} needs the photos and their face boxes; {why} ({used!r})"]
 
     def _prompt_notes(self, settings: GenerationSettings) -> list[str]:
         """A note for each prompt longer than the text encoders read (CLIP: 77 tokens with the start
