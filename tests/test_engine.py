@@ -69,24 +69,24 @@ def test_non_square_output_and_freeu_equal_stock_diffusers(engine, face_path):
     """λ = 0 at 320×256 (SDXL's size micro-conditioning is (height, width)) and with FreeU at
     values where b1 ≠ b2 and s1 ≠ s2: the engine's image is stock diffusers' from the same seed."""
     pipe = _plain_pipeline(engine, ip_adapter=False, lora=True)
+
+    def stock(**kw):
+        return pipe(prompt="a pencil drawing of a face", num_inference_steps=4, guidance_scale=1.0,
+                    generator=torch.Generator("cpu").manual_seed(7), **kw).images
+
     wide = _settings(identity__ip_adapter_scale=0.0, output__seed=7, output__width=320, output__height=256)
     ours = engine.generate(wide, [face_path]).images[0]
     assert ours.size == (320, 256)
-    ref = pipe(prompt="a pencil drawing of a face", num_inference_steps=4, guidance_scale=1.0, width=320, height=256,
-               generator=torch.Generator("cpu").manual_seed(7)).images[0]
-    assert np.abs(_px(ours) - _px(ref)).max() <= 1
+    assert np.abs(_px(ours) - _px(stock(width=320, height=256)[0])).max() <= 1
     # FreeU moves this tiny random UNet's pixels little: compare the final latents
     freeu = dict(b1=1.3, b2=1.05, s1=0.9, s2=0.2)
     steps = []
     engine.generate(_settings(identity__ip_adapter_scale=0.0, output__seed=7, freeu__enabled=True,
                               **{f"freeu__{k}": v for k, v in freeu.items()}), [face_path], callback=steps.append)
     pipe.unet.enable_freeu(**freeu)
-    ref = pipe(prompt="a pencil drawing of a face", num_inference_steps=4, guidance_scale=1.0, width=256, height=256,
-               generator=torch.Generator("cpu").manual_seed(7), output_type="latent").images
-    assert torch.allclose(steps[-1].latents, ref, atol=1e-4)
+    assert torch.allclose(steps[-1].latents, stock(width=256, height=256, output_type="latent"), atol=1e-4)
     pipe.unet.disable_freeu()
-    plain = pipe(prompt="a pencil drawing of a face", num_inference_steps=4, guidance_scale=1.0, width=256,
-                 height=256, generator=torch.Generator("cpu").manual_seed(7), output_type="latent").images
+    plain = stock(width=256, height=256, output_type="latent")
     assert not torch.allclose(steps[-1].latents, plain, atol=1e-2)  # FreeU acted
 
 

@@ -68,6 +68,6 @@ def stock_pipeline(engine, *, ip_adapter: bool, lora: bool):
     return pipe
 
 
-def noise(seed: int, side: int = 32) -> torch.Tensor:
-    """The initial noise the engine draws for ``seed`` at a latent side of ``side``."""
-    return torch.randn((1, 4, side, side), generator=torch.Generator("cpu").manual_seed(seed))
+def noise(seed: int) -> torch.Tensor:
+    """The initial noise the engine draws for ``seed`` at the tiny preset's 256² (a 32² latent)."""
+    return torch.randn((1, 4, 32, 32), generator=torch.Generator("cpu").manual_seed(seed))
