@@ -49,6 +49,89 @@ def test_metrics_by_hand(face_path):
     assert style_part("a photo of a face") is None
     m, ci, n = mean_ci([1.0, 2.0, 3.0, None])
     assert (m, n) == (2.0, 3) and ci == pytest.approx(4.302653 * 1.0 / math.sqrt(3), rel=1e-5)  # t(0.975, 2)
+    # a NaN (a metric that failed on one image) is left out like a missing value, not propagated
+    m, ci, n = mean_ci([1.0, float("nan"), 3.0])
+    assert (m, n) == (2.0, 2) and ci == pytest.approx(12.706205 * math.sqrt(2) / math.sqrt(2), rel=1e-5)  # t₁·sd/√n
+
+
+def test_cosine_of_vectors_of_any_length():
+    """cos = a·b/(|a||b|) for vectors that are not unit length and not parallel (3-4-5: 24/25),
+    the same in the app's ``cosine_similarity``."""
+    from lcmla.evaluate import cosine_similarity
+
+    for f in (cosine, cosine_similarity):
+        assert f([3.0, 4.0], [8.0, 6.0]) == pytest.approx(0.96, abs=1e-6)
+        assert f([3.0, 4.0], [-4.0, 3.0]) == pytest.approx(0.0, abs=1e-6)
+        assert f([2.0, 0.0], [-5.0, 0.0]) == pytest.approx(-1.0, abs=1e-6)
+
+
+def test_a_face_found_for_an_identity_without_a_reference_keeps_its_box(face_path):
+    """An identity whose reference photos have no face for this recognizer has no ID score, but
+    the generated image's face is still found: its box feeds face-style and face_found."""
+    from lcmla.faces import FaceAnalyzer
+
+    haar = AnalyzerScorer(FaceAnalyzer.haar())
+    photo = Image.open(face_path).convert("RGB")
+    score, box = id_score(haar, None, photo)
+    assert score is None and box == haar.face(photo)[0] and box is not None
+
+
+def test_face_crops_are_clipped_to_the_image_and_empty_boxes_give_none():
+    from lcmla.evaluation.metrics import crop_box
+
+    image = Image.new("RGB", (100, 80))
+    assert crop_box(image, (-20.4, -10, 30, 40)).size == (30, 40)  # not padded with black outside
+    assert crop_box(image, (90, 70, 130, 95)).size == (10, 10)
+    assert crop_box(image, (40, 10, 40, 50)) is None and crop_box(image, (10, 30, 50, 30)) is None
+    assert crop_box(image, (120, 10, 150, 50)) is None
+
+
+def _two_faces(big: str):
+    """One canvas holding both portraits, ``big`` at full size and the other at 256 px wide."""
+    import os
+
+    import matplotlib
+    import skimage.data
+
+    photos = {"astronaut": Image.fromarray(skimage.data.astronaut()),
+              "hopper": Image.open(os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")).convert("RGB")}
+    large, small = photos.pop(big), next(iter(photos.values()))
+    canvas = Image.new("RGB", (large.width + 300, large.height), (128, 128, 128))
+    canvas.paste(large, (0, 0))
+    canvas.paste(small.resize((256, round(256 * small.height / small.width))), (large.width + 22, 60))
+    return canvas
+
+
+def test_the_haar_scorer_scores_the_largest_face():
+    from lcmla.faces import FaceAnalyzer
+
+    analyzer = FaceAnalyzer.haar()
+    canvas = _two_faces("hopper")
+    faces = analyzer.detect(canvas)
+    assert len(faces) >= 2
+    largest = max(faces, key=lambda f: f.area)
+    box, embedding = AnalyzerScorer(analyzer).face(canvas)
+    assert box == largest.bbox and np.array_equal(embedding, largest.embedding)
+
+
+def test_the_dlib_scorer_scores_the_largest_face_with_its_identity():
+    """DlibScorer (dlib's detector, landmarks and ResNet in torch) on a canvas with both portraits:
+    it scores the larger face, and that face's ID against each portrait alone says whose it is."""
+    from lcmla.evaluation.metrics import DlibScorer
+    from lcmla.recognizers.dlib_pipeline import DlibFaces
+
+    faces = DlibFaces.load()
+    scorer = DlibScorer(faces)
+    canvas = _two_faces("astronaut")
+    found = faces.detect(np.asarray(canvas))
+    assert len(found) == 2 and found[0].area > found[1].area
+    box, embedding = scorer.face(canvas)
+    assert box == found[0].box
+    np.testing.assert_allclose(embedding, faces.embed(np.asarray(canvas), found[0]), atol=1e-6)
+    refs = {name: reference_embedding(scorer, [_two_faces(name).crop((0, 0, 512, 512))]) for name in ("astronaut", "hopper")}
+    same, other = (id_score(scorer, refs[n], canvas)[0] for n in ("astronaut", "hopper"))
+    assert same > 0.99 and other < same - 0.1  # dlib puts different people at cosines near 0.85
+    assert scorer.face(Image.new("RGB", (200, 200), (128, 128, 128))) is None
 
 
 
@@ -70,6 +153,34 @@ def test_an_identity_of_several_photos_is_the_normalised_mean_of_unit_embeddings
     np.testing.assert_allclose(reference_embedding(Known(), ["b"]), [0.0, 1.0, 0.0], atol=1e-12)
     assert reference_embedding(Known(), ["none"]) is None
 
+def test_prompt_files_and_identity_folders(tmp_path):
+    """A prompt file: one prompt a line, blank lines skipped, a ';' marks a style prompt; an
+    identity folder: its photos of any case of extension, sorted, other files left out."""
+    from lcmla.evaluation.run import identity_photos
+
+    path = tmp_path / "prompts.txt"
+    path.write_text("a photo of a face\n\n  a watercolor painting; a portrait of a face  \n")
+    assert load_prompts(str(path)) == [("realistic", "a photo of a face"),
+                                       ("style", "a watercolor painting; a portrait of a face")]
+    assert load_prompts(str(path), max_prompts=1) == [("realistic", "a photo of a face")]
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(LcmlaError, match="holds no prompts"):
+        load_prompts(str(tmp_path / "empty.txt"))
+    with pytest.raises(LcmlaError, match="neither a prompt set"):
+        load_prompts(str(tmp_path / "nope.txt"))
+    folder = tmp_path / "ada"
+    folder.mkdir()
+    for name in ("b.JPG", "a.png", "c.WebP", "notes.txt"):
+        (folder / name).write_bytes(b"x")
+    assert identity_photos(str(folder)) == ("ada", tuple(str(folder / n) for n in ("a.png", "b.JPG", "c.WebP")))
+    assert identity_photos(str(folder / "a.png")) == ("a", (str(folder / "a.png"),))
+    (tmp_path / "none").mkdir()
+    with pytest.raises(LcmlaError, match="holds no .png/.jpg/.webp photos"):
+        identity_photos(str(tmp_path / "none"))
+    with pytest.raises(LcmlaError, match="no such photo or folder"):
+        identity_photos(str(tmp_path / "missing"))
+
+
 def test_prompt_sets():
     lh = load_prompts("lookahead")
     assert len(lh) == 18 and lh[0] == ("lookahead", "A photo of a face")
@@ -87,24 +198,29 @@ def _clip(engine):
 
 
 def test_grid_is_complete_resumes_and_reports(engine, face_path, tmp_path):
-    from lcmla.faces import FaceAnalyzer
+    from lcmla.faces import FaceAnalyzer, FaceIdentity
 
     config = EvalConfig(methods=["baseline", "am2+dcg"], identities=[("astronaut", (str(face_path),))],
                         prompts=[("realistic", "a photo of a face"), ("style", "a pencil sketch; a portrait of a face")],
                         seeds=[0], scales=[0.5, 0.8])
-    calls = []
-    generate = engine.generate
+    calls, analyses = [], []
+    generate, analyze = engine.generate, engine.analyze_faces
 
     def counting(*a, **k):
         calls.append(1)
         return generate(*a, **k)
 
-    engine.generate = counting
+    def analyzing(faces, *a, **k):
+        analyses.append(not isinstance(faces, FaceIdentity))  # generate passes the analysed identity through
+        return analyze(faces, *a, **k)
+
+    engine.generate, engine.analyze_faces = counting, analyzing
     try:
         ev = Evaluation({"base": engine}, [AnalyzerScorer(FaceAnalyzer.haar()), AlwaysAFace()], _clip(engine), None,
                         tmp_path)
         rows = ev.run(config)
         assert len(rows) == 8 and len(calls) == 8 and len({r["key"] for r in rows}) == 8
+        assert sum(analyses) == 1  # the identity's photos are analysed once for all its cells
         r0 = rows[0]
         assert set(r0["metrics"]) >= {"id", "face_found", "clip_t"} and r0["settings"]["identity"]["ip_adapter_scale"] in (0.5, 0.8)
         assert r0["settings"]["guidance"]["dcg"] == (r0["method"] == "am2+dcg")
@@ -120,7 +236,7 @@ def test_grid_is_complete_resumes_and_reports(engine, face_path, tmp_path):
         assert sorted(r["key"] for r in again) == sorted(r["key"] for r in rows)
         assert ev.run(config) and len(calls) == 1  # complete: nothing more
     finally:
-        engine.generate = generate
+        engine.generate, engine.analyze_faces = generate, analyze
     assert not list(tmp_path.glob("results.rank-*.jsonl"))  # merged into results.jsonl
     assert [r["key"] for r in read_rows(tmp_path / "results.jsonl")] == [c.key for c in config.cells()]
     report = write_report(tmp_path, again, {"random_weights": True})
