@@ -261,6 +261,25 @@ def test_a_pass_with_no_lora_then_one_with_a_lora_runs_the_lora_again():
     assert torch.allclose(half, base + 0.5 * (full - base), atol=1e-5)
 
 
+def test_training_runs_without_freeu_even_on_a_pipeline_that_had_it_on(face_path, other_face):
+    """FreeU is an inference knob (SPEC §4): the switcher a training run makes switches it off, so
+    the denoiser predicts what a UNet that never had it predicts."""
+    comps, trainables, objective, collate = _kit()
+    unet = comps.pipe.unet
+    batch = collate(_pairs(face_path, other_face))
+    z = torch.randn(2, 4, RES // 8, RES // 8, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([400, 700])
+    with torch.no_grad():
+        cond, _ = objective.conditions(batch, torch.Generator().manual_seed(0), dropout=False)
+        plain = objective.predict(z, t, cond, None, objective.denoiser_state())
+        unet.enable_freeu(s1=0.9, s2=0.2, b1=1.5, b2=1.6)
+        with_freeu = objective.predict(z, t, cond, None, objective.denoiser_state())
+        objective.switcher = PassSwitcher(comps.pipe, trainable=trainables.params())
+        again = objective.predict(z, t, cond, None, objective.denoiser_state())
+    assert not torch.allclose(with_freeu, plain, atol=1e-4)
+    torch.testing.assert_close(again, plain)
+
+
 def test_gradients_with_checkpointing_equal_without(face_path, other_face):
     pairs = _pairs(face_path, other_face)
     results = []
@@ -286,13 +305,17 @@ def test_the_objective_is_the_spec_equation_replayed_from_its_passes(face_path, 
     (Eq. 3, written out here); the identity loss scores that decode; L = L_diff + λ·α·L_LH."""
     lam, cap = 0.3, 120
     comps, trainables, objective, collate = _kit(text_drop=1.0, identity_drop=1.0, lambda_lookahead=lam,
-                                                 lookahead_max_t=cap)
+                                                 lookahead_max_t=cap, faceid_lora_scale=0.6)
     acp = comps.pipe.scheduler.alphas_cumprod.double()
+    # the two timestep distributions: p(t) ∝ 1 − 0.5·cos(πt/T) over T, 1 − 0.2·cos(πt/M) over M
+    for probs, alpha, span in ((objective.p_t, 0.5, len(acp)), (objective.p_t_lookahead, 0.2, cap)):
+        w = 1 - alpha * torch.cos(math.pi * torch.arange(span, dtype=torch.float64) / span)
+        torch.testing.assert_close(probs, w / w.sum())
     # SDXL's LCM boundary (s = 10, σ_d = 0.5) gives c_skip < 0.003 at every t ≥ 1, so ẑ0 ≈ x̂0 there:
     # a small s makes the c_skip term large enough that a preview without it cannot pass
     objective.lcm_boundary = (0.004, 0.5)
     batch = _batch(objective, collate, _pairs(face_path, other_face))
-    latents, kv_inputs, predicts, decoded, scored = [], [], [], [], []
+    latents, kv_inputs, kv_states, predicts, decoded, scored = [], [], [], [], [], []
     real_latents, real_kv, real_predict, real_decode = objective._latents, objective._kv, objective.predict, comps.taesd.decode
     real_loss = objective.identity_loss
 
@@ -302,7 +325,9 @@ def test_the_objective_is_the_spec_equation_replayed_from_its_passes(face_path, 
 
     def spy_kv(z_ref_t, rows, t, generator):
         kv_inputs.append((z_ref_t.detach().clone(), t.clone()))
-        return real_kv(z_ref_t, rows, t, generator)
+        cache = real_kv(z_ref_t, rows, t, generator)
+        kv_states.append(dict(objective.switcher.current.adapters))  # the state the encoder pass ran in
+        return cache
 
     def spy_predict(z_t, t, cond, cache, state):
         eps = real_predict(z_t, t, cond, cache, state)
@@ -321,7 +346,7 @@ def test_the_objective_is_the_spec_equation_replayed_from_its_passes(face_path, 
     objective._latents, objective._kv, objective.predict = spy_latents, spy_kv, spy_predict
     comps.taesd.decode, objective.identity_loss = spy_decode, spy_loss
     for seed in range(2):
-        latents.clear(), kv_inputs.clear(), predicts.clear(), decoded.clear(), scored.clear()
+        latents.clear(), kv_inputs.clear(), kv_states.clear(), predicts.clear(), decoded.clear(), scored.clear()
         with torch.no_grad():
             loss, logs = objective(batch, torch.Generator().manual_seed(seed))
         (z0, z_ref), ((kv1, kt1), (kv2, kt2)) = latents, kv_inputs
@@ -345,8 +370,10 @@ def test_the_objective_is_the_spec_equation_replayed_from_its_passes(face_path, 
         # the diffusion pass's conditions are dropped (rate 1 here), the lookahead's never
         assert not cond1.prompt_embeds.any() and not cond1.image_embeds.any()
         assert cond2.prompt_embeds.any() and cond2.image_embeds.any()
-        # the LCM-LoRA at α in the lookahead pass only
-        assert "lcm" not in lora1 and lora2["lcm"] == pytest.approx(logs["alpha"])
+        # the KV encoder pass: its own LoRA alone, at 1; the FaceID LoRA at its scale in both
+        # denoiser passes, the LCM-LoRA at α in the lookahead pass only
+        assert kv_states == [{"kv_encoder": 1.0}] * 2
+        assert lora1 == {"faceid": 0.6} and lora2 == {"faceid": 0.6, "lcm": pytest.approx(logs["alpha"])}
         # TAESD decodes the LCM preview of Eq. 3
         s, sigma = objective.lcm_boundary
         st = t2.double().reshape(-1, 1, 1, 1) * s
@@ -466,6 +493,84 @@ def test_dropout_one_gives_the_null_conditions(face_path, other_face, engine):
     assert cond2.prompt_embeds.any() and cond2.image_embeds.any()
 
 
+def test_without_dropout_the_conditions_are_the_engines_at_inference(face_path, other_face, engine):
+    """What the trained parts learn to read is what they get at inference: SDXL's micro-conditioning
+    for a square image of the training resolution (original size, crop (0, 0), target size), and
+    an encoder row with the null identity (zero ID embedding, CLIP of the all-zero input), whatever
+    the sample's own identity."""
+    from lcmla import GenerationSettings
+
+    comps, trainables, objective, collate = _kit()
+    batch = collate(_pairs(face_path, other_face))
+    with torch.no_grad():
+        cond, rows = objective.conditions(batch, torch.Generator().manual_seed(0), dropout=False)
+    settings = GenerationSettings(prompt="a face").replace_dotted({"output.width": RES, "output.height": RES})
+    expected = engine._time_ids(settings).expand(2, -1)
+    assert torch.equal(cond.time_ids, expected) and torch.equal(rows.time_ids, expected)
+    null_ids, null_clip = engine._identity_conditions(None)["null"]
+    assert not rows.image_embeds.any() and rows.image_embeds.shape == cond.image_embeds.shape
+    torch.testing.assert_close(rows.clip_embeds, null_clip.expand_as(rows.clip_embeds), atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(cond.clip_embeds, rows.clip_embeds, atol=1e-3)  # the samples' own identity
+
+
+def test_the_training_ip_scale_weighs_the_identity_tokens(face_path, other_face):
+    """ObjectiveConfig.ip_scale is λ of the decoupled cross-attention in the training passes: at 0
+    the identity tokens have no effect (ε equals that of a batch with other identity conditions)."""
+    import dataclasses
+
+    comps, trainables, objective, collate = _kit(ip_scale=0.0)
+    batch = collate(_pairs(face_path, other_face))
+    with torch.no_grad():
+        cond, _ = objective.conditions(batch, torch.Generator().manual_seed(0), dropout=False)
+        other = dataclasses.replace(cond, image_embeds=cond.image_embeds.flip(0), clip_embeds=cond.clip_embeds.flip(0))
+        z = torch.randn(2, 4, RES // 8, RES // 8, generator=torch.Generator().manual_seed(1))
+        t = torch.tensor([400, 700])
+        eps = [objective.predict(z, t, c, None, objective.denoiser_state()) for c in (cond, other)]
+        torch.testing.assert_close(eps[0], eps[1])
+        objective.config = dataclasses.replace(objective.config, ip_scale=1.0)
+        eps1 = [objective.predict(z, t, c, None, objective.denoiser_state()) for c in (cond, other)]
+    assert not torch.allclose(eps1[0], eps1[1], atol=1e-5)
+
+
+def test_the_kv_encoder_drops_reference_tokens_at_the_configured_rate(face_path, other_face):
+    """ObjectiveConfig.kv_drop (5 % by default) of the reference tokens are dropped in each layer,
+    drawn from the run's generator: at 0 the drop generator changes nothing, above 0 it does."""
+    import dataclasses
+
+    comps, trainables, objective, collate = _kit(kv_drop=0.0)
+    batch = collate(_pairs(face_path, other_face))
+    with torch.no_grad():
+        cond, rows = objective.conditions(batch, torch.Generator().manual_seed(0), dropout=False)
+        z_ref = objective._latents(batch.reference, torch.Generator().manual_seed(5))
+        z = torch.randn(z_ref.shape, generator=torch.Generator().manual_seed(7))
+        t = torch.tensor([300, 600])
+
+        def eps(seed):
+            cache = objective._kv(z_ref, rows, t, torch.Generator().manual_seed(seed))
+            return objective.predict(z, t, cond, cache, objective.denoiser_state())
+
+        torch.testing.assert_close(eps(1), eps(2))
+        objective.config = dataclasses.replace(objective.config, kv_drop=0.3)
+        a, b = eps(1), eps(2)
+    assert not torch.allclose(a, b, atol=1e-6)
+    assert objective.config.kv_drop == 0.3 and ObjectiveConfig().kv_drop == 0.05
+
+
+def test_latents_are_a_posterior_sample_of_the_vae(face_path, other_face):
+    """z0 = (μ + σ·ε)·scaling_factor with ε from the run's generator (diffusers' ``latent_dist.sample``),
+    not the posterior mean."""
+    comps, trainables, objective, collate = _kit()
+    pixels = collate(_pairs(face_path, other_face)).target
+    vae = comps.pipe.vae
+    with torch.no_grad():
+        z = objective._latents(pixels, torch.Generator().manual_seed(3))
+        dist = vae.encode(pixels).latent_dist
+    eps = torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(3))
+    sf = vae.config.scaling_factor
+    torch.testing.assert_close(z, (dist.mean + dist.std * eps) * sf)
+    assert (z - dist.mean * sf).abs().mean() > 0.5 * (dist.std * sf).mean()  # E|ε| = 0.8: far from the mean
+
+
 def test_the_kv_encoder_reads_each_references_own_prompt(face_path, other_face):
     """LCM-Lookahead §4.5: in training the encoder is conditioned on the prompt that made its
     reference (compressed to "a face"), the denoiser on the target's; --kv-prompt fixes one."""
@@ -482,6 +587,14 @@ def test_the_kv_encoder_reads_each_references_own_prompt(face_path, other_face):
         assert torch.equal(rows.prompt_embeds, embeds) and torch.equal(rows.text_embeds, pooled)
         assert torch.equal(cond.prompt_embeds, target_embeds)
         assert not torch.equal(rows.prompt_embeds[0], rows.prompt_embeds[1])
+        # both passes of a step (diffusion, lookahead) give the encoder the references' own prompts
+        seen, real_kv = [], objective._kv
+        objective._kv = lambda z, r, t, g: (seen.append(r.prompt_embeds.clone()), real_kv(z, r, t, g))[1]
+        objective.config = dataclasses.replace(objective.config, text_drop=0.0)
+        batch.reference_id, batch.reference_found = objective.identity_loss.reference(batch.reference)
+        objective(batch, torch.Generator().manual_seed(0))
+        assert len(seen) == 2 and all(torch.equal(p, embeds) for p in seen)
+        objective._kv = real_kv
         objective.config = dataclasses.replace(objective.config, kv_prompt="a photo of a face")
         _, fixed = objective.conditions(batch, torch.Generator().manual_seed(0), dropout=False)
         assert torch.equal(fixed.prompt_embeds, objective._text(["a photo of a face"] * 2)[0])
@@ -618,6 +731,27 @@ def test_collate_gives_pixels_in_minus_one_to_one_the_face_crop_to_clip_and_the_
     assert torch.allclose(face_batch.reference[0], expected.permute(2, 0, 1) / 127.5 - 1)
     # the face framing spans twice the green face (a quarter of its area), the photo framing the whole photo
     assert face_batch.reference[0, 1].mean() == pytest.approx(-0.5, abs=0.05) and photo_batch.reference[0, 1].mean() < -0.8
+
+
+def test_targets_keep_their_aspect_the_shorter_side_fitted_and_the_centre_cut():
+    """A 3:1 target of three vertical colour bands becomes its middle band: the shorter side is
+    resized to the resolution and the square is cut from the centre (diffusers' training default),
+    never squashed, whichever side is longer."""
+    def clip_processor(images, return_tensors):
+        return type("Out", (), {"pixel_values": torch.zeros(len(images), 3, 224, 224)})()
+
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    wide = Image.new("RGB", (96, 32))
+    for i, c in enumerate(colours):
+        wide.paste(c, (32 * i, 0, 32 * (i + 1), 32))
+    tall = wide.rotate(90, expand=True)
+    crop = Image.new("RGB", (224, 224))
+    for target in (wide, tall):
+        sample = PairSample(target, None, crop, np.ones(512, np.float32), target, "a face")
+        out = Collate(16, clip_processor)([sample]).target[0]
+        assert out.shape == (3, 16, 16)
+        centre = out[:, 3:13, 3:13]  # away from the bicubic blend at the band edges
+        assert torch.allclose(centre, torch.tensor([-1.0, 1.0, -1.0]).reshape(3, 1, 1).expand_as(centre), atol=0.02)
 
 
 def test_lora_scale_sampler_honours_p_full():

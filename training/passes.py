@@ -1,10 +1,10 @@
-"""Module state per pass (which LoRAs at which scale, FreeU), kept right under gradient checkpointing.
+"""Module state per pass (which LoRAs at which scale), kept right under gradient checkpointing.
 
-diffusers and peft keep LoRA scales and FreeU factors on modules. A training step runs several
-passes with different states (the KV-encoder pass: the KV-encoder LoRA alone, no FreeU; the
-denoiser pass: the FaceID LoRA; the lookahead pass: FaceID LoRA + LCM-LoRA at α), and gradient
-checkpointing recomputes blocks during backward, when the module state is the LAST pass's. Two
-fixes, both here:
+peft keeps LoRA scales on modules. A training step runs several passes with different states (the
+KV-encoder pass: the KV-encoder LoRA alone; the denoiser pass: the FaceID LoRA; the lookahead
+pass: FaceID LoRA + LCM-LoRA at α), and gradient checkpointing recomputes blocks during backward,
+when the module state is the LAST pass's. No pass of training uses FreeU (an inference knob, SPEC
+§4): the switcher switches it off once, when it is made. Two fixes, both here:
 
 - :meth:`PassSwitcher.set` applies a :class:`PassState` and then sets ``requires_grad`` to what the
   run trains, on every LoRA parameter: peft's ``set_adapters``/``enable_lora`` switch it OFF on the
@@ -28,15 +28,13 @@ import torch
 
 @dataclass(frozen=True)
 class PassState:
-    """The module state of one pass: adapter → scale (adapters left out are off) and FreeU."""
+    """The module state of one pass: adapter → scale (adapters left out are off)."""
 
     adapters: tuple[tuple[str, float], ...] = ()
-    freeu: tuple[float, float, float, float] | None = None  # (s1, s2, b1, b2) or off
 
     @classmethod
-    def of(cls, adapters: dict[str, float] | None = None, freeu=None) -> "PassState":
-        items = tuple(sorted((k, float(v)) for k, v in (adapters or {}).items() if v != 0))
-        return cls(items, None if freeu is None else tuple(float(x) for x in freeu))
+    def of(cls, adapters: dict[str, float] | None = None) -> "PassState":
+        return cls(tuple(sorted((k, float(v)) for k, v in (adapters or {}).items() if v != 0)))
 
 
 @dataclass
@@ -48,6 +46,9 @@ class PassSwitcher:
     current: PassState | None = None
     _lora_disabled: bool = False
     _frozen: tuple[tuple[str, ...], list[torch.nn.Parameter]] | None = None
+
+    def __post_init__(self) -> None:
+        self.pipe.unet.disable_freeu()  # a pipeline that had FreeU switched on trains without it
 
     def _adapter_names(self) -> tuple[str, ...]:
         return tuple(getattr(self.pipe.unet, "peft_config", {}).keys())
@@ -86,12 +87,6 @@ class PassSwitcher:
                 self.pipe.enable_lora()
                 self._lora_disabled = False
             self.pipe.set_adapters(list(active), list(active.values()))
-        unet = self.pipe.unet
-        if state.freeu is None:
-            unet.disable_freeu()
-        else:
-            s1, s2, b1, b2 = state.freeu
-            unet.enable_freeu(s1=s1, s2=s2, b1=b1, b2=b2)
         # peft's set_adapters switches requires_grad off on inactive adapters and on on active ones:
         # put back what the run trains
         for p in self.trainable:
@@ -100,17 +95,6 @@ class PassSwitcher:
             if p.requires_grad:
                 p.requires_grad_(False)
         self.current = state
-
-    @contextlib.contextmanager
-    def applied(self, state: PassState) -> Iterator[None]:
-        """``state`` for the duration of the block, the previous state restored after."""
-        before = self.current
-        self.set(state)
-        try:
-            yield
-        finally:
-            if before is not None:
-                self.set(before)
 
     @contextlib.contextmanager
     def _recomputing(self, state: PassState) -> Iterator[None]:
