@@ -442,8 +442,7 @@ def _group_from_dict(cls: type, data: Mapping[str, Any], name: str) -> Any:
     unknown = sorted(set(data) - known)
     if unknown:
         raise SettingsError(f"unknown setting(s) {', '.join(name + '.' + u for u in unknown)}; known in {name}: {', '.join(sorted(known))}")
-    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()}
-    return cls(**values)
+    return cls(**data)  # each group's checks turn lists into tuples
 
 
 def _plain(value: Any) -> Any:

@@ -21,6 +21,10 @@ BAD = [
     ({"guidance": {"dcg_a": [1.0, math.nan]}}, "guidance.dcg_a[1]"),
     ({"guidance": {"dcg_a": []}}, "guidance.dcg_a"),
     ({"guidance": {"dcg_schedule": "linear"}}, "guidance.dcg_a"),
+    ({"guidance": {"dcg_schedule": "cosine"}}, "two values (start, end) for a cosine schedule"),
+    ({"guidance": {"dcg_schedule": "constant", "dcg_a": [1.0], "dcg_b": [2.0, 3.0]}}, "one value each for a constant"),
+    ({"guidance": {"dcg_a": "1.5, 2"}}, "guidance.dcg_a must be a list of numbers"),
+    ({"output": {"width": 70}}, "output.width must be a multiple of 8 (got 70; try 64 or 72)"),
     ({"guidance": {"rescale_phi": 1.5}}, "guidance.rescale_phi"),
     ({"attention": {"mode": "am3"}}, "attention.mode"),
     ({"attention": {"targets": ["left"]}}, "attention.targets"),
@@ -72,6 +76,36 @@ def test_round_trip_json_and_replace():
         s.replace_dotted({"guidance.nope": 1})
     with pytest.raises(SettingsError, match="version"):
         GenerationSettings.from_dict({**s.to_dict(), "version": 99})
+
+
+def test_values_are_normalised_so_equal_requests_have_equal_settings():
+    """What a JSON file, the CLI or the UI hands in is normalised to one form: whole floats in
+    integer fields become ints, ints in float fields floats, a single number a one-value list,
+    token and step lists sorted. So two spellings of one request give equal JSON (PNG metadata,
+    evaluation cache keys)."""
+    a = GenerationSettings(prompt="x", guidance={"steps": 4.0, "dcg_a": 2, "guidance_scale": 1},
+                           identity={"ip_adapter_scale": 1}, attention={"tokens": (3, 1), "steps": [2, 0]},
+                           output={"width": 512.0})
+    b = GenerationSettings(prompt="x", guidance={"steps": 4, "dcg_a": [2.0], "guidance_scale": 1.0},
+                           identity={"ip_adapter_scale": 1.0}, attention={"tokens": [1, 3], "steps": (0, 2)},
+                           output={"width": 512})
+    assert a.to_json() == b.to_json()
+    assert type(a.guidance.steps) is int and type(a.output.width) is int
+    assert type(a.identity.ip_adapter_scale) is float and type(a.guidance.guidance_scale) is float
+    assert a.guidance.dcg_a == (2.0,) and a.attention.tokens == (1, 3) and a.attention.steps == (0, 2)
+
+
+def test_preview_steps_are_checked_against_the_run():
+    from lcmla.settings import check_preview_steps
+
+    check_preview_steps(None, 4)  # every step
+    check_preview_steps({0, 3}, 4)
+    with pytest.raises(SettingsError, match=r"steps to preview 4 is outside this run's 4 steps.*among 0–3"):
+        check_preview_steps({0, 4}, 4)
+    with pytest.raises(SettingsError, match="steps to preview 5, 7 are outside"):
+        check_preview_steps({7, 5, 1}, 4)
+    with pytest.raises(SettingsError, match="no steps to preview were given; name step indices 0–3"):
+        check_preview_steps(set(), 4)
 
 
 def test_groups_validate_on_their_own():
