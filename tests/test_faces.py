@@ -349,3 +349,101 @@ def test_pack_found_by_name_under_root(tmp_path: Path, tiny_pack: Path, no_netwo
     assert analyzer.model_dir == folder.absolute()
     assert analyzer.detect(FACE_PNG)
     assert no_network == []
+
+
+# --------------------------------------------------------------------------------------------------
+# the corners a mutation audit found untested
+
+
+def _face(box, score):
+    return DetectedFace(bbox=box, kps=np.zeros((5, 2), np.float32), score=score, embedding=np.zeros(512, np.float32),
+                        crop=Image.new("RGB", (CROP_SIZE, CROP_SIZE)))
+
+
+def test_faces_are_ordered_by_size_then_by_score():
+    from lcmla.faces import _sorted_faces
+
+    small_sure, big_unsure, big_sure = _face((0, 0, 10, 10), 0.99), _face((0, 0, 50, 50), 0.4), _face((60, 0, 110, 50), 0.9)
+    assert _sorted_faces([small_sure, big_unsure, big_sure]) == [big_sure, big_unsure, small_sure]
+
+
+def test_a_negative_face_index_is_refused_not_counted_from_the_end(haar: FaceAnalyzer, images: dict[str, Path]):
+    with pytest.raises(ImageError, match=r"face_index -1 is out of range .*2 faces found \(valid indices 0..1"):
+        haar.identity([images["two_faces"]], face_index=-1)
+
+
+def test_huge_photo_boxes_are_in_the_loaded_images_pixels(haar: FaceAnalyzer, images: dict[str, Path]):
+    """Haar runs on a copy shrunk to 1024 px; its boxes are scaled back to the loaded image's pixels:
+    the face of the 4000×3000 photo (loaded at 2048×1536) sits where it sits in face.png, scaled."""
+    (face,) = haar.detect(images["huge"])
+    loaded = load_image(images["huge"])
+    sx, sy = loaded.width / Image.open(FACE_PNG).width, loaded.height / Image.open(FACE_PNG).height
+    cx, cy = _centre(face.bbox)
+    ex, ey = _centre(FACE_BOX)
+    assert abs(cx - ex * sx) < 0.1 * (FACE_BOX[2] - FACE_BOX[0]) * sx and abs(cy - ey * sy) < 0.1 * (FACE_BOX[3] - FACE_BOX[1]) * sy
+    assert face.width > 0.5 * (FACE_BOX[2] - FACE_BOX[0]) * sx
+
+
+def test_haar_scores_grow_with_the_detectors_neighbours(haar: FaceAnalyzer):
+    """score = n/(n + 5) for n ≥ 5 neighbouring detections: in [0.5, 1) for any face Haar reports."""
+    (face,) = haar.detect(FACE_PNG)
+    assert 0.5 <= face.score < 1.0
+
+
+def test_canonical_keypoints_sit_inside_the_box_at_face_proportions():
+    from lcmla.faces import canonical_keypoints
+
+    kps = canonical_keypoints((100.0, 50.0, 200.0, 250.0))
+    np.testing.assert_allclose(kps, [[131, 126], [169, 126], [150, 170], [134, 210], [166, 210]], atol=1e-4)
+
+
+def test_draw_boxes_highlights_the_chosen_face(haar: FaceAnalyzer, images: dict[str, Path]):
+    faces = haar.detect(images["two_faces"])
+    for chosen in (0, 1):
+        drawn = np.asarray(FaceAnalyzer.draw_boxes(images["two_faces"], faces, chosen=chosen))
+        for number, face in enumerate(faces):
+            x1, y1, x2, _ = (int(round(v)) for v in face.bbox)
+            edge = drawn[y1, (x1 + x2) // 2]
+            assert tuple(edge) == ((40, 220, 80) if number == chosen else (255, 150, 0))
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider':UserWarning")
+def test_insightface_runs_on_the_gpu_context_only_when_asked_for_a_gpu(monkeypatch, tiny_pack: Path):
+    """insightface's ``prepare(ctx_id=-1)`` forces the CPU provider: it is passed only for CPU-only
+    provider lists; a CUDA list keeps ctx_id 0 (and onnxruntime's own fallback)."""
+    import insightface.app
+
+    from lcmla.faces import _load_face_analysis
+
+    seen = []
+    real = insightface.app.FaceAnalysis.prepare
+    monkeypatch.setattr(insightface.app.FaceAnalysis, "prepare",
+                        lambda self, ctx_id, **k: (seen.append(ctx_id), real(self, -1, **k))[1])
+    _load_face_analysis(tiny_pack, tiny_pack.parent, ["CPUExecutionProvider"], (640, 640))
+    _load_face_analysis(tiny_pack, tiny_pack.parent, [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"],
+                        (640, 640))
+    assert seen == [-1, 0]
+
+
+def test_a_pack_under_the_root_wins_over_a_folder_of_that_name_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from lcmla.faces import resolve_model_dir
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "buffalo_l").mkdir()
+    root = tmp_path / "home"
+    assert resolve_model_dir("buffalo_l", root) == tmp_path / "buffalo_l"  # only here: used
+    (root / "models" / "buffalo_l").mkdir(parents=True)
+    assert resolve_model_dir("buffalo_l", root) == root / "models" / "buffalo_l"  # under the root: preferred
+    assert resolve_model_dir("./buffalo_l", root) == tmp_path / "buffalo_l"  # a path is a path
+
+
+def test_a_model_package_manifest_counts_as_models(tmp_path: Path):
+    """insightface also reads packs described by a manifest.json (their ONNX files may sit in
+    subfolders): such a folder is not refused as empty."""
+    from lcmla.faces import _check_model_dir
+
+    (tmp_path / "pack").mkdir()
+    with pytest.raises(MissingWeightsError, match="holds no .onnx files"):
+        _check_model_dir(tmp_path / "pack")
+    (tmp_path / "pack" / "manifest.json").write_text("{}")
+    _check_model_dir(tmp_path / "pack")
