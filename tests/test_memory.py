@@ -91,6 +91,66 @@ def test_released_memory_empties_the_cuda_cache_only_on_cuda(monkeypatch):
     assert emptied == [1]
 
 
+def test_released_memory_collects_the_failed_requests_reference_cycles():
+    """A failed request's frames hold its tensors in reference cycles (traceback ↔ frame): they are
+    collected before the next request, not whenever the collector next runs."""
+    import gc
+    import weakref
+
+    from lcmla.memory import release_cached_memory
+
+    class Held:
+        pass
+
+    held = Held()
+    held.self = held  # a cycle: only the collector frees it
+    gone = weakref.ref(held)
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        del held
+        assert gone() is not None
+        release_cached_memory("cpu")
+        assert gone() is None
+    finally:
+        if was:
+            gc.enable()
+
+
+def test_the_offload_chain_sends_the_previous_model_back_when_the_next_one_runs():
+    """The low mode's chain (diffusers' enable_model_cpu_offload mechanism): each model's forward
+    first sends the previous model of the chain back to CPU memory."""
+    from lcmla.memory import _offload_chain
+
+    first, second = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    hooks = _offload_chain([first, None, second], "cpu")
+    assert len(hooks) == 2
+    sent_back = []
+    hooks[0].offload = lambda: sent_back.append("first")
+    hooks[1].offload = lambda: sent_back.append("second")
+    second(torch.zeros(1, 2))
+    assert sent_back == []  # the first model is in CPU memory already: nothing to send back
+    first.to("meta")  # as if it had run on a device (accelerate skips models already on the CPU)
+    second(torch.zeros(1, 2))
+    assert sent_back == ["first"]
+
+
+def test_balanced_mode_moves_the_resident_models_to_the_device_for_good():
+    from lcmla.memory import enable_balanced
+
+    class Spy:
+        def __init__(self):
+            self.moves = []
+
+        def to(self, device):
+            self.moves.append(device)
+            return self
+
+    unet, vae = Spy(), Spy()
+    assert enable_balanced([], [unet, None, vae], "cuda:1") == []
+    assert unet.moves == ["cuda:1"] and vae.moves == ["cuda:1"]
+
+
 @pytest.fixture(scope="module")
 def low_engine(tiny_cache):
     return Engine.load("tiny", device="cpu", memory="low")
