@@ -290,6 +290,53 @@ def test_pareto_plot_data_equal_the_summary_by_hand(tmp_path):
     assert base["ffc_net"] == 1 and base["n"] == 2
 
 
+def test_pareto_points_run_in_scale_order_and_time_counts_generated_images_only():
+    """Records in any order give points sorted by λ; an image scored after a kill (no generation
+    time: ``seconds`` None) leaves the mean time per image to the images that were timed."""
+    rows = [_row("m", 0.8, 0, 0.6, 29.0), _row("m", 0.35, 0, 0.4, 31.0), _row("m", 0.1, 0, 0.2, 33.0),
+            {**_row("m", 0.1, 1, 0.3, 32.0), "seconds": None}, {**_row("m", 0.1, 2, 0.3, 32.0), "seconds": 1.5}]
+    records = summarize(rows)
+    assert [p[0] for p in pareto_points(list(reversed(records)), "net")["m"]] == [0.1, 0.35, 0.8]
+    low = next(r for r in records if (r["scale"], r["prompt_set"]) == (0.1, "all"))
+    assert low["n"] == 3 and low["seconds_per_image"] == pytest.approx((0.5 + 1.5) / 2)
+
+
+def test_the_image_grid_shows_the_scale_nearest_08_and_the_first_seed(tmp_path):
+    """One grid per prompt set: rows = methods, columns = prompts, at the λ nearest 0.8 and the
+    smallest seed of the first identity (each image here is a flat colour naming its cell)."""
+    from lcmla.evaluation.report import image_grid
+
+    rows = []
+    for i, (scale, seed) in enumerate([(0.1, 3), (0.7, 1), (0.95, 1), (0.7, 3), (0.95, 3)]):
+        colour = (40 * i, 255 - 40 * i, 100)
+        Image.new("RGB", (8, 8), colour).save(tmp_path / f"{i}.png")
+        rows.append({**_row("m", scale, seed, 0.5, 30.0), "image": f"{i}.png", "colour": colour})
+    path = image_grid(rows, tmp_path, "realistic", tmp_path / "grid.png", cell=32)
+    sheet = np.asarray(Image.open(path).convert("RGB"))
+    want = next(r["colour"] for r in rows if (r["scale"], r["seed"]) == (0.7, 1))  # |0.7−0.8| < |0.95−0.8|
+    assert tuple(sheet[18 + 48 + 16, 150 + 16]) == want  # the one cell: below the title and head, right of the labels
+    assert image_grid(rows, tmp_path, "style", tmp_path / "none.png") is None
+
+
+def test_the_report_labels_stand_ins_and_prints_no_interval_for_one_image(tmp_path):
+    """A stand-in recognizer's ID is labelled as such (a real one is not); a group of one image has
+    a mean and no ± interval; a metric not computed is a dash."""
+    from lcmla.evaluation.report import _pm, labels
+
+    assert labels({"recognizers": {"haar": False, "dlib": True}}) == {"id_haar": " — stand-in, not a recognizer"}
+    assert labels({"clip_meaningful": True, "recognizers": {"dlib": True}}) == {}
+    assert (_pm(0.5, float("nan")), _pm(0.5, 0.1), _pm(None, None), _pm(float("nan"), 0.1)) == ("0.500", "0.500 ± 0.100", "—", "—")
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    text = write_report(tmp_path, [_row("m", 0.5, 0, 0.25, 30.0)], {"recognizers": {"net": False}}).read_text()
+    assert "**ID net: a stand-in, not a face recognizer**" in text
+    assert "| m | 0.5 | 1 | 0.250 | 0 | 30.000 | — |" in text
+    # a metric that only some groups have (an --aesthetic run resumed over older rows) keeps its column
+    scored = _row("n", 0.5, 0, 0.25, 30.0)
+    scored["metrics"]["aesthetic"] = 6.0
+    text = write_report(tmp_path, [_row("m", 0.5, 0, 0.25, 30.0), scored]).read_text()
+    assert "| aesthetic |" in text and "| m | 0.5 | 1 | 0.250 | 0 | 30.000 | — | — |" in text and "| 6.000 |" in text
+
+
 def test_face_style_and_clip_t_by_hand(engine, face_path):
     """Face-style = 100·cos(CLIP image embedding of the face box's pixels, CLIP text embedding of
     the style part before ';'); CLIP-T the same for the whole image and the whole prompt. Computed
