@@ -161,3 +161,59 @@ def test_describe_source(images: dict[str, Path]):
     with open(images["face"], "rb") as handle:
         assert describe_source(handle) == "face.png"
     assert describe_source(io.BytesIO(b""), 0) == "uploaded image 1"
+
+
+# --------------------------------------------------------------------------------------------------
+# corners found by a mutation audit
+
+
+def test_one_photo_of_any_binary_kind_is_one_photo_and_a_list_is_several():
+    from lcmla.images import as_photo_list
+
+    data = b"\x89PNG..."
+    for one in (data, bytearray(data), memoryview(data), io.BytesIO(data), "a.jpg", Path("a.jpg"),
+                Image.new("RGB", (4, 4)), np.zeros((4, 4, 3), np.uint8)):
+        got = as_photo_list(one)
+        assert len(got) == 1 and got[0] is one, type(one)
+    assert as_photo_list(p for p in ("a.jpg", "b.jpg")) == ["a.jpg", "b.jpg"]  # a generator, read once
+    with pytest.raises(ImageError, match="expected a photo or a list of photos"):
+        as_photo_list(3)
+
+
+def test_a_stream_without_a_real_file_name_is_an_uploaded_image():
+    stream = io.BytesIO(b"")
+    stream.name = "<stdin>"
+    assert describe_source(stream, 0) == "uploaded image 1"
+    stream.name = "/tmp/me.jpg"
+    assert describe_source(stream) == "me.jpg"
+
+
+def test_a_file_opened_in_text_mode_is_refused_with_the_fix(images: dict[str, Path]):
+    with open(images["face"], encoding="latin-1") as text_file:
+        with pytest.raises(ImageError, match=r"was opened in text mode; open the file in binary mode \('rb'\)"):
+            load_image(text_file)
+
+
+def test_a_photo_above_pils_pixel_limit_is_refused_before_it_is_decoded():
+    """PIL only warns between MAX_IMAGE_PIXELS and twice that (it raises above): the warning is
+    an error here too, so a 10000×10000 claim never allocates 100 million pixels."""
+    assert Image.MAX_IMAGE_PIXELS < 10000 * 10000 < 2 * Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ImageError, match="decompression bomb"):
+        load_image(faceutils.bomb_png_bytes(10000, 10000))
+
+
+def test_single_channel_arrays_load_as_grey():
+    ramp = np.tile(np.arange(64, dtype=np.uint8)[None, :, None] * 4, (64, 1, 1))  # (64, 64, 1)
+    rgb = np.asarray(load_image(ramp))
+    assert rgb.shape == (64, 64, 3) and np.array_equal(rgb[..., 1], ramp[..., 0])
+
+
+def test_a_flat_sixteen_bit_image_keeps_its_level_and_nan_pixels_become_the_minimum():
+    """A constant 16-bit image has no range to stretch: it is scaled by 65535 (mid grey stays mid
+    grey, not black). In a float image NaN and ±inf pixels count as 0 and the rest is stretched."""
+    flat = Image.fromarray(np.full((32, 32), 32768, np.uint16))
+    assert np.asarray(to_rgb(flat))[0, 0].tolist() == [128, 128, 128]
+    values = np.tile(np.linspace(0.0, 1.0, 32, dtype=np.float32), (32, 1))
+    values[0, 5], values[1, 6] = np.nan, np.inf
+    out = np.asarray(to_rgb(Image.fromarray(values)))[..., 0]
+    assert out[5, 31] == 255 and out[5, 0] == 0 and out[0, 5] == 0 and out[1, 6] == 0
