@@ -3,7 +3,8 @@
 Order for each repository:
 1. ``weights_dir/<org>/<name>/`` when the user gave a folder (``--weights-dir`` or ``LCMLA_WEIGHTS``);
 2. the Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``), without touching the network;
-3. a download, only when ``allow_download`` is true and ``HF_HUB_OFFLINE`` is not set.
+3. a download, only when ``allow_download`` is true and ``HF_HUB_OFFLINE`` is not set (of every
+   file of the repository's role, so that they share one snapshot folder).
 
 If anything is still missing, one ``MissingWeightsError`` lists every missing file and the exact
 command that fetches it. Nothing happens at import time.
@@ -92,8 +93,10 @@ def resolve_files(
         else:
             root, missing = _from_hf_cache(repo, files)
             if missing and download:
-                got, missing = _download(repo, missing)
-                root = root or got
+                # every file of the role, not only the missing ones: they must share one snapshot
+                # folder, and a cached older revision would otherwise hold some and the new one the
+                # rest (hf_hub_download fetches only what the current revision lacks)
+                root, missing = _download(repo, list(files))
         if missing:
             problems.append((repo, missing))
         else:

@@ -61,3 +61,49 @@ def test_offline_never_downloads(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", boom)
     with pytest.raises(MissingWeightsError, match="unset HF_HUB_OFFLINE"):
         resolve_files({"faceid": (FACEID_REPO, (FACEID_WEIGHTS,))}, allow_download=True)
+
+
+def test_hub_offline_reads_the_usual_spellings(monkeypatch):
+    from lcmla.weights import hub_offline
+
+    for value, offline in (("1", True), ("true", True), (" YES ", True), ("On", True), ("0", False), ("", False),
+                           ("false", False)):
+        monkeypatch.setenv("HF_HUB_OFFLINE", value)
+        assert hub_offline() is offline, value
+
+
+def test_a_download_puts_every_file_of_a_role_in_one_snapshot(tmp_path, monkeypatch):
+    """The cache holds one file of a role at an older revision; the download fetches the role's
+    files at the current one (nested names too) and the role resolves to that snapshot folder,
+    which holds them all (not to the old snapshot, which lacks the downloaded file)."""
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    old, new = tmp_path / "snapshots" / "old", tmp_path / "snapshots" / "new"
+    files = ("model.safetensors", "sub/config.json")
+    _touch(old / files[0])
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache",
+                        lambda repo, name: str(old / name) if (old / name).is_file() else None)
+    fetched = []
+
+    def download(repo, name):
+        fetched.append(name)
+        _touch(new / name)
+        return str(new / name)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    got = resolve_files({"unet": ("org/model", files)}, allow_download=True)
+    assert got == {"unet": new} and all((new / f).is_file() for f in files)
+    assert fetched == list(files)
+
+
+def test_a_preset_adds_taesd_on_request_and_leaves_out_excluded_roles(monkeypatch):
+    import lcmla.weights as weights
+
+    seen = {}
+    monkeypatch.setattr(weights, "resolve_files", lambda required, **k: seen.setdefault("roles", set(required)))
+    preset = PRESETS["hyper-sdxl-4step"]
+    roles = set(preset.required_files("fp16"))
+    assert "faceid" in roles and "taesd" not in roles
+    resolve_preset(preset, variant="fp16", with_taesd=True, exclude=("faceid",))
+    assert seen["roles"] == (roles - {"faceid"}) | {"taesd"}
