@@ -60,10 +60,10 @@ def encoder_lora_targets(unet, design: str) -> list[str]:
     return [n for n, _ in unet.named_modules() if pattern.match(n) and not (skip and n.startswith(skip))]
 
 
-def add_kv_encoder_lora(unet, rank: int = 4, adapter_name: str = ADAPTER_NAME, design: str = "kv-copy",
-                        kv_copy_rank: int | None = None):
+def add_kv_encoder_lora(unet, rank: int = 4, adapter_name: str = ADAPTER_NAME, design: str = "kv-copy"):
     """Add a fresh KV-encoder LoRA adapter (peft) to ``unet`` — B starts at zero (no effect) — and,
-    for the "kv-copy" design, a fresh KV-copy LoRA on every self-attention processor."""
+    for the "kv-copy" design, a fresh KV-copy LoRA of the same rank on every self-attention
+    processor (the authors' design: both rank 4)."""
     import warnings
 
     from peft import LoraConfig
@@ -78,7 +78,7 @@ def add_kv_encoder_lora(unet, rank: int = 4, adapter_name: str = ADAPTER_NAME, d
     if design == "kv-copy":
         from .attention.kv_copy import add_kv_copy
 
-        add_kv_copy(unet, kv_copy_rank or rank)
+        add_kv_copy(unet, rank)
     return config
 
 
@@ -132,17 +132,17 @@ def read_kv_lora_metadata(path: str | Path) -> dict[str, str]:
         raise LcmlaError(f"KV-encoder LoRA {str(path)!r} does not exist; pass the kv_encoder_lora.safetensors that "
                          "`python -m training train` wrote into its --output-dir, or that `python -m lcmla "
                          "convert-lookahead` wrote from the authors' checkpoint")
+    authors = (" (an LCM-Lookahead authors' checkpoint? convert it with `python -m lcmla convert-lookahead`)"
+               if path.suffix in (".pt", ".bin") else "")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
             keys = list(f.keys())
-    except Exception as exc:  # not a safetensors file
-        raise LcmlaError(f"{str(path)!r} is not a safetensors file ({exc})") from None
+    except Exception as exc:  # not a safetensors file: the authors' checkpoints are torch pickles
+        raise LcmlaError(f"{str(path)!r} is not a safetensors file ({exc}){authors}") from None
     if meta.get("format") != FORMAT:
         adapter = any(k.startswith(("image_proj.", "ip_adapter.")) for k in keys)
-        hint = (" (an LCM-Lookahead authors' checkpoint? convert it with `python -m lcmla convert-lookahead`)"
-                if path.suffix in (".pt", ".bin") else
-                " (it is an IP-Adapter checkpoint: pass it with --adapter)" if adapter else "")
+        hint = authors or (" (it is an IP-Adapter checkpoint: pass it with --adapter)" if adapter else "")
         raise LcmlaError(f"{str(path)!r} is not an lcmla KV-encoder LoRA (metadata format={meta.get('format')!r}){hint}")
     if meta.get("version") not in READABLE_VERSIONS:
         raise LcmlaError(f"{str(path)!r} has KV-encoder LoRA version {meta.get('version')!r}; this lcmla reads "

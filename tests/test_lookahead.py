@@ -363,6 +363,13 @@ def test_kv_encoder_lora_round_trip_and_encoder_only(engine, face_path, tmp_path
     assert not [m for m in said if "No LoRA keys" in m]  # the text encoders have none: nothing to say
     loaded = kv_lora_state_dict(e2.pipe.unet)
     assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+
+    def alpha_over_rank(u):  # the file stores no alpha: B·A must apply unscaled, before and after
+        return {n: m.lora_alpha["kv_encoder"] / m.r["kv_encoder"] for n, m in u.named_modules()
+                if isinstance(getattr(m, "lora_alpha", None), dict) and "kv_encoder" in m.lora_alpha}
+
+    made = alpha_over_rank(unet)
+    assert made and made == alpha_over_rank(e2.pipe.unet) and set(made.values()) == {1.0}
     s = _settings()
     plain = e2.generate(s, [face_path])  # the LoRA acts on the KV path only: off, the same image, and a note says so
     assert np.array_equal(_px(plain.images[0]), _px(engine.generate(s, [face_path]).images[0]))
@@ -450,6 +457,15 @@ def test_a_kv_lora_of_another_version_or_with_copies_for_missing_layers_is_refus
     save_file({"unet.x.lora_A.weight": torch.zeros(4, 8)}, str(future), metadata={"format": FORMAT, "version": "3"})
     with pytest.raises(LcmlaError, match=r"has KV-encoder LoRA version '3'; this lcmla reads 1, 2"):
         read_kv_lora_metadata(future)
+    pickled = tmp_path / "pytorch_lora_weights.bin"  # what the authors' training writes: a torch pickle
+    torch.save({"unet.x.lora_A.weight": torch.zeros(4, 8)}, pickled)
+    with pytest.raises(LcmlaError, match=r"is not a safetensors file .*authors' checkpoint\? convert it with "
+                                         r"`python -m lcmla convert-lookahead`"):
+        read_kv_lora_metadata(pickled)
+    renamed = tmp_path / "adapter.pt"  # a safetensors file of another kind, named like theirs
+    save_file({"x": torch.zeros(1)}, str(renamed))
+    with pytest.raises(LcmlaError, match=r"is not an lcmla KV-encoder LoRA .*convert-lookahead"):
+        read_kv_lora_metadata(renamed)
     unet = load_components(PRESETS["tiny"], tiny_paths()).pipe.unet
     install_processors(unet)
     add_kv_encoder_lora(unet, rank=4, design="kv-copy")
@@ -468,6 +484,44 @@ def test_a_kv_lora_of_another_version_or_with_copies_for_missing_layers_is_refus
     install_processors(pipe.unet)
     with pytest.raises(LcmlaError, match=r"has KV-copy weights for layers this UNet lacks, e\.g\. up_blocks\.9\."):
         load_kv_encoder_lora(pipe, bad)
+
+
+def test_a_kv_copy_lora_loads_at_its_own_rank_partial_and_frozen(tmp_path):
+    """A checkpoint's KV copies load at the rank its metadata names (here 2, not the default 4);
+    layers it has no copy weights for keep a zero update; and the loaded copies are frozen
+    (inference weights; a training run that continues them unfreezes what it trains)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from lcmla.attention.kv_copy import kv_copies
+    from lcmla.attention.processors import install_processors
+    from lcmla.kv_lora import add_kv_encoder_lora, load_kv_encoder_lora, save_kv_encoder_lora
+    from lcmla.loading import load_components
+    from lcmla.presets import PRESETS
+    from lcmla.tiny import tiny_paths
+
+    unet = load_components(PRESETS["tiny"], tiny_paths()).pipe.unet
+    install_processors(unet)
+    add_kv_encoder_lora(unet, rank=2, design="kv-copy")
+    torch.manual_seed(0)
+    for copy in kv_copies(unet).values():
+        torch.nn.init.normal_(copy.to_k.lora_B.weight, std=0.5)
+    path = save_kv_encoder_lora(unet, tmp_path / "kv.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["kv_copy_rank"] == "2"
+    state = load_file(str(path))
+    dropped = sorted(k[len("kv_copy."):].split(".to_")[0] for k in state if k.startswith("kv_copy."))[0]
+    partial = tmp_path / "partial.safetensors"
+    save_file({k: v for k, v in state.items() if not k.startswith(f"kv_copy.{dropped}.")}, str(partial), metadata=meta)
+    pipe = load_components(PRESETS["tiny"], tiny_paths()).pipe
+    install_processors(pipe.unet)
+    load_kv_encoder_lora(pipe, partial)
+    loaded = {n[: -len(".processor")]: c for n, c in kv_copies(pipe.unet).items()}
+    assert loaded[dropped].to_k.lora_A.weight.shape[0] == 2 and not loaded[dropped].to_k.lora_B.weight.any()
+    others = [c for n, c in loaded.items() if n != dropped]
+    assert others and all(c.to_k.lora_B.weight.any() for c in others)
+    assert not any(p.requires_grad for c in loaded.values() for p in c.parameters())
 
 
 def test_kv_copy_design_equals_the_encoders_own_kv_until_trained(engine, face_path):
