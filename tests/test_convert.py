@@ -19,7 +19,7 @@ RANK = 4
 TOKENS = 16  # the authors' IP-Adapter Plus-Face: 16 tokens
 
 
-def _authors_checkpoint(seed: int = 0) -> dict[str, torch.Tensor]:
+def _authors_checkpoint(seed: int = 0, copy_rank: int = RANK) -> dict[str, torch.Tensor]:
     """A tiny state dict laid out like the authors' ``IPAdapterPlusXL(encoder_unet, ...)`` saves it:
     per transformer block the encoder's base attention weights and LoRA (attn1/attn2 q/k/v/out,
     ``lora_layer.down/up``; none in the last block, which their ``get_lora_injection_modules``
@@ -57,8 +57,8 @@ def _authors_checkpoint(seed: int = 0) -> dict[str, torch.Tensor]:
                 sd[f"encoder_unet.{block}.{copy}.source_attention_block.{k}"] = v
         for proj in ("to_k", "to_v"):
             sd[f"encoder_unet.{block}.extract_kv1.{proj}.weight"] = getattr(attn1, proj).weight.detach().clone()
-            sd[f"encoder_unet.{block}.extract_kv1.{proj}.lora_layer.down.weight"] = rnd(RANK, c)
-            sd[f"encoder_unet.{block}.extract_kv1.{proj}.lora_layer.up.weight"] = rnd(c, RANK)
+            sd[f"encoder_unet.{block}.extract_kv1.{proj}.lora_layer.down.weight"] = rnd(copy_rank, c)
+            sd[f"encoder_unet.{block}.extract_kv1.{proj}.lora_layer.up.weight"] = rnd(c, copy_rank)
             sd[f"encoder_unet.{block}.extract_kv2.{proj}.weight"] = rnd(c, cross, s=0.1)
     dim, emb, heads = 64, TINY_VISION["hidden_size"], 1  # the authors: dim 1280, 20 heads of 64
     p = "image_proj_model."
@@ -203,6 +203,35 @@ def test_convert_refuses_other_files(tmp_path):
         convert_lookahead_checkpoint(tmp_path / "empty.pt", tmp_path / "out", unet_config=TINY_UNET)
     with pytest.raises(LcmlaError, match="is a folder, not a file; pass the authors' model_ckpt.pt"):
         convert_lookahead_checkpoint(tmp_path, tmp_path / "out", unet_config=TINY_UNET)
+
+
+def test_convert_reads_a_wrapped_state_dict_and_keeps_the_copies_rank(tmp_path):
+    """A checkpoint saved as {"state_dict": ...} converts like the bare one; KV copies of another
+    rank than the encoder LoRA's are written with that rank in the metadata (and load at it)."""
+    from lcmla.kv_lora import read_kv_lora_metadata
+
+    sd = _authors_checkpoint(copy_rank=2)
+    torch.save({"state_dict": sd, "step": 100}, tmp_path / "wrapped.pt")
+    paths = convert_lookahead_checkpoint(tmp_path / "wrapped.pt", tmp_path / "out", unet_config=TINY_UNET)
+    meta = read_kv_lora_metadata(paths["kv_lora"])
+    assert (meta["rank"], meta["kv_copy_rank"]) == (str(RANK), "2")
+
+
+def test_split_refuses_checkpoints_that_do_not_fit(tmp_path):
+    names = attention_processor_names(TINY_UNET)
+    sd = _authors_checkpoint()
+    no_resampler = {k: v for k, v in sd.items() if not k.startswith("image_proj_model.")}
+    torch.save(no_resampler, tmp_path / "half.pt")
+    with pytest.raises(LcmlaError, match="not an LCM-Lookahead checkpoint"):
+        convert_lookahead_checkpoint(tmp_path / "half.pt", tmp_path / "out", unet_config=TINY_UNET)
+    key = next(k for k in sd if k.endswith(".extract_kv2.to_k.weight"))
+    block = key[len("encoder_unet."):].split(".extract_kv2.")[0]
+    other = {**sd, key.replace(block, "up_blocks.7.attentions.0.transformer_blocks.0"): sd[key]}
+    with pytest.raises(LcmlaError, match=r"layer up_blocks\.7\.attentions\.0\.transformer_blocks\.0 is not in this UNet"):
+        split_authors_state(other, names)
+    untrained = {k: v for k, v in sd.items() if "lora_layer" not in k and ".extract_kv1." not in k}
+    with pytest.raises(LcmlaError, match="no adapter K/V .* or no encoder LoRA; nothing to convert"):
+        split_authors_state(untrained, names)
 
 
 def test_cli_convert(tmp_path):
