@@ -10,7 +10,6 @@ known point of its work instead of after a guessed time.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,10 +22,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def portraits() -> list[Image.Image]:
-    import matplotlib
+    from faceutils import face_image
+    from faceutils import portraits as public_domain
 
-    hopper = Image.open(os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")).convert("RGB")
-    return [Image.open(ROOT / "assets" / "face.png").convert("RGB"), hopper]
+    return [face_image(), public_domain()["hopper"]]
 
 
 def fake_render(delay: float = 0.0, trace: bool = False):

@@ -310,6 +310,19 @@ def face_image():
         return image.convert("RGB")
 
 
+def portraits() -> dict:
+    """The two public-domain portraits on every machine as RGB PIL images: scikit-image's
+    ``astronaut`` (512×512) and matplotlib's ``grace_hopper.jpg`` (512×600)."""
+    import os
+
+    import matplotlib
+    import skimage.data
+    from PIL import Image
+
+    with Image.open(os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")) as hopper:
+        return {"astronaut": Image.fromarray(skimage.data.astronaut()), "hopper": hopper.convert("RGB")}
+
+
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 

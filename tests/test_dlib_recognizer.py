@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import faceutils
 import numpy as np
 import pytest
 import torch
@@ -17,11 +18,7 @@ REF = json.loads((DATA / "dlib_reference.json").read_text())
 
 
 def _portraits():
-    import matplotlib
-    import skimage.data
-
-    hopper = Image.open(os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")).convert("RGB")
-    return {"astronaut": skimage.data.astronaut(), "hopper": np.asarray(hopper)}
+    return {name: np.asarray(img) for name, img in faceutils.portraits().items()}
 
 
 @pytest.fixture(scope="module")

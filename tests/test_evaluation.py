@@ -88,13 +88,9 @@ def test_face_crops_are_clipped_to_the_image_and_empty_boxes_give_none():
 
 def _two_faces(big: str):
     """One canvas holding both portraits, ``big`` at full size and the other at 256 px wide."""
-    import os
+    from faceutils import portraits
 
-    import matplotlib
-    import skimage.data
-
-    photos = {"astronaut": Image.fromarray(skimage.data.astronaut()),
-              "hopper": Image.open(os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")).convert("RGB")}
+    photos = portraits()
     large, small = photos.pop(big), next(iter(photos.values()))
     canvas = Image.new("RGB", (large.width + 300, large.height), (128, 128, 128))
     canvas.paste(large, (0, 0))
@@ -128,7 +124,9 @@ def test_the_dlib_scorer_scores_the_largest_face_with_its_identity():
     box, embedding = scorer.face(canvas)
     assert box == found[0].box
     np.testing.assert_allclose(embedding, faces.embed(np.asarray(canvas), found[0]), atol=1e-6)
-    refs = {name: reference_embedding(scorer, [_two_faces(name).crop((0, 0, 512, 512))]) for name in ("astronaut", "hopper")}
+    from faceutils import portraits
+
+    refs = {name: reference_embedding(scorer, [photo]) for name, photo in portraits().items()}
     same, other = (id_score(scorer, refs[n], canvas)[0] for n in ("astronaut", "hopper"))
     assert same > 0.99 and other < same - 0.1  # dlib puts different people at cosines near 0.85
     assert scorer.face(Image.new("RGB", (200, 200), (128, 128, 128))) is None
