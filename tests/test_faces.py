@@ -417,8 +417,12 @@ def test_insightface_runs_on_the_gpu_context_only_when_asked_for_a_gpu(monkeypat
 
     seen = []
     real = insightface.app.FaceAnalysis.prepare
-    monkeypatch.setattr(insightface.app.FaceAnalysis, "prepare",
-                        lambda self, ctx_id, **k: (seen.append(ctx_id), real(self, -1, **k))[1])
+
+    def prepare(self, ctx_id, **kwargs):
+        seen.append(ctx_id)
+        return real(self, -1, **kwargs)  # this machine has no GPU: prepare on the CPU
+
+    monkeypatch.setattr(insightface.app.FaceAnalysis, "prepare", prepare)
     _load_face_analysis(tiny_pack, tiny_pack.parent, ["CPUExecutionProvider"], (640, 640))
     _load_face_analysis(tiny_pack, tiny_pack.parent, [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"],
                         (640, 640))

@@ -236,6 +236,12 @@ def _grads(trainables):
     return {n: (None if p.grad is None else p.grad.detach().clone()) for n, p in trainables.named()}
 
 
+def _eps_at_fixed_input(objective, cond, cache=None):
+    """The denoiser's ε for the two samples of ``cond`` on one fixed noisy latent and timesteps."""
+    z = torch.randn(2, 4, RES // 8, RES // 8, generator=torch.Generator().manual_seed(1))
+    return objective.predict(z, torch.tensor([400, 700]), cond, cache, objective.denoiser_state())
+
+
 def test_a_pass_with_no_lora_then_one_with_a_lora_runs_the_lora_again():
     """The KV pass of a kit without FaceID LoRA can switch every adapter off (disable_lora); the
     next pass that names a LoRA must switch them back on, at its own scale, or it runs the base
@@ -265,17 +271,14 @@ def test_training_runs_without_freeu_even_on_a_pipeline_that_had_it_on(face_path
     """FreeU is an inference knob (SPEC §4): the switcher a training run makes switches it off, so
     the denoiser predicts what a UNet that never had it predicts."""
     comps, trainables, objective, collate = _kit()
-    unet = comps.pipe.unet
     batch = collate(_pairs(face_path, other_face))
-    z = torch.randn(2, 4, RES // 8, RES // 8, generator=torch.Generator().manual_seed(1))
-    t = torch.tensor([400, 700])
     with torch.no_grad():
         cond, _ = objective.conditions(batch, torch.Generator().manual_seed(0), dropout=False)
-        plain = objective.predict(z, t, cond, None, objective.denoiser_state())
-        unet.enable_freeu(s1=0.9, s2=0.2, b1=1.5, b2=1.6)
-        with_freeu = objective.predict(z, t, cond, None, objective.denoiser_state())
+        plain = _eps_at_fixed_input(objective, cond)
+        comps.pipe.unet.enable_freeu(s1=0.9, s2=0.2, b1=1.5, b2=1.6)
+        with_freeu = _eps_at_fixed_input(objective, cond)  # the same pass state: the switcher leaves it on
         objective.switcher = PassSwitcher(comps.pipe, trainable=trainables.params())
-        again = objective.predict(z, t, cond, None, objective.denoiser_state())
+        again = _eps_at_fixed_input(objective, cond)
     assert not torch.allclose(with_freeu, plain, atol=1e-4)
     torch.testing.assert_close(again, plain)
 
@@ -523,12 +526,10 @@ def test_the_training_ip_scale_weighs_the_identity_tokens(face_path, other_face)
     with torch.no_grad():
         cond, _ = objective.conditions(batch, torch.Generator().manual_seed(0), dropout=False)
         other = dataclasses.replace(cond, image_embeds=cond.image_embeds.flip(0), clip_embeds=cond.clip_embeds.flip(0))
-        z = torch.randn(2, 4, RES // 8, RES // 8, generator=torch.Generator().manual_seed(1))
-        t = torch.tensor([400, 700])
-        eps = [objective.predict(z, t, c, None, objective.denoiser_state()) for c in (cond, other)]
+        eps = [_eps_at_fixed_input(objective, c) for c in (cond, other)]
         torch.testing.assert_close(eps[0], eps[1])
         objective.config = dataclasses.replace(objective.config, ip_scale=1.0)
-        eps1 = [objective.predict(z, t, c, None, objective.denoiser_state()) for c in (cond, other)]
+        eps1 = [_eps_at_fixed_input(objective, c) for c in (cond, other)]
     assert not torch.allclose(eps1[0], eps1[1], atol=1e-5)
 
 
@@ -589,7 +590,12 @@ def test_the_kv_encoder_reads_each_references_own_prompt(face_path, other_face):
         assert not torch.equal(rows.prompt_embeds[0], rows.prompt_embeds[1])
         # both passes of a step (diffusion, lookahead) give the encoder the references' own prompts
         seen, real_kv = [], objective._kv
-        objective._kv = lambda z, r, t, g: (seen.append(r.prompt_embeds.clone()), real_kv(z, r, t, g))[1]
+
+        def spy_kv(z_ref_t, rows, t, generator):
+            seen.append(rows.prompt_embeds.clone())
+            return real_kv(z_ref_t, rows, t, generator)
+
+        objective._kv = spy_kv
         objective.config = dataclasses.replace(objective.config, text_drop=0.0)
         batch.reference_id, batch.reference_found = objective.identity_loss.reference(batch.reference)
         objective(batch, torch.Generator().manual_seed(0))
