@@ -9,6 +9,7 @@ from PIL import Image
 from util import logged_messages
 from util import make_settings as _settings
 from util import px as _px
+from util import tiny_components
 
 from lcmla import SettingsError
 from lcmla.attention.context import AMPlan, AttentionContext, KVCache
@@ -332,19 +333,14 @@ def test_previews_stream_both_previews(engine, face_path):
 def test_kv_encoder_lora_round_trip_and_encoder_only(engine, face_path, tmp_path, design):
     from lcmla import Engine
     from lcmla.attention.kv_copy import kv_copies
-    from lcmla.attention.processors import install_processors
     from lcmla.kv_lora import (
         add_kv_encoder_lora,
         kv_lora_state_dict,
         read_kv_lora_metadata,
         save_kv_encoder_lora,
     )
-    from lcmla.loading import load_components
-    from lcmla.presets import PRESETS
-    from lcmla.tiny import tiny_paths
 
-    unet = load_components(PRESETS["tiny"], tiny_paths()).pipe.unet
-    install_processors(unet)
+    unet = tiny_components().pipe.unet
     add_kv_encoder_lora(unet, rank=4, design=design)
     torch.manual_seed(0)
     for m in unet.modules():
@@ -393,14 +389,9 @@ def test_version_1_kv_encoder_lora_reads_as_the_encoder_design(engine, face_path
 
     from lcmla import Engine
     from lcmla.attention.kv_copy import kv_copies
-    from lcmla.attention.processors import install_processors
     from lcmla.kv_lora import TARGET_MODULES, add_kv_encoder_lora, kv_lora_state_dict, read_kv_lora_metadata
-    from lcmla.loading import load_components
-    from lcmla.presets import PRESETS
-    from lcmla.tiny import tiny_paths
 
-    unet = load_components(PRESETS["tiny"], tiny_paths()).pipe.unet
-    install_processors(unet)
+    unet = tiny_components().pipe.unet
     add_kv_encoder_lora(unet, rank=4, design="encoder")
     torch.manual_seed(0)
     for m in unet.modules():
@@ -446,12 +437,8 @@ def test_the_kv_copy_design_leaves_the_last_transformer_block_out_of_the_encoder
 def test_a_kv_lora_of_another_version_or_with_copies_for_missing_layers_is_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from lcmla.attention.processors import install_processors
     from lcmla.errors import LcmlaError
     from lcmla.kv_lora import FORMAT, add_kv_encoder_lora, load_kv_encoder_lora, read_kv_lora_metadata, save_kv_encoder_lora
-    from lcmla.loading import load_components
-    from lcmla.presets import PRESETS
-    from lcmla.tiny import tiny_paths
 
     future = tmp_path / "future.safetensors"
     save_file({"unet.x.lora_A.weight": torch.zeros(4, 8)}, str(future), metadata={"format": FORMAT, "version": "3"})
@@ -466,8 +453,7 @@ def test_a_kv_lora_of_another_version_or_with_copies_for_missing_layers_is_refus
     save_file({"x": torch.zeros(1)}, str(renamed))
     with pytest.raises(LcmlaError, match=r"is not an lcmla KV-encoder LoRA .*convert-lookahead"):
         read_kv_lora_metadata(renamed)
-    unet = load_components(PRESETS["tiny"], tiny_paths()).pipe.unet
-    install_processors(unet)
+    unet = tiny_components().pipe.unet
     add_kv_encoder_lora(unet, rank=4, design="kv-copy")
     path = save_kv_encoder_lora(unet, tmp_path / "kv.safetensors", training={"steps": 1})
     from safetensors import safe_open
@@ -480,8 +466,7 @@ def test_a_kv_lora_of_another_version_or_with_copies_for_missing_layers_is_refus
     state[some.replace(layer, "up_blocks.9.attentions.0.transformer_blocks.0")] = state[some].clone()
     bad = tmp_path / "bad.safetensors"
     save_file(state, str(bad), metadata=meta)
-    pipe = load_components(PRESETS["tiny"], tiny_paths()).pipe
-    install_processors(pipe.unet)
+    pipe = tiny_components().pipe
     with pytest.raises(LcmlaError, match=r"has KV-copy weights for layers this UNet lacks, e\.g\. up_blocks\.9\."):
         load_kv_encoder_lora(pipe, bad)
 
@@ -494,14 +479,9 @@ def test_a_kv_copy_lora_loads_at_its_own_rank_partial_and_frozen(tmp_path):
     from safetensors.torch import load_file, save_file
 
     from lcmla.attention.kv_copy import kv_copies
-    from lcmla.attention.processors import install_processors
     from lcmla.kv_lora import add_kv_encoder_lora, load_kv_encoder_lora, save_kv_encoder_lora
-    from lcmla.loading import load_components
-    from lcmla.presets import PRESETS
-    from lcmla.tiny import tiny_paths
 
-    unet = load_components(PRESETS["tiny"], tiny_paths()).pipe.unet
-    install_processors(unet)
+    unet = tiny_components().pipe.unet
     add_kv_encoder_lora(unet, rank=2, design="kv-copy")
     torch.manual_seed(0)
     for copy in kv_copies(unet).values():
@@ -514,8 +494,7 @@ def test_a_kv_copy_lora_loads_at_its_own_rank_partial_and_frozen(tmp_path):
     dropped = sorted(k[len("kv_copy."):].split(".to_")[0] for k in state if k.startswith("kv_copy."))[0]
     partial = tmp_path / "partial.safetensors"
     save_file({k: v for k, v in state.items() if not k.startswith(f"kv_copy.{dropped}.")}, str(partial), metadata=meta)
-    pipe = load_components(PRESETS["tiny"], tiny_paths()).pipe
-    install_processors(pipe.unet)
+    pipe = tiny_components().pipe
     load_kv_encoder_lora(pipe, partial)
     loaded = {n[: -len(".processor")]: c for n, c in kv_copies(pipe.unet).items()}
     assert loaded[dropped].to_k.lora_A.weight.shape[0] == 2 and not loaded[dropped].to_k.lora_B.weight.any()

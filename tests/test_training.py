@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
+from util import tiny_components
 
 from training.data import Collate, PairSample, batch_order
 from training.identity_loss import IdentityLoss, fixed_landmarks
@@ -196,22 +197,10 @@ def _pairs(face_path, other_face, n=2):
     return out
 
 
-def _tiny_components(**kwargs):
-    """The tiny preset's components with lcmla's attention processors on the UNet."""
-    from lcmla.attention.processors import install_processors
-    from lcmla.loading import load_components
-    from lcmla.presets import PRESETS
-    from lcmla.tiny import tiny_paths
-
-    comps = load_components(PRESETS["tiny"], tiny_paths(), **kwargs)
-    install_processors(comps.pipe.unet)
-    return comps
-
-
 def _kit(parts=("proj", "ip-kv", "kv-lora"), checkpointing=False, **cfg):
     from training.model import setup_trainables
 
-    comps = _tiny_components(lcm_lora=True)
+    comps = tiny_components(lcm_lora=True)
     pipe = comps.pipe
     pipe.unet.encoder_hid_proj.image_projection_layers[0].shortcut = True
     torch.manual_seed(0)  # the new LoRAs' A matrices are random: every kit gets the same
@@ -789,7 +778,7 @@ def test_setup_freezes_everything_else_trains_every_kv_lora_tensor_in_float32():
     from lcmla.kv_lora import ADAPTER_NAME, encoder_lora_targets
     from training.model import setup_trainables
 
-    pipe = _tiny_components().pipe
+    pipe = tiny_components().pipe
     pipe.unet.to(torch.bfloat16)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         module.requires_grad_(True)
@@ -965,7 +954,7 @@ def test_setup_continues_a_loaded_kv_lora_and_refuses_a_faceid_lora_that_is_not_
     from lcmla.kv_lora import ADAPTER_NAME, add_kv_encoder_lora
     from training.model import setup_trainables
 
-    pipe = _tiny_components().pipe
+    pipe = tiny_components().pipe
     add_kv_encoder_lora(pipe.unet, rank=4, design="kv-copy")  # as --kv-lora FILE loads it
     with torch.no_grad():
         for n, p in pipe.unet.named_parameters():

@@ -47,6 +47,19 @@ def logged_messages(*logger_names: str) -> Iterator[list[str]]:
             logger.removeHandler(handler)
 
 
+def tiny_components(**kwargs):
+    """The tiny preset's components (``load_components``'s keywords, e.g. ``lcm_lora=True``) with
+    lcmla's attention processors on the UNet: a fresh copy a test may change."""
+    from lcmla.attention.processors import install_processors
+    from lcmla.loading import load_components
+    from lcmla.presets import PRESETS
+    from lcmla.tiny import tiny_paths
+
+    comps = load_components(PRESETS["tiny"], tiny_paths(), **kwargs)
+    install_processors(comps.pipe.unet)
+    return comps
+
+
 def stock_pipeline(engine, *, ip_adapter: bool, lora: bool):
     """The same tiny weights through stock diffusers, without the engine."""
     from diffusers import StableDiffusionXLPipeline
