@@ -24,11 +24,16 @@ KEY_SUMMARY = "parameters"
 def summary(settings: GenerationSettings) -> str:
     """A short human-readable line for image viewers."""
     g, i, o = settings.guidance, settings.identity, settings.output
+
+    def shown(value):  # a field left open (None) takes the preset's default
+        return f"{settings.preset} default" if value is None else value
+
+    size = "preset default" if o.width is None or o.height is None else f"{o.width}x{o.height}"
     parts = [
         settings.prompt,
         f"Negative prompt: {settings.negative_prompt}" if settings.negative_prompt else "",
-        f"Preset: {settings.preset}, Steps: {g.steps}, CFG: {g.guidance_scale}, Seed: {o.seed}, "
-        f"Size: {o.width}x{o.height}, IP-Adapter scale: {i.ip_adapter_scale}, FaceID LoRA: {i.lora_scale}",
+        f"Preset: {settings.preset}, Steps: {shown(g.steps)}, CFG: {shown(g.guidance_scale)}, Seed: {o.seed}, "
+        f"Size: {size}, IP-Adapter scale: {i.ip_adapter_scale}, FaceID LoRA: {i.lora_scale}",
     ]
     return "\n".join(p for p in parts if p)
 

@@ -338,6 +338,37 @@ def test_png_text_chunks_name_the_preset_version_seed_and_random_weights(tmp_pat
     assert settings_from_png(tmp_path / "tiny.png") == made
 
 
+def test_png_text_reading_names_the_file_and_keeps_only_text(tmp_path, monkeypatch):
+    """No blank line where a negative prompt is absent; only text chunks come back (not PIL's dpi
+    tuple); a foreign PNG, a missing file and an unreadable one are each named by their path."""
+    from PIL import Image
+
+    from lcmla import GenerationSettings, ImageError, SettingsError
+    from lcmla.pngmeta import read_png_text, save_png, settings_from_png
+
+    save_png(Image.new("RGB", (8, 8)), tmp_path / "a.png", GenerationSettings(prompt="a face"))
+    lines = read_png_text(tmp_path / "a.png")["parameters"].splitlines()
+    assert len(lines) == 2 and lines[0] == "a face", lines
+    # fields left to the preset say so (they read "Steps: None", "Size: NonexNone")
+    assert "Steps: tiny default, CFG: tiny default," in lines[1] and "Size: preset default," in lines[1], lines
+    Image.new("RGB", (8, 8)).save(tmp_path / "dpi.png", dpi=(300, 300))
+    assert read_png_text(tmp_path / "dpi.png") == {}
+    with pytest.raises(SettingsError, match=r"'[^']*dpi\.png' holds no lcmla settings"):
+        settings_from_png(tmp_path / "dpi.png")
+    with pytest.raises(ImageError, match=r"settings file '[^']*gone\.png' does not exist$"):
+        settings_from_png(tmp_path / "gone.png")
+    locked = str(tmp_path / "locked.png")
+
+    def refuse(path, *a, **k):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Image, "open", refuse)
+    with pytest.raises(ImageError) as refused:
+        settings_from_png(locked)
+    message = str(refused.value)
+    assert message.count("locked.png") == 1 and "Permission denied: it" in message, message
+
+
 def test_settings_from_the_json_that_show_prints(tmp_path, capsys):
     from lcmla import GenerationSettings
     from lcmla.pngmeta import save_png
