@@ -366,9 +366,17 @@ def load_image_encoder(folder: str | Path, dtype: "torch.dtype | None" = None) -
         config.projection_dim = int(raw["projection_dim"])
     with init_empty_weights():
         model = CLIPVisionModelWithProjection(config)
-    wanted = set(model.state_dict())
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     with safe_open(str(folder / "model.safetensors"), framework="pt", device="cpu") as f:
-        state = {k: f.get_tensor(k) for k in f.keys() if k in wanted}
+        state = {k: f.get_tensor(k) for k in f.keys() if k in shapes}
+    missing = sorted(set(shapes) - set(state))
+    wrong = sorted(k for k, v in state.items() if tuple(v.shape) != shapes[k])
+    if missing or wrong:
+        first = missing[0] if missing else f"{wrong[0]} is {list(state[wrong[0]].shape)}, not {list(shapes[wrong[0]])}"
+        raise MissingWeightsError(
+            f"the CLIP image encoder in {folder} does not match its config.json: {len(missing)} vision tensor(s) "
+            f"missing and {len(wrong)} of another shape (e.g. {first}); download the image encoder again",
+            missing=[str(folder / "model.safetensors")])
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(dtype=torch.float32 if dtype is None else dtype).eval()
 

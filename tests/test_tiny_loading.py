@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -377,8 +378,10 @@ def test_non_tensor_pickle_is_refused(paths: dict[str, Path], tmp_path: Path) ->
     bad.mkdir()
     torch.save({"image_proj": {}, "ip_adapter": {"0.to_k_ip.weight": Payload()}}, bad / FACEID_WEIGHTS)
     (bad / FACEID_LORA).write_bytes((paths["faceid"] / FACEID_LORA).read_bytes())
-    with pytest.raises(MissingWeightsError, match="not a plain tensor checkpoint"):
+    with pytest.raises(MissingWeightsError, match="not a plain tensor checkpoint .*holds Python objects besides "
+                                                  "tensors") as refused:
         load_faceid_state_dict(bad / FACEID_WEIGHTS)
+    assert "weights_only=False" not in str(refused.value)  # torch's advice would run the file's code
     with pytest.raises(MissingWeightsError, match="not a plain tensor checkpoint"):
         load_components(TINY, {**paths, "faceid": bad})
     assert not marker.exists()
@@ -400,6 +403,26 @@ def test_non_tensor_pickle_is_refused(paths: dict[str, Path], tmp_path: Path) ->
     torch.save({"state_dict": {"w": torch.zeros(1)}}, wrong)
     with pytest.raises(MissingWeightsError, match="IP-Adapter checkpoint"):
         load_faceid_state_dict(wrong)
+    # plain containers that weights_only reads, but a number where a tensor belongs
+    numbers = tmp_path / "numbers.bin"
+    torch.save({"image_proj": {"proj.0.weight": 1.0}, "ip_adapter": {"1.to_k_ip.weight": torch.zeros(1)}}, numbers)
+    with pytest.raises(MissingWeightsError, match=r"does not hold an IP-Adapter checkpoint \(\{'image_proj', "
+                                                  r"'ip_adapter'\} of tensors\)"):
+        load_faceid_state_dict(numbers)
+    # an IP-Adapter Plus checkpoint where a FaceID-Plus-v2 one is wanted
+    plus = tmp_path / "plus.safetensors"
+    save_file({"image_proj.latents": torch.zeros(1, 4, 8), "image_proj.proj_in.weight": torch.zeros(8, 8),
+               "ip_adapter.1.to_k_ip.weight": torch.zeros(8, 8)}, plus)
+    with pytest.raises(MissingWeightsError, match="plus.safetensors is not a FaceID-Plus-v2 checkpoint"):
+        load_faceid_state_dict(plus)
+
+
+def test_a_refusal_reason_is_one_short_line() -> None:
+    from lcmla.loading import unreadable_reason
+
+    assert unreadable_reason(ValueError("first line\nsecond line")) == "first line"
+    assert unreadable_reason(ValueError("x" * 500)) == "x" * 200
+    assert unreadable_reason(ValueError("")) == "ValueError"
 
 
 def test_missing_files_are_reported(paths: dict[str, Path], tmp_path: Path) -> None:
@@ -452,6 +475,19 @@ def test_image_encoder_from_either_layout(paths: dict[str, Path], comps: Compone
         a, b = enc(x, output_hidden_states=True), again(x, output_hidden_states=True)
     torch.testing.assert_close(a.image_embeds, b.image_embeds, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a.hidden_states[-2], b.hidden_states[-2], rtol=1e-5, atol=1e-6)
+    # a tensor missing or of another shape is named (a strict load's RuntimeError was the message)
+    weights = load_file(str(tmp_path / "vision-only" / "model.safetensors"))
+    projection = "visual_projection.weight"
+    for name, changed in (("lacking", {k: v for k, v in weights.items() if k != projection}),
+                          ("reshaped", {**weights, projection: weights[projection][:-1]})):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_bytes((tmp_path / "vision-only" / "config.json").read_bytes())
+        save_file(changed, str(folder / "model.safetensors"))
+        counts = "1 vision tensor(s) missing and 0" if name == "lacking" else "0 vision tensor(s) missing and 1"
+        with pytest.raises(MissingWeightsError, match=rf"image encoder in .*{name} does not match its config.json: "
+                                                      rf"{re.escape(counts)} of another shape \(e\.g\. {projection}"):
+            load_image_encoder(folder)
 
 
 def test_an_adapter_and_a_kv_lora_swapped_name_the_right_flag(tmp_path: Path) -> None:
@@ -524,3 +560,37 @@ def test_an_adapter_for_another_unet_is_refused_with_its_shapes(paths: dict[str,
     save_file(tensors, str(file), metadata={"format": "pt"})
     with pytest.raises(MissingWeightsError, match=rf"the IP-Adapter {file} does not fit the tiny preset \("):
         load_components(TINY, paths, adapter=file)
+
+
+def test_known_messages_are_dropped_only_inside_the_block(caplog: pytest.LogCaptureFixture) -> None:
+    """quiet_messages drops its prefixes from its loggers while the block runs and nothing else;
+    quiet_torchvision_notice adds its one filter once however often it is called."""
+    import logging
+
+    from lcmla.loading import _TORCHVISION_NOTICE, quiet_messages, quiet_torchvision_notice
+
+    log = logging.getLogger("lcmla.test.quiet")
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        with quiet_messages((log.name,), ("known:",)):
+            log.warning("known: harmless")
+            log.warning("something else")
+        log.warning("known: after the block")
+    assert [r.getMessage() for r in caplog.records] == ["something else", "known: after the block"]
+    assert not log.filters
+    notices = logging.getLogger("transformers.utils.import_utils")
+    quiet_torchvision_notice()
+    quiet_torchvision_notice()
+    assert notices.filters.count(_TORCHVISION_NOTICE) == 1
+
+
+def test_the_adapter_kind_is_read_from_the_image_projection_keys() -> None:
+    from lcmla.loading import adapter_kind
+
+    t = torch.zeros(1)
+    faceid = {"proj.0.weight": t, "perceiver_resampler.proj_in.weight": t}
+    plus = {"latents": t, "proj_in.weight": t, "layers.0.0.norm1.weight": t}
+    assert adapter_kind({"image_proj": faceid}) == "faceid-plus-v2"
+    assert adapter_kind({"image_proj": plus}) == "plus"
+    for proj in ({"proj.0.weight": t}, {"latents": t}, {"proj_in.weight": t}, {"proj.weight": t}):
+        with pytest.raises(MissingWeightsError, match=r"neither FaceID-Plus-v2 nor IP-Adapter Plus \(image_proj keys"):
+            adapter_kind({"image_proj": proj})
