@@ -149,10 +149,9 @@ _TORCHVISION_NOTICE = _DropPrefixes(("`CLIPImageProcessor` requires torchvision 
 def quiet_torchvision_notice() -> None:
     """For lcmla's own entry points (CLI, app, trainer), called at their start, never at import:
     drop transformers' "requires torchvision" fallback warning, the one message it logs at every
-    start that asks for a package lcmla does not need. Calling it again adds nothing."""
-    logger = logging.getLogger("transformers.utils.import_utils")
-    if _TORCHVISION_NOTICE not in logger.filters:
-        logger.addFilter(_TORCHVISION_NOTICE)
+    start that asks for a package lcmla does not need. Calling it again adds nothing (a logger holds
+    a filter once)."""
+    logging.getLogger("transformers.utils.import_utils").addFilter(_TORCHVISION_NOTICE)
 
 
 def disable_progress_bars() -> None:

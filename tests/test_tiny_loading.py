@@ -309,8 +309,10 @@ def test_load_components_goes_through_diffusers(paths: dict[str, Path], faceid_b
     assert comps.pipe.image_encoder is None  # kept out of the pipeline: FaceID gets CLIP features from us
 
 
-def test_clip_processor_and_taesd(comps: Components) -> None:
+def test_clip_processor_and_taesd(comps: Components, paths: dict[str, Path]) -> None:
     from PIL import Image
+
+    assert comps.paths == paths and comps.paths is not paths  # where each role came from (evaluation reads it)
 
     img = Image.new("RGB", (300, 200), (255, 0, 0))
     pixels = comps.clip_processor(images=img, return_tensors="pt").pixel_values
@@ -594,3 +596,27 @@ def test_the_adapter_kind_is_read_from_the_image_projection_keys() -> None:
     for proj in ({"proj.0.weight": t}, {"latents": t}, {"proj_in.weight": t}, {"proj.weight": t}):
         with pytest.raises(MissingWeightsError, match=r"neither FaceID-Plus-v2 nor IP-Adapter Plus \(image_proj keys"):
             adapter_kind({"image_proj": proj})
+
+
+def test_an_adapters_own_lora_and_a_renamed_lcm_lora_are_the_ones_loaded(paths: dict[str, Path], tmp_path: Path) -> None:
+    """A FaceID adapter given with ``adapter=`` takes the ``<stem>_lora.safetensors`` beside it (else the
+    preset's LoRA); a preset's LCM-LoRA is read under the file name the preset gives."""
+    mine = tmp_path / "mine.bin"
+    mine.write_bytes((paths["faceid"] / FACEID_WEIGHTS).read_bytes())
+    alone = tmp_path / "alone" / "mine.bin"
+    alone.parent.mkdir()
+    alone.write_bytes(mine.read_bytes())
+    lora = load_file(str(paths["faceid"] / FACEID_LORA))
+    save_file({k: v * 2 for k, v in lora.items()}, str(tmp_path / "mine_lora.safetensors"))
+    stock, own, fallback = (load_components(TINY, paths, adapter=a) for a in (None, mine, alone))
+    x = _inputs(stock)
+    out = {name: _unet(c, x, x["id_a"]) for name, c in (("stock", stock), ("own", own), ("fallback", fallback))}
+    assert torch.equal(out["fallback"], out["stock"])
+    assert (out["own"] - out["stock"]).abs().max() > 1e-4  # the sibling's (doubled) LoRA, not the preset's
+
+    renamed = tmp_path / "lcm"
+    renamed.mkdir()
+    (renamed / "lcm-renamed.safetensors").write_bytes((paths["lcm_lora"] / tiny.LCM_LORA_FILE).read_bytes())
+    preset = dataclasses.replace(TINY, lcm_lora=(LCM_LORA_REPO, "lcm-renamed.safetensors"))
+    comps = load_components(preset, {**paths, "lcm_lora": renamed})
+    assert "lcm" in comps.pipe.get_active_adapters()
