@@ -38,14 +38,17 @@ def ui(engine, face_path):
 
 
 def test_generate_handler_equals_the_engine(ctx, ui, engine, face_path):
-    images, files, info, used, seed, settings_json = generate.run_generate(ctx, dict(ui), _quiet)
+    told = []
+    images, files, info, used, seed, settings_json = generate.run_generate(
+        ctx, dict(ui), lambda *a, **k: told.append(k.get("desc")))
+    assert told[0] == "finding the face"  # the progress bar says what the wait is before the first step
     settings = GenerationSettings.from_json(settings_json)
     direct = engine.generate(settings, [face_path])
     # the gallery shows the saved PNG, settings embedded (its own download button gives them)
     assert images[0][0] == files[0] and settings_from_png(images[0][0]) == settings
     with Image.open(images[0][0]) as shown:
         assert np.array_equal(np.asarray(shown.convert("RGB")), np.asarray(direct.images[0]))
-    assert len(files) == 1 and seed == 0 and "1 image" in info and used
+    assert len(files) == 1 and seed == 0 and info.startswith("**1 image** · seeds 0") and used
 
 
 LONG_PROMPT = "a pencil drawing of a face, " * 20  # well past CLIP's 75 prompt tokens
@@ -77,6 +80,13 @@ def test_one_click_configuration_and_png_settings(ctx, ui):
     loaded = generate.load_settings(ctx, files[0])
     assert loaded["output.seed"] == 9 and loaded["prompt"] == "a pencil drawing of a face"
     assert generate.load_settings(ctx, None) == {}
+    # a PNG of another preset loads with a warning that the picture will differ
+    from lcmla.pngmeta import save_png
+
+    other = settings_from_png(files[0]).replace(preset="sdxl-turbo")
+    save_png(Image.new("RGB", (8, 8)), files[0] + ".turbo.png", other)
+    with pytest.warns(UserWarning, match="made with the 'sdxl-turbo' preset; the app runs 'tiny'"):
+        assert generate.load_settings(ctx, files[0] + ".turbo.png")["output.seed"] == 9
 
 
 def test_attention_handler_and_redraw(ctx, ui):
@@ -391,3 +401,26 @@ def test_a_failed_request_marks_what_its_tab_still_shows(engine):
         # the summary is marked; the output where the progress showed gets its "Error" cover lifted
         assert [(m["inputs"], m["outputs"], m["api_visibility"]) for m in marks] == [
             ([ids[info]], [ids[info], ids[cover]], "private")], button
+
+
+def test_faces_found_are_shown_per_photo_with_a_warning_for_each_unusable_one(ctx, face_path, tmp_path):
+    """The Faces-found gallery: one boxed copy per photo with its count, the chosen face highlighted
+    only when there is such a face; a photo without a face, or no image at all, warns by name."""
+    assert generate.show_faces(ctx, None, 0) == [] and generate.show_faces(ctx, [], 0) == []
+    grey, junk = tmp_path / "grey.png", tmp_path / "notes.png"
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(grey)
+    junk.write_text("not an image")
+    with pytest.warns(UserWarning) as said:
+        shown = generate.show_faces(ctx, [str(face_path), str(grey), str(junk)], 0)
+    messages = [str(w.message) for w in said]
+    assert any("no face found in 'grey.png'" in m for m in messages), messages
+    # the reader's own message for a non-image (an ImageError), not the unexpected-failure one
+    assert any("notes.png" in m and not m.startswith("could not read") for m in messages), messages
+    assert [caption for _, caption in shown] == [f"{face_path.name}: 1 face", "grey.png: 0 faces"]
+    found = ctx.stock.faces.detect(str(face_path))
+    highlighted = ctx.stock.faces.draw_boxes(str(face_path), found, 0)
+    plain = ctx.stock.faces.draw_boxes(str(face_path), found, None)
+    assert np.array_equal(np.asarray(shown[0][0]), np.asarray(highlighted))
+    for index in (5, "banana"):  # no fifth face: none highlighted; an unreadable index: the first
+        again = generate.show_faces(ctx, [str(face_path)], index)[0][0]
+        assert np.array_equal(np.asarray(again), np.asarray(plain if index == 5 else highlighted)), index
