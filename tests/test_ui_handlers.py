@@ -424,3 +424,16 @@ def test_faces_found_are_shown_per_photo_with_a_warning_for_each_unusable_one(ct
     for index in (5, "banana"):  # no fifth face: none highlighted; an unreadable index: the first
         again = generate.show_faces(ctx, [str(face_path)], index)[0][0]
         assert np.array_equal(np.asarray(again), np.asarray(plain if index == 5 else highlighted)), index
+
+
+def test_a_configuration_buttons_api_names_its_sampler_inputs_with_the_presets_defaults(ctx):
+    import inspect
+
+    from lcmla.knobs import preset_settings, settings_to_ui
+    from lcmla.ui.common import api_param
+
+    apply = generate._configuration(ctx, "am1+dcg", {}, None)
+    params = inspect.signature(apply).parameters
+    own = settings_to_ui(preset_settings(ctx.preset), ctx.preset)
+    assert apply.__name__ == "preset_am1_dcg" and list(params) == ["left", *map(api_param, SAMPLER_KNOBS)]
+    assert all(params[api_param(n)].default == own[n] for n in SAMPLER_KNOBS)

@@ -218,7 +218,7 @@ def show_faces(ctx: Context, files: Any, face_index: Any):
             continue
         if not found:
             gr.Warning(f"no face found in {name!r}; use a clear, frontal, well-lit photo", title="No face")
-        shown.append((ctx.stock.faces.draw_boxes(path, found, chosen if chosen < len(found) else None),
+        shown.append((ctx.stock.faces.draw_boxes(path, found, chosen),  # past the last face: none highlighted
                       f"{name}: {len(found)} face{'s' * (len(found) != 1)}"))
     return shown
 
@@ -282,8 +282,7 @@ def load_settings(ctx: Context, path: str | None) -> dict[str, Any]:
                    "so the same settings give a different picture", title="Another preset")
     else:
         gr.Info("Every control now holds the settings of that PNG.", title="Settings loaded")
-    ui = settings_to_ui(settings, ctx.preset)
-    return {name: ui[name] for name in KNOB_NAMES}
+    return settings_to_ui(settings, ctx.preset)  # every knob, by name
 
 
 def wire(ctx: Context, tab: SimpleNamespace, controls: dict[str, Any]) -> None:
