@@ -608,6 +608,7 @@ def test_an_adapters_own_lora_and_a_renamed_lcm_lora_are_the_ones_loaded(paths: 
     alone.write_bytes(mine.read_bytes())
     lora = load_file(str(paths["faceid"] / FACEID_LORA))
     save_file({k: v * 2 for k, v in lora.items()}, str(tmp_path / "mine_lora.safetensors"))
+    # a fresh stock load, not the module's ``comps``: other tests change that one's adapter weights
     stock, own, fallback = (load_components(TINY, paths, adapter=a) for a in (None, mine, alone))
     x = _inputs(stock)
     out = {name: _unet(c, x, x["id_a"]) for name, c in (("stock", stock), ("own", own), ("fallback", fallback))}
