@@ -339,6 +339,39 @@ def load_faceid_state_dict(path: str | Path, *, keep_lora: bool = False) -> dict
     return state
 
 
+def check_state_shapes(
+    shapes: dict[str, tuple[int, ...]],
+    state: dict[str, Any],
+    *,
+    what: str,
+    noun: str,
+    fix: str,
+    file: Path,
+    against: str = "its config.json",
+    unknown: int = 0,
+) -> None:
+    """Raise a :class:`MissingWeightsError` unless ``state`` has exactly the tensors ``shapes`` names.
+
+    ``shapes`` comes from a model built on the meta device from its config, ``state`` from the
+    weights file; ``unknown`` counts the file's tensors the model has no place for. The message
+    gives the counts and one example, where a strict ``load_state_dict`` gives a wall of names.
+    """
+    missing = sorted(set(shapes) - set(state))
+    wrong = sorted(k for k, v in state.items() if k in shapes and tuple(v.shape) != shapes[k])
+    if not (missing or wrong or unknown):
+        return
+    if missing:
+        first = missing[0]
+    elif wrong:
+        first = f"{wrong[0]} is {list(state[wrong[0]].shape)}, not {list(shapes[wrong[0]])}"
+    else:
+        first = next(k for k in state if k not in shapes)
+    extra = f", {unknown} the model has no place for" if unknown else ""
+    raise MissingWeightsError(
+        f"{what} does not match {against}: {len(missing)} {noun} missing and {len(wrong)} of another "
+        f"shape{extra} (e.g. {first}); {fix}", missing=[str(file)])
+
+
 def load_image_encoder(folder: str | Path, dtype: "torch.dtype | None" = None) -> "CLIPVisionModelWithProjection":
     """The CLIP vision tower with its projection, from a full CLIPModel repo or a vision-only one.
 
@@ -368,14 +401,8 @@ def load_image_encoder(folder: str | Path, dtype: "torch.dtype | None" = None) -
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     with safe_open(str(folder / "model.safetensors"), framework="pt", device="cpu") as f:
         state = {k: f.get_tensor(k) for k in f.keys() if k in shapes}
-    missing = sorted(set(shapes) - set(state))
-    wrong = sorted(k for k, v in state.items() if tuple(v.shape) != shapes[k])
-    if missing or wrong:
-        first = missing[0] if missing else f"{wrong[0]} is {list(state[wrong[0]].shape)}, not {list(shapes[wrong[0]])}"
-        raise MissingWeightsError(
-            f"the CLIP image encoder in {folder} does not match its config.json: {len(missing)} vision tensor(s) "
-            f"missing and {len(wrong)} of another shape (e.g. {first}); download the image encoder again",
-            missing=[str(folder / "model.safetensors")])
+    check_state_shapes(shapes, state, what=f"the CLIP image encoder in {folder}", noun="vision tensor(s)",
+                       fix="download the image encoder again", file=folder / "model.safetensors")
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(dtype=torch.float32 if dtype is None else dtype).eval()
 
@@ -390,6 +417,12 @@ def _load_replacement_unet(base: Path, unet_file: Path, dtype: "torch.dtype") ->
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(config)
     state = load_file(str(unet_file))
+    shapes = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    check_state_shapes(shapes, state, what=f"the UNet {unet_file}", noun="tensor(s)", file=unet_file,
+                       against=str(base / "unet" / "config.json"),
+                       unknown=sum(k not in shapes for k in state),
+                       fix="it must be a diffusers UNet state dict for this base model, not a single-file "
+                           "checkpoint: download it again")
     unet.load_state_dict(state, strict=True, assign=True)
     return unet.to(dtype=dtype)
 

@@ -448,6 +448,25 @@ def test_replacement_unet_and_fused_lora(paths: dict[str, Path], comps: Componen
     loaded = load_components(lightning, {**paths, "unet": tmp_path / "lightning"})
     assert torch.equal(loaded.pipe.unet.conv_out.weight, state["conv_out.weight"])
     assert tuple(loaded.pipe.unet.peft_config) == ("faceid",)
+    # a tensor missing, one of another shape, or a single-file checkpoint's keys: counted and named
+    key = "conv_out.weight"
+    for name, changed, counts, example in (
+        ("lacking", {k: v for k, v in state.items() if k != key}, "1 tensor(s) missing and 0 of another shape", key),
+        ("reshaped", {**state, key: state[key][:-1]}, "0 tensor(s) missing and 1 of another shape",
+         f"{key} is {list(state[key][:-1].shape)}, not {list(state[key].shape)}"),
+        ("single-file", {"model.diffusion_model." + k: v for k, v in state.items()},
+         f"{len(state)} tensor(s) missing and 0 of another shape, {len(state)} the model has no place for", None),
+    ):
+        (tmp_path / name).mkdir()
+        save_file(changed, str(tmp_path / name / "unet.safetensors"))
+        with pytest.raises(MissingWeightsError) as caught:
+            load_components(dataclasses.replace(lightning, unet_repo=str(tmp_path / name)),
+                            {**paths, "unet": tmp_path / name})
+        message = str(caught.value)
+        assert message.startswith(f"the UNet {tmp_path / name / 'unet.safetensors'} does not match "
+                                  f"{paths['base'] / 'unet' / 'config.json'}: {counts} (e.g. "), message
+        assert example is None or f"(e.g. {example});" in message, message
+        assert "not a single-file checkpoint: download it again" in message
 
     hyper = dataclasses.replace(TINY, fuse_lora=(str(paths["lcm_lora"]), tiny.LCM_LORA_FILE, 0.5))
     fused = load_components(hyper, {**paths, "fused_lora": paths["lcm_lora"]})
