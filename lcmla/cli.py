@@ -230,7 +230,7 @@ def _generate(args: argparse.Namespace) -> int:
     if not args.quiet:
         from tqdm.auto import tqdm
 
-        from .engine import resolve_settings
+        from .presets import resolve_settings
 
         resolved = resolve_settings(settings, engine.preset)
         bar = tqdm(total=resolved.guidance.steps * resolved.output.num_images, desc="denoising", unit="step")

@@ -44,7 +44,7 @@ from .lookahead import (decode_tiny, encode_reference, encoder_rows, framing_use
 from .memory import (OFFLOAD_MODES, choose_memory_mode, enable_balanced, enable_low_vram, free_device_memory,
                      out_of_memory_error, release_cached_memory)
 from .preview import PreviewFrame, PreviewResult
-from .presets import Preset, get_preset
+from .presets import Preset, get_preset, resolve_settings
 from .sampling import StepInfo, sample
 from .settings import GenerationSettings, check_preview_steps
 
@@ -150,23 +150,6 @@ def words_past(text: str, room: int, count: Callable[[str], int]) -> str:
 def _clip_text(text: str, limit: int = 80) -> str:
     """``text`` cut to ``limit`` characters with an ellipsis (for quoting in a note)."""
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
-
-
-def resolve_settings(settings: GenerationSettings, preset: Preset) -> GenerationSettings:
-    """Fill the preset's defaults into the fields the user left open (None)."""
-    g, o = settings.guidance, settings.output
-    changes: dict[str, Any] = {}
-    if settings.preset != preset.name:
-        changes["preset"] = preset.name
-    if g.steps is None:
-        changes["guidance.steps"] = preset.steps
-    if g.guidance_scale is None:
-        changes["guidance.guidance_scale"] = preset.guidance_scale
-    if o.width is None:
-        changes["output.width"] = preset.width
-    if o.height is None:
-        changes["output.height"] = preset.height
-    return settings.replace_dotted(changes) if changes else settings
 
 
 def request_notes(settings: GenerationSettings, guidance: Guidance, num_steps: int,

@@ -22,17 +22,29 @@ KEY_SUMMARY = "parameters"
 
 
 def summary(settings: GenerationSettings) -> str:
-    """A short human-readable line for image viewers."""
+    """A short human-readable line for image viewers. A field left open (None) shows the number
+    its preset fills in, marked "(default)"; for a preset this lcmla version does not know, "default"."""
+    from .presets import PRESETS, resolve_settings
+
     g, i, o = settings.guidance, settings.identity, settings.output
+    known = PRESETS.get(settings.preset)
+    filled = resolve_settings(settings, known) if known is not None else settings
 
-    def shown(value):  # a field left open (None) takes the preset's default
-        return f"{settings.preset} default" if value is None else value
+    def shown(value, resolved):  # noqa: ANN001
+        if value is not None:
+            return value
+        return "default" if resolved is None else f"{resolved} (default)"
 
-    size = "preset default" if o.width is None or o.height is None else f"{o.width}x{o.height}"
+    fg, fo = filled.guidance, filled.output
+    if o.width is not None and o.height is not None:
+        size = f"{o.width}x{o.height}"
+    else:
+        size = "default" if known is None else f"{fo.width}x{fo.height} (default)"
     parts = [
         settings.prompt,
         f"Negative prompt: {settings.negative_prompt}" if settings.negative_prompt else "",
-        f"Preset: {settings.preset}, Steps: {shown(g.steps)}, CFG: {shown(g.guidance_scale)}, Seed: {o.seed}, "
+        f"Preset: {settings.preset}, Steps: {shown(g.steps, fg.steps)}, "
+        f"CFG: {shown(g.guidance_scale, fg.guidance_scale)}, Seed: {o.seed}, "
         f"Size: {size}, IP-Adapter scale: {i.ip_adapter_scale}, FaceID LoRA: {i.lora_scale}",
     ]
     return "\n".join(p for p in parts if p)

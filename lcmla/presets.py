@@ -8,8 +8,12 @@ touches the disk; ``lcmla.weights`` resolves the files and ``lcmla.loading`` bui
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from .errors import SettingsError
+
+if TYPE_CHECKING:
+    from .settings import GenerationSettings
 
 # ---- repositories and the files each one must provide ---------------------------------------
 
@@ -182,6 +186,23 @@ def get_preset(name: str) -> Preset:
         return PRESETS[name]
     except KeyError:
         raise SettingsError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+
+
+def resolve_settings(settings: "GenerationSettings", preset: Preset) -> "GenerationSettings":
+    """Fill the preset's defaults into the fields the user left open (None)."""
+    g, o = settings.guidance, settings.output
+    changes: dict[str, Any] = {}
+    if settings.preset != preset.name:
+        changes["preset"] = preset.name
+    if g.steps is None:
+        changes["guidance.steps"] = preset.steps
+    if g.guidance_scale is None:
+        changes["guidance.guidance_scale"] = preset.guidance_scale
+    if o.width is None:
+        changes["output.width"] = preset.width
+    if o.height is None:
+        changes["output.height"] = preset.height
+    return settings.replace_dotted(changes) if changes else settings
 
 
 RANDOM_ARCHITECTURES = ("tiny", "full")

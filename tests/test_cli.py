@@ -343,14 +343,23 @@ def test_png_text_reading_names_the_file_and_keeps_only_text(tmp_path, monkeypat
     tuple); a foreign PNG, a missing file and an unreadable one are each named by their path."""
     from PIL import Image
 
-    from lcmla import GenerationSettings, ImageError, SettingsError
-    from lcmla.pngmeta import read_png_text, save_png, settings_from_png
+    from lcmla import GenerationSettings, ImageError, SettingsError, get_preset
+    from lcmla.pngmeta import read_png_text, save_png, settings_from_png, summary
 
     save_png(Image.new("RGB", (8, 8)), tmp_path / "a.png", GenerationSettings(prompt="a face"))
     lines = read_png_text(tmp_path / "a.png")["parameters"].splitlines()
     assert len(lines) == 2 and lines[0] == "a face", lines
-    # fields left to the preset say so (they read "Steps: None", "Size: NonexNone")
-    assert "Steps: tiny default, CFG: tiny default," in lines[1] and "Size: preset default," in lines[1], lines
+    # fields left to the preset show its numbers, marked (they read "Steps: None", "Size: NonexNone")
+    tiny = get_preset("tiny")
+    assert (f"Steps: {tiny.steps} (default), CFG: {tiny.guidance_scale} (default)," in lines[1]
+            and f"Size: {tiny.width}x{tiny.height} (default)," in lines[1]), lines
+    half = summary(GenerationSettings(prompt="a face", preset="sdxl-base").replace(output__width=512, guidance__steps=6))
+    base = get_preset("sdxl-base")
+    assert (f"Steps: 6, CFG: {base.guidance_scale} (default)," in half
+            and f"Size: 512x{base.height} (default)," in half), half
+    # a preset this version does not know (a PNG of a later lcmla) has no numbers to show
+    later = summary(GenerationSettings(prompt="a face", preset="sdxl-next"))
+    assert "Steps: default, CFG: default, Seed: 0, Size: default," in later, later
     Image.new("RGB", (8, 8)).save(tmp_path / "dpi.png", dpi=(300, 300))
     assert read_png_text(tmp_path / "dpi.png") == {}
     with pytest.raises(SettingsError, match=r"'[^']*dpi\.png' holds no lcmla settings"):

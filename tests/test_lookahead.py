@@ -627,7 +627,7 @@ def test_each_kv_branch_reads_the_row_spec_assigns(engine, face_path):
 
 
 def engine_resolve(engine, settings):
-    from lcmla.engine import resolve_settings
+    from lcmla.presets import resolve_settings
 
     return resolve_settings(settings, engine.preset)
 

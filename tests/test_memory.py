@@ -162,7 +162,7 @@ def test_low_vram_mode_gives_the_same_pixels(engine, low_engine, face_path, monk
     assert low_engine.memory_mode == "low" and engine.memory_mode == "full"
     assert low_engine._offload_hooks and low_engine.pipe.vae.use_tiling and low_engine.pipe.vae.use_slicing
     # and one image per sampler loop, even where images are batched (as on CUDA) in the full mode
-    from lcmla.engine import resolve_settings
+    from lcmla.presets import resolve_settings
     from lcmla.guidance import guidance_for
 
     two = resolve_settings(make_settings(**SMALL, output__num_images=2), low_engine.preset)
