@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from util import logged_messages
 
 from lcmla.cli import main, settings_from_args, build_parser
 from lcmla.errors import LcmlaError
-from lcmla.presets import LIGHTNING_REPO
+from lcmla.presets import LIGHTNING_REPO, PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,6 +132,7 @@ def test_cli_presets_lists_all(capsys):
     out = capsys.readouterr().out
     for name in ("tiny", "hyper-sdxl-4step", "sdxl-lightning-4step", "sdxl-lcm-lora", "sdxl-turbo", "sdxl-base"):
         assert name in out
+    assert PRESETS["tiny"].notes in out  # a preset's notes, on the line under it
 
 
 def test_missing_real_weights_message(monkeypatch, tmp_path, face_path, capsys):
@@ -160,6 +162,16 @@ def test_cli_fastface_and_kv_flags():
     assert s.attention.mode == "am2" and s.guidance.dcg and s.attention.adain_weight == 0.5
     s2 = settings_from_args(build_parser().parse_args(["generate", "--face", "a.jpg", "--prompt", "p", "--kv"]))
     assert s2.lookahead.kv and not s2.guidance.dcg
+    # a named configuration is made for the --preset given, not for the default one
+    from lcmla.fastface import plain_guidance_scale
+
+    for preset in ("sdxl-base", "sdxl-lcm-lora"):
+        s3 = settings_from_args(build_parser().parse_args(["generate", "--prompt", "p", "--preset", preset,
+                                                           "--fastface", "am2"]))
+        assert s3.preset == preset and s3.guidance.guidance_scale == plain_guidance_scale(preset) != 1.0
+    # --set prompt=… stands for --prompt, spaces around the key or not
+    s4 = settings_from_args(build_parser().parse_args(["generate", "--set", " prompt =a sketch"]))
+    assert s4.prompt == "a sketch"
 
 
 def test_every_knob_has_a_flag_from_the_one_table():
@@ -312,8 +324,35 @@ def test_two_named_configurations_or_an_empty_out_are_refused(tmp_path, capsys):
         settings_from_args(build_parser().parse_args(["generate", "--prompt", "x", "--fastface", "am1", "--method", "am2"]))
     same = settings_from_args(build_parser().parse_args(["generate", "--prompt", "x", "--fastface", "am2", "--method", "am2"]))
     assert same.attention.mode == "am2"
-    assert main(["generate", "--prompt", "x", "--out", ""]) == 2
-    assert "--out is empty: pass a folder" in capsys.readouterr().err
+    for empty in ("", "   "):
+        assert main(["generate", "--prompt", "x", "--out", empty]) == 2
+        assert "--out is empty: pass a folder" in capsys.readouterr().err
+
+
+def test_every_loading_flag_reaches_the_engine(tmp_path, face_path, capsys, monkeypatch):
+    """The flags that choose what is loaded are handed to Engine.load as given; a face photo named
+    with ~ is found (the check before loading expands it, as the photo reader does)."""
+    import lcmla.engine
+
+    seen = {}
+
+    def fake_load(cls, preset, **kwargs):  # noqa: ANN001, ANN202
+        seen.update(kwargs, preset=preset)
+        raise LcmlaError("stopped before loading")
+
+    monkeypatch.setattr(lcmla.engine.Engine, "load", classmethod(fake_load))
+    monkeypatch.setenv("HOME", str(face_path.parent))
+    flags = {"--device": "cpu", "--dtype": "bfloat16", "--weights-dir": str(tmp_path / "w"),
+             "--face-models": "haar", "--kv-lora": str(tmp_path / "kv.safetensors"),
+             "--adapter": str(tmp_path / "a.safetensors"), "--memory": "low", "--random-weights": "full",
+             "--compile": "am", "--preset": "sdxl-base"}
+    argv = ["generate", "--face", f"~/{face_path.name}", "--prompt", "a face", "--out", str(tmp_path / "o"), "--download"]
+    assert main([*argv, *(x for kv in flags.items() for x in kv)]) == 2
+    assert "stopped before loading" in capsys.readouterr().err
+    assert seen == {"preset": "sdxl-base", "device": "cpu", "dtype": "bfloat16", "weights_dir": str(tmp_path / "w"),
+                    "allow_download": True, "face_models": "haar", "kv_encoder_lora": str(tmp_path / "kv.safetensors"),
+                    "adapter": str(tmp_path / "a.safetensors"), "memory": "low", "random_weights": "full",
+                    "compile": "am"}
 
 
 def test_png_text_chunks_name_the_preset_version_seed_and_random_weights(tmp_path):
@@ -387,8 +426,8 @@ def test_settings_from_the_json_that_show_prints(tmp_path, capsys):
                                                                                    "identity.lora_scale": 0.6})
     save_png(Image.new("RGB", (8, 8)), tmp_path / "a.png", made)
     assert main(["show", str(tmp_path / "a.png")]) == 0
-    (tmp_path / "s.json").write_text(capsys.readouterr().out)
-    args = build_parser().parse_args(["generate", "--face", "x", "--settings-from", str(tmp_path / "s.json"),
+    (tmp_path / "S.JSON").write_text(capsys.readouterr().out)  # the suffix in any case
+    args = build_parser().parse_args(["generate", "--face", "x", "--settings-from", str(tmp_path / "S.JSON"),
                                       "--steps", "3"])
     assert settings_from_args(args) == made.replace_dotted({"guidance.steps": 3})
     # text, an empty file, a folder: each named for what it is (was "cannot identify image file it")
@@ -400,6 +439,10 @@ def test_settings_from_the_json_that_show_prints(tmp_path, capsys):
         assert main(["show", str(tmp_path / given)]) == 2
         err = capsys.readouterr().err
         assert says in err and "cannot identify" not in err, err
+    (tmp_path / "folder.json").mkdir()
+    for gone in ("gone.json", "folder.json"):  # a missing file, a folder: cannot be read, and said so
+        with pytest.raises(LcmlaError, match=r"--settings-from .*: cannot read it \((No such file|Is a directory)"):
+            settings_from_args(build_parser().parse_args(["generate", "--settings-from", str(tmp_path / gone)]))
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(LcmlaError, match="--settings-from .*bad.json: settings are not valid JSON"):
         settings_from_args(build_parser().parse_args(["generate", "--face", "x", "--settings-from",
@@ -414,12 +457,26 @@ def test_haar_names_the_stand_in_as_the_datagen_commands_do(tiny_cache):
     assert engine.faces.backend == "haar" and not engine.faces.is_recognizer
 
 
-def test_an_offloading_mode_on_the_cpu_says_what_it_does_there(tiny_cache, face_path, tmp_path, capsys):
+def test_an_offloading_mode_on_the_cpu_says_what_it_does_there(tiny_cache, face_path, tmp_path, capsys, monkeypatch):
+    """The notes on how the engine was loaded (memory mode, torch.compile), and a progress bar over
+    every step of every image."""
+    import lcmla.engine
+
+    real_load = lcmla.engine.Engine.load.__func__
+
+    def load_as_compiled(cls, *args, **kwargs):  # noqa: ANN001, ANN202 - what --compile am reports, without compiling
+        engine = real_load(cls, *args, **kwargs)
+        engine.compiled = ("AM identity branch",)
+        return engine
+
+    monkeypatch.setattr(lcmla.engine.Engine, "load", classmethod(load_as_compiled))
     assert main(["generate", "--face", str(face_path), "--prompt", "a face", "--preset", "tiny", "--device", "cpu",
-                 "--memory", "low", "--width", "64", "--height", "64", "--steps", "1", "--quiet",
+                 "--memory", "low", "--width", "64", "--height", "64", "--steps", "2", "--num-images", "2",
                  "--out", str(tmp_path)]) == 0
     err = capsys.readouterr().err
     assert "note: low-VRAM mode" in err and "on the CPU the models are in CPU memory anyway" in err
+    assert "note: compiled with torch.compile (AM identity branch): the first image compiles first" in err
+    assert re.search(r"denoising: 100%.*\b4/4\b", err), err
 
 
 def test_generate_without_a_face_is_text_only_and_says_so(tiny_cache, tmp_path, capsys):
@@ -429,3 +486,35 @@ def test_generate_without_a_face_is_text_only_and_says_so(tiny_cache, tmp_path, 
     err = capsys.readouterr().err
     assert "no --face given, so the image is made from the text alone" in err
     assert (tmp_path / "lcmla-0.png").is_file()
+
+
+def test_generate_keeps_its_settings_png_replaces_on_overwrite_and_names_a_failed_write(tiny_cache, face_path,
+                                                                                         tmp_path, capsys, monkeypatch):
+    """--settings-from a PNG in --out never writes over that PNG, --overwrite or not; --overwrite
+    replaces an earlier image of the same seed; a write that fails names --out; attention maps
+    asked for on the command line are said to go nowhere."""
+    import lcmla.engine
+
+    out = tmp_path / "out"
+    common = ["--face", str(face_path), "--device", "cpu", "--quiet", "--out", str(out)]
+    assert main(["generate", "--prompt", "a face", "--preset", "tiny", "--width", "64", "--height", "64", "--steps", "1",
+                 "--set", "attention.capture_maps=true", *common]) == 0
+    first = capsys.readouterr()
+    assert first.out.split() == [str(out / "lcmla-0.png")]
+    assert "note: attention.capture_maps records the identity-attention maps" in first.err
+    made = (out / "lcmla-0.png").read_bytes()
+    assert main(["generate", "--settings-from", str(out / "lcmla-0.png"), "--overwrite", *common]) == 0
+    assert capsys.readouterr().out.split() == [str(out / "lcmla-0-1.png")]  # its own input is kept
+    assert (out / "lcmla-0.png").read_bytes() == made
+    (out / "lcmla-0.png").write_bytes(b"an earlier image")
+    assert main(["generate", "--settings-from", str(out / "lcmla-0-1.png"), "--overwrite", *common]) == 0
+    assert capsys.readouterr().out.split() == [str(out / "lcmla-0.png")]  # replaced, as asked
+    assert (out / "lcmla-0.png").read_bytes() != b"an earlier image"
+
+    def full_disk(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(lcmla.engine.Result, "save", full_disk)
+    assert main(["generate", "--settings-from", str(out / "lcmla-0-1.png"), *common]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --out {out}: the images could not be written (No space left on device); pass another folder" in err

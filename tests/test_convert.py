@@ -241,6 +241,13 @@ def test_cli_convert(tmp_path):
     assert main(["convert-lookahead", str(tmp_path / "model_ckpt.pt"), "--out", str(tmp_path / "o"),
                  "--unet-config", "tiny"]) == 0
     assert (tmp_path / "o" / "kv_encoder_lora.safetensors").is_file()
+    # --unet-config tiny numbers the adapter's layers as the tiny UNet does (SDXL's numbering differs)
+    from safetensors.torch import load_file
+
+    direct = convert_lookahead_checkpoint(tmp_path / "model_ckpt.pt", tmp_path / "direct", unet_config=TINY_UNET)
+    for role, path in direct.items():
+        mine, theirs = load_file(str(tmp_path / "o" / path.name)), load_file(str(path))
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), role
     assert main(["convert-lookahead", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")]) == 2
 
 
