@@ -518,3 +518,15 @@ def test_generate_keeps_its_settings_png_replaces_on_overwrite_and_names_a_faile
     assert main(["generate", "--settings-from", str(out / "lcmla-0-1.png"), *common]) == 2
     err = capsys.readouterr().err
     assert f"error: --out {out}: the images could not be written (No space left on device); pass another folder" in err
+
+
+def test_ctrl_c_is_one_word_and_the_shells_exit_status(monkeypatch, capsys, tmp_path):
+    """Ctrl-C while loading or generating: "interrupted" and 130 (128 + SIGINT), no traceback."""
+    import lcmla.engine
+
+    def interrupted(cls, *args, **kwargs):  # noqa: ANN001, ANN202
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lcmla.engine.Engine, "load", classmethod(interrupted))
+    assert main(["generate", "--prompt", "a face", "--out", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
