@@ -477,6 +477,7 @@ def test_an_offloading_mode_on_the_cpu_says_what_it_does_there(tiny_cache, face_
     assert "note: low-VRAM mode" in err and "on the CPU the models are in CPU memory anyway" in err
     assert "note: compiled with torch.compile (AM identity branch): the first image compiles first" in err
     assert re.search(r"denoising: 100%.*\b4/4\b", err), err
+    assert re.search(r"^done in ", err, re.M), err  # on a line of its own: the bar was closed
 
 
 def test_generate_without_a_face_is_text_only_and_says_so(tiny_cache, tmp_path, capsys):
