@@ -437,3 +437,130 @@ def test_a_configuration_buttons_api_names_its_sampler_inputs_with_the_presets_d
     own = settings_to_ui(preset_settings(ctx.preset), ctx.preset)
     assert apply.__name__ == "preset_am1_dcg" and list(params) == ["left", *map(api_param, SAMPLER_KNOBS)]
     assert all(params[api_param(n)].default == own[n] for n in SAMPLER_KNOBS)
+
+
+def test_reports_are_found_two_levels_down_by_their_real_path_and_named_when_gone(tmp_path):
+    """find_reports: a root that is itself a report, reports one and two folders down (not three),
+    each by its resolved path; read_report: a report that was listed and is gone says so, one that
+    never was (outside the roots or too deep) is refused as such; summary.csv's blank lines are
+    left out; a report that cannot be drawn is a warning and an empty view, not a dead tab."""
+    import shutil
+
+    def report(folder):
+        folder.mkdir(parents=True)
+        (folder / "report.md").write_text("# Evaluation\n")
+        return str(folder.resolve())
+
+    root = tmp_path / "runs"
+    itself, one, two = report(root), report(root / "a"), report(root / "b" / "c")
+    report(root / "d" / "e" / "f")  # three levels down: not looked at
+    report(tmp_path / "elsewhere")
+    (tmp_path / "a-file").write_text("x")
+    via_dotdot = root / "a" / ".."
+    assert compare.find_reports([via_dotdot, tmp_path / "a-file", tmp_path / "gone"]) == sorted([itself, one, two])
+    assert compare.summary_rows(root) == []
+    (root / "a" / "summary.csv").write_text("method,scale\n\nbaseline,0.8\n\n")
+    assert compare.summary_rows(root / "a") == [["method", "scale"], ["baseline", "0.8"]]
+    assert compare.read_report(one, [root])[1].values.tolist() == [["baseline", "0.8"]]
+    for listed in (two, itself):
+        shutil.rmtree(listed)
+        with pytest.raises(compare.LcmlaError, match="is no longer there"):
+            compare.read_report(listed, [root])
+    for never in (str(root / "d" / "e" / "f" / "g"), str(tmp_path / "not-there")):
+        with pytest.raises(compare.LcmlaError, match="is not an evaluation report in the --reports folders"):
+            compare.read_report(never, [root])
+    broken = tmp_path / "broken"
+    report(broken)
+    (broken / "pareto-dlib.png").write_text("not a picture")
+    warned = []
+    ctx = Context(SimpleNamespace(preset=None), reports=[str(broken)])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gr, "Warning", lambda message, **_k: warned.append(message))
+        plots, table, text = compare.show_report(ctx, str(broken.resolve()))
+    assert plots == [] and table is None and "could not be read (UnidentifiedImageError" in text
+    assert warned and "could not be read" in warned[0]
+
+
+def test_block_labels_read_like_the_unet():
+    """A layer's processor name as the Block selector shows it; a name of another shape stays as it is."""
+    assert (attention._block_label("down_blocks.1.attentions.0.transformer_blocks.1.attn2.processor")
+            == "down 1 · attention 0 · layer 1")
+    assert (attention._block_label("up_blocks.0.attentions.2.transformer_blocks.9.attn2.processor")
+            == "up 0 · attention 2 · layer 9")
+    assert attention._block_label("mid_block.attentions.0.transformer_blocks.3.attn2.processor") == "mid · attention 0 · layer 3"
+    assert attention._block_label("conv_in") == "conv_in"
+    assert attention._block_label("mid_block.attentions") == "mid_block.attentions"
+
+
+def test_render_maps_draws_before_after_and_difference_on_the_scales_asked(monkeypatch):
+    """From a hand-made store: the before map is the before one; a shared scale spans both maps;
+    the difference is on a symmetric scale of its own largest change; the photo is drawn at 384 px
+    at least; a choice with no maps (block, step or token) is said, not raised."""
+    import torch
+
+    import lcmla.attention.overlay as overlay
+    from lcmla.attention.context import MapStore
+
+    block = "up_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"
+    pair = torch.full((2, 2, 4, 4), 0.5)
+    pair[1, 0, 1, 2] = 0.9  # AM raised token 0 at one pixel
+    store = MapStore((8, 8), {(block, 0): pair})
+    state = {"store": store, "image": Image.new("RGB", (64, 64)), "mode": "am2", "targets": ["up"], "am_steps": None,
+             "notes": [], "seed": 3}
+    calls = []
+
+    def recording(base, values, **kwargs):  # noqa: ANN001, ANN202
+        calls.append((base.size, float(values.min()), float(values.max()), kwargs))
+        return base
+
+    monkeypatch.setattr(overlay, "overlay_heatmap", recording)
+    *_, info = attention.render_maps(state, block, 0, "0", False)
+    assert "before: 0.5…0.5, after: 0.5…0.9" in info and info.startswith("AM2 · seed 3 · 1 layers")
+    assert [c[0] for c in calls] == [(384, 384)] * 3
+    assert [(c[3]["vmin"], c[3]["vmax"]) for c in calls[:2]] == [(None, None)] * 2  # each map its own range
+    diff = calls[2][3]
+    assert diff["vmin"] == pytest.approx(-0.4) and diff["vmax"] == pytest.approx(0.4) and diff["cmap"] == "coolwarm"
+    calls.clear()
+    attention.render_maps(state, "up", 0, "0", True)  # the mean over the up blocks, on one scale
+    assert [(c[3]["vmin"], c[3]["vmax"]) for c in calls[:2]] == [(0.5, pytest.approx(0.9))] * 2
+    off = attention.render_maps({**state, "mode": "none", "notes": ["the prompt was cut"]}, block, 0, "1", False)[3]
+    assert off.startswith("No AM · ") and "AM is off, so before and after are the same map" in off
+    assert "_Note: the prompt was cut_" in off  # the request's notes stay on every redraw
+    for choice in ((block, 1, "0"), ("down_blocks.9", 0, "0"), (block, 0, "7"), (block, 0, "x")):
+        assert attention.render_maps(state, *choice, False)[3].startswith("No maps for that choice"), choice
+
+
+def test_preview_helpers_say_what_is_missing_stamp_legibly_and_read_the_hook():
+    """What an engine without the LCM-LoRA or TAESD lacks, named; the stretched label on a black
+    band; whether engine.previews takes on_step, by its signature (a **kwargs wrapper passes it on)."""
+    full = SimpleNamespace(adapters=("faceid", "lcm"), components=SimpleNamespace(taesd=object()))
+    assert previews._preview_requirements(full) == ""
+    assert previews._preview_requirements(SimpleNamespace(adapters=("faceid",), components=full.components)) == "the LCM-LoRA"
+    assert (previews._preview_requirements(SimpleNamespace(adapters=(), components=SimpleNamespace(taesd=None)))
+            == "the LCM-LoRA and TAESD")
+    stamped = np.asarray(previews._stamp(Image.new("RGB", (48, 48), (200, 200, 200)), previews.STRETCHED))
+    assert stamped.shape == (192, 192, 3)
+    band = stamped[:10, :40]
+    assert (band == 0).all(-1).mean() > 0.5 and (band.min(-1) > 200).any()  # light text on black
+    assert (stamped[100:] == 200).all()  # the picture below the band is untouched
+
+    def takes(settings, faces, *, steps=None, callback=None, on_step=None):  # noqa: ANN001, ANN202
+        pass
+
+    def older(settings, faces, *, steps=None, callback=None):  # noqa: ANN001, ANN202
+        pass
+
+    def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        pass
+
+    assert [previews._takes_on_step(f) for f in (takes, older, wrapper)] == [True, False, True]
+    assert previews._takes_on_step(object()) is False  # no signature (TypeError)
+    assert previews._takes_on_step(vars) is False  # a builtin without one (ValueError)
+
+    class NoSignature:
+        __signature__ = "not a signature"
+
+        def __call__(self, *a):  # noqa: ANN002, ANN204
+            pass
+
+    assert previews._takes_on_step(NoSignature()) is False  # inspect raises TypeError or ValueError
