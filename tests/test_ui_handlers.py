@@ -564,3 +564,75 @@ def test_preview_helpers_say_what_is_missing_stamp_legibly_and_read_the_hook():
             pass
 
     assert previews._takes_on_step(NoSignature()) is False  # inspect raises TypeError or ValueError
+
+
+def test_the_shared_handler_helpers(caplog, tmp_path):
+    """user_errors: a gr.Error passes as it is, a user mistake is labelled with its control under
+    the tab's title, anything else is logged and named; api_param; named_handler's signature,
+    defaults, docstring and its message for a wrong call; with_context's annotations;
+    _face_paths for every shape Gradio hands over."""
+    import logging
+    import os
+
+    from lcmla.ui import common
+
+    mine = gr.Error("as it was")
+    with pytest.raises(gr.Error) as caught, common.user_errors("Generate"):
+        raise mine
+    assert caught.value is mine
+    with pytest.raises(gr.Error) as caught, common.user_errors("Generate"):
+        raise SettingsError("output.width must be a multiple of 8")
+    assert caught.value.message == "Width (output.width) must be a multiple of 8"
+    assert caught.value.title == "Generate: please check the input"
+    with caplog.at_level(logging.ERROR, "lcmla.app"):
+        with pytest.raises(gr.Error) as caught, common.user_errors("Compare"):
+            raise RuntimeError("boom")
+    assert caught.value.message == "Compare failed unexpectedly (RuntimeError: boom)"
+    assert caught.value.title == "Compare failed" and "Compare failed" in caplog.text and "boom" in caplog.text
+
+    assert [common.api_param(n) for n in ("app.faces", "identity.ip_adapter_scale", "prompt")] == [
+        "faces", "identity__ip_adapter_scale", "prompt"]
+
+    def handler(ui, progress):  # noqa: ANN001, ANN202
+        """What the API page shows."""
+        return ui, progress
+
+    wrapped = common.named_handler(handler, ("app.faces", "output.seed"))
+    assert list(inspect_params(wrapped)) == ["faces", "output__seed", "progress"]
+    assert wrapped.__name__ == "handler" and wrapped.__doc__ == "What the API page shows."
+    ui, progress = wrapped("a.png", output__seed=3)
+    assert ui == {"app.faces": "a.png", "output.seed": 3} and isinstance(progress, gr.Progress)
+    with pytest.raises(gr.Error) as caught:
+        wrapped("a.png", 3, 4, 5)
+    assert caught.value.message == "handler: too many positional arguments; the parameters are faces, output__seed"
+
+    def needs_ctx(ctx, prompt: str, seed: int = 0) -> list:  # noqa: ANN001
+        return [ctx, prompt, seed]
+
+    bound = common.with_context(needs_ctx, "the context")
+    assert bound("p") == ["the context", "p", 0] and list(inspect_params(bound)) == ["prompt", "seed"]
+    assert bound.__annotations__ == {"prompt": "str", "seed": "int", "return": "list"}
+
+    class Upload:  # what gr.File hands over in some versions: an object with .name
+        name = str(tmp_path / "b.png")
+
+    class OnlyFspath(os.PathLike):
+        def __fspath__(self):  # noqa: ANN204
+            return str(tmp_path / "c.png")
+
+    assert common._face_paths("a.png") == ["a.png"]
+    assert common._face_paths(tmp_path / "a.png") == [str(tmp_path / "a.png")]
+    assert common._face_paths(Upload()) == [Upload.name]
+    assert common._face_paths(["a.png", Upload(), OnlyFspath()]) == ["a.png", Upload.name, str(tmp_path / "c.png")]
+    for nothing in (None, []):
+        with pytest.raises(gr.Error, match="Upload at least one photo of the face"):
+            common._face_paths(nothing)
+    with pytest.raises(gr.Error) as caught:
+        common._face_paths([3])
+    assert caught.value.message == "a face photo arrived as int, not a file: upload the photo again"
+
+
+def inspect_params(fn):  # noqa: ANN001, ANN201
+    import inspect
+
+    return inspect.signature(fn).parameters

@@ -151,13 +151,27 @@ class _Cancelled(Exception):
     """Raised inside a worker's callback to stop a request whose client has left."""
 
 
+def _face_path(item: Any) -> str:
+    """One uploaded photo as a path: a str, a path (pathlib's ``.name`` is the file's name alone),
+    or an upload object's ``.name`` (a temporary file's full path)."""
+    if isinstance(item, str):
+        return item
+    if isinstance(item, os.PathLike):
+        return os.fspath(item)
+    name = getattr(item, "name", None)
+    if not isinstance(name, str) or not name:
+        raise gr.Error(f"a face photo arrived as {type(item).__name__}, not a file: upload the photo again",
+                       title="No face photo")
+    return name
+
+
 def _face_paths(files: Any) -> list[str]:
     """gr.File(file_count='multiple') value → list of paths; at least one."""
     if files is None:
         files = []
     elif isinstance(files, (str, os.PathLike)) or hasattr(files, "name"):
         files = [files]
-    paths = [f if isinstance(f, str) else getattr(f, "name", None) or os.fspath(f) for f in files]
+    paths = [_face_path(f) for f in files]
     if not paths:
         raise gr.Error("Upload at least one photo of the face (JPEG, PNG or WebP) first.", title="No face photo")
     return paths
