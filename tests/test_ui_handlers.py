@@ -636,3 +636,57 @@ def inspect_params(fn):  # noqa: ANN001, ANN201
     import inspect
 
     return inspect.signature(fn).parameters
+
+
+def test_the_display_helpers_and_the_request_context(tmp_path, monkeypatch):
+    """Request notes escaped for Markdown; timings in the stages' order; which trained files are
+    loaded; a notice above the random-weights banner; pictures scaled up by whole factors; the
+    per-request folders cleared after their hour; the Weights choice; a random seed when asked;
+    the progress over images × steps."""
+    import os
+    import time
+
+    from lcmla.ui import common
+
+    assert common.notes_text([]) == ""
+    assert common.notes_text(["a *b* [c]_d|e#<f>`\\"], prefix="Col: ") == "  \n_Note: Col: a \\*b\\* \\[c\\]\\_d\\|e\\#\\<f\\>\\`\\\\_"
+    assert common._timings_text({"total": 2.0, "decode": 0.5, "faces": 0.25, "other": 9}) == "faces 0.25 s · decode 0.50 s · total 2.00 s"
+    assert common._trained_text(None).startswith("none loaded")
+    both = Trained(engine=None, adapter=str(tmp_path / "ad.safetensors"), kv_lora=str(tmp_path / "kv.safetensors"))
+    assert common._trained_text(both) == "adapter `ad.safetensors` · KV-encoder LoRA `kv.safetensors`"
+    assert both.method == "lookahead-kv" and Trained(engine=None, adapter="a").method == "baseline"
+    random_preset = SimpleNamespace(preset=SimpleNamespace(random_weights=True))
+    banner = common._banner(random_preset, "the weights are missing")
+    assert banner.startswith("⚠️ the weights are missing\n\n⚠️ **Random weights")
+    assert common._banner(SimpleNamespace(preset=SimpleNamespace(random_weights=False)), None) == ""
+    small = Image.new("RGB", (50, 30))
+    assert common._at_least(small, 192).size == (200, 120)  # ×4: the first whole factor reaching 192
+    assert common._at_least(small, 100).size == (100, 60) and common._at_least(small, 50) is small
+
+    monkeypatch.setattr(common.tempfile, "gettempdir", lambda: str(tmp_path))
+    outputs = common._Outputs()
+    old, recent = outputs.new(), outputs.new()
+    hour_ago = time.time() - common.OUTPUT_TTL_S - 5
+    os.utime(old, (hour_ago, hour_ago))
+    newest = outputs.new()
+    assert not old.exists() and recent.is_dir() and newest.is_dir() and newest.parent == tmp_path / "lcmla-app"
+
+    stock, trained = SimpleNamespace(preset=SimpleNamespace(steps=4)), SimpleNamespace(name="trained")
+    ctx = Context(stock)
+    assert ctx.pick_engine({}) is stock and ctx.pick_engine({"app.weights": "stock"}) is stock
+    with pytest.raises(gr.Error, match="no trained weights are loaded"):
+        ctx.pick_engine({"app.weights": "trained"})
+    with pytest.raises(gr.Error, match="weights must be one of stock, trained, not 'mine'"):
+        ctx.pick_engine({"app.weights": "mine"})
+    assert Context(stock, trained=Trained(engine=trained)).pick_engine({"app.weights": "trained"}) is trained
+
+    seen = []
+    report = ctx.step_progress(lambda value, desc: seen.append((value, desc)),
+                               GenerationSettings(prompt="p").replace(output__num_images=2))
+    for image, step in ((0, 0), (1, 0), (0, 1)):
+        report(SimpleNamespace(step=step, num_steps=4, image_index=image))
+    assert seen == [((1, 8), "step 1/4 · image 1/2"), ((2, 8), "step 1/4 · image 2/2"), ((3, 8), "step 2/4 · image 1/2")]
+    one = ctx.step_progress(lambda value, desc: seen.append((value, desc)), GenerationSettings(prompt="p"))
+    for _ in range(6):  # more steps than the settings said (a scheduler that adds one): the bar never overflows
+        one(SimpleNamespace(step=0, num_steps=4, image_index=0))
+    assert seen[-1][0] == (6, 6)
