@@ -401,6 +401,9 @@ def test_a_failed_request_marks_what_its_tab_still_shows(engine):
         # the summary is marked; the output where the progress showed gets its "Error" cover lifted
         assert [(m["inputs"], m["outputs"], m["api_visibility"]) for m in marks] == [
             ([ids[info]], [ids[info], ids[cover]], "private")], button
+        # what it returns: the marked summary, and the covered output left as it is (an update of nothing)
+        marked, left = demo.fns[marks[0]["id"]].fn(done)
+        assert marked == failure_note(done) and left == gr.skip(), button
 
 
 def test_faces_found_are_shown_per_photo_with_a_warning_for_each_unusable_one(ctx, face_path, tmp_path):
