@@ -506,7 +506,7 @@ def test_render_maps_draws_before_after_and_difference_on_the_scales_asked(monke
 
     block = "up_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"
     pair = torch.full((2, 2, 4, 4), 0.5)
-    pair[1, 0, 1, 2] = 0.9  # AM raised token 0 at one pixel
+    pair[1, 0, 1, 2], pair[1, 0, 3, 3] = 0.9, 0.1  # AM raised token 0 at one pixel, lowered it at another
     store = MapStore((8, 8), {(block, 0): pair})
     state = {"store": store, "image": Image.new("RGB", (64, 64)), "mode": "am2", "targets": ["up"], "am_steps": None,
              "notes": [], "seed": 3}
@@ -518,14 +518,15 @@ def test_render_maps_draws_before_after_and_difference_on_the_scales_asked(monke
 
     monkeypatch.setattr(overlay, "overlay_heatmap", recording)
     *_, info = attention.render_maps(state, block, 0, "0", False)
-    assert "before: 0.5…0.5, after: 0.5…0.9" in info and info.startswith("AM2 · seed 3 · 1 layers")
+    assert "before: 0.5…0.5, after: 0.1…0.9" in info and info.startswith("AM2 · seed 3 · 1 layers")
     assert [c[0] for c in calls] == [(384, 384)] * 3
     assert [(c[3]["vmin"], c[3]["vmax"]) for c in calls[:2]] == [(None, None)] * 2  # each map its own range
     diff = calls[2][3]
     assert diff["vmin"] == pytest.approx(-0.4) and diff["vmax"] == pytest.approx(0.4) and diff["cmap"] == "coolwarm"
     calls.clear()
-    attention.render_maps(state, "up", 0, "0", True)  # the mean over the up blocks, on one scale
-    assert [(c[3]["vmin"], c[3]["vmax"]) for c in calls[:2]] == [(0.5, pytest.approx(0.9))] * 2
+    mean_info = attention.render_maps(state, "up", 0, "0", True)[3]  # the mean over the up blocks, on one scale
+    assert [(c[3]["vmin"], c[3]["vmax"]) for c in calls[:2]] == [(pytest.approx(0.1), pytest.approx(0.9))] * 2
+    assert "before: 0.5…0.5, after: 0.1…0.9" in mean_info
     off = attention.render_maps({**state, "mode": "none", "notes": ["the prompt was cut"]}, block, 0, "1", False)[3]
     assert off.startswith("No AM · ") and "AM is off, so before and after are the same map" in off
     assert "_Note: the prompt was cut_" in off  # the request's notes stay on every redraw
