@@ -694,3 +694,33 @@ def test_the_display_helpers_and_the_request_context(tmp_path, monkeypatch):
     for _ in range(6):  # more steps than the settings said (a scheduler that adds one): the bar never overflows
         one(SimpleNamespace(step=0, num_steps=4, image_index=0))
     assert seen[-1][0] == (6, 6)
+
+
+def test_previews_ask_for_the_tabs_lcm_scale_and_stretch_random_weights_pictures(engine, ui):
+    """The tab's LCM-LoRA scale reaches the engine as lookahead.lcm_lora_scale (one image); on a
+    random-weights preset the near-black previews are contrast-stretched."""
+    assert engine.preset.random_weights  # the tiny preset: its previews are stretched
+    dark = np.zeros((32, 32, 3), np.uint8)
+    dark[:16] = 10
+    dark[16:] = 30
+
+    class Previewing(PassThrough):
+        asked: list = []
+
+        def previews(self, settings, faces, steps=None, callback=None, on_step=None):  # noqa: ANN001, ANN201
+            self.asked.append(settings)
+            frame = SimpleNamespace(step=0, timestep=999, x0=Image.fromarray(dark), lcm=Image.fromarray(dark))
+            callback(frame)
+            return SimpleNamespace(frames=[frame], image=Image.fromarray(dark), timings={}, notes=[])
+
+    fake = Previewing(engine)
+    asked = {**ui, "output.num_images": 3, "app.preview_lcm_scale": 0.35, "app.preview_steps": ""}
+    x0, lcm, final, info = list(previews.run_previews(Context(fake), asked, _quiet))[-1]
+    settings = fake.asked[0]
+    assert settings.lookahead.lcm_lora_scale == 0.35 and settings.output.num_images == 1
+    assert "LCM-LoRA scale 0.35" in info and "**1 step previewed**" in info
+    for strip in (x0, lcm):
+        picture, caption = strip[0]
+        shown = np.asarray(picture.convert("RGB"))[24:]  # below the stamped band
+        assert shown.min() == 0 and shown.max() == 255, (shown.min(), shown.max())  # 10…30 stretched to 0…255
+        assert caption == f"step 1 · t=999 · {previews.STRETCHED}"
