@@ -484,6 +484,11 @@ def test_reports_are_found_two_levels_down_by_their_real_path_and_named_when_gon
     assert warned and "could not be read" in warned[0]
 
 
+def test_similarity_is_shown_to_three_places_or_says_no_face():
+    assert compare._similarity_text(0.12345) == "0.123" and compare._similarity_text(-0.5) == "-0.500"
+    assert compare._similarity_text(None) == "no face found"
+
+
 def test_block_labels_read_like_the_unet():
     """A layer's processor name as the Block selector shows it; a name of another shape stays as it is."""
     assert (attention._block_label("down_blocks.1.attentions.0.transformer_blocks.1.attn2.processor")
