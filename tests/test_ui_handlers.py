@@ -484,6 +484,12 @@ def test_reports_are_found_two_levels_down_by_their_real_path_and_named_when_gon
     assert warned and "could not be read" in warned[0]
 
 
+def test_compare_uses_the_face_chosen_in_generate(ctx, ui):
+    """The Face index knob picks the face Compare uses (a photo with one face has no face 1)."""
+    with pytest.raises(gr.Error, match="face_index 1 is out of range"):
+        list(compare.run_compare(ctx, {**ui, "identity.face_index": 1}, _quiet))
+
+
 def test_similarity_is_shown_to_three_places_or_says_no_face():
     assert compare._similarity_text(0.12345) == "0.123" and compare._similarity_text(-0.5) == "-0.500"
     assert compare._similarity_text(None) == "no face found"
