@@ -735,3 +735,16 @@ def test_previews_ask_for_the_tabs_lcm_scale_and_stretch_random_weights_pictures
         shown = np.asarray(picture.convert("RGB"))[24:]  # below the stamped band
         assert shown.min() == 0 and shown.max() == 255, (shown.min(), shown.max())  # 10…30 stretched to 0…255
         assert caption == f"step 1 · t=999 · {previews.STRETCHED}"
+
+
+def test_a_knobs_widget_carries_its_info_placeholder_and_room_and_the_seed_is_new_when_asked(ctx, ui):
+    from lcmla.ui.common import widget
+
+    with gr.Blocks():
+        prompt = widget(KNOB["prompt"], "a face")
+        steps = widget(KNOB["attention.steps"], "")
+    assert prompt.info == KNOB["prompt"].info and prompt.placeholder == "a pencil drawing of a face"
+    assert prompt.lines == 2 and prompt.max_lines == 4 and steps.max_lines == 4 and steps.placeholder == "every step"
+    fixed = ctx.request_settings({**ui, "output.seed": 5})
+    drawn = {ctx.request_settings({**ui, "output.seed": 5, "app.randomize_seed": True}).output.seed for _ in range(3)}
+    assert fixed.output.seed == 5 and 5 not in drawn and len(drawn) == 3  # 2**31 choices: a repeat is 1 in 10**9
