@@ -348,16 +348,16 @@ def check_state_shapes(
     fix: str,
     file: Path,
     against: str = "its config.json",
-    unknown: int = 0,
 ) -> None:
     """Raise a :class:`MissingWeightsError` unless ``state`` has exactly the tensors ``shapes`` names.
 
     ``shapes`` comes from a model built on the meta device from its config, ``state`` from the
-    weights file; ``unknown`` counts the file's tensors the model has no place for. The message
+    weights file (a caller that reads only the model's tensors has no unknown ones). The message
     gives the counts and one example, where a strict ``load_state_dict`` gives a wall of names.
     """
     missing = sorted(set(shapes) - set(state))
     wrong = sorted(k for k, v in state.items() if k in shapes and tuple(v.shape) != shapes[k])
+    unknown = [k for k in state if k not in shapes]  # tensors the model has no place for
     if not (missing or wrong or unknown):
         return
     if missing:
@@ -365,8 +365,8 @@ def check_state_shapes(
     elif wrong:
         first = f"{wrong[0]} is {list(state[wrong[0]].shape)}, not {list(shapes[wrong[0]])}"
     else:
-        first = next(k for k in state if k not in shapes)
-    extra = f", {unknown} the model has no place for" if unknown else ""
+        first = unknown[0]
+    extra = f", {len(unknown)} the model has no place for" if unknown else ""
     raise MissingWeightsError(
         f"{what} does not match {against}: {len(missing)} {noun} missing and {len(wrong)} of another "
         f"shape{extra} (e.g. {first}); {fix}", missing=[str(file)])
@@ -420,7 +420,6 @@ def _load_replacement_unet(base: Path, unet_file: Path, dtype: "torch.dtype") ->
     shapes = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
     check_state_shapes(shapes, state, what=f"the UNet {unet_file}", noun="tensor(s)", file=unet_file,
                        against=str(base / "unet" / "config.json"),
-                       unknown=sum(k not in shapes for k in state),
                        fix="it must be a diffusers UNet state dict for this base model, not a single-file "
                            "checkpoint: download it again")
     unet.load_state_dict(state, strict=True, assign=True)
