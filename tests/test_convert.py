@@ -102,14 +102,22 @@ def test_split_maps_every_tensor_to_its_place():
     assert len(parts["kv_lora"]) == n_blocks * (16 + 4) - 16 and len(parts["ip_adapter"]) == 2 * n_blocks
 
 
-def test_convert_round_trips_into_the_engine(converted, face_path):
+@pytest.fixture(scope="module")
+def plus_engine(converted):
+    """The tiny engine with the converted Plus-Face adapter and KV-encoder LoRA."""
     from lcmla import Engine
+
+    _sd, paths = converted
+    return Engine.load("tiny", adapter=paths["adapter"], kv_encoder_lora=paths["kv_lora"])
+
+
+def test_convert_round_trips_into_the_engine(converted, plus_engine, face_path):
     from lcmla.attention.kv_copy import kv_copies
     from lcmla.kv_lora import read_kv_lora_metadata
 
     sd, paths = converted
     assert read_kv_lora_metadata(paths["kv_lora"])["reference_kv"] == "kv-copy"
-    engine = Engine.load("tiny", adapter=paths["adapter"], kv_encoder_lora=paths["kv_lora"])
+    engine = plus_engine
     assert engine.components.adapter_kind == "plus" and "faceid" not in engine.adapters
     unet = engine.pipe.unet
     # every trained tensor landed where the authors' model used it
@@ -149,6 +157,27 @@ def test_convert_round_trips_into_the_engine(converted, face_path):
             for name, i in (("one", identity), ("mixed", mixed)) for f in ("photo", "face")}
     assert not torch.allclose(clip[("one", "face")], clip[("one", "photo")], atol=1e-4)
     assert torch.equal(clip[("mixed", "face")], clip[("mixed", "photo")])
+
+
+def test_attention_tab_offers_the_plus_face_adapters_16_tokens(plus_engine, face_path):
+    """The Attention tab reads the token count from the captured maps: the Plus-Face adapter's
+    resampler makes 16 identity tokens (FaceID-Plus-v2: 4), and every one of them can be shown."""
+    from lcmla.ui import attention
+    from lcmla.ui.common import Context, ui_defaults
+
+    assert plus_engine._identity_tokens() == TOKENS
+    ctx = Context(plus_engine)
+    ui = {**ui_defaults(plus_engine.preset), "app.faces": [str(face_path)], "output.width": 64, "output.height": 64,
+          "prompt": "a pencil drawing of a face", "app.capture_mode": "am2"}
+    state, _block, _step, token, *_ = attention.run_attention(ctx, ui, lambda *a, **k: None)
+    assert token["choices"] == [str(t) for t in range(TOKENS)] and token["value"] == "0"
+    assert {m.shape[1] for m in state["store"].maps.values()} == {TOKENS}
+    last = attention.render_maps(state, "all", 0, str(TOKENS - 1), False)
+    assert last[1] is not None and "No maps" not in last[3]
+    first = attention.render_maps(state, "all", 0, "0", False)
+    assert not np.array_equal(np.asarray(first[1]), np.asarray(last[1]))  # another token, another map
+    beyond = attention.render_maps(state, "all", 0, str(TOKENS), False)
+    assert beyond[1] is None and "No maps for that choice" in beyond[3]
 
 
 def test_reads_zip_checkpoints_memory_mapped_and_legacy_ones_whole(tmp_path, monkeypatch):
