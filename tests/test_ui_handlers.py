@@ -73,12 +73,21 @@ def test_the_engines_notes_reach_the_summaries(ctx, ui, engine, face_path):
     assert "Note" not in plain  # a request with nothing to note has no note
 
 
-def test_one_click_configuration_and_png_settings(ctx, ui):
+@pytest.fixture
+def infos(monkeypatch):
+    """The gr.Info toasts a handler raises, as (title, message)."""
+    seen = []
+    monkeypatch.setattr(gr, "Info", lambda message, *a, title="", **k: seen.append((title, message)))
+    return seen
+
+
+def test_one_click_configuration_and_png_settings(ctx, ui, infos):
     changes = generate.preset_changes(ctx, "am2+dcg")
     assert changes["attention.mode"] == "am2" and changes["guidance.dcg"] is True
     _images, files, *_ = generate.run_generate(ctx, {**ui, "output.seed": 9}, _quiet)
     loaded = generate.load_settings(ctx, files[0])
     assert loaded["output.seed"] == 9 and loaded["prompt"] == "a pencil drawing of a face"
+    assert infos == [("Settings loaded", "Every control now holds the settings of that PNG.")]
     assert generate.load_settings(ctx, None) == {}
     # a PNG of another preset loads with a warning that the picture will differ
     from lcmla.pngmeta import save_png
@@ -188,7 +197,7 @@ def _sampler(changes):
     return {n: changes[n] for n in SAMPLER_KNOBS if n in changes}
 
 
-def test_leaving_the_released_configuration_puts_the_presets_sampler_back(ctx, ui):
+def test_leaving_the_released_configuration_puts_the_presets_sampler_back(ctx, ui, infos):
     """'LCM-Lookahead (as released)' sets DPM-Solver++, 50 steps and λ 1.0; the next configuration
     (which runs on the backbone's own sampler) puts back the preset's own values of those the user
     has not changed since, and says so; with nothing left by the last button, nothing is put back."""
@@ -216,6 +225,11 @@ def test_leaving_the_released_configuration_puts_the_presets_sampler_back(ctx, u
     handler = generate._configuration(ctx, "baseline", controls, "state")
     out = handler(left, *(now[n] for n in SAMPLER_KNOBS))
     assert out["state"] is None and out["guidance.steps"] == own["guidance.steps"]
+    # ... and its toast says what it put back (the text restored_text makes for these values)
+    assert infos == [("The preset's own sampler", text)]
+    infos.clear()
+    out = handler(None, *(own[n] for n in SAMPLER_KNOBS))  # nothing left by the last button: no toast
+    assert infos == [] and out["state"] is None
 
 
 def test_a_png_without_settings_is_refused_on_its_box_by_name(ctx, ui, tmp_path):
