@@ -41,6 +41,49 @@ def test_identities_and_seeds_are_deterministic():
         select_templates(["nope"])
 
 
+def test_a_drawn_description_reads_as_the_banks_say_and_goes_together():
+    """'<a|an> <age> <ethnicity> <gender> with <skin>, <hair> and <eyes>[, <feature>]', one value per
+    bank; the "_" entries are notes and rules, not banks; a value with a rule (a beard: men only,
+    grey hair: not the young) is drawn only with the attributes it names."""
+    from training.datagen.identities import _banks, _requires, fits
+
+    banks, rules = _banks(), _requires()
+    assert list(banks) == ["age", "gender", "ethnicity", "skin", "hair", "eyes", "feature"]
+    order = list(banks)
+    for value, need in rules.items():  # each rule: a value of a later bank, conditioned on earlier banks' values
+        (bank,) = [b for b, vs in banks.items() if value in vs]
+        assert need and all(order.index(b) < order.index(bank) and set(vs) <= set(banks[b]) for b, vs in need.items())
+    ids = [draw_identity(11, i) for i in range(300)]
+    for ident in ids:
+        a = ident.attributes
+        body = f"{a['age']} {a['ethnicity']} {a['gender']} with {a['skin']}, {a['hair']} and {a['eyes']}"
+        body += f", {a['feature']}" if a["feature"] else ""
+        assert ident.description == ("an " if body[0] in "aeiou" else "a ") + body
+        assert all(fits(v, a, rules) for v in a.values())
+    assert not any(i.attributes["gender"] == "woman" and i.attributes["feature"] in ("a thick beard", "a moustache")
+                   for i in ids)
+    assert not any(i.attributes["age"] in ("young", "teenage") and "grey" in i.attributes["hair"] for i in ids)
+    assert any(i.attributes["feature"] == "a thick beard" for i in ids)  # the rule narrows, it does not remove
+    starts = {i.description.split()[0] for i in ids}
+    assert starts == {"a", "an"} and any(i.description.startswith("an elderly ") for i in ids)
+    assert any(i.attributes["feature"] == "" for i in ids) and any(i.attributes["feature"] for i in ids)
+    assert draw_identity(0, 0).description == ("an elderly Native American woman with freckled skin, straight blond "
+                                               "hair and brown eyes")  # a description stays what it was
+
+
+def test_a_plan_without_styles_is_all_plain_photos():
+    plain, _ = select_templates([])
+    a = draw_identity(0, 3)
+    n = 2 * len(plain) + 1  # past the templates: each comes round again with the next k
+    plan = plan_images(a, plain, [], n, seed=0)
+    assert len(plan) == n and not any(t.stylized for t, _, _ in plan)
+    assert [k for _, k, _ in plan] == [0] * len(plain) + [1] * len(plain) + [2]
+    assert len({seed for _, _, seed in plan}) == n  # each image its own seed
+    _, styles = select_templates(["comic"])
+    mixed = plan_images(a, plain, styles, 6, seed=0)  # 3 photos, then the one style three times
+    assert [(t.slug, k) for t, k, _ in mixed[3:]] == [("comic", 0), ("comic", 1), ("comic", 2)]
+
+
 def test_compressed_prompts():
     t = next(t for t in templates() if t.slug == "forest")
     assert t.prompt("an old Slavic woman") == "a photo of an old Slavic woman in a forest"
@@ -246,7 +289,8 @@ def test_a_rerun_with_other_settings_is_refused(reference_run, tmp_path):
     import dataclasses
     import shutil
 
-    from training.datagen.generate import generate
+    from training.datagen.generate import fingerprint_differences, generate, run_fingerprint
+    from training.datagen.identities import prompt_sources_digest
 
     out_ref, _ = reference_run
     out = tmp_path / "copy"
@@ -259,6 +303,16 @@ def test_a_rerun_with_other_settings_is_refused(reference_run, tmp_path):
         with pytest.raises(ValueError, match="holds shards made with other settings") as exc:
             generate(dataclasses.replace(cfg, **change), out, datagen_fake.fake_render(), haar.detect, log=lambda m: None)
         assert named in str(exc.value) and "new --output-dir" in str(exc.value)
+    # what the prompts are made from is part of the run: shards of a version whose banks or
+    # templates differ (or that did not record them) are not resumed into
+    run = run_fingerprint(cfg)
+    assert run["prompt_sources"] == prompt_sources_digest(with_banks=True) != prompt_sources_digest(with_banks=False)
+    older = {k: v for k, v in run.items() if k != "prompt_sources"}
+    assert fingerprint_differences(older, run) == (f"prompt_sources: not recorded then (an older version), "
+                                                   f"{run['prompt_sources']!r} now")
+    assert fingerprint_differences({**run, "prompt_sources": "0123"}, run).startswith("prompt_sources: '0123' then")
+    named = run_fingerprint(dataclasses.replace(cfg, names=("Ada Lovelace",) * 4))
+    assert named["prompt_sources"] == prompt_sources_digest(with_banks=False)  # a names file: the banks play no part
 
 
 def _listed(folder: Path) -> list[str]:

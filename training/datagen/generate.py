@@ -25,7 +25,7 @@ import numpy as np
 
 from lcmla.errors import ImageError
 
-from .identities import Identity, Template, draw_identity, plan_images
+from .identities import Identity, Template, draw_identity, plan_images, prompt_sources_digest
 from .shards import (
     Sample,
     append_manifest,
@@ -207,11 +207,13 @@ def write_shards(cfg: GenConfig, out: Path, make_identity: Callable[[int], tuple
 
 def run_fingerprint(cfg: GenConfig) -> dict[str, Any]:
     """What decides a shard's contents, recorded with it so that a resumed run can tell whether
-    it is the same run: the counts, seed, thresholds, templates, names, face backend and settings."""
+    it is the same run: the counts, seed, thresholds, templates, names, what the prompts are made
+    from (the template texts and attribute banks of this version), face backend and settings."""
     return {"identities": cfg.identities, "images_per_identity": cfg.images_per_identity,
             "identities_per_shard": cfg.identities_per_shard, "seed": cfg.seed, "tau_plain": cfg.tau_plain,
             "tau_style": cfg.tau_style, "plain": [t.slug for t in cfg.plain], "stylized": [t.slug for t in cfg.stylized],
             "names": hashlib.sha256("\n".join(cfg.names or ()).encode()).hexdigest()[:16],
+            "prompt_sources": prompt_sources_digest(with_banks=not cfg.names),
             "backend": cfg.backend, "settings": json.loads(json.dumps(cfg.settings, default=str))}
 
 
@@ -220,7 +222,8 @@ def fingerprint_differences(recorded: dict | None, now: dict) -> str:
     if not recorded:
         return ""
     keys = [k for k in now if recorded.get(k) != now[k]]
-    return "; ".join(f"{k}: {recorded.get(k)!r} then, {now[k]!r} now" for k in keys)
+    return "; ".join(f"{k}: {recorded[k]!r} then, {now[k]!r} now" if k in recorded else f"{k}: not recorded then "
+                     f"(an older version), {now[k]!r} now" for k in keys)
 
 
 def my_shards(total: int, rank: int, world: int) -> list[int]:

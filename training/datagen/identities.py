@@ -47,8 +47,30 @@ class Identity:
 
 
 @lru_cache(maxsize=None)
-def _banks() -> dict:
+def _banks() -> dict[str, list[str]]:
+    """The attribute banks, in drawing order (the keys starting with "_" are notes and rules)."""
     return {k: v for k, v in json.loads((DATA / "attributes.json").read_text()).items() if not k.startswith("_")}
+
+
+@lru_cache(maxsize=None)
+def _requires() -> dict[str, dict[str, list[str]]]:
+    """value → {earlier bank: the values of it the value goes with} ("a thick beard": gender "man")."""
+    return json.loads((DATA / "attributes.json").read_text()).get("_requires", {})
+
+
+def fits(value: str, drawn: dict[str, str], requires: dict[str, dict[str, list[str]]]) -> bool:
+    """Whether ``value`` goes with the attributes ``drawn`` before it, by ``requires``; a rule naming
+    a bank not drawn yet does not hold."""
+    return all(drawn.get(bank) in allowed for bank, allowed in requires.get(value, {}).items())
+
+
+def prompt_sources_digest(with_banks: bool) -> str:
+    """A short sha256 of what the prompts are made from: the templates, and the attribute banks
+    (``with_banks``: the descriptions are drawn, not read from a names file)."""
+    h = hashlib.sha256((DATA / "templates.json").read_bytes())
+    if with_banks:
+        h.update((DATA / "attributes.json").read_bytes())
+    return h.hexdigest()[:16]
 
 
 @lru_cache(maxsize=None)
@@ -81,14 +103,18 @@ def _article(word: str) -> str:
 
 def draw_identity(seed: int, index: int, names: Sequence[str] | None = None) -> Identity:
     """Identity ``index`` of a run: a detailed description drawn from the banks by (seed, index) —
-    "an old Slavic woman with tan skin, curly brown hair and green eyes, bags under the eyes" — or,
+    "an old Slavic woman with tan skin, curly brown hair and green eyes, bags under the eyes", each
+    value among those that go with the ones drawn before it (``_requires``: no bearded women) — or,
     with ``names`` (the authors' released generator renders celebrity names), the name itself."""
     if names:
         if not 0 <= index < len(names):
             raise ValueError(f"identity {index} has no name: the names list holds {len(names)}")
         return Identity(index, names[index], {"name": names[index]})
     rng = np.random.default_rng([seed, index])
-    pick = {k: v[int(rng.integers(len(v)))] for k, v in _banks().items()}
+    pick: dict[str, str] = {}
+    for bank, values in _banks().items():  # one draw per bank, among the values that fit the earlier ones
+        allowed = [v for v in values if fits(v, pick, _requires())]
+        pick[bank] = allowed[int(rng.integers(len(allowed)))]
     text = f"{pick['age']} {pick['ethnicity']} {pick['gender']} with {pick['skin']}, {pick['hair']} and {pick['eyes']}"
     if pick["feature"]:
         text += f", {pick['feature']}"
