@@ -604,6 +604,20 @@ def test_names_must_cover_every_identity(tmp_path):
     assert not (tmp_path / "o").exists()  # refused before anything loads or is written
 
 
+def test_a_names_file_is_read_a_name_a_line_and_an_empty_or_missing_one_is_named(tmp_path):
+    from training.datagen.identities import read_names, slugify
+
+    names = tmp_path / "names.txt"
+    names.write_text("  Ada Lovelace \n\n# a comment\n   # an indented one\nAlan Turing\n", encoding="utf-8")
+    assert read_names(names) == ["Ada Lovelace", "Alan Turing"]
+    names.write_text("# only a comment\n\n")
+    with pytest.raises(ValueError, match="the names file .*names.txt holds no names"):
+        read_names(names)
+    with pytest.raises(ValueError, match="cannot read the names file .*nowhere.txt: No such file"):
+        read_names(tmp_path / "nowhere.txt")
+    assert slugify(" A pencil drawing of  ") == "a-pencil-drawing-of" and slugify("Oil-Painting #3!") == "oil-painting-3"
+
+
 def test_cli_renders_on_the_process_device_without_the_faceid_lora(engine, tmp_path, monkeypatch):
     """The accelerate state is read before the engine loads and its device is the engine's; every
     datagen image is a text-only render with the FaceID LoRA off (identity.lora_scale 0)."""
