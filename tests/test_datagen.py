@@ -351,6 +351,10 @@ def test_torn_tail_start():
     assert torn_tail_start(a + b'{"sha' + b) == len(a)  # torn line merged with the next (the old bug)
     assert torn_tail_start(b'{"shard": \n') == 0
     assert [e["shard"] for e in manifest_entries(a + b"garbage\n" + b + b'{"shard": "c"}')] == ["a", "b"]
+    # JSON that is not a shard's entry (another object, a list, bytes that are not UTF-8) is skipped too
+    other = b'{"note": "x"}\n[1, 2]\n\xff\xfe\n'
+    assert [e["shard"] for e in manifest_entries(a + other + b)] == ["a", "b"]
+    assert torn_tail_start(a + b'{"note": "x"}\n') == len(a)  # a last line naming no shard is cut as well
 
 
 def test_two_processes_write_the_same_shards(reference_run, tmp_path):
