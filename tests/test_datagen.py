@@ -350,11 +350,46 @@ def test_torn_tail_start():
     assert torn_tail_start(a + b[:-1]) == len(a)  # whole JSON but no newline: still a cut-short write
     assert torn_tail_start(a + b'{"sha' + b) == len(a)  # torn line merged with the next (the old bug)
     assert torn_tail_start(b'{"shard": \n') == 0
+    assert torn_tail_start(b"garbage\n" + b[:5]) == len(b"garbage\n")  # only the unterminated tail is cut
     assert [e["shard"] for e in manifest_entries(a + b"garbage\n" + b + b'{"shard": "c"}')] == ["a", "b"]
     # JSON that is not a shard's entry (another object, a list, bytes that are not UTF-8) is skipped too
     other = b'{"note": "x"}\n[1, 2]\n\xff\xfe\n'
     assert [e["shard"] for e in manifest_entries(a + other + b)] == ["a", "b"]
     assert torn_tail_start(a + b'{"note": "x"}\n') == len(a)  # a last line naming no shard is cut as well
+
+
+def test_manifest_temporaries_and_members_bookkeeping(tmp_path):
+    """The latest manifest line of a shard wins; only this process's shards' temporaries are
+    removed; a tar's members are read by base name, the extension after the first dot, and only
+    its files count."""
+    import io
+    import tarfile
+
+    from training.datagen.shards import append_manifest, iter_members, remove_stale_temporaries
+
+    append_manifest(tmp_path, {"shard": "shard-000000.tar", "sha256": "old"})
+    append_manifest(tmp_path, {"shard": "shard-000001.tar", "sha256": "other"})
+    append_manifest(tmp_path, {"shard": "shard-000000.tar", "sha256": "new"})  # remade: listed again
+    assert {k: v["sha256"] for k, v in read_manifest(tmp_path).items()} == {"shard-000000.tar": "new",
+                                                                            "shard-000001.tar": "other"}
+    for name in ("shard-000001.tar.tmp-11", "shard-000001.tar.tmp-12", "shard-000002.tar.tmp-13"):
+        (tmp_path / name).write_bytes(b"half")
+    assert remove_stale_temporaries(tmp_path, {"shard-000000.tar", "shard-000001.tar"}) == 2
+    assert sorted(p.name for p in tmp_path.glob("*.tmp-*")) == ["shard-000002.tar.tmp-13"]  # another process's
+    tar_path = tmp_path / "members.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        folder = tarfile.TarInfo("sub")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for name, data in (("sub/id000001-photo-00.emb.npy", b"12345"), ("id000001-photo-00.png", b"ab")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    members = list(iter_members(tar_path))
+    assert [(k, e, n) for k, e, _off, n in members] == [("id000001-photo-00", "emb.npy", 5), ("id000001-photo-00", "png", 2)]
+    with tar_path.open("rb") as f:
+        f.seek(members[0][2])
+        assert f.read(5) == b"12345"
 
 
 def test_two_processes_write_the_same_shards(reference_run, tmp_path):
