@@ -723,6 +723,26 @@ def test_cli_generate_tiny_to_the_end_and_inspect_an_empty_shard(engine, tiny_ca
     assert all(Image.open(p).size[1] > 0 for p in pngs)
 
 
+def test_each_sample_style_gets_the_filter_its_template_names():
+    """The specific word decides, not the generic "drawing" or "painting" before it."""
+    from training.datagen import sample
+    from training.datagen.identities import select_templates
+
+    photo = sample.vary(sample.portrait("Eileen Collins"), 3, 64)
+    expect = {"oil-painting": sample._oil, "pencil-drawing": sample._pencil, "comic": sample._comic,
+              "watercolor": sample._watercolor, "graffiti": sample._comic, "wanted-poster": sample._comic,
+              "cubism": sample._oil, "pop-art": sample._comic, "charcoal": sample._pencil}
+    _, stylized = select_templates(None)
+    for t in stylized:
+        got = np.asarray(sample.stylize(photo, t.prompt("Eileen Collins")))
+        fn = expect.get(t.slug)
+        want = np.asarray(fn(photo) if fn else sample.ImageOps.posterize(photo, 4))  # pixar, mosaic, astronaut
+        assert np.array_equal(got, want), t.slug
+    filters = [sample._pencil, sample._oil, sample._watercolor, sample._comic]
+    outs = [np.asarray(f(photo)) for f in filters]
+    assert all(not np.array_equal(a, b) for i, a in enumerate(outs) for b in outs[i + 1:])  # four different looks
+
+
 def test_sample_makes_real_face_pairs_the_trainer_reads(tmp_path, capsys):
     """``datagen sample``: the two public-domain portraits, varied and stylized, through the same
     filter and shards as generate; the trainer's reader finds pairs of one identity in it (a tiny

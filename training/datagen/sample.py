@@ -84,12 +84,16 @@ def _comic(img: Image.Image) -> Image.Image:
     return Image.composite(flat, Image.new("RGB", img.size), edges)
 
 
-#: A style's filter, by a word of its template (the first that matches); others are posterised.
+#: A style's filter, by a word of its template: the first group holding a word of the prompt wins,
+#: so the specific words come before the generic "drawing" and "painting" ("a drawing of X in a
+#: comic book" is a comic, "a watercolor painting" a watercolour); others are posterised.
 STYLE_FILTERS: tuple[tuple[tuple[str, ...], Callable[[Image.Image], Image.Image]], ...] = (
-    (("pencil", "charcoal", "sketch", "drawing"), _pencil),
-    (("oil", "painting", "impressionist"), _oil),
     (("watercolor", "watercolour", "pastel"), _watercolor),
     (("comic", "cartoon", "anime", "graffiti", "poster", "pop art"), _comic),
+    (("pencil", "charcoal", "sketch"), _pencil),
+    (("oil", "impressionist"), _oil),
+    (("drawing",), _pencil),
+    (("painting",), _oil),
 )
 
 
