@@ -358,6 +358,15 @@ def test_torn_tail_start():
     assert torn_tail_start(a + b'{"note": "x"}\n') == len(a)  # a last line naming no shard is cut as well
 
 
+def test_counts_text_names_the_nonzero_counts_in_order():
+    from collections import Counter
+
+    from training.datagen.reader import counts_text
+
+    assert counts_text(Counter(no_face=1, corrupt=2, incomplete=0)) == "corrupt 2, no_face 1"
+    assert counts_text({}) == counts_text({"corrupt": 0}) == "none"
+
+
 def test_manifest_temporaries_and_members_bookkeeping(tmp_path):
     """The latest manifest line of a shard wins; only this process's shards' temporaries are
     removed; a tar's members are read by base name, the extension after the first dot, and only
