@@ -581,6 +581,78 @@ def test_unreadable_training_data_is_named_for_what_it_is(reference_run, tmp_pat
             PairDataset([folder])
 
 
+def _raw_shard(path: Path, members: list[tuple[str, bytes]]) -> None:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_the_reader_skips_each_unusable_sample_by_reason_and_pairs_the_rest(tmp_path):
+    """Per sample: a member missing (incomplete), a record that is not JSON (corrupt), no box or no
+    landmarks (no_face), a plain photo with no other plain photo of its identity (no_reference, as
+    a target; it is still the reference of its stylized image). Images come back RGB."""
+    import io
+
+    from PIL import Image
+
+    from training.datagen.reader import PairDataset, ShardSamples
+    from training.datagen.shards import append_manifest
+
+    def png(mode):
+        buf = io.BytesIO()
+        Image.new(mode, (8, 8), 90).save(buf, format="PNG")
+        return buf.getvalue()
+
+    def npy():
+        buf = io.BytesIO()
+        np.save(buf, np.ones(4, np.float32))
+        return buf.getvalue()
+
+    def record(key, identity, stylized, **changes):
+        rec = {"key": key, "identity": identity, "stylized": stylized, "box": [0, 0, 8, 8],
+               "landmarks": [[1, 1]] * 5, "compressed_prompt": f"{key} of a face", "template": "photo"}
+        return json.dumps({**rec, **changes}).encode()
+
+    members = []
+    for key, identity, stylized, rec, parts in (
+            ("id1-photo-00", 1, False, None, "all"), ("id1-comic-00", 1, True, None, "all"),
+            ("id2-photo-00", 2, False, None, "all"), ("id2-photo-01", 2, False, None, "all"),
+            ("id3-photo-00", 3, False, None, "no crop"), ("id3-photo-01", 3, False, b"{not json", "all"),
+            ("id3-photo-02", 3, False, {"landmarks": []}, "all"), ("id3-photo-03", 3, False, {"box": None}, "all")):
+        body = rec if isinstance(rec, bytes) else record(key, identity, stylized, **(rec or {}))
+        members += [(f"{key}.png", png("L")), (f"{key}.json", body), (f"{key}.emb.npy", npy())]
+        if parts == "all":
+            members.append((f"{key}.crop.png", png("RGB")))
+    _raw_shard(tmp_path / "shard-000000.tar", members)
+    append_manifest(tmp_path, {"shard": "shard-000000.tar"})
+    samples = ShardSamples([tmp_path])
+    assert [r.key for r in samples.samples] == ["id1-photo-00", "id1-comic-00", "id2-photo-00", "id2-photo-01"]
+    assert dict(samples.skipped) == {"incomplete": 1, "corrupt": 1, "no_face": 2}
+    assert samples.image(0).mode == "RGB" and samples.image(0, "crop.png").size == (8, 8)
+    pairs = PairDataset([tmp_path])
+    keys = sorted(pairs[j].key for j in range(len(pairs)))
+    assert keys == ["id1-photo-00>id1-comic-00", "id2-photo-00>id2-photo-01", "id2-photo-01>id2-photo-00"]
+    assert pairs.skipped["no_reference"] == 1  # id1-photo-00 as a target: its identity has no other photo
+    sample = pairs[0]
+    assert sample.reference.mode == sample.target.mode == "RGB" and sample.prompt.endswith("of a face")
+
+
+def test_a_folder_of_the_authors_format_is_pointed_to_the_importer(tmp_path):
+    from training.datagen.reader import PairDataset
+
+    (tmp_path / "metadata.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="holds no manifest.jsonl of training shards .*import-authors"):
+        PairDataset([tmp_path])
+    (tmp_path / "metadata.json").unlink()
+    with pytest.raises(FileNotFoundError, match="holds no manifest.jsonl of training shards$"):
+        PairDataset([tmp_path])
+
+
 def test_inspect_shows_a_corrupt_image_and_refuses_a_bad_out(reference_run, tmp_path, capsys):
     """A shard whose image member does not decode raised UnidentifiedImageError while drawing the
     contact sheet; an --out that is a file raised FileExistsError."""
