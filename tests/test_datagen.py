@@ -432,6 +432,13 @@ def test_reader_pairs_and_corrupt_members(reference_run, tmp_path):
         assert ref_key != tgt_key and ref_key.split("-")[0] == tgt_key.split("-")[0]  # the same identity
         assert p.prompt.count("a face") == 1 and p.reference_embedding.shape == (512,)
         assert "-photo-" in ref_key or "-portrait-" in ref_key or "-headshot-" in ref_key  # a plain reference
+    # the reference is picked by a hash of the target's key, so an identity's photos take turns
+    # as the reference of its stylized images
+    by_identity = {}
+    for ref, tgt in pairs.pairs:
+        if pairs.samples.records[tgt]["stylized"]:
+            by_identity.setdefault(pairs.samples.records[tgt]["identity"], set()).add(ref)
+    assert any(len(refs) > 1 for refs in by_identity.values()), by_identity
     # corrupt one image member in a copy: reading skips to the next pair and counts it
     bad = tmp_path / "bad"
     shutil.copytree(out_ref, bad)
