@@ -647,6 +647,15 @@ def test_the_reader_skips_each_unusable_sample_by_reason_and_pairs_the_rest(tmp_
     assert pairs.skipped["no_reference"] == 1  # id1-photo-00 as a target: its identity has no other photo
     sample = pairs[0]
     assert sample.reference.mode == sample.target.mode == "RGB" and sample.prompt.endswith("of a face")
+    # samples read but none pairs up, while another shard is gone: the pairs are what is missing
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    _raw_shard(lone / "shard-000000.tar", [(n, d) for n, d in members if n.startswith("id1-photo-00.")])
+    append_manifest(lone, {"shard": "shard-000000.tar"})
+    append_manifest(lone, {"shard": "shard-000001.tar"})  # listed, not on disk
+    with pytest.raises(ValueError, match="every identity needs two plain photos") as exc:
+        PairDataset([lone])
+    assert "could not be read" not in str(exc.value)
 
 
 def test_a_folder_of_the_authors_format_is_pointed_to_the_importer(tmp_path):
