@@ -645,8 +645,12 @@ def test_the_reader_skips_each_unusable_sample_by_reason_and_pairs_the_rest(tmp_
     keys = sorted(pairs[j].key for j in range(len(pairs)))
     assert keys == ["id1-photo-00>id1-comic-00", "id2-photo-00>id2-photo-01", "id2-photo-01>id2-photo-00"]
     assert pairs.skipped["no_reference"] == 1  # id1-photo-00 as a target: its identity has no other photo
-    sample = pairs[0]
-    assert sample.reference.mode == sample.target.mode == "RGB" and sample.prompt.endswith("of a face")
+    sample = next(pairs[j] for j in range(len(pairs)) if pairs[j].key == "id1-photo-00>id1-comic-00")
+    assert sample.reference.mode == sample.target.mode == "RGB" and sample.prompt == "id1-comic-00 of a face"
+    assert sample.reference_prompt == "id1-photo-00 of a face"
+    assert np.asarray(sample.reference)[0, 0].tolist() == [90, 90, 90]  # the image (grey PNG, read as RGB)
+    assert np.asarray(sample.reference_crop)[0, 0].tolist() == [90, 0, 0]  # its crop member, not the image
+    assert sample.reference_box == (0, 0, 8, 8) and sample.reference_embedding.tolist() == [1.0] * 4
     # samples read but none pairs up, while another shard is gone: the pairs are what is missing
     lone = tmp_path / "lone"
     lone.mkdir()
@@ -818,6 +822,31 @@ def test_cli_generate_tiny_to_the_end_and_inspect_an_empty_shard(engine, tiny_ca
     pngs = sorted(sheets.glob("*.png"))
     assert [p.stem for p in pngs] == ["shard-000000", "shard-000001"]
     assert all(Image.open(p).size[1] > 0 for p in pngs)
+
+
+def test_a_sample_variation_crops_mirrors_turns_and_lights_as_drawn():
+    from PIL import ImageOps
+
+    from training.datagen.sample import Variation, apply_variation, portrait, variation, vary
+
+    drawn = [variation(s) for s in range(40)]
+    assert 10 < sum(v.mirror for v in drawn) < 30  # half the time
+    assert all(0.86 <= v.side <= 1 and max(map(abs, v.shift)) <= 0.04 and abs(v.angle) <= 6
+               and 0.85 <= v.brightness <= 1.15 and 0.85 <= v.contrast <= 1.15 for v in drawn)
+    assert len({v.angle for v in drawn}) == 40 and variation(5) == variation(5)
+    photo = portrait("Grace Hopper")
+    plain = Variation(1.0, (0.0, 0.0), False, 0.0, 1.0, 1.0)
+    same = np.asarray(apply_variation(photo, plain, 64), np.int16)
+    assert same.shape == (64, 64, 3) and np.abs(same - np.asarray(photo.resize((64, 64), 1), np.int16)).mean() < 3
+    mirrored = apply_variation(photo, Variation(1.0, (0.0, 0.0), True, 0.0, 1.0, 1.0), 64)
+    assert np.array_equal(np.asarray(mirrored), np.asarray(ImageOps.mirror(apply_variation(photo, plain, 64))))
+    turned = np.asarray(apply_variation(photo, Variation(1.0, (0.0, 0.0), False, 6.0, 1.0, 1.0), 64), np.int16)
+    assert np.abs(turned[0, 0] - 128).max() <= 2 and np.abs(same[0, 0] - 128).max() > 10  # a grey corner
+    darker = np.asarray(apply_variation(photo, Variation(1.0, (0.0, 0.0), False, 0.0, 0.85, 1.0), 64), np.int16)
+    assert darker.mean() < same.mean() - 5
+    tight = apply_variation(photo, Variation(0.86, (0.04, 0.0), False, 0.0, 1.0, 1.0), 64)
+    assert not np.array_equal(np.asarray(tight), same.astype(np.uint8))
+    assert np.array_equal(np.asarray(vary(photo, 7, 48)), np.asarray(apply_variation(photo, variation(7), 48)))
 
 
 def test_each_sample_style_gets_the_filter_its_template_names():

@@ -17,6 +17,7 @@ exercising the training package end to end, as the tiny preset is for the engine
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
@@ -46,21 +47,46 @@ def portrait(name: str) -> Image.Image:
     raise ValueError(f"no sample portrait of {name!r}; the sample identities are {', '.join(n for n, _ in PORTRAITS)}")
 
 
-def vary(photo: Image.Image, seed: int, size: int) -> Image.Image:
-    """``photo`` varied by ``seed``: a crop of 86–100 % of the side around the centre (shifted up to
-    4 %), a mirror half the time, a turn of up to ±6°, brightness and contrast × 0.85–1.15; ``size``²."""
+@dataclass(frozen=True)
+class Variation:
+    """How one sample image differs from its portrait (see :func:`variation`)."""
+
+    side: float  # the crop's side, a fraction of the portrait's shorter side
+    shift: tuple[float, float]  # the crop's centre offset, fractions of the width and height
+    mirror: bool
+    angle: float  # degrees, counter-clockwise
+    brightness: float  # enhance factors
+    contrast: float
+
+
+def variation(seed: int) -> Variation:
+    """The variation of ``seed``: a crop of 86–100 % of the side around the centre (shifted up to
+    4 %), a mirror half the time, a turn of up to ±6°, brightness and contrast × 0.85–1.15."""
     rng = np.random.default_rng(seed)
+    side = float(rng.uniform(0.86, 1.0))
+    shift = (float(rng.uniform(-0.04, 0.04)), float(rng.uniform(-0.04, 0.04)))
+    mirror = bool(rng.random() < 0.5)
+    return Variation(side, shift, mirror, float(rng.uniform(-6, 6)), float(rng.uniform(0.85, 1.15)),
+                     float(rng.uniform(0.85, 1.15)))
+
+
+def apply_variation(photo: Image.Image, v: Variation, size: int) -> Image.Image:
+    """``photo`` cropped, mirrored, turned (grey corners), lit and resized to ``size``² as ``v`` says."""
     w, h = photo.size
-    side = min(w, h) * float(rng.uniform(0.86, 1.0))
-    cx = w / 2 + float(rng.uniform(-0.04, 0.04)) * w
-    cy = h / 2 + float(rng.uniform(-0.04, 0.04)) * h
+    side = min(w, h) * v.side
+    cx, cy = w / 2 + v.shift[0] * w, h / 2 + v.shift[1] * h
     img = photo.crop((round(cx - side / 2), round(cy - side / 2), round(cx + side / 2), round(cy + side / 2)))
-    if rng.random() < 0.5:
+    if v.mirror:
         img = ImageOps.mirror(img)
-    img = img.rotate(float(rng.uniform(-6, 6)), resample=Image.BICUBIC, fillcolor=(128, 128, 128))
-    img = ImageEnhance.Brightness(img).enhance(float(rng.uniform(0.85, 1.15)))
-    img = ImageEnhance.Contrast(img).enhance(float(rng.uniform(0.85, 1.15)))
+    img = img.rotate(v.angle, resample=Image.BICUBIC, fillcolor=(128, 128, 128))
+    img = ImageEnhance.Brightness(img).enhance(v.brightness)
+    img = ImageEnhance.Contrast(img).enhance(v.contrast)
     return img.resize((size, size), Image.LANCZOS)
+
+
+def vary(photo: Image.Image, seed: int, size: int) -> Image.Image:
+    """``photo`` varied by ``seed`` (:func:`variation`), ``size``²."""
+    return apply_variation(photo, variation(seed), size)
 
 
 def _pencil(img: Image.Image) -> Image.Image:
