@@ -522,6 +522,47 @@ def test_importer_reads_the_authors_format(tmp_path, face_path):
     assert sorted(r["key"] for r in ShardSamples([tmp_path / "cli"]).records) == sorted(r["key"] for r in samples.records)
 
 
+def test_the_authors_files_are_found_and_named_as_their_generator_names_them(tmp_path):
+    """Their file name is the prompt (spaces as underscores, the subject as conceptname) and the
+    seed: only the last part is the seed. Without metadata.json, the images under <name>/vanilla
+    and <name>/stylized count, nothing else; with it, the files it lists that exist."""
+    from PIL import Image
+
+    from training.datagen.importer import candidates_of, prompt_of, read_authors_folder
+
+    assert prompt_of(Path("a_photo_of_conceptname_in_1920_4711.jpg")) == ("a photo of {subject} in 1920", 4711)
+    assert prompt_of(Path("portrait_of_conceptname.jpg")) == ("portrait of {subject}", 0)
+    src = tmp_path / "theirs"
+    files = {"Zoe/vanilla/a_photo_of_conceptname_1.jpg": True, "Zoe/vanilla/a_photo_of_conceptname_2.JPG": True,
+             "Zoe/vanilla/closeup_3.png": True, "Zoe/stylized/a_comic_of_conceptname_4.jpeg": True,
+             "Zoe/vanilla/notes.txt": False, "Zoe/extra/a_photo_of_conceptname_5.jpg": False,
+             "Adam/vanilla/_6.jpg": True, "Adam/vanilla/broken_7.jpg": True}
+    for rel in files:
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        if rel.endswith("broken_7.jpg"):
+            (src / rel).write_bytes(b"not a jpeg")
+        elif rel.endswith(".txt"):
+            (src / rel).write_text("x")
+        else:
+            Image.new("RGB", (8, 8)).save(src / rel, format="PNG")
+    groups = read_authors_folder(src)
+    assert {n: [str(p.relative_to(src)) for p in ps] for n, ps in groups.items()} == {
+        "Adam": ["Adam/vanilla/_6.jpg", "Adam/vanilla/broken_7.jpg"],
+        "Zoe": ["Zoe/stylized/a_comic_of_conceptname_4.jpeg", "Zoe/vanilla/a_photo_of_conceptname_1.jpg",
+                "Zoe/vanilla/a_photo_of_conceptname_2.JPG", "Zoe/vanilla/closeup_3.png"]}
+    zoe = candidates_of("Zoe", groups["Zoe"])
+    assert [(c.template.slug, c.k, c.seed, c.template.stylized, c.prompt) for c in zoe] == [
+        ("a-comic-of", 0, 4, True, "a comic of Zoe"), ("a-photo-of", 0, 1, False, "a photo of Zoe"),
+        ("a-photo-of", 1, 2, False, "a photo of Zoe"), ("closeup", 0, 3, False, "closeup Zoe")]
+    adam = candidates_of("Adam", groups["Adam"])
+    assert [(c.template.slug, c.prompt, c.image is None) for c in adam] == [("photo", "Adam", False),
+                                                                         ("broken", "broken Adam", True)]
+    # with metadata.json: what it lists and is on disk, under the name it gives
+    (src / "metadata.json").write_text(json.dumps({"Zoe/vanilla/closeup_3.png": "Zoe Z",
+                                                   "Zoe/vanilla/gone_9.jpg": "Zoe Z"}))
+    assert read_authors_folder(src) == {"Zoe Z": [src / "Zoe/vanilla/closeup_3.png"]}
+
+
 def test_generate_lists_every_missing_model_file_and_honours_face_models(tmp_path, capsys):
     """The face models were loaded first, so a machine without any weights heard only of
     insightface; and --face-models haar was not passed to the engine, whose message still asked

@@ -24,11 +24,11 @@ PLACEHOLDER = "conceptname"
 
 
 def prompt_of(path: Path) -> tuple[str, int]:
-    """(prompt with the {subject} placeholder, seed) from one of their file names."""
+    """(prompt with the {subject} placeholder, seed) from one of their file names: the prompt's
+    spaces as underscores, then ``_<seed>``; only that last part is the seed (a prompt may end in a
+    number of its own: "a_photo_of_conceptname_in_1920_4711")."""
     parts = path.stem.split("_")
-    seed = 0
-    while parts and parts[-1].isdigit():
-        seed = int(parts.pop())
+    seed = int(parts.pop()) if len(parts) > 1 and parts[-1].isdigit() else 0
     text = " ".join(parts)
     return text.replace(PLACEHOLDER, "{subject}"), seed
 
@@ -69,7 +69,7 @@ def candidates_of(name: str, paths: list[Path]) -> list[Candidate]:
         text, seed = prompt_of(path)
         stylized = path.parent.name != "vanilla"
         if "{subject}" not in text:
-            text = text + " {subject}"
+            text = f"{text} {{subject}}".strip()  # a file name without conceptname: the subject last
         template = Template(slugify(text.replace("{subject}", "")) or "photo", text, stylized)
         k = counts[template.slug]
         counts[template.slug] += 1
