@@ -890,6 +890,22 @@ def test_a_sample_variation_crops_mirrors_turns_and_lights_as_drawn():
     assert np.array_equal(np.asarray(vary(photo, 7, 48)), np.asarray(apply_variation(photo, variation(7), 48)))
 
 
+def test_the_sample_renderer_stylizes_only_the_stylized_prompts_and_names_a_stranger():
+    from training.datagen.sample import portrait, sample_renderer, stylize, vary
+
+    comic = "a drawing of Grace Hopper in a comic book"
+    render = sample_renderer(frozenset({comic}), 48)
+    photo = vary(portrait("Grace Hopper"), 3, 48)
+    assert np.array_equal(np.asarray(render("a photo of Grace Hopper in a comic book shop", 3)), np.asarray(photo))
+    assert np.array_equal(np.asarray(render(comic, 3)), np.asarray(stylize(photo, comic)))
+    assert np.array_equal(np.asarray(render("a photo of Eileen Collins", 3)),
+                          np.asarray(vary(portrait("Eileen Collins"), 3, 48)))
+    with pytest.raises(ValueError, match="the prompt 'a photo of Ada Lovelace' names no sample identity"):
+        render("a photo of Ada Lovelace", 3)
+    with pytest.raises(ValueError, match="no sample portrait of 'Ada Lovelace'; the sample identities are Eileen Collins, Grace Hopper"):
+        portrait("Ada Lovelace")
+
+
 def test_each_sample_style_gets_the_filter_its_template_names():
     """The specific word decides, not the generic "drawing" or "painting" before it."""
     from training.datagen import sample
