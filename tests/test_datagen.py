@@ -561,6 +561,18 @@ def test_the_authors_files_are_found_and_named_as_their_generator_names_them(tmp
     (src / "metadata.json").write_text(json.dumps({"Zoe/vanilla/closeup_3.png": "Zoe Z",
                                                    "Zoe/vanilla/gone_9.jpg": "Zoe Z"}))
     assert read_authors_folder(src) == {"Zoe Z": [src / "Zoe/vanilla/closeup_3.png"]}
+    # identities are numbered in name order, whatever order metadata.json lists them in
+    from types import SimpleNamespace
+
+    from training.datagen.importer import import_authors
+    from training.datagen.reader import ShardSamples
+
+    (src / "metadata.json").write_text(json.dumps({rel: rel.split("/")[0] for rel, ok in files.items() if ok}))
+    face = SimpleNamespace(bbox=(0, 0, 8, 8), kps=[[1, 1]] * 5, score=0.9, embedding=np.ones(4), crop=Image.new("RGB", (8, 8)))
+    totals = import_authors(src, tmp_path / "out", lambda image: [face], {"backend": "fake"}, log=lambda m: None)
+    records = ShardSamples([tmp_path / "out"]).records
+    assert {r["identity"]: r["description"] for r in records} == {1: "Zoe"} and totals["samples"] == len(records) == 4
+    assert totals["rejected"] == {"render_error": 1, "too_few_plain": 1}  # Adam: one photo unreadable, one left
 
 
 def test_generate_lists_every_missing_model_file_and_honours_face_models(tmp_path, capsys):
@@ -752,6 +764,15 @@ def test_inspect_prints_statistics_and_contact_sheets(reference_run, tmp_path, c
     assert main(["inspect", str(out_ref), "--out", str(tmp_path / "sheets")]) == 0
     stats = json.loads(capsys.readouterr().out.split("\n" + str(tmp_path))[0])
     assert stats["shards"] == 2 and stats["samples"] > 0 and not stats["real_recognizer"]
+    from training.datagen.reader import ShardSamples
+
+    records = ShardSamples([out_ref]).records
+    manifest = read_manifest(out_ref)
+    assert stats["samples"] == len(records) == stats["plain"] + stats["stylized"] == sum(stats["templates"].values())
+    assert stats["identities"] == len({r["identity"] for r in records}) > 1
+    assert stats["mean_similarity"] == pytest.approx(np.mean([r["similarity"] for r in records]))
+    assert stats["rejected"] == {k: sum(e["rejected"][k] for e in manifest.values()) for k in stats["rejected"]}
+    assert sum(stats["rejected"].values()) > 0 and stats["skipped_on_read"] == {}
     sheets = sorted((tmp_path / "sheets").glob("*.png"))
     assert [p.stem for p in sheets] == ["shard-000000", "shard-000001"]
     assert main(["generate", "--identities", "1", "--output-dir", str(tmp_path / "x" / "y" / "z"), "--preset", "tiny"]) == 2
