@@ -241,6 +241,38 @@ def test_agreeing_photos_leave_each_out_and_drop_strangers_first():
     assert sorted(sims) == [0, 1, 2] and min(sims.values()) >= 0.85
     assert sims[0] == pytest.approx(float(photos[0] @ unit(photos[1] + photos[2])))
     assert agreeing_photos(photos[:1], 0.0) == {}
+    at_least = agreeing_photos(photos[:3], -1.0)
+    assert agreeing_photos(photos[:3], min(at_least.values())) == at_least  # a cosine equal to τ agrees
+
+
+def test_a_failed_render_or_an_unreadable_image_costs_one_image(face_path):
+    """A render that raises leaves that candidate without an image (render_error); an image the
+    analyzer refuses (ImageError: e.g. below its minimum size) has no face (no_face)."""
+    from PIL import Image
+
+    from lcmla.errors import ImageError
+    from training.datagen.generate import GenConfig, filter_identity, render_candidates
+
+    plain, styl = select_templates(["comic"])
+    cfg = GenConfig(1, 4, tuple(plain), tuple(styl))
+    ident = draw_identity(0, 0)
+    planned = plan_images(ident, plain, styl, 4, 0)
+
+    def render(prompt, seed):
+        if seed == planned[1][2]:
+            raise RuntimeError("CUDA error: out of memory")
+        return Image.new("RGB", (8 + seed % 7, 8))
+
+    cands = render_candidates(ident, cfg, render)
+    assert [c.image is None for c in cands] == [False, True, False, False]
+    assert [c.prompt for c in cands] == [t.prompt(ident.description) for t, _, _ in planned]
+    assert [(c.template, c.k, c.seed) for c in cands] == planned
+
+    def analyze(image):
+        raise ImageError("the image is smaller than 32 px")
+
+    kept, rej = filter_identity(ident, cands, cfg, analyze)
+    assert kept == [] and rej == {"render_error": 1, "no_face": 3}
 
 
 def _kill_when(out: Path, line_wanted, env) -> list[str]:
@@ -884,6 +916,14 @@ def test_cli_generate_tiny_to_the_end_and_inspect_an_empty_shard(engine, tiny_ca
     pngs = sorted(sheets.glob("*.png"))
     assert [p.stem for p in pngs] == ["shard-000000", "shard-000001"]
     assert all(Image.open(p).size[1] > 0 for p in pngs)
+    from training.datagen.inspect_shards import empty_sheet_lines
+
+    assert empty_sheet_lines("shard-000001.tar", manifest["shard-000001.tar"]) == [
+        "shard-000001.tar: no sample kept (identities 1-1)", "rejected: no_face 2"]
+    assert empty_sheet_lines("shard-000009.tar", {"identities": [8, 9, 10], "rejected": {"no_face": 0, "too_few_plain": 3,
+                                                                                       "render_error": 1}}) == [
+        "shard-000009.tar: no sample kept (identities 8-10)", "rejected: too_few_plain 3, render_error 1"]
+    assert empty_sheet_lines("x.tar", {}) == ["x.tar: no sample kept (no identities)", "rejected: none"]
 
 
 def test_a_sample_variation_crops_mirrors_turns_and_lights_as_drawn():

@@ -77,13 +77,20 @@ def contact_sheets(folder: str | Path, out: str | Path | None = None, thumb: int
     return paths
 
 
-def _empty_sheet(name: str, entry: dict, width: int, height: int) -> Image.Image:
-    """The sheet of a shard without samples: its name, identities and rejections by reason."""
-    sheet = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(sheet)
+def empty_sheet_lines(name: str, entry: dict) -> list[str]:
+    """What the sheet of a shard without samples says: its name and identities, and its rejections
+    by reason (the nonzero ones, in the manifest's order)."""
     rejected = {k: v for k, v in entry.get("rejected", {}).items() if v}
     ids = entry.get("identities", [])
     span = f"identities {ids[0]}-{ids[-1]}" if ids else "no identities"
-    draw.text((6, 6), f"{name}: no sample kept ({span})", fill="black")
-    draw.text((6, 26), "rejected: " + (", ".join(f"{k} {v}" for k, v in rejected.items()) or "none"), fill="black")
+    return [f"{name}: no sample kept ({span})",
+            "rejected: " + (", ".join(f"{k} {v}" for k, v in rejected.items()) or "none")]
+
+
+def _empty_sheet(name: str, entry: dict, width: int, height: int) -> Image.Image:
+    """The sheet of a shard without samples (:func:`empty_sheet_lines`)."""
+    sheet = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(sheet)
+    for row, line in enumerate(empty_sheet_lines(name, entry)):
+        draw.text((6, 6 + 20 * row), line, fill="black")
     return sheet
