@@ -784,6 +784,10 @@ def test_inspect_shows_a_corrupt_image_and_refuses_a_bad_out(reference_run, tmp_
     err = capsys.readouterr().err
     assert "warning: unreadable images (shown grey on the sheets): shard-000000.tar 1" in err, err
     assert Image.open(tmp_path / "sheets" / "shard-000000.png").size[0] > 0
+    (broken / "shard-000001.tar").unlink()  # listed, gone: said, and the rest is still inspected
+    assert main(["inspect", str(broken), "--out", str(tmp_path / "sheets")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: some of the data could not be read and is left out (skipped_on_read): missing_shard 1" in err
     (tmp_path / "file").write_text("x")
     assert main(["inspect", str(broken), "--out", str(tmp_path / "file")]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
@@ -852,9 +856,11 @@ def test_a_names_file_is_read_a_name_a_line_and_an_empty_or_missing_one_is_named
     assert slugify(" A pencil drawing of  ") == "a-pencil-drawing-of" and slugify("Oil-Painting #3!") == "oil-painting-3"
 
 
-def test_cli_renders_on_the_process_device_without_the_faceid_lora(engine, tmp_path, monkeypatch):
+def test_cli_renders_on_the_process_device_without_the_faceid_lora(engine, tmp_path, monkeypatch, capsys):
     """The accelerate state is read before the engine loads and its device is the engine's; every
-    datagen image is a text-only render with the FaceID LoRA off (identity.lora_scale 0)."""
+    datagen image is a text-only render with the FaceID LoRA off (identity.lora_scale 0) and no
+    CFG (guidance 1, SDXL-Turbo's way). A run that keeps nothing says why, for random weights and
+    for real ones."""
     import lcmla
     from training.datagen import cli
 
@@ -878,9 +884,22 @@ def test_cli_renders_on_the_process_device_without_the_faceid_lora(engine, tmp_p
     assert [kw["device"] for _, kw in loads] == ["cpu:from-the-state"]
     assert len(settings) == 2 and all(f is None for _, f in settings)
     assert {s.identity.lora_scale for s, _ in settings} == {0.0}
-    assert {(s.output.width, s.guidance.steps) for s, _ in settings} == {(64, 1)}
+    assert {(s.output.width, s.guidance.steps, s.guidance.guidance_scale) for s, _ in settings} == {(64, 1, 1.0)}
     entry = read_manifest(out)["shard-000000.tar"]
     assert entry["settings"]["lora_scale"] == 0.0 and entry["settings"]["size"] == 64
+    assert "the tiny preset's random weights draw patterns, not faces" in capsys.readouterr().err
+    # the same with a preset of real weights: the thresholds or the face models are what to look at
+    import dataclasses
+
+    import lcmla.presets
+
+    real = dataclasses.replace(lcmla.presets.get_preset("tiny"), random_weights=False)
+    monkeypatch.setattr(lcmla.presets, "get_preset", lambda name: real)
+    assert cli.main(["generate", "--preset", "tiny", "--identities", "1", "--images-per-identity", "2",
+                     "--styles", "comic", "--size", "64", "--output-dir", str(tmp_path / "real")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: no sample was kept (rejected: no_face 2); lower --tau-plain/--tau-style or check the face models" in err
+    assert "random weights" not in err
 
 
 def test_cli_generate_tiny_to_the_end_and_inspect_an_empty_shard(engine, tiny_cache, tmp_path):
