@@ -856,6 +856,17 @@ def test_a_names_file_is_read_a_name_a_line_and_an_empty_or_missing_one_is_named
     assert slugify(" A pencil drawing of  ") == "a-pencil-drawing-of" and slugify("Oil-Painting #3!") == "oil-painting-3"
 
 
+def test_each_process_renders_on_its_own_device_unless_device_is_given(monkeypatch):
+    from types import SimpleNamespace
+
+    import lcmla.evaluation.run
+    from training.datagen import cli
+
+    state = SimpleNamespace(process_index=1, num_processes=2, device="cuda:1")
+    monkeypatch.setattr(lcmla.evaluation.run, "accelerate_state", lambda: state)
+    assert cli._state() == (1, 2, "cuda:1") and cli._state("cpu") == (1, 2, "cpu")
+
+
 def test_cli_renders_on_the_process_device_without_the_faceid_lora(engine, tmp_path, monkeypatch, capsys):
     """The accelerate state is read before the engine loads and its device is the engine's; every
     datagen image is a text-only render with the FaceID LoRA off (identity.lora_scale 0) and no
