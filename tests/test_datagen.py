@@ -747,6 +747,31 @@ def test_the_reader_skips_each_unusable_sample_by_reason_and_pairs_the_rest(tmp_
     assert "could not be read" not in str(exc.value)
 
 
+def test_when_every_pair_is_corrupt_the_error_names_three_shards_and_says_there_are_more(tmp_path):
+    import io
+
+    from training.datagen.reader import PairDataset
+    from training.datagen.shards import append_manifest
+
+    buf = io.BytesIO()
+    np.save(buf, np.ones(4, np.float32))
+    for s in range(4):
+        members = []
+        for k in range(2):
+            key = f"id{s}-photo-0{k}"
+            rec = {"key": key, "identity": s, "stylized": False, "box": [0, 0, 8, 8], "landmarks": [[1, 1]] * 5,
+                   "compressed_prompt": "a photo of a face"}
+            members += [(f"{key}.png", b"not a png"), (f"{key}.json", json.dumps(rec).encode()),
+                        (f"{key}.emb.npy", buf.getvalue()), (f"{key}.crop.png", b"nor this")]
+        _raw_shard(tmp_path / f"shard-00000{s}.tar", members)
+        append_manifest(tmp_path, {"shard": f"shard-00000{s}.tar"})
+    pairs = PairDataset([tmp_path])
+    with pytest.raises(ValueError, match=r"every training pair is corrupt: no image of .*shard-000000.tar, "
+                                         r".*shard-000001.tar, .*shard-000002.tar and more decodes"):
+        pairs[0]
+    assert pairs.skipped["corrupt"] == len(pairs) == 8
+
+
 def test_a_folder_of_the_authors_format_is_pointed_to_the_importer(tmp_path):
     from training.datagen.reader import PairDataset
 
