@@ -48,6 +48,10 @@ def test_a_drawn_description_reads_as_the_banks_say_and_goes_together():
     from training.datagen.identities import _banks, _requires, fits
 
     banks, rules = _banks(), _requires()
+    two = {"grey stubble": {"gender": ["man"], "age": ["old"]}}  # every bank a rule names must agree
+    assert fits("grey stubble", {"gender": "man", "age": "old"}, two)
+    assert not fits("grey stubble", {"gender": "man", "age": "young"}, two)
+    assert not fits("grey stubble", {"gender": "man"}, two) and fits("dimples", {}, two)  # age not drawn yet
     assert list(banks) == ["age", "gender", "ethnicity", "skin", "hair", "eyes", "feature"]
     order = list(banks)
     for value, need in rules.items():  # each rule: a value of a later bank, conditioned on earlier banks' values
