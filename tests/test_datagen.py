@@ -1041,6 +1041,9 @@ def test_each_sample_style_gets_the_filter_its_template_names():
         fn = expect.get(t.slug)
         want = np.asarray(fn(photo) if fn else sample.ImageOps.posterize(photo, 4))  # pixar, mosaic, astronaut
         assert np.array_equal(got, want), t.slug
+    for prompt, fn in (("a drawing of Eileen Collins", sample._pencil), ("a painting of Eileen Collins", sample._oil),
+                       ("a pastel drawing of Eileen Collins", sample._watercolor)):  # the generic words, last
+        assert np.array_equal(np.asarray(sample.stylize(photo, prompt)), np.asarray(fn(photo))), prompt
     filters = [sample._pencil, sample._oil, sample._watercolor, sample._comic]
     outs = [np.asarray(f(photo)) for f in filters]
     assert all(not np.array_equal(a, b) for i, a in enumerate(outs) for b in outs[i + 1:])  # four different looks
