@@ -47,15 +47,19 @@ class Identity:
 
 
 @lru_cache(maxsize=None)
+def _attributes() -> dict:
+    """attributes.json as read (once)."""
+    return json.loads((DATA / "attributes.json").read_text())
+
+
 def _banks() -> dict[str, list[str]]:
     """The attribute banks, in drawing order (the keys starting with "_" are notes and rules)."""
-    return {k: v for k, v in json.loads((DATA / "attributes.json").read_text()).items() if not k.startswith("_")}
+    return {k: v for k, v in _attributes().items() if not k.startswith("_")}
 
 
-@lru_cache(maxsize=None)
 def _requires() -> dict[str, dict[str, list[str]]]:
     """value → {earlier bank: the values of it the value goes with} ("a thick beard": gender "man")."""
-    return json.loads((DATA / "attributes.json").read_text()).get("_requires", {})
+    return _attributes().get("_requires", {})
 
 
 def fits(value: str, drawn: dict[str, str], requires: dict[str, dict[str, list[str]]]) -> bool:
@@ -112,8 +116,9 @@ def draw_identity(seed: int, index: int, names: Sequence[str] | None = None) -> 
         return Identity(index, names[index], {"name": names[index]})
     rng = np.random.default_rng([seed, index])
     pick: dict[str, str] = {}
+    requires = _requires()
     for bank, values in _banks().items():  # one draw per bank, among the values that fit the earlier ones
-        allowed = [v for v in values if fits(v, pick, _requires())]
+        allowed = [v for v in values if fits(v, pick, requires)]
         pick[bank] = allowed[int(rng.integers(len(allowed)))]
     text = f"{pick['age']} {pick['ethnicity']} {pick['gender']} with {pick['skin']}, {pick['hair']} and {pick['eyes']}"
     if pick["feature"]:
