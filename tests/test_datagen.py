@@ -697,16 +697,11 @@ def test_the_reader_skips_each_unusable_sample_by_reason_and_pairs_the_rest(tmp_
     from PIL import Image
 
     from training.datagen.reader import PairDataset, ShardSamples
-    from training.datagen.shards import append_manifest
+    from training.datagen.shards import _npy, append_manifest
 
-    def png(mode):
+    def png(mode):  # not shards._png, which writes RGB: the reader must convert a grey image itself
         buf = io.BytesIO()
         Image.new(mode, (8, 8), 90).save(buf, format="PNG")
-        return buf.getvalue()
-
-    def npy():
-        buf = io.BytesIO()
-        np.save(buf, np.ones(4, np.float32))
         return buf.getvalue()
 
     def record(key, identity, stylized, **changes):
@@ -721,7 +716,7 @@ def test_the_reader_skips_each_unusable_sample_by_reason_and_pairs_the_rest(tmp_
             ("id3-photo-00", 3, False, None, "no crop"), ("id3-photo-01", 3, False, b"{not json", "all"),
             ("id3-photo-02", 3, False, {"landmarks": []}, "all"), ("id3-photo-03", 3, False, {"box": None}, "all")):
         body = rec if isinstance(rec, bytes) else record(key, identity, stylized, **(rec or {}))
-        members += [(f"{key}.png", png("L")), (f"{key}.json", body), (f"{key}.emb.npy", npy())]
+        members += [(f"{key}.png", png("L")), (f"{key}.json", body), (f"{key}.emb.npy", _npy(np.ones(4)))]
         if parts == "all":
             members.append((f"{key}.crop.png", png("RGB")))
     _raw_shard(tmp_path / "shard-000000.tar", members)
@@ -752,13 +747,9 @@ def test_the_reader_skips_each_unusable_sample_by_reason_and_pairs_the_rest(tmp_
 
 
 def test_when_every_pair_is_corrupt_the_error_names_three_shards_and_says_there_are_more(tmp_path):
-    import io
-
     from training.datagen.reader import PairDataset
-    from training.datagen.shards import append_manifest
+    from training.datagen.shards import _npy, append_manifest
 
-    buf = io.BytesIO()
-    np.save(buf, np.ones(4, np.float32))
     for s in range(4):
         members = []
         for k in range(2):
@@ -766,7 +757,7 @@ def test_when_every_pair_is_corrupt_the_error_names_three_shards_and_says_there_
             rec = {"key": key, "identity": s, "stylized": False, "box": [0, 0, 8, 8], "landmarks": [[1, 1]] * 5,
                    "compressed_prompt": "a photo of a face"}
             members += [(f"{key}.png", b"not a png"), (f"{key}.json", json.dumps(rec).encode()),
-                        (f"{key}.emb.npy", buf.getvalue()), (f"{key}.crop.png", b"nor this")]
+                        (f"{key}.emb.npy", _npy(np.ones(4))), (f"{key}.crop.png", b"nor this")]
         _raw_shard(tmp_path / f"shard-00000{s}.tar", members)
         append_manifest(tmp_path, {"shard": f"shard-00000{s}.tar"})
     pairs = PairDataset([tmp_path])
